@@ -1,0 +1,3 @@
+from ltcache.cli import main
+
+main()

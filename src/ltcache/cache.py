@@ -1,0 +1,277 @@
+"""The feature cache, schema v1 (DESIGN.md). The only module that imports h5py.
+
+CACHE/manifest.json is the commit point: a shard exists once the manifest lists it. Shards, heads and the
+manifest are written under tmp names and os.replace'd; a whole cache is built in a staging folder and moved
+into place at the end, so an interrupted or failed extract never damages an existing cache.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+from ltcache import __version__
+from ltcache.errors import LtcacheError
+from ltcache.fsutil import atomic_write, sha256_file, write_json
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+DTYPES = ("float32", "float16")
+
+
+@dataclass
+class Split:
+    """One split in memory: features [n, d] float32 and labels [n] int64, ordered by sample index."""
+
+    features: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def to(self, device) -> Split:
+        return Split(self.features.to(device), self.labels.to(device))
+
+
+class SplitWriter:
+    """Buffers rows of one split and flushes a shard every `shard_rows` rows."""
+
+    def __init__(self, root: Path, name: str, *, feature_dim: int, dtype: str, shard_rows: int):
+        self.folder = root / name
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.name, self.feature_dim, self.dtype, self.shard_rows = name, feature_dim, dtype, shard_rows
+        self.buffer: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self.buffered = 0
+        self.shards: list[dict] = []
+        self.seen_index: list[np.ndarray] = []
+
+    def add(self, features, labels, index) -> None:
+        features = np.asarray(features, dtype=self.dtype)
+        if features.ndim != 2 or features.shape[1] != self.feature_dim:
+            raise ValueError(f"expected features [n, {self.feature_dim}], got {features.shape}")
+        self.buffer.append((features, np.asarray(labels, dtype=np.int64), np.asarray(index, dtype=np.int64)))
+        self.buffered += len(features)
+        while self.buffered >= self.shard_rows:
+            self._flush(self.shard_rows)
+
+    def _flush(self, rows: int) -> None:
+        features, labels, index = (np.concatenate(parts) for parts in zip(*self.buffer))
+        self.buffer = [(features[rows:], labels[rows:], index[rows:])] if len(features) > rows else []
+        self.buffered = len(features) - rows
+        path = self.folder / f"{len(self.shards):05d}.h5"
+
+        def write(tmp: Path) -> None:
+            with h5py.File(tmp, "w") as f:
+                f.create_dataset("features", data=features[:rows])
+                f.create_dataset("labels", data=labels[:rows])
+                f.create_dataset("index", data=index[:rows])
+
+        atomic_write(path, write)
+        self.seen_index.append(index[:rows])
+        self.shards.append({"file": f"{self.name}/{path.name}", "rows": rows, "sha256": sha256_file(path)})
+
+    def close(self, expected_rows: int) -> dict:
+        """Flush the remainder and check that every sample index 0..expected_rows-1 appears exactly once."""
+        if self.buffered:
+            self._flush(self.buffered)
+        seen = np.sort(np.concatenate(self.seen_index)) if self.seen_index else np.empty(0, np.int64)
+        if len(seen) != expected_rows or not np.array_equal(seen, np.arange(expected_rows)):
+            raise LtcacheError(f"split {self.name}: extracted {len(seen)} rows but expected each of "
+                               f"{expected_rows} sample indices exactly once")
+        return {"rows": expected_rows, "shards": self.shards}
+
+
+class CacheWriter:
+    """Builds a cache in a staging folder beside `path`; `commit` writes the manifest and moves it into place."""
+
+    def __init__(self, path: Path, *, feature_dim: int, dtype: str = "float32", shard_rows: int = 65536,
+                 overwrite: bool = False):
+        self.check_target(path, dtype=dtype, shard_rows=shard_rows, overwrite=overwrite)
+        self.path = Path(path)
+        self.staging = self.path.with_name(f".{self.path.name}.staging-{os.getpid()}")
+        shutil.rmtree(self.staging, ignore_errors=True)
+        self.staging.mkdir(parents=True)
+        self.feature_dim, self.dtype, self.shard_rows = feature_dim, dtype, shard_rows
+        self.splits: dict[str, dict] = {}
+
+    @staticmethod
+    def check_target(path: Path, *, dtype: str, shard_rows: int, overwrite: bool) -> None:
+        """Fail before any work when the options are bad or `path` exists (unless overwrite)."""
+        if dtype not in DTYPES:
+            raise LtcacheError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        if shard_rows < 1:
+            raise LtcacheError(f"--shard-rows must be >= 1, got {shard_rows}")
+        if Path(path).exists() and not overwrite:
+            raise LtcacheError(f"cache folder {path} already exists; choose another path or pass --overwrite")
+
+    def split(self, name: str) -> SplitWriter:
+        return SplitWriter(self.staging, name, feature_dim=self.feature_dim, dtype=self.dtype,
+                           shard_rows=self.shard_rows)
+
+    def finish_split(self, writer: SplitWriter, expected_rows: int) -> None:
+        self.splits[writer.name] = writer.close(expected_rows)
+
+    def write_joint_head(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        def write(tmp: Path) -> None:
+            with h5py.File(tmp, "w") as f:
+                f.create_dataset("weight", data=weight.detach().cpu().float().numpy())
+                f.create_dataset("bias", data=bias.detach().cpu().float().numpy())
+
+        atomic_write(self.staging / "head.h5", write)
+
+    def commit(self, *, dataset: dict, backbone: dict) -> Path:
+        manifest = {
+            "schema_version": SCHEMA_VERSION,
+            "ltcache_version": __version__,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "dataset": {k: v for k, v in dataset.items() if k not in ("class_names", "train_class_counts")},
+            "class_names": dataset["class_names"],
+            "class_counts": dataset["train_class_counts"],
+            "feature_dim": self.feature_dim,
+            "dtype": self.dtype,
+            "backbone": backbone,
+            "splits": self.splits,
+        }
+        write_json(self.staging / MANIFEST, manifest)
+        if self.path.exists():  # --overwrite: swap the old cache out only now that the new one is complete
+            retired = self.path.with_name(f".{self.path.name}.retired-{os.getpid()}")
+            os.replace(self.path, retired)
+            os.replace(self.staging, self.path)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(self.staging, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+
+class FeatureCache:
+    """Reads a cache: manifest, splits as in-memory tensors (shape-checked against the manifest), heads."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        manifest_path = self.path / MANIFEST
+        if not self.path.is_dir():
+            raise LtcacheError(f"cache {self.path} not found; create one with ltcache extract")
+        if not manifest_path.is_file():
+            raise LtcacheError(f"{self.path} has no {MANIFEST}; it is not a finished cache (re-run ltcache extract)")
+        try:
+            self.manifest = json.loads(manifest_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise LtcacheError(f"{manifest_path} is unreadable ({exc.msg if hasattr(exc, 'msg') else exc}); "
+                               "re-run ltcache extract") from None
+        version = self.manifest.get("schema_version") if isinstance(self.manifest, dict) else None
+        if version != SCHEMA_VERSION:
+            raise LtcacheError(f"{manifest_path} has schema version {version!r}; this ltcache reads version "
+                               f"{SCHEMA_VERSION} (re-run ltcache extract)")
+
+    @property
+    def class_counts(self) -> np.ndarray:
+        return np.asarray(self.manifest["class_counts"], dtype=np.int64)
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.manifest["class_names"])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.manifest["class_names"])
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.manifest["feature_dim"])
+
+    def split_names(self) -> list[str]:
+        return list(self.manifest["splits"])
+
+    def has_split(self, name: str) -> bool:
+        return name in self.manifest["splits"]
+
+    def load_split(self, name: str) -> Split:
+        """All rows of a split as float32 features and int64 labels, ordered by sample index."""
+        if name not in self.manifest["splits"]:
+            raise LtcacheError(f"cache {self.path} has no split {name!r}; it has {', '.join(self.split_names())}")
+        entry = self.manifest["splits"][name]
+        rows, dim = int(entry["rows"]), self.feature_dim
+        features = np.empty((rows, dim), dtype=np.float32)
+        labels = np.empty(rows, dtype=np.int64)
+        filled = np.zeros(rows, dtype=bool)
+        for shard in entry["shards"]:
+            path = self.path / shard["file"]
+            if not path.is_file():
+                raise LtcacheError(f"shard {path} listed in the manifest is missing; re-run ltcache extract")
+            with h5py.File(path, "r") as f:
+                shapes = {k: f[k].shape for k in ("features", "labels", "index")}
+                if shapes["features"] != (shard["rows"], dim) or shapes["labels"] != (shard["rows"],) \
+                        or shapes["index"] != (shard["rows"],):
+                    raise LtcacheError(f"shard {shard['file']} has features {shapes['features']} but the manifest "
+                                       f"says ({shard['rows']}, {dim}); the cache is corrupt, re-run ltcache extract")
+                index = f["index"][:]
+                if index.min(initial=0) < 0 or index.max(initial=-1) >= rows or filled[index].any():
+                    raise LtcacheError(f"shard {shard['file']} has sample indices outside 0..{rows - 1} or repeated; "
+                                       "re-run ltcache extract")
+                features[index] = f["features"][:]
+                labels[index] = f["labels"][:]
+                filled[index] = True
+        if not filled.all():
+            raise LtcacheError(f"split {name} covers {int(filled.sum())} of {rows} rows; re-run ltcache extract")
+        return Split(torch.from_numpy(features), torch.from_numpy(labels))
+
+    def verify(self) -> list[str]:
+        """Shards whose sha256 differs from the manifest's (empty when the cache is intact)."""
+        return [s["file"] for entry in self.manifest["splits"].values() for s in entry["shards"]
+                if not (self.path / s["file"]).is_file() or sha256_file(self.path / s["file"]) != s["sha256"]]
+
+    def joint_head(self) -> tuple[torch.Tensor, torch.Tensor]:
+        with h5py.File(self.path / "head.h5", "r") as f:
+            return torch.from_numpy(f["weight"][:]), torch.from_numpy(f["bias"][:])
+
+    @property
+    def heads_dir(self) -> Path:
+        return self.path / "heads"
+
+    @property
+    def reports_dir(self) -> Path:
+        return self.path / "reports"
+
+    def save_head(self, name: str, *, weight: torch.Tensor, bias: torch.Tensor | None, normalize_input: bool,
+                  attrs: dict) -> Path:
+        """Store a fitted linear head with its hyperparameters (JSON) as attributes."""
+        self.heads_dir.mkdir(exist_ok=True)
+        path = self.heads_dir / f"{name}.h5"
+
+        def write(tmp: Path) -> None:
+            with h5py.File(tmp, "w") as f:
+                f.create_dataset("weight", data=weight.detach().cpu().float().numpy())
+                if bias is not None:
+                    f.create_dataset("bias", data=bias.detach().cpu().float().numpy())
+                f.attrs["normalize_input"] = bool(normalize_input)
+                f.attrs["method"] = name
+                f.attrs["hyperparameters"] = json.dumps(attrs)
+
+        atomic_write(path, write)
+        return path
+
+    def load_head(self, name: str) -> dict:
+        path = self.heads_dir / f"{name}.h5"
+        if not path.is_file():
+            raise LtcacheError(f"no fitted head {name!r} in {self.heads_dir}; run ltcache compare first")
+        with h5py.File(path, "r") as f:
+            return {
+                "weight": torch.from_numpy(f["weight"][:]),
+                "bias": torch.from_numpy(f["bias"][:]) if "bias" in f else None,
+                "normalize_input": bool(f.attrs["normalize_input"]),
+                "hyperparameters": json.loads(f.attrs["hyperparameters"]),
+            }
+
+    def head_names(self) -> list[str]:
+        return sorted(p.stem for p in self.heads_dir.glob("*.h5")) if self.heads_dir.is_dir() else []

@@ -1,0 +1,50 @@
+"""Frozen, typed configs for the commands; the resolved form is written as JSON next to every artifact."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+from ltcache.data import DatasetSpec
+
+# Backbones sized for each dataset's images; anything else defaults to ResNet-50.
+DEFAULT_BACKBONE = {"digits-lt": "smallresnet8", "fashion-mnist-lt": "smallresnet14"}
+PAPER_LR, PAPER_BATCH = 0.2, 512  # Sec. 5.1: lr 0.2 at batch 512, scaled linearly with the batch size
+
+
+def scaled_lr(batch_size: int) -> float:
+    return PAPER_LR * batch_size / PAPER_BATCH
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Stage 1: backbone + linear classifier trained jointly with CE and a sampling strategy (Sec. 3)."""
+
+    out: str
+    dataset: str = "digits-lt"
+    root: str | None = None
+    imbalance_factor: float | None = None
+    n_max: int | None = None
+    seed: int = 0
+    backbone: str | None = None
+    sampler: str = "instance"
+    epochs: int = 30
+    batch_size: int = 128
+    lr: float | None = None
+    weight_decay: float = 5e-4
+    momentum: float = 0.9
+    workers: int = 0
+    device: str | None = None
+    overwrite: bool = False
+
+    def resolved(self) -> TrainConfig:
+        return replace(
+            self,
+            backbone=self.backbone or DEFAULT_BACKBONE.get(self.dataset, "resnet50"),
+            lr=self.lr if self.lr is not None else scaled_lr(self.batch_size),
+        )
+
+    def dataset_spec(self) -> DatasetSpec:
+        return DatasetSpec(self.dataset, self.root, self.imbalance_factor, self.n_max, self.seed)
+
+    def to_dict(self) -> dict:
+        return asdict(self)

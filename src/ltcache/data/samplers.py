@@ -1,0 +1,92 @@
+"""Sampling strategies of Sec. 3: instance-, class-, square-root- and progressively-balanced (Eq. 1-2)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from enum import Enum
+
+import numpy as np
+import torch
+from torch.utils.data import Sampler
+
+from ltcache.errors import unknown_name
+
+
+class SamplerName(str, Enum):
+    instance = "instance"
+    klass = "class"
+    sqrt = "sqrt"
+    progressive = "progressive"
+
+
+_Q = {SamplerName.instance: 1.0, SamplerName.klass: 0.0, SamplerName.sqrt: 0.5}
+
+
+def parse_sampler(name: str) -> SamplerName:
+    try:
+        return SamplerName(name)
+    except ValueError:
+        raise unknown_name("sampler", name, [s.value for s in SamplerName]) from None
+
+
+def class_probabilities(class_counts, q: float) -> np.ndarray:
+    """Eq. 1: p_j = n_j^q / sum_i n_i^q."""
+    counts = np.asarray(class_counts, dtype=np.float64)
+    powered = counts**q
+    return powered / powered.sum()
+
+
+def progressive_probabilities(class_counts, epoch: int, total_epochs: int) -> np.ndarray:
+    """Eq. 2: p_j(t) = (1 - t/T) p_j^IB + (t/T) p_j^CB, with t the 0-based epoch and T the number of epochs."""
+    ratio = epoch / total_epochs
+    return (1 - ratio) * class_probabilities(class_counts, 1.0) + ratio * class_probabilities(class_counts, 0.0)
+
+
+def epoch_class_probabilities(name: SamplerName, class_counts, epoch: int, total_epochs: int) -> np.ndarray:
+    if name is SamplerName.progressive:
+        return progressive_probabilities(class_counts, epoch, total_epochs)
+    return class_probabilities(class_counts, _Q[name])
+
+
+def sample_weights(labels: np.ndarray, class_probs: np.ndarray) -> np.ndarray:
+    """Per-sample weight p_{y} / n_{y}, so that class y is drawn with probability p_y."""
+    counts = np.bincount(labels, minlength=len(class_probs)).astype(np.float64)
+    per_class = np.divide(class_probs, counts, out=np.zeros_like(class_probs), where=counts > 0)
+    return per_class[labels]
+
+
+class EpochSampler(Sampler[int]):
+    """Draws one epoch of `len(labels)` indices (split across ranks) with the strategy's class probabilities.
+
+    Instance-balanced sampling is a plain shuffle (each image once per epoch); the other strategies draw with
+    replacement from the per-sample weights. The draw depends only on (seed, epoch), so every rank sees the same
+    permutation and takes its own stride of it.
+    """
+
+    def __init__(self, labels, name: SamplerName, *, total_epochs: int, seed: int = 0, rank: int = 0, world: int = 1):
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.name = name
+        self.total_epochs = total_epochs
+        self.seed = seed
+        self.rank = rank
+        self.world = world
+        self.epoch = 0
+        self.class_counts = np.bincount(self.labels)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(range(self.rank, len(self.labels), self.world))
+
+    def draw(self) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        n = len(self.labels)
+        if self.name is SamplerName.instance:
+            return torch.randperm(n, generator=generator)
+        probs = epoch_class_probabilities(self.name, self.class_counts, self.epoch, self.total_epochs)
+        weights = torch.as_tensor(sample_weights(self.labels, probs))
+        return torch.multinomial(weights, n, replacement=True, generator=generator)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.draw()[self.rank :: self.world].tolist())

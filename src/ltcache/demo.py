@@ -1,0 +1,37 @@
+"""`ltcache demo`: digits-LT end to end (train -> extract -> compare) on a laptop CPU."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from ltcache.config import TrainConfig
+from ltcache.console import log
+from ltcache.extract import extract
+from ltcache.lab import compare
+from ltcache.train import fit
+
+DEMO_EPOCHS = 40
+
+
+def fresh_folder(base: Path) -> Path:
+    """`base`, or `base-2`, `base-3`, ... : the first that does not exist yet, so a rerun never overwrites."""
+    candidate, n = base, 1
+    while candidate.exists():
+        n += 1
+        candidate = base.with_name(f"{base.name}-{n}")
+    return candidate
+
+
+def run_demo(out: Path, *, epochs: int = DEMO_EPOCHS, seed: int = 0, overwrite: bool = False,
+             device: str | None = None) -> dict:
+    """Train a small ResNet on digits-LT, cache its features, compare every stage-2 method."""
+    start = time.perf_counter()
+    run_dir = fit(TrainConfig(out=str(out / "run"), dataset="digits-lt", backbone="smallresnet8", epochs=epochs,
+                              batch_size=32, lr=0.05, seed=seed, device=device, overwrite=overwrite))
+    cache = extract(run_dir / "checkpoint.pt", out / "cache", device=device, overwrite=overwrite)
+    log(f"cache written to {cache}")
+    summary = compare(cache, seed=seed, device=device)
+    summary["seconds"] = round(time.perf_counter() - start, 1)
+    summary["out"] = str(out)
+    return summary

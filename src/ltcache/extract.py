@@ -1,0 +1,58 @@
+"""Run a trained backbone in eval mode over train, val and test, and write the feature cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from ltcache.cache import CacheWriter
+from ltcache.checkpoint import load_checkpoint
+from ltcache.console import log, progress
+from ltcache.data import SPLITS, DatasetSpec, build_dataset
+from ltcache.errors import LtcacheError
+from ltcache.fsutil import sha256_file
+from ltcache.models import build_model
+from ltcache.train import resolve_device
+
+
+def extract(checkpoint: Path, out: Path, *, root: str | None = None, dtype: str = "float32", batch_size: int = 512,
+            workers: int = 0, device: str | None = None, shard_rows: int = 65536, overwrite: bool = False) -> Path:
+    """Write penultimate features, labels and sample indices of every split, plus the joint head, to `out`."""
+    state = load_checkpoint(checkpoint)
+    config, described = state["config"], state["dataset"]
+    spec = DatasetSpec(described["name"], root or described["root"], described["imbalance_factor"],
+                       described["n_max"], described["seed"])
+    writer_args = {"dtype": dtype, "shard_rows": shard_rows, "overwrite": overwrite}
+    CacheWriter.check_target(Path(out), **writer_args)
+    data = build_dataset(spec, train_augment=False)  # test-time transform on every split
+    if data.class_counts != described["train_class_counts"]:
+        raise LtcacheError(f"the dataset under {spec.root} gives train class counts {data.class_counts[:5]}... "
+                           f"but the checkpoint was trained on {described['train_class_counts'][:5]}...; "
+                           "pass the --root the backbone was trained on")
+    model = build_model(config["backbone"], data.num_classes, data.in_channels)
+    model.load_state_dict(state["model"])
+    run_device = resolve_device(device)
+    model.to(run_device).eval()
+
+    writer = CacheWriter(Path(out), feature_dim=model.feature_dim, **writer_args)
+    try:
+        for split in SPLITS:
+            split_writer = writer.split(split)
+            loader = DataLoader(data.splits[split], batch_size=batch_size, shuffle=False, num_workers=workers,
+                                pin_memory=run_device.type == "cuda")
+            with torch.inference_mode():
+                for images, labels, index in progress(loader, label=f"extract {split}", length=len(loader)):
+                    features = model.backbone(images.to(run_device, non_blocking=True)).float()
+                    split_writer.add(features.cpu().numpy(), labels.numpy(), index.numpy())
+            writer.finish_split(split_writer, len(data.splits[split]))
+            log(f"extracted {split}: {len(data.splits[split])} rows x {model.feature_dim}")
+        writer.write_joint_head(model.fc.weight, model.fc.bias)
+        backbone = {"arch": config["backbone"], "checkpoint": str(Path(checkpoint).resolve()),
+                    "checkpoint_sha256": sha256_file(Path(checkpoint)), "epoch": state["epoch"],
+                    "resolved_config": config}
+        return writer.commit(dataset=data.describe(), backbone=backbone)
+    except BaseException:
+        writer.abort()
+        raise

@@ -1,0 +1,53 @@
+"""Atomic file writes, output-folder checks and hashing: nothing half-written, nothing silently overwritten."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from ltcache.errors import LtcacheError
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Call write(tmp_path) on a sibling tmp name, then os.replace it over `path` in one step."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path: Path, obj) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n"))
+
+
+def append_jsonl(path: Path, obj) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(obj) + "\n")
+
+
+def prepare_output_dir(path: Path, *, overwrite: bool, what: str) -> Path:
+    """Create `path` for a fresh run; an existing non-empty folder is an error unless `overwrite`."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise LtcacheError(f"{what} {path} exists and is not a folder; choose another path")
+    if path.is_dir() and any(path.iterdir()):
+        if not overwrite:
+            raise LtcacheError(f"{what} {path} already exists; choose another path or pass --overwrite")
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,125 @@
+"""The user-facing stage-2 functions: compare, sweep_tau, info. They read the cache and nothing else."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ltcache.cache import FeatureCache, Split
+from ltcache.errors import unknown_name
+from ltcache.metrics import ShotThresholds, evaluate, shot_groups
+from ltcache.stage2 import METHODS, LabData, LinearHead, fit_method, method_names
+from ltcache.stage2.weight_norms import DEFAULT_TAUS, best_on_curve, tau_curve, tau_normalize, validate_taus
+from ltcache.train import resolve_device
+
+
+@dataclass
+class Lab:
+    cache: FeatureCache
+    data: LabData
+    test: Split
+
+    def score_test(self, head: LinearHead) -> dict:
+        return evaluate(head.predict(self.test.features), self.test.labels, self.data.class_counts,
+                        self.data.thresholds)
+
+
+def open_lab(cache_path: Path, *, select: str = "val", seed: int = 0, device: str | None = None,
+             thresholds: ShotThresholds = ShotThresholds()) -> Lab:
+    """Load train / val / test features and the joint head onto `device` (CUDA when present)."""
+    cache = FeatureCache(cache_path)
+    run_device = resolve_device(device)
+    weight, bias = cache.joint_head()
+    val = cache.load_split("val").to(run_device) if cache.has_split("val") else None
+    data = LabData(train=cache.load_split("train").to(run_device), val=val,
+                   joint=LinearHead(weight.to(run_device), bias.to(run_device)),
+                   class_counts=cache.class_counts, select=select, seed=seed, thresholds=thresholds)
+    return Lab(cache, data, cache.load_split("test").to(run_device))
+
+
+def sweep_tau(cache_path: Path, *, taus=DEFAULT_TAUS, select: str = "val", device: str | None = None,
+              thresholds: ShotThresholds = ShotThresholds()) -> dict:
+    """Sweep tau on the selection split, choose the best mean per-class accuracy, score test once.
+
+    Returns {"best_tau", "best_score", "selected_on", "curve": [...per tau...], "test": {...}}.
+    """
+    taus = validate_taus(taus)
+    lab = open_lab(cache_path, select=select, device=device, thresholds=thresholds)
+    curve = tau_curve(lab.data, select, taus)
+    best = best_on_curve(curve)
+    test = lab.score_test(LinearHead(tau_normalize(lab.data.joint.weight, best["tau"])))
+    return {"best_tau": best["tau"], "best_score": best["mean_per_class"], "selected_on": select,
+            "curve": curve, "test": test}
+
+
+def compare(cache_path: Path, *, methods: list[str] | None = None, select: str = "val",
+            params: dict[str, dict] | None = None, seed: int = 0, device: str | None = None,
+            thresholds: ShotThresholds = ShotThresholds(), write_reports: bool = True) -> dict:
+    """Fit every method on train, select on val (or train), score test once; save heads and reports."""
+    from ltcache import report  # matplotlib is only needed here
+
+    methods = list(methods or method_names())
+    unknown = [name for name in methods if name not in METHODS]
+    if unknown:  # fail on a bad name before loading or fitting anything
+        raise unknown_name("method", unknown[0], METHODS)
+    lab = open_lab(cache_path, select=select, seed=seed, device=device, thresholds=thresholds)
+    rows, fitted = [], {}
+    for name in methods:
+        start = time.perf_counter()
+        result = fit_method(name, lab.data, (params or {}).get(name))
+        seconds = time.perf_counter() - start
+        test = lab.score_test(result.head)
+        lab.cache.save_head(name, weight=result.head.weight, bias=result.head.bias,
+                            normalize_input=result.head.normalize_input, attrs=result.chosen)
+        rows.append({"method": name, **test, "chosen": result.chosen, "fit_seconds": round(seconds, 3)})
+        fitted[name] = result
+    # The tau curve for Fig. 2 (right) is always on the selection split, never on test.
+    curve = fitted["tau_norm"].curve if "tau_norm" in fitted else tau_curve(lab.data, select, DEFAULT_TAUS)
+    summary = {
+        "cache": str(lab.cache.path),
+        "selected_on": select,
+        "seed": seed,
+        "thresholds": {"many": thresholds.many, "few": thresholds.few},
+        "groups": {g: int((shot_groups(lab.data.class_counts, thresholds) == g).sum())
+                   for g in ("many", "medium", "few")},
+        "rows": rows,
+        "tau_curve": curve,
+    }
+    if write_reports:
+        summary["reports"] = report.write_reports(
+            lab.cache.reports_dir, summary,
+            weight_norms={name: torch.as_tensor(f.head.weight).norm(dim=1).cpu() for name, f in fitted.items()
+                          if name in report.NORM_PLOT_METHODS},
+            class_counts=lab.data.class_counts,
+        )
+    return summary
+
+
+def info(cache_path: Path, *, verify: bool = False) -> dict:
+    """A short summary of a cache; with verify, the shards whose sha256 disagrees with the manifest."""
+    cache = FeatureCache(cache_path)
+    manifest = cache.manifest
+    counts = cache.class_counts
+    groups = shot_groups(counts)
+    summary = {
+        "cache": str(cache.path),
+        "dataset": manifest["dataset"].get("name"),
+        "splits": {name: entry["rows"] for name, entry in manifest["splits"].items()},
+        "shards": sum(len(entry["shards"]) for entry in manifest["splits"].values()),
+        "feature_dim": cache.feature_dim,
+        "dtype": manifest["dtype"],
+        "num_classes": cache.num_classes,
+        "class_counts_range": [int(counts.min()), int(counts.max())],
+        "imbalance_ratio": round(float(counts.max() / max(counts.min(), 1)), 2),
+        "groups": {g: int((groups == g).sum()) for g in ("many", "medium", "few")},
+        "backbone": manifest["backbone"].get("arch"),
+        "checkpoint_sha256": manifest["backbone"].get("checkpoint_sha256"),
+        "created": manifest.get("created"),
+        "heads": cache.head_names(),
+    }
+    if verify:
+        summary["corrupt_shards"] = cache.verify()
+    return summary

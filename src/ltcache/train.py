@@ -1,0 +1,148 @@
+"""Stage 1: train a backbone and its linear classifier jointly (Sec. 3 samplers, CE, SGD + cosine to 0)."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ltcache import __version__
+from ltcache.checkpoint import save_checkpoint
+from ltcache.config import TrainConfig
+from ltcache.console import log, progress
+from ltcache.data import build_dataset
+from ltcache.data.samplers import EpochSampler, parse_sampler
+from ltcache.distributed import barrier, get_rank, get_world_size, is_main_process
+from ltcache.errors import LtcacheError
+from ltcache.fsutil import append_jsonl, prepare_output_dir, write_json
+from ltcache.metrics import evaluate
+from ltcache.models import build_model
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """The named device, or CUDA when present (this rank's GPU under torchrun), else the CPU."""
+    if name:
+        if name.startswith("cuda") and not torch.cuda.is_available():
+            raise LtcacheError(f"--device {name} asked for CUDA but no GPU is visible; drop --device or use cpu")
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def autocast_for(device: torch.device):
+    """bf16 autocast on CUDA (no GradScaler needed), a no-op elsewhere; covers the forward pass and the loss."""
+    if device.type == "cuda":
+        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """lr(step) = peak * (1 + cos(pi * step / total)) / 2: step 0 uses the peak, and it reaches 0 after the end."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total_steps)))
+
+
+def init_distributed(device: torch.device) -> None:
+    """Join the torchrun process group when launched with WORLD_SIZE > 1 (NCCL on GPU, gloo on CPU)."""
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader: DataLoader, device: torch.device, autocast) -> tuple[torch.Tensor, torch.Tensor]:
+    """Predicted and true labels over a loader, in eval mode."""
+    model.eval()
+    predictions, labels = [], []
+    for images, targets, _ in loader:
+        with autocast():
+            logits = model(images.to(device, non_blocking=True))
+        predictions.append(logits.argmax(1).cpu())
+        labels.append(targets)
+    return torch.cat(predictions), torch.cat(labels)
+
+
+def train_one_epoch(model, loader, optimizer, scheduler, device, autocast, *, epoch: int) -> float:
+    model.train()
+    criterion = nn.CrossEntropyLoss()
+    total, count = 0.0, 0
+    for step, (images, targets, _) in enumerate(progress(loader, label=f"epoch {epoch + 1}", length=len(loader))):
+        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        with autocast():
+            loss = criterion(model(images), targets)
+        if not torch.isfinite(loss):
+            raise LtcacheError(f"the training loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
+                               "lower --lr or check the data")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        total += loss.item() * len(targets)
+        count += len(targets)
+    return total / max(count, 1)
+
+
+def fit(cfg: TrainConfig) -> Path:
+    """Train a backbone + linear head; write config.json, metrics.jsonl and checkpoint.pt into `cfg.out`."""
+    cfg = cfg.resolved()
+    device = resolve_device(cfg.device)
+    init_distributed(device)
+    rank, world = get_rank(), get_world_size()
+    sampler_name = parse_sampler(cfg.sampler)
+    data = build_dataset(cfg.dataset_spec())
+    out = Path(cfg.out)
+    if is_main_process():
+        prepare_output_dir(out, overwrite=cfg.overwrite, what="run folder")
+    barrier()
+    seed_everything(cfg.seed)  # the same initial weights on every rank
+    model = build_model(cfg.backbone, data.num_classes, data.in_channels).to(device)
+
+    sampler = EpochSampler(data.labels["train"], sampler_name, total_epochs=cfg.epochs, seed=cfg.seed,
+                           rank=rank, world=world)
+    loader_args = {"num_workers": cfg.workers, "pin_memory": device.type == "cuda",
+                   "persistent_workers": cfg.workers > 0}
+    train_loader = DataLoader(data.splits["train"], batch_size=cfg.batch_size, sampler=sampler, **loader_args)
+    val_loader = DataLoader(data.splits["val"], batch_size=512, shuffle=False, **loader_args)
+    trained = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    scheduler = cosine_schedule(optimizer, cfg.epochs * len(train_loader))
+    autocast = autocast_for(device)
+
+    resolved = {**cfg.to_dict(), "world_size": world, "device": str(device), "ltcache_version": __version__}
+    dataset = data.describe()
+    if is_main_process():
+        write_json(out / "config.json", {"config": resolved, "dataset": dataset})
+    log(f"training {cfg.backbone} on {cfg.dataset} ({len(data.labels['train'])} train images, "
+        f"{data.num_classes} classes) with {cfg.sampler} sampling on {device}, {cfg.epochs} epochs")
+    for epoch in range(cfg.epochs):
+        start = time.perf_counter()
+        sampler.set_epoch(epoch)
+        lr = scheduler.get_last_lr()[0]
+        loss = train_one_epoch(trained, train_loader, optimizer, scheduler, device, autocast, epoch=epoch)
+        if is_main_process():
+            val = evaluate(*predict(model, val_loader, device, autocast), data.class_counts)
+            record = {"epoch": epoch + 1, "loss": round(loss, 6), "lr": lr, "val_top1": round(val["all"], 3),
+                      "val_mean_per_class": round(val["mean_per_class"], 3),
+                      "seconds": round(time.perf_counter() - start, 3)}
+            append_jsonl(out / "metrics.jsonl", record)
+            log(f"epoch {epoch + 1}/{cfg.epochs}  loss {loss:.4f}  lr {lr:.4g}  val top-1 {val['all']:.2f}")
+            save_checkpoint(out / "checkpoint.pt", model=model, optimizer=optimizer, scheduler=scheduler,
+                            epoch=epoch + 1, config=resolved, dataset=dataset)
+        barrier()
+    return out
