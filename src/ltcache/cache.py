@@ -63,7 +63,7 @@ class SplitWriter:
             self._flush(self.shard_rows)
 
     def _flush(self, rows: int) -> None:
-        features, labels, index = (np.concatenate(parts) for parts in zip(*self.buffer))
+        features, labels, index = (np.concatenate(parts) for parts in zip(*self.buffer, strict=True))
         self.buffer = [(features[rows:], labels[rows:], index[rows:])] if len(features) > rows else []
         self.buffered = len(features) - rows
         path = self.folder / f"{len(self.shards):05d}.h5"

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -80,19 +80,19 @@ DeviceOpt = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: C
 def train_backbone(
     out: Path = typer.Option(..., "--out", help="Run folder for config.json, metrics.jsonl, checkpoint.pt."),
     dataset: str = typer.Option("digits-lt", help="Registered dataset name."),
-    root: Optional[str] = typer.Option(None, help="Dataset folder (fashion-mnist-lt: the idx files)."),
-    imbalance_factor: Optional[float] = typer.Option(None, help="n_max / n_min of the long-tail profile."),
-    n_max: Optional[int] = typer.Option(None, help="Train images of the most frequent class."),
+    root: str | None = typer.Option(None, help="Dataset folder (fashion-mnist-lt: the idx files)."),
+    imbalance_factor: float | None = typer.Option(None, help="n_max / n_min of the long-tail profile."),
+    n_max: int | None = typer.Option(None, help="Train images of the most frequent class."),
     seed: int = typer.Option(0, help="Seeds the split, the sampler and the initialization."),
-    backbone: Optional[str] = typer.Option(None, help="smallresnet8/14, resnet10, resnet18..152, resnext..."),
+    backbone: str | None = typer.Option(None, help="smallresnet8/14, resnet10, resnet18..152, resnext..."),
     sampler: str = typer.Option("instance", help="instance, class, sqrt or progressive (Eq. 1-2)."),
     epochs: int = typer.Option(30, help="Training epochs."),
     batch_size: int = typer.Option(128, help="Batch size."),
-    lr: Optional[float] = typer.Option(None, help="Peak learning rate (default 0.2 x batch / 512)."),
+    lr: float | None = typer.Option(None, help="Peak learning rate (default 0.2 x batch / 512)."),
     weight_decay: float = typer.Option(5e-4, help="SGD weight decay."),
     momentum: float = typer.Option(0.9, help="SGD momentum."),
     workers: int = typer.Option(0, help="Data-loading worker processes."),
-    device: Optional[str] = DeviceOpt,
+    device: str | None = DeviceOpt,
     overwrite: bool = typer.Option(False, help="Replace an existing run folder."),
 ):
     """Stage 1: train a backbone and its linear classifier with a sampling strategy (CE, SGD, cosine lr)."""
@@ -104,19 +104,20 @@ def train_backbone(
                       weight_decay=weight_decay, momentum=momentum, workers=workers, device=device,
                       overwrite=overwrite)
     run_dir = _run(fit, cfg)
-    typer.echo(f"checkpoint: {run_dir / 'checkpoint.pt'}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one line from rank 0 only
+        typer.echo(f"checkpoint: {run_dir / 'checkpoint.pt'}")
 
 
 @app.command("extract")
 def extract_cmd(
     checkpoint: Path = typer.Argument(..., help="checkpoint.pt from ltcache train-backbone."),
     out: Path = typer.Option(..., "--out", help="Cache folder to create."),
-    root: Optional[str] = typer.Option(None, help="Dataset folder, if it moved since training."),
+    root: str | None = typer.Option(None, help="Dataset folder, if it moved since training."),
     dtype: str = typer.Option("float32", help="float32 or float16 features."),
     batch_size: int = typer.Option(512, help="Images per forward pass."),
     workers: int = typer.Option(0, help="Data-loading worker processes."),
     shard_rows: int = typer.Option(65536, help="Rows per HDF5 shard."),
-    device: Optional[str] = DeviceOpt,
+    device: str | None = DeviceOpt,
     overwrite: bool = typer.Option(False, help="Replace an existing cache (only once the new one is complete)."),
 ):
     """Cache penultimate features, labels and the joint classifier (W, b) of train, val and test."""
@@ -133,7 +134,7 @@ def sweep_tau_cmd(
     taus: str = typer.Option("0:2:0.1", help="Grid: 0,0.5,1 or start:stop:step."),
     select: str = typer.Option("val", help="val, or train for the simulated-balanced train metric (App. B.5)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
-    device: Optional[str] = DeviceOpt,
+    device: str | None = DeviceOpt,
     many: int = ManyOpt,
     few: int = FewOpt,
 ):
@@ -158,12 +159,12 @@ def sweep_tau_cmd(
 @app.command("compare")
 def compare_cmd(
     cache: Path = typer.Argument(..., help="Cache folder."),
-    methods: Optional[str] = typer.Option(None, help="Comma-separated subset (default: all registered)."),
+    methods: str | None = typer.Option(None, help="Comma-separated subset (default: all registered)."),
     select: str = typer.Option("val", help="val, or train for the simulated-balanced train metric (App. B.5)."),
     set_: list[str] = typer.Option([], "--set", help="Hyperparameter override METHOD.PARAM=VALUE (repeatable)."),
     seed: int = typer.Option(0, help="Seed for cRT / LWS."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of the table."),
-    device: Optional[str] = DeviceOpt,
+    device: str | None = DeviceOpt,
     many: int = ManyOpt,
     few: int = FewOpt,
 ):
@@ -204,10 +205,10 @@ def info_cmd(
 
 @app.command("demo")
 def demo_cmd(
-    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: a fresh ./ltcache-demo[-N])."),
+    out: Path | None = typer.Option(None, "--out", help="Output folder (default: a fresh ./ltcache-demo[-N])."),
     epochs: int = typer.Option(40, help="Stage-1 epochs."),
     seed: int = typer.Option(0, help="Seed."),
-    device: Optional[str] = DeviceOpt,
+    device: str | None = DeviceOpt,
     overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
 ):
     """digits-LT end to end on a CPU: train a small ResNet, cache features, compare every classifier."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 
 from ltcache.data import DatasetSpec
+from ltcache.errors import LtcacheError, unknown_name
 
 # Backbones sized for each dataset's images; anything else defaults to ResNet-50.
 DEFAULT_BACKBONE = {"digits-lt": "smallresnet8", "fashion-mnist-lt": "smallresnet14"}
@@ -42,6 +43,23 @@ class TrainConfig:
             backbone=self.backbone or DEFAULT_BACKBONE.get(self.dataset, "resnet50"),
             lr=self.lr if self.lr is not None else scaled_lr(self.batch_size),
         )
+
+    def validate(self) -> None:
+        """Check every name and number before any work starts or any folder is created."""
+        from ltcache.data.datasets import DATASETS
+        from ltcache.data.samplers import parse_sampler
+        from ltcache.models import BACKBONES
+
+        if self.dataset not in DATASETS:
+            raise unknown_name("dataset", self.dataset, DATASETS)
+        if self.backbone not in BACKBONES:
+            raise unknown_name("backbone", self.backbone, BACKBONES)
+        parse_sampler(self.sampler)
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise LtcacheError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.lr is not None and self.lr <= 0:
+            raise LtcacheError(f"--lr must be > 0, got {self.lr}")
 
     def dataset_spec(self) -> DatasetSpec:
         return DatasetSpec(self.dataset, self.root, self.imbalance_factor, self.n_max, self.seed)

@@ -32,14 +32,20 @@ def append_jsonl(path: Path, obj) -> None:
         f.write(json.dumps(obj) + "\n")
 
 
-def prepare_output_dir(path: Path, *, overwrite: bool, what: str) -> Path:
-    """Create `path` for a fresh run; an existing non-empty folder is an error unless `overwrite`."""
+def check_output_dir(path: Path, *, overwrite: bool, what: str) -> None:
+    """Raise unless `path` is absent, an empty folder, or `overwrite` is set. Read-only: safe on every rank."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise LtcacheError(f"{what} {path} exists and is not a folder; choose another path")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise LtcacheError(f"{what} {path} already exists; choose another path or pass --overwrite")
+
+
+def prepare_output_dir(path: Path, *, overwrite: bool, what: str) -> Path:
+    """Create `path` for a fresh run; an existing non-empty folder is an error unless `overwrite`."""
+    path = Path(path)
+    check_output_dir(path, overwrite=overwrite, what=what)
     if path.is_dir() and any(path.iterdir()):
-        if not overwrite:
-            raise LtcacheError(f"{what} {path} already exists; choose another path or pass --overwrite")
         shutil.rmtree(path)
     path.mkdir(parents=True, exist_ok=True)
     return path

@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 
 from ltcache.cache import FeatureCache, Split
-from ltcache.errors import unknown_name
+from ltcache.errors import LtcacheError
 from ltcache.metrics import ShotThresholds, evaluate, shot_groups
-from ltcache.stage2 import METHODS, LabData, LinearHead, fit_method, method_names
+from ltcache.stage2 import METHODS, LabData, LinearHead, method_names, resolve_params
 from ltcache.stage2.weight_norms import DEFAULT_TAUS, best_on_curve, tau_curve, tau_normalize, validate_taus
 from ltcache.train import resolve_device
 
@@ -62,14 +62,17 @@ def compare(cache_path: Path, *, methods: list[str] | None = None, select: str =
     from ltcache import report  # matplotlib is only needed here
 
     methods = list(methods or method_names())
-    unknown = [name for name in methods if name not in METHODS]
-    if unknown:  # fail on a bad name before loading or fitting anything
-        raise unknown_name("method", unknown[0], METHODS)
+    unknown = [m for m in (params or {}) if m not in methods]
+    if unknown:
+        raise LtcacheError(f"--set names method {unknown[0]!r}, which is not among the methods run "
+                           f"({', '.join(methods)})")
+    # Resolve every method's hyperparameters first: a bad name or value fails before any head is written.
+    resolved = {name: resolve_params(name, (params or {}).get(name)) for name in methods}
     lab = open_lab(cache_path, select=select, seed=seed, device=device, thresholds=thresholds)
     rows, fitted = [], {}
     for name in methods:
         start = time.perf_counter()
-        result = fit_method(name, lab.data, (params or {}).get(name))
+        result = METHODS[name].fit(lab.data, **resolved[name])
         seconds = time.perf_counter() - start
         test = lab.score_test(result.head)
         lab.cache.save_head(name, weight=result.head.weight, bias=result.head.bias,

@@ -34,7 +34,9 @@ class SmallResNet(nn.Module):
     def __init__(self, widths: tuple[int, int, int], blocks_per_stage: int, in_channels: int):
         super().__init__()
         self.stem = nn.Sequential(
-            nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True)
+            nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False),
+            nn.BatchNorm2d(widths[0]),
+            nn.ReLU(inplace=True),
         )
         stages, channels = [], widths[0]
         for stage, width in enumerate(widths):

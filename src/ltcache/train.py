@@ -23,7 +23,7 @@ from ltcache.data import build_dataset
 from ltcache.data.samplers import EpochSampler, parse_sampler
 from ltcache.distributed import barrier, get_rank, get_world_size, is_main_process
 from ltcache.errors import LtcacheError
-from ltcache.fsutil import append_jsonl, prepare_output_dir, write_json
+from ltcache.fsutil import append_jsonl, check_output_dir, prepare_output_dir, write_json
 from ltcache.metrics import evaluate
 from ltcache.models import build_model
 
@@ -101,12 +101,15 @@ def train_one_epoch(model, loader, optimizer, scheduler, device, autocast, *, ep
 def fit(cfg: TrainConfig) -> Path:
     """Train a backbone + linear head; write config.json, metrics.jsonl and checkpoint.pt into `cfg.out`."""
     cfg = cfg.resolved()
+    cfg.validate()
     device = resolve_device(cfg.device)
     init_distributed(device)
     rank, world = get_rank(), get_world_size()
     sampler_name = parse_sampler(cfg.sampler)
     data = build_dataset(cfg.dataset_spec())
     out = Path(cfg.out)
+    check_output_dir(out, overwrite=cfg.overwrite, what="run folder")  # every rank fails alike, none hangs
+    barrier()
     if is_main_process():
         prepare_output_dir(out, overwrite=cfg.overwrite, what="run folder")
     barrier()
@@ -145,4 +148,6 @@ def fit(cfg: TrainConfig) -> Path:
             save_checkpoint(out / "checkpoint.pt", model=model, optimizer=optimizer, scheduler=scheduler,
                             epoch=epoch + 1, config=resolved, dataset=dataset)
         barrier()
+    if world > 1:
+        dist.destroy_process_group()
     return out

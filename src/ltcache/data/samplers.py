@@ -60,7 +60,8 @@ class EpochSampler(Sampler[int]):
 
     Instance-balanced sampling is a plain shuffle (each image once per epoch); the other strategies draw with
     replacement from the per-sample weights. The draw depends only on (seed, epoch), so every rank sees the same
-    permutation and takes its own stride of it.
+    permutation and takes its own stride of it; the draw wraps around so that every rank gets the same number
+    of samples (unequal lengths would hang DDP on the last step).
     """
 
     def __init__(self, labels, name: SamplerName, *, total_epochs: int, seed: int = 0, rank: int = 0, world: int = 1):
@@ -77,7 +78,7 @@ class EpochSampler(Sampler[int]):
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return len(range(self.rank, len(self.labels), self.world))
+        return -(-len(self.labels) // self.world)
 
     def draw(self) -> torch.Tensor:
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
@@ -89,4 +90,6 @@ class EpochSampler(Sampler[int]):
         return torch.multinomial(weights, n, replacement=True, generator=generator)
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self.draw()[self.rank :: self.world].tolist())
+        drawn = self.draw()
+        padded = torch.cat([drawn, drawn[: len(self) * self.world - len(drawn)]])
+        return iter(padded[self.rank :: self.world].tolist())

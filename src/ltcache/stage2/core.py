@@ -125,12 +125,11 @@ def coerce(value, default):
     return value
 
 
-def fit_method(name: str, data: LabData, overrides: dict | None = None) -> Fitted:
-    """Fit a registered method with its defaults updated by `overrides` (unknown keys are an error)."""
+def resolve_params(name: str, overrides: dict | None = None) -> dict:
+    """A method's defaults updated by `overrides`, coerced to the defaults' types; bad names are errors."""
     if name not in METHODS:
         raise unknown_name("method", name, METHODS)
-    method = METHODS[name]
-    params = dict(method.defaults)
+    params = dict(METHODS[name].defaults)
     for key, value in (overrides or {}).items():
         if key not in params:
             raise LtcacheError(f"method {name} has no hyperparameter {key!r}; it has "
@@ -139,4 +138,9 @@ def fit_method(name: str, data: LabData, overrides: dict | None = None) -> Fitte
             params[key] = coerce(value, params[key])
         except ValueError:
             raise LtcacheError(f"{name}.{key}={value!r} is not a valid value (default {params[key]!r})") from None
-    return method.fit(data, **params)
+    return params
+
+
+def fit_method(name: str, data: LabData, overrides: dict | None = None) -> Fitted:
+    """Fit a registered method with its defaults updated by `overrides`."""
+    return METHODS[name].fit(data, **resolve_params(name, overrides))

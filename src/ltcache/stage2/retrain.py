@@ -81,4 +81,5 @@ def fit_lws(data: LabData, **hyperparameters) -> Fitted:
     used = train_class_balanced(scaling, raw, data.train.labels, seed=data.seed, **hyperparameters)
     scales = scaling.scales.detach().clone()
     head = LinearHead(data.joint.weight * scales[:, None].to(data.joint.weight.device))
-    return Fitted(head, {**used, "scale_min": round(scales.min().item(), 4), "scale_max": round(scales.max().item(), 4)})
+    scale_range = {"scale_min": round(scales.min().item(), 4), "scale_max": round(scales.max().item(), 4)}
+    return Fitted(head, {**used, **scale_range})

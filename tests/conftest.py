@@ -1,0 +1,63 @@
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from ltcache.cache import CacheWriter
+from ltcache.cli import app
+from ltcache.data.datasets import FASHION_DEFAULT_ROOT
+
+FASHION_AVAILABLE = Path(FASHION_DEFAULT_ROOT, "train-images-idx3-ubyte.gz").is_file()
+
+
+def invoke(*args: str):
+    """Run the CLI in-process; returns typer's Result (exit_code, output, stderr)."""
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def write_toy_cache(path: Path, *, class_counts=(30, 12, 3), feature_dim=4, seed=0, shard_rows=16) -> Path:
+    """A small cache of Gaussian blobs (one per class) with a joint head biased toward class 0."""
+    generator = torch.Generator().manual_seed(seed)
+    num_classes = len(class_counts)
+    centers = torch.eye(num_classes, feature_dim) * 3
+
+    def blob(counts):
+        labels = torch.cat([torch.full((n,), c) for c, n in enumerate(counts)])
+        return centers[labels] + 0.5 * torch.randn(len(labels), feature_dim, generator=generator), labels
+
+    writer = CacheWriter(path, feature_dim=feature_dim, shard_rows=shard_rows)
+    splits = {"train": blob(class_counts), "val": blob([10] * num_classes), "test": blob([20] * num_classes)}
+    for name, (features, labels) in splits.items():
+        split = writer.split(name)
+        order = torch.randperm(len(labels), generator=generator)  # rows arrive out of order, keyed by index
+        split.add(features[order].numpy(), labels[order].numpy(), order.numpy())
+        writer.finish_split(split, len(labels))
+    weight = centers * torch.tensor([3.0, 1.0, 0.5] + [1.0] * (num_classes - 3))[:num_classes, None]
+    writer.write_joint_head(weight, torch.zeros(num_classes))
+    dataset = {"name": "toy", "root": None, "class_names": [f"c{i}" for i in range(num_classes)],
+               "train_class_counts": list(class_counts)}
+    return writer.commit(dataset=dataset, backbone={"arch": "none", "checkpoint_sha256": "0" * 64})
+
+
+@pytest.fixture
+def toy_cache(tmp_path) -> Path:
+    return write_toy_cache(tmp_path / "cache")
+
+
+@pytest.fixture(scope="session")
+def digits_run(tmp_path_factory) -> dict:
+    """The README demo, run once through the CLI: digits-LT train -> extract -> compare."""
+    out = tmp_path_factory.mktemp("demo") / "out"
+    result = invoke("demo", "--out", out)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "cache" / "reports" / "results.json").read_text())
+    return {"out": out, "cache": out / "cache", "run": out / "run", "output": result.output, "summary": summary}
+
+
+@pytest.fixture
+def digits_cache_copy(digits_run, tmp_path) -> Path:
+    """A private copy of the demo cache for tests that modify it."""
+    return Path(shutil.copytree(digits_run["cache"], tmp_path / "cache"))

@@ -1,0 +1,106 @@
+import json
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from conftest import write_toy_cache
+from ltcache.cache import CacheWriter, FeatureCache
+from ltcache.errors import LtcacheError
+
+
+def test_round_trip_orders_rows_by_sample_index_across_shards(tmp_path):
+    writer = CacheWriter(tmp_path / "c", feature_dim=3, shard_rows=4)
+    split = writer.split("train")
+    features = np.arange(30, dtype=np.float32).reshape(10, 3)
+    labels = np.arange(10) % 3
+    order = np.array([7, 2, 9, 0, 4, 1, 8, 3, 6, 5])
+    split.add(features[order][:6], labels[order][:6], order[:6])
+    split.add(features[order][6:], labels[order][6:], order[6:])
+    writer.finish_split(split, 10)
+    writer.write_joint_head(torch.ones(3, 3), torch.zeros(3))
+    path = writer.commit(dataset={"name": "t", "class_names": ["a", "b", "c"], "train_class_counts": [4, 3, 3]},
+                         backbone={"arch": "x"})
+    cache = FeatureCache(path)
+    assert [s["rows"] for s in cache.manifest["splits"]["train"]["shards"]] == [4, 4, 2]
+    loaded = cache.load_split("train")
+    np.testing.assert_array_equal(loaded.features.numpy(), features)
+    np.testing.assert_array_equal(loaded.labels.numpy(), labels)
+    assert cache.verify() == []
+
+
+def test_float16_cache_reads_back_as_float32(tmp_path):
+    writer = CacheWriter(tmp_path / "c", feature_dim=2, dtype="float16")
+    split = writer.split("train")
+    split.add(np.array([[0.5, 1.25], [2.0, -1.0]]), np.array([0, 1]), np.array([0, 1]))
+    writer.finish_split(split, 2)
+    writer.write_joint_head(torch.eye(2), torch.zeros(2))
+    path = writer.commit(dataset={"name": "t", "class_names": ["a", "b"], "train_class_counts": [1, 1]},
+                         backbone={})
+    with h5py.File(path / "train" / "00000.h5") as f:
+        assert f["features"].dtype == np.float16
+    loaded = FeatureCache(path).load_split("train")
+    assert loaded.features.dtype == torch.float32
+    np.testing.assert_array_equal(loaded.features.numpy(), [[0.5, 1.25], [2.0, -1.0]])
+
+
+def test_cache_opens_with_plain_h5py_and_json(toy_cache):
+    manifest = json.loads((toy_cache / "manifest.json").read_text())
+    assert manifest["schema_version"] == 1
+    assert manifest["class_counts"] == [30, 12, 3]
+    total = 0
+    for shard in manifest["splits"]["train"]["shards"]:
+        with h5py.File(toy_cache / shard["file"]) as f:
+            assert f["features"].shape == (shard["rows"], manifest["feature_dim"])
+            assert f["labels"].dtype == np.int64 and f["index"].dtype == np.int64
+            total += shard["rows"]
+    assert total == manifest["splits"]["train"]["rows"] == 45
+    with h5py.File(toy_cache / "head.h5") as f:
+        assert f["weight"].shape == (3, 4) and f["bias"].shape == (3,)
+
+
+def test_reader_rejects_a_shard_whose_shape_disagrees_with_the_manifest(toy_cache):
+    shard = toy_cache / "train" / "00000.h5"
+    with h5py.File(shard, "r+") as f:
+        rows = f["features"].shape[0]
+        del f["features"]
+        f.create_dataset("features", data=np.zeros((rows, 5), dtype=np.float32))
+    with pytest.raises(LtcacheError, match=r"train/00000.h5 has features \(16, 5\) but the manifest says \(16, 4\)"):
+        FeatureCache(toy_cache).load_split("train")
+    assert FeatureCache(toy_cache).verify() == ["train/00000.h5"]
+
+
+def test_missing_coverage_is_an_error(tmp_path):
+    writer = CacheWriter(tmp_path / "c", feature_dim=2)
+    split = writer.split("train")
+    split.add(np.zeros((2, 2)), np.array([0, 1]), np.array([0, 0]))
+    with pytest.raises(LtcacheError, match="exactly once"):
+        writer.finish_split(split, 2)
+
+
+def test_unreadable_or_missing_manifest(tmp_path, toy_cache):
+    with pytest.raises(LtcacheError, match="not found"):
+        FeatureCache(tmp_path / "nope")
+    (toy_cache / "manifest.json").write_text("{ not json")
+    with pytest.raises(LtcacheError, match="manifest.json is unreadable"):
+        FeatureCache(toy_cache)
+
+
+def test_existing_cache_is_kept_without_overwrite_and_replaced_only_on_commit(tmp_path):
+    path = write_toy_cache(tmp_path / "cache", seed=0)
+    before = (path / "manifest.json").read_text()
+    with pytest.raises(LtcacheError, match="already exists"):
+        CacheWriter(path, feature_dim=4)
+    writer = CacheWriter(path, feature_dim=4, overwrite=True)  # staging elsewhere: old cache still intact
+    writer.abort()
+    assert (path / "manifest.json").read_text() == before
+    assert not list(tmp_path.glob(".cache.staging-*"))
+
+
+def test_heads_round_trip(toy_cache):
+    cache = FeatureCache(toy_cache)
+    cache.save_head("tau_norm", weight=torch.eye(3, 4), bias=None, normalize_input=False, attrs={"tau": 0.7})
+    head = cache.load_head("tau_norm")
+    assert head["bias"] is None and head["hyperparameters"] == {"tau": 0.7}
+    assert cache.head_names() == ["tau_norm"]

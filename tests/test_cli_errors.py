@@ -1,0 +1,99 @@
+"""Bad input: one line on stderr, exit code 2, no traceback, nothing overwritten."""
+
+import pytest
+import torch
+
+from conftest import invoke
+
+
+def assert_clean_error(result, *fragments):
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_wrong_dataset_root_creates_nothing(tmp_path):
+    out = tmp_path / "run"
+    result = invoke("train-backbone", "--dataset", "fashion-mnist-lt", "--root", tmp_path / "empty", "--out", out)
+    assert_clean_error(result, "fashion-mnist idx files not found", "--root")
+    assert not out.exists()
+
+
+def test_corrupt_idx_file_is_named(tmp_path):
+    root = tmp_path / "fm"
+    root.mkdir()
+    for stem in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                 "t10k-labels-idx1-ubyte"):
+        (root / stem).write_bytes(b"not an idx file")
+    result = invoke("train-backbone", "--dataset", "fashion-mnist-lt", "--root", root, "--out", tmp_path / "r")
+    assert_clean_error(result, "is not an idx file")
+
+
+def test_existing_run_folder_is_not_overwritten(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    result = invoke("train-backbone", "--out", out, "--epochs", "1")
+    assert_clean_error(result, "already exists", "--overwrite")
+    assert (out / "keep.txt").read_text() == "precious"
+
+
+@pytest.mark.parametrize("option, value, kind", [
+    ("--dataset", "imagenet-xl", "dataset"), ("--backbone", "resnet9000", "backbone"),
+    ("--sampler", "balanced-ish", "sampler"),
+])
+def test_unknown_names_list_the_choices(tmp_path, option, value, kind):
+    result = invoke("train-backbone", "--out", tmp_path / "run", option, value)
+    assert_clean_error(result, f"unknown {kind} '{value}'", "choose one of")
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_checkpoint(tmp_path):
+    assert_clean_error(invoke("extract", tmp_path / "nope.pt", "--out", tmp_path / "c"), "not found")
+
+
+def test_foreign_checkpoints(tmp_path):
+    torch.save({"state_dict": {}}, tmp_path / "other.pt")
+    assert_clean_error(invoke("extract", tmp_path / "other.pt", "--out", tmp_path / "c"),
+                       "is not an ltcache checkpoint")
+    (tmp_path / "junk.pt").write_bytes(b"\x00garbage")
+    assert_clean_error(invoke("extract", tmp_path / "junk.pt", "--out", tmp_path / "c"), "not a readable")
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("command", ["compare", "sweep-tau", "info"])
+def test_missing_cache(tmp_path, command):
+    assert_clean_error(invoke(command, tmp_path / "nothing"), "not found", "ltcache extract")
+
+
+def test_unreadable_manifest(toy_cache):
+    (toy_cache / "manifest.json").write_text("{oops")
+    assert_clean_error(invoke("compare", toy_cache), "unreadable")
+
+
+def test_unknown_method_and_bad_overrides(toy_cache):
+    assert_clean_error(invoke("compare", toy_cache, "--methods", "joint,magic"), "unknown method 'magic'")
+    assert_clean_error(invoke("compare", toy_cache, "--set", "crt.epoch=3"), "has no hyperparameter 'epoch'")
+    assert_clean_error(invoke("compare", toy_cache, "--set", "crt-epochs"), "METHOD.PARAM=VALUE")
+    assert not (toy_cache / "heads").exists()
+
+
+@pytest.mark.parametrize("grid, message", [
+    ("", "tau grid is empty"), ("-0.5,1", "negative"), ("a,b", "is not a list"), ("2:0:0.1", "tau grid is empty"),
+])
+def test_bad_tau_grids(toy_cache, grid, message):
+    assert_clean_error(invoke("sweep-tau", toy_cache, f"--taus={grid}"), message)
+
+
+def test_select_on_train_without_val_is_fine_but_unknown_split_is_not(toy_cache):
+    assert_clean_error(invoke("sweep-tau", toy_cache, "--select", "test"), "unknown selection split 'test'")
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    result = invoke("--debug", "extract", tmp_path / "nope.pt", "--out", tmp_path / "c")
+    assert result.exit_code != 0
+    assert type(result.exception).__name__ == "LtcacheError"
