@@ -95,7 +95,9 @@ def test_existing_cache_is_kept_without_overwrite_and_replaced_only_on_commit(tm
     writer = CacheWriter(path, feature_dim=4, overwrite=True)  # staging elsewhere: old cache still intact
     writer.abort()
     assert (path / "manifest.json").read_text() == before
-    assert not list(tmp_path.glob(".cache.staging-*"))
+    write_toy_cache(path, seed=1, class_counts=(40, 10, 2), overwrite=True)
+    assert FeatureCache(path).manifest["class_counts"] == [40, 10, 2]
+    assert [p.name for p in tmp_path.iterdir()] == ["cache"]  # no staging or retired folder left behind
 
 
 def test_heads_round_trip(toy_cache):

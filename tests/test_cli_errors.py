@@ -97,3 +97,14 @@ def test_debug_shows_the_traceback(tmp_path):
     result = invoke("--debug", "extract", tmp_path / "nope.pt", "--out", tmp_path / "c")
     assert result.exit_code != 0
     assert type(result.exception).__name__ == "LtcacheError"
+
+
+def test_json_output_stays_valid_when_a_shot_group_is_empty(toy_cache):
+    import json
+
+    # The toy cache has 30, 12 and 3 train images: no class has more than 100, so Many is empty.
+    result = invoke("sweep-tau", toy_cache, "--json", "--taus", "0,1")
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert payload["test"]["many"] is None and payload["test"]["n_many"] == 0
+    assert payload["test"]["few"] is not None

@@ -1,8 +1,8 @@
 """Stage 1 under torchrun: two CPU processes (gloo) train one model; only rank 0 writes."""
 
 import json
-import shutil
 import subprocess
+import sys
 
 import pytest
 import torch.distributed as dist
@@ -14,9 +14,9 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
 
 
 def test_torchrun_two_processes_train_and_write_once(tmp_path):
-    torchrun = shutil.which("torchrun") or pytest.skip("torchrun is not on PATH")
     out = tmp_path / "run"
-    command = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "ltcache", "train-backbone",
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "ltcache", "train-backbone",
                "--out", str(out), "--epochs", "2", "--batch-size", "32"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -54,6 +54,19 @@ def test_manifest_matches_the_dataset(digits_run):
         assert f["weight"].shape == (10, 64)
 
 
+def test_membership_traces_every_row_to_its_source_image(digits_run):
+    from sklearn.datasets import load_digits
+
+    cache = FeatureCache(digits_run["cache"])
+    target = load_digits().target
+    for split in ("train", "val", "test"):
+        positions = cache.membership(split)
+        labels = cache.load_split(split).labels.numpy()
+        np.testing.assert_array_equal(target[positions], labels)
+    every = np.concatenate([cache.membership(s) for s in ("train", "val", "test")])
+    assert len(np.unique(every)) == len(every) == 914  # the three splits are disjoint
+
+
 def test_sweep_tau_json_and_select_on_train(digits_cache_copy):
     result = invoke("sweep-tau", digits_cache_copy, "--json", "--taus", "0:1.5:0.5")
     assert result.exit_code == 0, result.output

@@ -24,6 +24,7 @@ from ltcache.fsutil import atomic_write, sha256_file, write_json
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
+MEMBERSHIP = "membership.h5"
 DTYPES = ("float32", "float16")
 
 
@@ -127,6 +128,16 @@ class CacheWriter:
 
         atomic_write(self.staging / "head.h5", write)
 
+    def write_membership(self, source_index: dict[str, np.ndarray]) -> None:
+        """Per split, the position of every row (by sample index) in the dataset's source files."""
+
+        def write(tmp: Path) -> None:
+            with h5py.File(tmp, "w") as f:
+                for split, positions in source_index.items():
+                    f.create_dataset(split, data=np.asarray(positions, dtype=np.int64))
+
+        atomic_write(self.staging / MEMBERSHIP, write)
+
     def commit(self, *, dataset: dict, backbone: dict) -> Path:
         manifest = {
             "schema_version": SCHEMA_VERSION,
@@ -140,6 +151,8 @@ class CacheWriter:
             "backbone": backbone,
             "splits": self.splits,
         }
+        if (self.staging / MEMBERSHIP).is_file():
+            manifest["membership"] = MEMBERSHIP
         write_json(self.staging / MANIFEST, manifest)
         if self.path.exists():  # --overwrite: swap the old cache out only now that the new one is complete
             retired = self.path.with_name(f".{self.path.name}.retired-{os.getpid()}")
@@ -230,6 +243,11 @@ class FeatureCache:
         """Shards whose sha256 differs from the manifest's (empty when the cache is intact)."""
         return [s["file"] for entry in self.manifest["splits"].values() for s in entry["shards"]
                 if not (self.path / s["file"]).is_file() or sha256_file(self.path / s["file"]) != s["sha256"]]
+
+    def membership(self, split: str) -> np.ndarray:
+        """Source positions of a split's rows (row i came from source position membership[i])."""
+        with h5py.File(self.path / MEMBERSHIP, "r") as f:
+            return f[split][:]
 
     def joint_head(self) -> tuple[torch.Tensor, torch.Tensor]:
         with h5py.File(self.path / "head.h5", "r") as f:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from collections.abc import Callable
@@ -68,7 +67,9 @@ def _thresholds(many: int, few: int):
 
 
 def _echo_json(obj) -> None:
-    typer.echo(json.dumps(obj, indent=2, default=str))
+    from ltcache.fsutil import json_text
+
+    typer.echo(json_text(obj))
 
 
 ManyOpt = typer.Option(100, "--many", help="Many-shot: more than this many train images.")

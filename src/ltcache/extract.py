@@ -49,6 +49,7 @@ def extract(checkpoint: Path, out: Path, *, root: str | None = None, dtype: str 
             writer.finish_split(split_writer, len(data.splits[split]))
             log(f"extracted {split}: {len(data.splits[split])} rows x {model.feature_dim}")
         writer.write_joint_head(model.fc.weight, model.fc.bias)
+        writer.write_membership(data.source_index)
         backbone = {"arch": config["backbone"], "checkpoint": str(Path(checkpoint).resolve()),
                     "checkpoint_sha256": sha256_file(Path(checkpoint)), "epoch": state["epoch"],
                     "resolved_config": config}

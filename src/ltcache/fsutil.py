@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 from collections.abc import Callable
@@ -23,8 +24,23 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def json_safe(obj):
+    """Replace NaN and infinities (an empty shot group) by None, so the output is valid JSON."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {key: json_safe(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(value) for value in obj]
+    return obj
+
+
+def json_text(obj) -> str:
+    return json.dumps(json_safe(obj), indent=2, allow_nan=False, default=str)
+
+
 def write_json(path: Path, obj) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n"))
+    atomic_write(path, lambda tmp: tmp.write_text(json_text(obj) + "\n"))
 
 
 def append_jsonl(path: Path, obj) -> None:

@@ -100,7 +100,6 @@ def small_image_transforms(mean: float, std: float, size: int, *, padding: int, 
 
 DatasetBuilder = Callable[[DatasetSpec], LongTailData]
 DATASETS: dict[str, DatasetBuilder] = {}
-TRAIN_TRANSFORM = "train"
 
 
 def register_dataset(name: str):
