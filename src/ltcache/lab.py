@@ -6,8 +6,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from ltcache.cache import FeatureCache, Split
 from ltcache.errors import LtcacheError
 from ltcache.metrics import ShotThresholds, evaluate, shot_groups
@@ -46,7 +44,7 @@ def sweep_tau(cache_path: Path, *, taus=DEFAULT_TAUS, select: str = "val", devic
 
     Returns {"best_tau", "best_score", "selected_on", "curve": [...per tau...], "test": {...}}.
     """
-    taus = validate_taus(taus)
+    taus = validate_taus(taus)  # before loading anything: a bad grid fails at once
     lab = open_lab(cache_path, select=select, device=device, thresholds=thresholds)
     curve = tau_curve(lab.data, select, taus)
     best = best_on_curve(curve)
@@ -94,7 +92,7 @@ def compare(cache_path: Path, *, methods: list[str] | None = None, select: str =
     if write_reports:
         summary["reports"] = report.write_reports(
             lab.cache.reports_dir, summary,
-            weight_norms={name: torch.as_tensor(f.head.weight).norm(dim=1).cpu() for name, f in fitted.items()
+            weight_norms={name: f.head.weight.norm(dim=1).cpu() for name, f in fitted.items()
                           if name in report.NORM_PLOT_METHODS},
             class_counts=lab.data.class_counts,
         )

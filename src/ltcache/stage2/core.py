@@ -66,10 +66,6 @@ class LabData:
     def split(self, name: str) -> Split:
         return {"train": self.train, "val": self.val}[name]
 
-    @property
-    def selection(self) -> Split:
-        return self.split(self.select)
-
     def raw_logits(self, name: str) -> torch.Tensor:
         """F @ W_joint.T without bias, computed once per split and shared by tau_norm and LWS."""
         if name not in self._raw_logits:
