@@ -28,8 +28,17 @@ def _run(fn: Callable, *args, **kwargs):
     except LtcacheError as exc:
         if _state["debug"]:
             raise
-        typer.echo(f"error: {exc}", err=True)
+        typer.echo(f"error: {one_line(str(exc))}", err=True)
         raise typer.Exit(2) from None
+
+
+def one_line(message: str) -> str:
+    """The original message of an error re-raised from a DataLoader worker (which appends its traceback)."""
+    lines = [line for line in message.splitlines() if line.strip()]
+    if len(lines) > 1 and "Traceback" in message:
+        last = lines[-1]
+        return last.split("LtcacheError: ", 1)[-1]
+    return " ".join(lines)
 
 
 def parse_taus(text: str) -> tuple[float, ...]:
@@ -79,13 +88,20 @@ DeviceOpt = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: C
 
 @app.command("train-backbone")
 def train_backbone(
-    out: Path = typer.Option(..., "--out", help="Run folder for config.json, metrics.jsonl, checkpoint.pt."),
+    ctx: typer.Context,
+    out: Path | None = typer.Option(None, "--out", help="Run folder for config.json, metrics.jsonl, checkpoint.pt."),
+    config: Path | None = typer.Option(None, "--config", help="TOML recipe (experiments/*.toml); flags win."),
     dataset: str = typer.Option("digits-lt", help="Registered dataset name."),
     root: str | None = typer.Option(None, help="Dataset folder (fashion-mnist-lt: the idx files)."),
     imbalance_factor: float | None = typer.Option(None, help="n_max / n_min of the long-tail profile."),
     n_max: int | None = typer.Option(None, help="Train images of the most frequent class."),
     seed: int = typer.Option(0, help="Seeds the split, the sampler and the initialization."),
-    backbone: str | None = typer.Option(None, help="smallresnet8/14, resnet10, resnet18..152, resnext..."),
+    val_per_class: int | None = typer.Option(None, help="Balanced val images per class (dataset default)."),
+    image_size: int | None = typer.Option(None, help="Crop size for file datasets (default 224)."),
+    split_dir: str | None = typer.Option(None, help="Folder with the split files (default: --root)."),
+    profile: str | None = typer.Option(None, help="imagefolder long tail: exponential, step or none."),
+    download: bool = typer.Option(False, help="cifar*-lt: let torchvision download the data (needs internet)."),
+    backbone: str | None = typer.Option(None, help="smallresnet8/14, resnet10/32, any torchvision model name."),
     sampler: str = typer.Option("instance", help="instance, class, sqrt or progressive (Eq. 1-2)."),
     epochs: int = typer.Option(30, help="Training epochs."),
     batch_size: int = typer.Option(128, help="Batch size."),
@@ -97,13 +113,13 @@ def train_backbone(
     overwrite: bool = typer.Option(False, help="Replace an existing run folder."),
 ):
     """Stage 1: train a backbone and its linear classifier with a sampling strategy (CE, SGD, cosine lr)."""
-    from ltcache.config import TrainConfig
+    from ltcache.config import train_config_from
     from ltcache.train import fit
 
-    cfg = TrainConfig(out=str(out), dataset=dataset, root=root, imbalance_factor=imbalance_factor, n_max=n_max,
-                      seed=seed, backbone=backbone, sampler=sampler, epochs=epochs, batch_size=batch_size, lr=lr,
-                      weight_decay=weight_decay, momentum=momentum, workers=workers, device=device,
-                      overwrite=overwrite)
+    # Compared by name: the enum lives in click or in typer's vendored copy of it, depending on the version.
+    explicit = {name for name in ctx.params
+                if getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE"}
+    cfg = _run(train_config_from, ctx.params, explicit=explicit, recipe=config)
     run_dir = _run(fit, cfg)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one line from rank 0 only
         typer.echo(f"checkpoint: {run_dir / 'checkpoint.pt'}")
@@ -202,6 +218,19 @@ def info_cmd(
         typer.echo(f"error: {len(summary['corrupt_shards'])} shard(s) fail their sha256 check; re-run ltcache "
                    "extract", err=True)
         raise typer.Exit(2)
+
+
+@app.command("inat-splits")
+def inat_splits_cmd(
+    json_dir: Path = typer.Argument(..., help="Folder with iNaturalist 2018's train2018.json and val2018.json."),
+    out: Path = typer.Option(..., "--out", help="Folder for iNaturalist18_train.txt and iNaturalist18_val.txt."),
+    overwrite: bool = typer.Option(False, help="Replace existing split files."),
+):
+    """Turn the iNaturalist 2018 json files into the split files that --dataset inat2018 reads."""
+    from ltcache.data.files import inat_json_to_split_files
+
+    for split, path in _run(inat_json_to_split_files, json_dir, out, overwrite=overwrite).items():
+        typer.echo(f"{split}: {path}")
 
 
 @app.command("demo")

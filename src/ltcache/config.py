@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+import sys
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
 
 from ltcache.data import DatasetSpec
 from ltcache.errors import LtcacheError, unknown_name
 
 # Backbones sized for each dataset's images; anything else defaults to ResNet-50.
-DEFAULT_BACKBONE = {"digits-lt": "smallresnet8", "fashion-mnist-lt": "smallresnet14"}
+DEFAULT_BACKBONE = {"digits-lt": "smallresnet8", "fashion-mnist-lt": "smallresnet14", "cifar10-lt": "resnet32",
+                    "cifar100-lt": "resnet32", "imagenet-lt": "resnext50_32x4d", "places-lt": "resnet152"}
 PAPER_LR, PAPER_BATCH = 0.2, 512  # Sec. 5.1: lr 0.2 at batch 512, scaled linearly with the batch size
 
 
@@ -26,6 +29,11 @@ class TrainConfig:
     imbalance_factor: float | None = None
     n_max: int | None = None
     seed: int = 0
+    val_per_class: int | None = None
+    image_size: int | None = None
+    split_dir: str | None = None
+    profile: str | None = None
+    download: bool = False
     backbone: str | None = None
     sampler: str = "instance"
     epochs: int = 30
@@ -62,7 +70,40 @@ class TrainConfig:
             raise LtcacheError(f"--lr must be > 0, got {self.lr}")
 
     def dataset_spec(self) -> DatasetSpec:
-        return DatasetSpec(self.dataset, self.root, self.imbalance_factor, self.n_max, self.seed)
+        return DatasetSpec(self.dataset, self.root, self.imbalance_factor, self.n_max, self.seed, self.val_per_class,
+                           self.image_size, self.split_dir, self.profile, self.download)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def load_toml(path: Path) -> dict:
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # Python 3.10: the tomllib backport
+        import tomli as tomllib
+    path = Path(path)
+    if not path.is_file():
+        raise LtcacheError(f"recipe {path} not found; see experiments/ for the shipped recipes")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise LtcacheError(f"recipe {path} is not valid TOML ({exc})") from None
+
+
+def train_config_from(values: dict, *, explicit: set[str] = frozenset(), recipe: Path | None = None) -> TrainConfig:
+    """Defaults < the TOML recipe < flags given on the command line. Unknown recipe keys are an error."""
+    known = {f.name for f in fields(TrainConfig)}
+    merged = {k: v for k, v in values.items() if k in known}
+    if recipe is not None:
+        table = load_toml(recipe)
+        table = table.get("train", table)  # a recipe may hold its keys at top level or under [train]
+        unknown = sorted(set(table) - known)
+        if unknown:
+            raise LtcacheError(f"recipe {recipe} has unknown key {unknown[0]!r}; known keys: "
+                               f"{', '.join(sorted(known))}")
+        merged.update({k: v for k, v in table.items() if k not in explicit})
+    if not merged.get("out"):
+        raise LtcacheError("no run folder: pass --out (or set out = ... in the recipe)")
+    merged["out"] = str(merged["out"])
+    return TrainConfig(**merged)

@@ -22,8 +22,7 @@ def extract(checkpoint: Path, out: Path, *, root: str | None = None, dtype: str 
     """Write penultimate features, labels and sample indices of every split, plus the joint head, to `out`."""
     state = load_checkpoint(checkpoint)
     config, described = state["config"], state["dataset"]
-    spec = DatasetSpec(described["name"], root or described["root"], described["imbalance_factor"],
-                       described["n_max"], described["seed"])
+    spec = DatasetSpec.from_dict(described, root=root)
     writer_args = {"dtype": dtype, "shard_rows": shard_rows, "overwrite": overwrite}
     CacheWriter.check_target(Path(out), **writer_args)
     data = build_dataset(spec, train_augment=False)  # test-time transform on every split
@@ -38,7 +37,7 @@ def extract(checkpoint: Path, out: Path, *, root: str | None = None, dtype: str 
 
     writer = CacheWriter(Path(out), feature_dim=model.feature_dim, **writer_args)
     try:
-        for split in SPLITS:
+        for split in (name for name in SPLITS if name in data.splits):
             split_writer = writer.split(split)
             loader = DataLoader(data.splits[split], batch_size=batch_size, shuffle=False, num_workers=workers,
                                 pin_memory=run_device.type == "cuda")

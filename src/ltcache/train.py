@@ -121,7 +121,8 @@ def fit(cfg: TrainConfig) -> Path:
     loader_args = {"num_workers": cfg.workers, "pin_memory": device.type == "cuda",
                    "persistent_workers": cfg.workers > 0}
     train_loader = DataLoader(data.splits["train"], batch_size=cfg.batch_size, sampler=sampler, **loader_args)
-    val_loader = DataLoader(data.splits["val"], batch_size=512, shuffle=False, **loader_args)
+    val_loader = DataLoader(data.splits["val"], batch_size=512, shuffle=False, **loader_args) \
+        if "val" in data.splits else None
     trained = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scheduler = cosine_schedule(optimizer, cfg.epochs * len(train_loader))
@@ -139,12 +140,14 @@ def fit(cfg: TrainConfig) -> Path:
         lr = scheduler.get_last_lr()[0]
         loss = train_one_epoch(trained, train_loader, optimizer, scheduler, device, autocast, epoch=epoch)
         if is_main_process():
-            val = evaluate(*predict(model, val_loader, device, autocast), data.class_counts)
-            record = {"epoch": epoch + 1, "loss": round(loss, 6), "lr": lr, "val_top1": round(val["all"], 3),
-                      "val_mean_per_class": round(val["mean_per_class"], 3),
-                      "seconds": round(time.perf_counter() - start, 3)}
+            record = {"epoch": epoch + 1, "loss": round(loss, 6), "lr": lr}
+            if val_loader is not None:
+                val = evaluate(*predict(model, val_loader, device, autocast), data.class_counts)
+                record.update(val_top1=round(val["all"], 3), val_mean_per_class=round(val["mean_per_class"], 3))
+            record["seconds"] = round(time.perf_counter() - start, 3)
             append_jsonl(out / "metrics.jsonl", record)
-            log(f"epoch {epoch + 1}/{cfg.epochs}  loss {loss:.4f}  lr {lr:.4g}  val top-1 {val['all']:.2f}")
+            val_text = f"  val top-1 {record['val_top1']:.2f}" if "val_top1" in record else ""
+            log(f"epoch {epoch + 1}/{cfg.epochs}  loss {loss:.4f}  lr {lr:.4g}{val_text}")
             save_checkpoint(out / "checkpoint.pt", model=model, optimizer=optimizer, scheduler=scheduler,
                             epoch=epoch + 1, config=resolved, dataset=dataset)
         barrier()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,9 +28,22 @@ class DatasetSpec:
     imbalance_factor: float | None = None
     n_max: int | None = None
     seed: int = 0
+    val_per_class: int | None = None
+    image_size: int | None = None
+    split_dir: str | None = None
+    profile: str | None = None
+    download: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, described: dict, **overrides) -> DatasetSpec:
+        """Rebuild a spec from a manifest's or checkpoint's dataset description (extra keys are ignored)."""
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in described.items() if k in known}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
 
 
 @dataclass
@@ -98,6 +111,10 @@ def small_image_transforms(mean: float, std: float, size: int, *, padding: int, 
     return v2.Compose(augment + to_float), v2.Compose(to_float)
 
 
+def _default(value, default):
+    return default if value is None else value
+
+
 DatasetBuilder = Callable[[DatasetSpec], LongTailData]
 DATASETS: dict[str, DatasetBuilder] = {}
 
@@ -126,15 +143,17 @@ def _from_arrays(spec, class_names, pools: dict[str, tuple[np.ndarray, np.ndarra
     datasets, labels, source = {}, {}, {}
     for split, (pool_name, positions) in splits.items():
         images, pool_labels = pools[pool_name]
+        chosen = torch.from_numpy(images[positions])
         datasets[split] = ArrayImageDataset(
-            torch.from_numpy(images[positions]).unsqueeze(1), pool_labels[positions],
+            chosen.unsqueeze(1) if chosen.ndim == 3 else chosen, pool_labels[positions],
             train_tf if split == "train" else test_tf,
         )
         labels[split] = pool_labels[positions].astype(np.int64)
         source[split] = positions.astype(np.int64)
     first = next(iter(pools.values()))[0]
-    return LongTailData(spec, class_names, datasets, labels, source, in_channels=1, image_size=first.shape[-1],
-                        extra=extra)
+    in_channels = 1 if first.ndim == 3 else first.shape[1]
+    return LongTailData(spec, class_names, datasets, labels, source, in_channels=in_channels,
+                        image_size=first.shape[-1], extra=extra)
 
 
 @register_dataset("digits-lt")
@@ -146,16 +165,17 @@ def build_digits_lt(spec: DatasetSpec) -> LongTailData:
     """
     from sklearn.datasets import load_digits
 
-    spec = replace(spec, imbalance_factor=spec.imbalance_factor or 50.0, n_max=spec.n_max or 114)
+    spec = replace(spec, imbalance_factor=spec.imbalance_factor or 50.0, n_max=spec.n_max or 114,
+                   val_per_class=_default(spec.val_per_class, 20), image_size=8, profile="exponential")
     digits = load_digits()
     images = np.round(digits.images * (255 / 16)).astype(np.uint8)
     labels = digits.target.astype(np.int64)
     profile = exponential_profile(10, spec.n_max, spec.imbalance_factor)
-    positions = carve_splits(labels, train_counts=profile, val_per_class=20, test_per_class=40, seed=spec.seed)
+    positions = carve_splits(labels, train_counts=profile, val_per_class=spec.val_per_class, test_per_class=40,
+                             seed=spec.seed)
     transforms = small_image_transforms(0.30, 0.38, 8, padding=1, flip=False)
     return _from_arrays(spec, [str(d) for d in range(10)], {"digits": (images, labels)},
-                        {s: ("digits", p) for s, p in positions.items()}, transforms,
-                        val_per_class=20, test_per_class=40, profile="exponential")
+                        {s: ("digits", p) for s, p in positions.items()}, transforms, test_per_class=40)
 
 
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -206,7 +226,8 @@ def build_fashion_mnist_lt(spec: DatasetSpec) -> LongTailData:
     Val (20/class) comes from train images the profile leaves unused; test is the official 10,000 images.
     """
     root = Path(spec.root or FASHION_DEFAULT_ROOT).expanduser()
-    spec = replace(spec, root=str(root), imbalance_factor=spec.imbalance_factor or 256.0, n_max=spec.n_max or 1280)
+    spec = replace(spec, root=str(root), imbalance_factor=spec.imbalance_factor or 256.0, n_max=spec.n_max or 1280,
+                   val_per_class=_default(spec.val_per_class, 20), image_size=28, profile="exponential")
     files = find_idx_files(root)
     arrays = {key: read_idx(path) for key, path in files.items()}
     train_images, train_labels = arrays["train_images"], arrays["train_labels"].astype(np.int64)
@@ -214,10 +235,11 @@ def build_fashion_mnist_lt(spec: DatasetSpec) -> LongTailData:
     if len(train_images) != len(train_labels) or len(test_images) != len(test_labels):
         raise LtcacheError(f"fashion-mnist files under {root} disagree on the number of images and labels")
     profile = exponential_profile(10, spec.n_max, spec.imbalance_factor)
-    positions = carve_splits(train_labels, train_counts=profile, val_per_class=20, test_per_class=0, seed=spec.seed)
+    positions = carve_splits(train_labels, train_counts=profile, val_per_class=spec.val_per_class, test_per_class=0,
+                             seed=spec.seed)
     transforms = small_image_transforms(0.286, 0.353, 28, padding=2, flip=True)
-    splits = {"train": ("train", positions["train"]), "val": ("train", positions["val"]),
-              "test": ("test", np.arange(len(test_labels)))}
+    splits = {name: ("train", where) for name, where in positions.items()}
+    splits["test"] = ("test", np.arange(len(test_labels)))
     return _from_arrays(spec, FASHION_CLASSES, {"train": (train_images, train_labels),
                                                  "test": (test_images, test_labels)},
-                        splits, transforms, val_per_class=20, profile="exponential")
+                        splits, transforms)

@@ -22,6 +22,16 @@ def exponential_profile(num_classes: int, n_max: int, imbalance_factor: float) -
     return [max(1, c) for c in counts]
 
 
+def step_profile(num_classes: int, n_max: int, imbalance_factor: float, *, minority_fraction: float = 0.5) -> list[int]:
+    """Step imbalance (Buda et al. 2018; Cao et al. 2019): the last `minority_fraction` of classes get n_max / IF."""
+    n_minority = round(num_classes * minority_fraction)
+    n_min = max(1, math.floor(n_max / imbalance_factor + 1e-9))
+    return [n_max] * (num_classes - n_minority) + [n_min] * n_minority
+
+
+PROFILES = {"exponential": exponential_profile, "step": step_profile}
+
+
 def carve_splits(
     labels: np.ndarray,
     *,
@@ -32,7 +42,7 @@ def carve_splits(
 ) -> dict[str, np.ndarray]:
     """Pick, per class, `test_per_class` then `val_per_class` then `train_counts[c]` distinct pool positions.
 
-    Returns sorted positions into `labels` for each split ("test" is omitted when test_per_class is 0).
+    Returns sorted positions into `labels` for each split (val or test is omitted when it would be empty).
     Val and test are balanced and disjoint from train; train follows the profile.
     """
     rng = np.random.default_rng(seed)
@@ -50,6 +60,4 @@ def carve_splits(
         picked["val"].append(pool[test_per_class : test_per_class + val_per_class])
         picked["train"].append(pool[test_per_class + val_per_class : need])
     splits = {name: np.sort(np.concatenate(parts)) for name, parts in picked.items()}
-    if test_per_class == 0:
-        del splits["test"]
-    return splits
+    return {name: positions for name, positions in splits.items() if name == "train" or len(positions)}
