@@ -18,6 +18,17 @@ def invoke(*args: str):
     return CliRunner().invoke(app, [str(a) for a in args])
 
 
+def assert_clean_error(result, *fragments):
+    """Exit code 2, no traceback, and exactly one `error:` line, the last on stderr, holding every fragment."""
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], result.stderr  # progress lines may come before it
+    for fragment in fragments:
+        assert fragment in errors[0]
+
+
 def write_toy_cache(path: Path, *, class_counts=(30, 12, 3), feature_dim=4, seed=0, shard_rows=16,
                     overwrite=False) -> Path:
     """A small cache of Gaussian blobs (one per class) with a joint head biased toward class 0."""

@@ -3,17 +3,7 @@
 import pytest
 import torch
 
-from conftest import invoke
-
-
-def assert_clean_error(result, *fragments):
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: ")
-    for fragment in fragments:
-        assert fragment in lines[0]
+from conftest import assert_clean_error, invoke
 
 
 def test_wrong_dataset_root_creates_nothing(tmp_path):

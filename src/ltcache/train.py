@@ -6,6 +6,7 @@ import contextlib
 import math
 import os
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -113,6 +114,19 @@ def fit(cfg: TrainConfig) -> Path:
     if is_main_process():
         prepare_output_dir(out, overwrite=cfg.overwrite, what="run folder")
     barrier()
+    try:
+        return _train(cfg, data, out, device, rank, world, sampler_name)
+    except LtcacheError:
+        # A bad image or a diverging loss before the first checkpoint: leave nothing behind.
+        if is_main_process() and not (out / "checkpoint.pt").exists():
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, data, out: Path, device: torch.device, rank: int, world: int, sampler_name) -> Path:
     seed_everything(cfg.seed)  # the same initial weights on every rank
     model = build_model(cfg.backbone, data.num_classes, data.in_channels).to(device)
 
@@ -120,7 +134,10 @@ def fit(cfg: TrainConfig) -> Path:
                            rank=rank, world=world)
     loader_args = {"num_workers": cfg.workers, "pin_memory": device.type == "cuda",
                    "persistent_workers": cfg.workers > 0}
-    train_loader = DataLoader(data.splits["train"], batch_size=cfg.batch_size, sampler=sampler, **loader_args)
+    # BatchNorm cannot train on a batch of one: drop a trailing single-sample batch, and only that.
+    drop_last = len(sampler) % cfg.batch_size == 1 and len(sampler) > 1
+    train_loader = DataLoader(data.splits["train"], batch_size=cfg.batch_size, sampler=sampler, drop_last=drop_last,
+                              **loader_args)
     val_loader = DataLoader(data.splits["val"], batch_size=512, shuffle=False, **loader_args) \
         if "val" in data.splits else None
     trained = nn.parallel.DistributedDataParallel(model) if world > 1 else model
@@ -151,6 +168,4 @@ def fit(cfg: TrainConfig) -> Path:
             save_checkpoint(out / "checkpoint.pt", model=model, optimizer=optimizer, scheduler=scheduler,
                             epoch=epoch + 1, config=resolved, dataset=dataset)
         barrier()
-    if world > 1:
-        dist.destroy_process_group()
     return out
