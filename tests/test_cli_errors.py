@@ -32,13 +32,15 @@ def test_existing_run_folder_is_not_overwritten(tmp_path):
     assert (out / "keep.txt").read_text() == "precious"
 
 
-@pytest.mark.parametrize("option, value, kind", [
-    ("--dataset", "imagenet-xl", "dataset"), ("--backbone", "resnet9000", "backbone"),
-    ("--sampler", "balanced-ish", "sampler"),
+@pytest.mark.parametrize("option, value, kind, hint", [
+    ("--dataset", "imagenet-xl", "dataset", "choose one of"),
+    ("--backbone", "resnet9000", "backbone", "did you mean resnet50"),
+    ("--backbone", "resnext50_32x8d", "backbone", "did you mean resnext50_32x4d"),
+    ("--sampler", "balanced-ish", "sampler", "choose one of"),
 ])
-def test_unknown_names_list_the_choices(tmp_path, option, value, kind):
+def test_unknown_names_list_the_choices(tmp_path, option, value, kind, hint):
     result = invoke("train-backbone", "--out", tmp_path / "run", option, value)
-    assert_clean_error(result, f"unknown {kind} '{value}'", "choose one of")
+    assert_clean_error(result, f"unknown {kind} '{value}'", hint)
     assert not (tmp_path / "run").exists()
 
 
@@ -98,3 +100,13 @@ def test_json_output_stays_valid_when_a_shot_group_is_empty(toy_cache):
     payload = json.loads(result.stdout)
     assert payload["test"]["many"] is None and payload["test"]["n_many"] == 0
     assert payload["test"]["few"] is not None
+
+
+def test_trainable_naming_no_parameter_and_pretrained_without_weights(tmp_path):
+    out = tmp_path / "run"
+    result = invoke("train-backbone", "--out", out, "--backbone", "resnet10", "--trainable", "layer9", "--epochs", "1")
+    assert_clean_error(result, "--trainable 'layer9' names no parameter", "layer4")
+    assert not out.exists()
+    result = invoke("train-backbone", "--out", out, "--backbone", "resnet32", "--pretrained")
+    assert_clean_error(result, "no pretrained weights for 'resnet32'")
+    assert not out.exists()

@@ -35,6 +35,9 @@ class TrainConfig:
     profile: str | None = None
     download: bool = False
     backbone: str | None = None
+    pretrained: bool = False
+    trainable: str | None = None
+    compile: bool = False
     sampler: str = "instance"
     epochs: int = 30
     batch_size: int = 128
@@ -44,24 +47,27 @@ class TrainConfig:
     workers: int = 0
     device: str | None = None
     overwrite: bool = False
+    lr_rule: str | None = None  # how lr was set, stated in the resolved config
 
     def resolved(self) -> TrainConfig:
         return replace(
             self,
             backbone=self.backbone or DEFAULT_BACKBONE.get(self.dataset, "resnet50"),
             lr=self.lr if self.lr is not None else scaled_lr(self.batch_size),
+            lr_rule="given" if self.lr is not None else f"{PAPER_LR} x batch_size / {PAPER_BATCH}",
         )
 
     def validate(self) -> None:
         """Check every name and number before any work starts or any folder is created."""
         from ltcache.data.datasets import DATASETS
         from ltcache.data.samplers import parse_sampler
-        from ltcache.models import BACKBONES
+        from ltcache.models import check_backbone, has_pretrained_weights
 
         if self.dataset not in DATASETS:
             raise unknown_name("dataset", self.dataset, DATASETS)
-        if self.backbone not in BACKBONES:
-            raise unknown_name("backbone", self.backbone, BACKBONES)
+        check_backbone(self.backbone)
+        if self.pretrained and not has_pretrained_weights(self.backbone):
+            raise LtcacheError(f"torchvision has no pretrained weights for {self.backbone!r}; drop --pretrained")
         parse_sampler(self.sampler)
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:

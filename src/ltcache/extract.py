@@ -14,7 +14,7 @@ from ltcache.data import SPLITS, DatasetSpec, build_dataset
 from ltcache.errors import LtcacheError
 from ltcache.fsutil import sha256_file
 from ltcache.models import build_model
-from ltcache.train import resolve_device
+from ltcache.train import images_to, resolve_device
 
 
 def extract(checkpoint: Path, out: Path, *, root: str | None = None, dtype: str = "float32", batch_size: int = 512,
@@ -34,6 +34,8 @@ def extract(checkpoint: Path, out: Path, *, root: str | None = None, dtype: str 
     model.load_state_dict(state["model"])
     run_device = resolve_device(device)
     model.to(run_device).eval()
+    if run_device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
 
     writer = CacheWriter(Path(out), feature_dim=model.feature_dim, **writer_args)
     try:
@@ -43,7 +45,7 @@ def extract(checkpoint: Path, out: Path, *, root: str | None = None, dtype: str 
                                 pin_memory=run_device.type == "cuda")
             with torch.inference_mode():
                 for images, labels, index in progress(loader, label=f"extract {split}", length=len(loader)):
-                    features = model.backbone(images.to(run_device, non_blocking=True)).float()
+                    features = model.backbone(images_to(images, run_device)).float()
                     split_writer.add(features.cpu().numpy(), labels.numpy(), index.numpy())
             writer.finish_split(split_writer, len(data.splits[split]))
             log(f"extracted {split}: {len(data.splits[split])} rows x {model.feature_dim}")

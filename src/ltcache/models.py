@@ -1,15 +1,22 @@
-"""Backbones by name: `build_model(arch, num_classes, in_channels)` -> feature extractor + linear head."""
+"""Backbones by name: `build_model(arch, num_classes, in_channels)` -> feature extractor + linear head.
+
+Any torchvision classification model works: its last nn.Linear (ResNet `fc`, VGG / EfficientNet / ConvNeXt
+`classifier`, ViT `heads`, ...) is replaced by an identity, so the backbone yields that layer's input features.
+"""
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable
+from functools import lru_cache
 
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import nn
-from torchvision.models.resnet import BasicBlock, ResNet
+from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
-from ltcache.errors import unknown_name
+from ltcache.errors import LtcacheError
 
 
 class Classifier(nn.Module):
@@ -26,10 +33,8 @@ class Classifier(nn.Module):
 
 
 class SmallResNet(nn.Module):
-    """A CIFAR-style residual net for small inputs (8x8 digits, 28x28 Fashion-MNIST).
-
-    A 3x3 stride-1 stem, three stages of BasicBlocks (strides 1, 2, 2), global average pooling.
-    """
+    """A residual net for small inputs (8x8 digits, 28x28 Fashion-MNIST): 3x3 stride-1 stem, three stages of
+    BasicBlocks (strides 1, 2, 2) with 1x1 projection shortcuts, global average pooling."""
 
     def __init__(self, widths: tuple[int, int, int], blocks_per_stage: int, in_channels: int):
         super().__init__()
@@ -55,42 +60,145 @@ class SmallResNet(nn.Module):
         return torch.flatten(self.pool(self.stages(self.stem(x))), 1)
 
 
-def _torchvision_resnet(factory: Callable[[], ResNet]) -> Callable[[int], tuple[nn.Module, int]]:
-    def build(in_channels: int) -> tuple[nn.Module, int]:
-        net = factory()
-        if in_channels != 3:
-            net.conv1 = nn.Conv2d(in_channels, net.conv1.out_channels, 7, 2, 3, bias=False)
-        feature_dim = net.fc.in_features
-        net.fc = nn.Identity()
-        return net, feature_dim
+class _PadShortcut(nn.Module):
+    """Option-A shortcut of He et al. (2016) for CIFAR: subsample by 2 and zero-pad the new channels."""
 
-    return build
+    def __init__(self, extra_channels: int):
+        super().__init__()
+        self.pad = extra_channels // 2
 
-
-def _small(widths, blocks):
-    def build(in_channels: int) -> tuple[nn.Module, int]:
-        net = SmallResNet(widths, blocks, in_channels)
-        return net, net.feature_dim
-
-    return build
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad))
 
 
-BACKBONES: dict[str, Callable[[int], tuple[nn.Module, int]]] = {
-    # 1 stem conv + 3 stages x 1 block x 2 convs + fc = 8 layers; 64-d features. Digits-sized.
-    "smallresnet8": _small((16, 32, 64), 1),
-    # 1 + 3 x 2 x 2 + 1 = 14 layers; 128-d features. Fashion-MNIST-sized.
-    "smallresnet14": _small((32, 64, 128), 2),
-    # ResNet-10 of the paper / OLTR: torchvision's ResNet with one BasicBlock per stage.
-    "resnet10": _torchvision_resnet(lambda: ResNet(BasicBlock, [1, 1, 1, 1])),
+class CifarResNet(nn.Module):
+    """ResNet-32 of the LDAM-DRW code (Cao et al. 2019): 16/32/64 channels, 5 BasicBlocks per stage, option-A
+    shortcuts, Kaiming-normal init; 64-d features."""
+
+    def __init__(self, blocks_per_stage: int = 5, in_channels: int = 3):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16),
+                                  nn.ReLU(inplace=True))
+        blocks, channels = [], 16
+        for stage, width in enumerate((16, 32, 64)):
+            for block in range(blocks_per_stage):
+                stride = 2 if stage > 0 and block == 0 else 1
+                shortcut = _PadShortcut(width - channels) if stride != 1 or channels != width else None
+                blocks.append(BasicBlock(channels, width, stride, shortcut))
+                channels = width
+        self.stages = nn.Sequential(*blocks)
+        self.feature_dim = channels
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(F.adaptive_avg_pool2d(self.stages(self.stem(x)), 1), 1)
+
+
+def strip_head(net: nn.Module) -> tuple[nn.Module, int]:
+    """Replace the model's last nn.Linear (its classifier) by an identity; return the net and that layer's input."""
+    linears = [(name, module) for name, module in net.named_modules() if isinstance(module, nn.Linear)]
+    if not linears:
+        raise LtcacheError(f"{type(net).__name__} has no linear classifier to take features from; choose another "
+                           "backbone")
+    name, head = linears[-1]
+    parent = net.get_submodule(name.rpartition(".")[0]) if "." in name else net
+    setattr(parent, name.rpartition(".")[2], nn.Identity())
+    return net, head.in_features
+
+
+def adapt_input_channels(net: nn.Module, in_channels: int) -> None:
+    """Swap the first 3-channel convolution for one taking `in_channels` (grayscale data on RGB models)."""
+    if in_channels == 3:
+        return
+    for name, module in net.named_modules():
+        if isinstance(module, nn.Conv2d) and module.in_channels == 3:
+            replacement = nn.Conv2d(in_channels, module.out_channels, module.kernel_size, module.stride,
+                                    module.padding, module.dilation, module.groups, module.bias is not None)
+            parent = net.get_submodule(name.rpartition(".")[0]) if "." in name else net
+            setattr(parent, name.rpartition(".")[2], replacement)
+            return
+
+
+# Backbones that torchvision does not register: name -> factory(in_channels) -> (net, feature_dim).
+def _resnet(block, layers, **kwargs) -> Callable[[int], nn.Module]:
+    return lambda: ResNet(block, layers, **kwargs)
+
+
+CUSTOM: dict[str, Callable[[], nn.Module]] = {
+    "resnet10": _resnet(BasicBlock, [1, 1, 1, 1]),  # ResNet-10 of OLTR and the paper (Table 2)
+    "resnext101_32x4d": _resnet(Bottleneck, [3, 4, 23, 3], groups=32, width_per_group=4),
+    "resnext152_32x4d": _resnet(Bottleneck, [3, 8, 36, 3], groups=32, width_per_group=4),
 }
-for _name in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
-              "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2"):
-    BACKBONES[_name] = _torchvision_resnet(lambda _n=_name: torchvision.models.get_model(_n, weights=None))
+SMALL: dict[str, Callable[[int], nn.Module]] = {
+    "smallresnet8": lambda c: SmallResNet((16, 32, 64), 1, c),  # 1 + 3x1x2 + 1 layers; 64-d; digits-sized
+    "smallresnet14": lambda c: SmallResNet((32, 64, 128), 2, c),  # 1 + 3x2x2 + 1 layers; 128-d; 28x28-sized
+    "resnet32": lambda c: CifarResNet(5, c),  # 1 + 3x5x2 + 1 layers; 64-d; CIFAR
+}
 
 
-def build_model(arch: str, num_classes: int, in_channels: int = 3) -> Classifier:
-    """Build a registered backbone with a fresh linear head of `num_classes` outputs."""
-    if arch not in BACKBONES:
-        raise unknown_name("backbone", arch, BACKBONES)
-    backbone, feature_dim = BACKBONES[arch](in_channels)
-    return Classifier(backbone, feature_dim, num_classes)
+@lru_cache(maxsize=1)
+def torchvision_classifiers() -> tuple[str, ...]:
+    return tuple(torchvision.models.list_models(module=torchvision.models))
+
+
+def backbone_names() -> list[str]:
+    return sorted({*SMALL, *CUSTOM, *torchvision_classifiers()})
+
+
+def check_backbone(arch: str) -> None:
+    if arch not in SMALL and arch not in CUSTOM and arch not in torchvision_classifiers():
+        close = difflib.get_close_matches(arch, backbone_names(), n=4, cutoff=0.5)
+        hint = f"did you mean {', '.join(close)}?" if close else "see torchvision.models.list_models()"
+        raise LtcacheError(f"unknown backbone {arch!r}; {hint}")
+
+
+def has_pretrained_weights(arch: str) -> bool:
+    return arch in torchvision_classifiers()
+
+
+def build_model(arch: str, num_classes: int, in_channels: int = 3, *, pretrained: bool = False) -> Classifier:
+    """Build a backbone by name with a fresh linear head of `num_classes` outputs.
+
+    pretrained loads torchvision's default ImageNet weights into the backbone (downloaded by torchvision).
+    """
+    check_backbone(arch)
+    if pretrained and not has_pretrained_weights(arch):
+        raise LtcacheError(f"torchvision has no pretrained weights for {arch!r}; drop --pretrained")
+    if arch in SMALL:
+        net = SMALL[arch](in_channels)
+        return Classifier(net, net.feature_dim, num_classes)
+    if arch in CUSTOM:
+        net = CUSTOM[arch]()
+    else:
+        options = {"aux_logits": False} if arch in ("googlenet", "inception_v3") and not pretrained else {}
+        net = torchvision.models.get_model(arch, weights="DEFAULT" if pretrained else None, **options)
+        if arch == "inception_v3":  # its pretrained weights come with the auxiliary head; train without it
+            net.aux_logits, net.AuxLogits = False, None
+    adapt_input_channels(net, in_channels)
+    net, feature_dim = strip_head(net)
+    return Classifier(net, feature_dim, num_classes)
+
+
+def select_trainable(model: Classifier, groups: str | None) -> list[nn.Parameter]:
+    """Freeze all but the named parameter groups (`layer4,fc`: prefixes of backbone parameters, `fc` the head)."""
+    if not groups:
+        return list(model.parameters())
+    prefixes = [g.strip() for g in groups.split(",") if g.strip()]
+    names = {name: name.removeprefix("backbone.") for name, _ in model.named_parameters()}
+
+    def in_group(short: str, prefix: str) -> bool:
+        return short == prefix or short.startswith(prefix + ".")
+
+    unmatched = [p for p in prefixes if not any(in_group(short, p) for short in names.values())]
+    if unmatched or not prefixes:
+        top = sorted({short.split(".")[0] for short in names.values()})
+        raise LtcacheError(f"--trainable {(unmatched or [groups])[0]!r} names no parameter; groups are: "
+                           f"{', '.join(top)}")
+    chosen = []
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(any(in_group(names[name], p) for p in prefixes))
+        if parameter.requires_grad:
+            chosen.append(parameter)
+    return chosen
