@@ -105,7 +105,11 @@ def train_backbone(
     pretrained: bool = typer.Option(False, help="Start from torchvision's ImageNet weights (downloads them)."),
     trainable: str | None = typer.Option(None, help="Train only these parameter groups, e.g. layer4,fc."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the model (CUDA)."),
-    sampler: str = typer.Option("instance", help="instance, class, sqrt or progressive (Eq. 1-2)."),
+    sampler: str = typer.Option("instance", help="instance, class, sqrt, progressive (Eq. 1-2) or class-aware."),
+    samples_per_class: int = typer.Option(4, help="class-aware sampler: consecutive images per visited class."),
+    loss: str = typer.Option("ce", help="ce, focal, cb_ce, cb_focal, ldam, balanced_softmax, logit_adjusted."),
+    loss_param: list[str] = typer.Option([], "--loss-param", help="Loss parameter NAME=VALUE, e.g. gamma=2, "
+                                         "beta=0.9999, drw_epoch=160, tau=1 (repeatable)."),
     epochs: int = typer.Option(30, help="Training epochs."),
     batch_size: int = typer.Option(128, help="Batch size."),
     lr: float | None = typer.Option(None, help="Peak learning rate (default 0.2 x batch / 512)."),

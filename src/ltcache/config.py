@@ -39,6 +39,9 @@ class TrainConfig:
     trainable: str | None = None
     compile: bool = False
     sampler: str = "instance"
+    samples_per_class: int = 4  # class-aware sampler: consecutive images per visited class (official default)
+    loss: str = "ce"
+    loss_params: dict | None = None
     epochs: int = 30
     batch_size: int = 128
     lr: float | None = None
@@ -61,6 +64,7 @@ class TrainConfig:
         """Check every name and number before any work starts or any folder is created."""
         from ltcache.data.datasets import DATASETS
         from ltcache.data.samplers import parse_sampler
+        from ltcache.losses import build_loss
         from ltcache.models import check_backbone, has_pretrained_weights
 
         if self.dataset not in DATASETS:
@@ -69,6 +73,7 @@ class TrainConfig:
         if self.pretrained and not has_pretrained_weights(self.backbone):
             raise LtcacheError(f"torchvision has no pretrained weights for {self.backbone!r}; drop --pretrained")
         parse_sampler(self.sampler)
+        build_loss(self.loss, [2, 1], self.loss_params)  # a bad loss name or parameter fails before any work
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise LtcacheError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -101,6 +106,12 @@ def train_config_from(values: dict, *, explicit: set[str] = frozenset(), recipe:
     """Defaults < the TOML recipe < flags given on the command line. Unknown recipe keys are an error."""
     known = {f.name for f in fields(TrainConfig)}
     merged = {k: v for k, v in values.items() if k in known}
+    if "loss_param" in values:  # the repeatable --loss-param NAME=VALUE flag
+        from ltcache.losses import parse_loss_params
+
+        merged["loss_params"] = parse_loss_params(values["loss_param"]) or None
+        if "loss_param" in explicit:
+            explicit = {*explicit, "loss_params"}
     if recipe is not None:
         table = load_toml(recipe)
         table = table.get("train", table)  # a recipe may hold its keys at top level or under [train]

@@ -25,6 +25,7 @@ from ltcache.data.samplers import EpochSampler, parse_sampler
 from ltcache.distributed import barrier, get_rank, get_world_size, is_main_process
 from ltcache.errors import LtcacheError
 from ltcache.fsutil import append_jsonl, check_output_dir, prepare_output_dir, write_json
+from ltcache.losses import build_loss
 from ltcache.metrics import evaluate
 from ltcache.models import build_model, select_trainable
 
@@ -86,9 +87,10 @@ def predict(model: nn.Module, loader: DataLoader, device: torch.device, autocast
     return torch.cat(predictions), torch.cat(labels)
 
 
-def train_one_epoch(model, loader, optimizer, scheduler, device, autocast, *, epoch: int) -> float:
+def train_one_epoch(model, loader, criterion, optimizer, scheduler, device, autocast, *, epoch: int) -> float:
     model.train()
-    criterion = nn.CrossEntropyLoss()
+    if hasattr(criterion, "set_epoch"):
+        criterion.set_epoch(epoch)  # deferred re-weighting switches on at its epoch
     total, count = 0.0, 0
     for step, (images, targets, _) in enumerate(progress(loader, label=f"epoch {epoch + 1}", length=len(loader))):
         images, targets = images_to(images, device), targets.to(device, non_blocking=True)
@@ -141,7 +143,7 @@ def _train(cfg: TrainConfig, data, out: Path, device: torch.device, rank: int, w
         model = model.to(memory_format=torch.channels_last)
 
     sampler = EpochSampler(data.labels["train"], sampler_name, total_epochs=cfg.epochs, seed=cfg.seed,
-                           rank=rank, world=world)
+                           rank=rank, world=world, samples_per_class=cfg.samples_per_class)
     loader_args = {"num_workers": cfg.workers, "pin_memory": device.type == "cuda",
                    "persistent_workers": cfg.workers > 0}
     # BatchNorm cannot train on a batch of one: drop a trailing single-sample batch, and only that.
@@ -156,6 +158,7 @@ def _train(cfg: TrainConfig, data, out: Path, device: torch.device, rank: int, w
     optimizer = torch.optim.SGD(trainable, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scheduler = cosine_schedule(optimizer, cfg.epochs * len(train_loader))
     autocast = autocast_for(device)
+    criterion = build_loss(cfg.loss, data.class_counts, cfg.loss_params).to(device)
 
     resolved = {**cfg.to_dict(), "world_size": world, "device": str(device), "ltcache_version": __version__}
     dataset = data.describe()
@@ -167,7 +170,7 @@ def _train(cfg: TrainConfig, data, out: Path, device: torch.device, rank: int, w
         start = time.perf_counter()
         sampler.set_epoch(epoch)
         lr = scheduler.get_last_lr()[0]
-        loss = train_one_epoch(trained, train_loader, optimizer, scheduler, device, autocast, epoch=epoch)
+        loss = train_one_epoch(trained, train_loader, criterion, optimizer, scheduler, device, autocast, epoch=epoch)
         if is_main_process():
             record = {"epoch": epoch + 1, "loss": round(loss, 6), "lr": lr}
             if val_loader is not None:

@@ -17,6 +17,7 @@ class SamplerName(str, Enum):
     klass = "class"
     sqrt = "sqrt"
     progressive = "progressive"
+    class_aware = "class-aware"
 
 
 _Q = {SamplerName.instance: 1.0, SamplerName.klass: 0.0, SamplerName.sqrt: 0.5}
@@ -55,6 +56,35 @@ def sample_weights(labels: np.ndarray, class_probs: np.ndarray) -> np.ndarray:
     return per_class[labels]
 
 
+def class_aware_order(labels: np.ndarray, n: int, samples_per_class: int, generator: torch.Generator) -> torch.Tensor:
+    """The official code's class-aware sampler: cycle over the classes in shuffled order (reshuffled after each
+    pass) and take `samples_per_class` consecutive images from each class's own shuffled cycle.
+
+    Unlike the official sampler, whose epoch is max_j n_j x C draws, an epoch here is n draws like every other
+    strategy, so schedules and epoch counts stay comparable.
+    """
+    members = [torch.as_tensor(np.flatnonzero(labels == c)) for c in range(int(labels.max()) + 1)]
+    classes = [c for c, m in enumerate(members) if len(m)]
+    cycles = {c: members[c][torch.randperm(len(members[c]), generator=generator)] for c in classes}
+    positions = dict.fromkeys(classes, 0)
+    order: list[torch.Tensor] = []
+    drawn = 0
+    while drawn < n:
+        for c in (classes[i] for i in torch.randperm(len(classes), generator=generator).tolist()):
+            take = []
+            for _ in range(samples_per_class):
+                if positions[c] == len(cycles[c]):  # this class's cycle is spent: reshuffle it
+                    cycles[c] = members[c][torch.randperm(len(members[c]), generator=generator)]
+                    positions[c] = 0
+                take.append(cycles[c][positions[c]])
+                positions[c] += 1
+            order.append(torch.stack(take))
+            drawn += samples_per_class
+            if drawn >= n:
+                break
+    return torch.cat(order)[:n]
+
+
 class EpochSampler(Sampler[int]):
     """Draws one epoch of `len(labels)` indices (split across ranks) with the strategy's class probabilities.
 
@@ -64,7 +94,8 @@ class EpochSampler(Sampler[int]):
     of samples (unequal lengths would hang DDP on the last step).
     """
 
-    def __init__(self, labels, name: SamplerName, *, total_epochs: int, seed: int = 0, rank: int = 0, world: int = 1):
+    def __init__(self, labels, name: SamplerName, *, total_epochs: int, seed: int = 0, rank: int = 0, world: int = 1,
+                 samples_per_class: int = 4):
         self.labels = np.asarray(labels, dtype=np.int64)
         self.name = name
         self.total_epochs = total_epochs
@@ -73,6 +104,7 @@ class EpochSampler(Sampler[int]):
         self.world = world
         self.epoch = 0
         self.class_counts = np.bincount(self.labels)
+        self.samples_per_class = samples_per_class
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -85,6 +117,8 @@ class EpochSampler(Sampler[int]):
         n = len(self.labels)
         if self.name is SamplerName.instance:
             return torch.randperm(n, generator=generator)
+        if self.name is SamplerName.class_aware:
+            return class_aware_order(self.labels, n, self.samples_per_class, generator)
         probs = epoch_class_probabilities(self.name, self.class_counts, self.epoch, self.total_epochs)
         weights = torch.as_tensor(sample_weights(self.labels, probs))
         return torch.multinomial(weights, n, replacement=True, generator=generator)
