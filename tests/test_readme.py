@@ -33,3 +33,40 @@ def test_python_dash_m_entry_point():
     assert result.returncode == 0, result.stderr
     for command in ("train-backbone", "extract", "compare", "sweep-tau", "info", "demo"):
         assert command in result.stdout
+
+
+def test_every_recipe_loads_and_validates():
+    from ltcache.config import train_config_from
+
+    recipes = sorted((ROOT / "experiments").glob("*.toml"))
+    assert len(recipes) == 9
+    for recipe in recipes:
+        cfg = train_config_from({}, recipe=recipe).resolved()
+        cfg.validate()
+        assert cfg.out.startswith("runs/") and cfg.batch_size % 8 == 0 or cfg.dataset == "digits-lt"
+        assert recipe.stem in (ROOT / "experiments" / "README.md").read_text()
+
+
+def test_flags_win_over_the_recipe_and_unknown_keys_fail(tmp_path):
+    import pytest
+
+    from ltcache.config import train_config_from
+    from ltcache.errors import LtcacheError
+
+    recipe = ROOT / "experiments" / "inat2018_resnet50_200.toml"
+    cfg = train_config_from({"epochs": 3, "batch_size": 128}, explicit={"epochs"}, recipe=recipe)
+    assert cfg.epochs == 3  # given on the command line
+    assert cfg.batch_size == 512 and cfg.weight_decay == 1e-4  # from the recipe (128 was only a default)
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train]\nepochz = 3\n")
+    with pytest.raises(LtcacheError, match="unknown key 'epochz'"):
+        train_config_from({}, recipe=bad)
+
+
+def test_the_digits_recipe_is_the_demo():
+    from ltcache.config import train_config_from
+    from ltcache.demo import DEMO_EPOCHS, DEMO_RECIPE
+
+    cfg = train_config_from({}, recipe=ROOT / "experiments" / "digits_lt.toml")
+    assert {key: getattr(cfg, key) for key in DEMO_RECIPE} == DEMO_RECIPE
+    assert cfg.epochs == DEMO_EPOCHS

@@ -12,6 +12,8 @@ from ltcache.lab import compare
 from ltcache.train import fit
 
 DEMO_EPOCHS = 40
+# The stage-1 recipe of the demo; experiments/digits_lt.toml holds the same values.
+DEMO_RECIPE = {"dataset": "digits-lt", "backbone": "smallresnet8", "batch_size": 32, "lr": 0.05}
 
 
 def fresh_folder(base: Path) -> Path:
@@ -27,8 +29,8 @@ def run_demo(out: Path, *, epochs: int = DEMO_EPOCHS, seed: int = 0, overwrite: 
              device: str | None = None) -> dict:
     """Train a small ResNet on digits-LT, cache its features, compare every stage-2 method."""
     start = time.perf_counter()
-    run_dir = fit(TrainConfig(out=str(out / "run"), dataset="digits-lt", backbone="smallresnet8", epochs=epochs,
-                              batch_size=32, lr=0.05, seed=seed, device=device, overwrite=overwrite))
+    run_dir = fit(TrainConfig(out=str(out / "run"), **DEMO_RECIPE, epochs=epochs, seed=seed, device=device,
+                              overwrite=overwrite))
     cache = extract(run_dir / "checkpoint.pt", out / "cache", device=device, overwrite=overwrite)
     log(f"cache written to {cache}")
     summary = compare(cache, seed=seed, device=device)

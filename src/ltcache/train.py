@@ -146,9 +146,13 @@ def _train(cfg: TrainConfig, data, out: Path, device: torch.device, rank: int, w
                            rank=rank, world=world, samples_per_class=cfg.samples_per_class)
     loader_args = {"num_workers": cfg.workers, "pin_memory": device.type == "cuda",
                    "persistent_workers": cfg.workers > 0}
+    # batch_size is the global batch (the paper's 512), split evenly across torchrun ranks.
+    if cfg.batch_size % world:
+        raise LtcacheError(f"--batch-size {cfg.batch_size} does not split evenly across {world} processes")
+    rank_batch = cfg.batch_size // world
     # BatchNorm cannot train on a batch of one: drop a trailing single-sample batch, and only that.
-    drop_last = len(sampler) % cfg.batch_size == 1 and len(sampler) > 1
-    train_loader = DataLoader(data.splits["train"], batch_size=cfg.batch_size, sampler=sampler, drop_last=drop_last,
+    drop_last = len(sampler) % rank_batch == 1 and len(sampler) > 1
+    train_loader = DataLoader(data.splits["train"], batch_size=rank_batch, sampler=sampler, drop_last=drop_last,
                               **loader_args)
     val_loader = DataLoader(data.splits["val"], batch_size=512, shuffle=False, **loader_args) \
         if "val" in data.splits else None
