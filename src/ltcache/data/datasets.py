@@ -243,3 +243,31 @@ def build_fashion_mnist_lt(spec: DatasetSpec) -> LongTailData:
     return _from_arrays(spec, FASHION_CLASSES, {"train": (train_images, train_labels),
                                                  "test": (test_images, test_labels)},
                         splits, transforms)
+
+
+@register_dataset("synthetic-lt")
+def build_synthetic_lt(spec: DatasetSpec) -> LongTailData:
+    """Seeded RGB noise with a per-class colour tint (so it is learnable), for throughput checks at any size.
+
+    10 classes; default 224 px, n_max 200, imbalance factor 10; val 8 and test 16 per class.
+    """
+    spec = replace(spec, imbalance_factor=spec.imbalance_factor or 10.0, n_max=spec.n_max or 200,
+                   image_size=spec.image_size or 224, val_per_class=_default(spec.val_per_class, 8),
+                   profile="exponential")
+    profile = exponential_profile(10, spec.n_max, spec.imbalance_factor)
+    per_class = [n + spec.val_per_class + 16 for n in profile]
+    rng = np.random.default_rng(spec.seed)
+    labels = np.repeat(np.arange(10), per_class)
+    tints = rng.integers(40, 216, (10, 3, 1, 1))
+    size = spec.image_size
+    images = np.empty((len(labels), 3, size, size), dtype=np.uint8)
+    for start in range(0, len(labels), 256):  # in blocks, to bound the float temporaries
+        block = labels[start : start + 256]
+        noise = rng.normal(0, 40, (len(block), 3, size, size))
+        images[start : start + 256] = np.clip(tints[block] + noise, 0, 255).astype(np.uint8)
+    positions = carve_splits(labels, train_counts=profile, val_per_class=spec.val_per_class, test_per_class=16,
+                             seed=spec.seed)
+    to_float = [v2.ToDtype(torch.float32, scale=True), v2.Normalize([0.5] * 3, [0.25] * 3)]
+    transforms = v2.Compose([v2.RandomHorizontalFlip(), *to_float]), v2.Compose(to_float)
+    return _from_arrays(spec, [f"class{c}" for c in range(10)], {"synthetic": (images, labels)},
+                        {s: ("synthetic", p) for s, p in positions.items()}, transforms, test_per_class=16)
