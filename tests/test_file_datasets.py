@@ -56,7 +56,7 @@ def test_imagenet_lt_split_files(tmp_path):
     assert manifest["feature_dim"] == 512 and manifest["dataset"]["image_size"] == 32
 
 
-def test_places_lt_with_split_dir(tmp_path):
+def test_places_lt_with_split_dir_and_data_that_moved_before_extract(tmp_path):
     root, split_dir = tmp_path / "places", tmp_path / "splits"
     files = write_split_tree(root, [3, 1], prefix="Places_LT")
     split_dir.mkdir()
@@ -65,6 +65,14 @@ def test_places_lt_with_split_dir(tmp_path):
     manifest = train_and_extract(tmp_path, "--dataset", "places-lt", "--root", root, "--split-dir", split_dir)
     assert manifest["class_counts"] == [3, 1]
     assert manifest["dataset"]["split_files"]["test"] == str(split_dir / "Places_LT_test.txt")
+
+    moved_root, moved_splits = root.rename(tmp_path / "moved"), split_dir.rename(tmp_path / "moved_splits")
+    lost = invoke("extract", tmp_path / "run" / "checkpoint.pt", "--out", tmp_path / "c2")
+    assert_clean_error(lost, "not a folder")
+    found = invoke("extract", tmp_path / "run" / "checkpoint.pt", "--out", tmp_path / "c2", "--root", moved_root,
+                   "--split-dir", moved_splits)
+    assert found.exit_code == 0, found.output
+    assert json.loads((tmp_path / "c2" / "manifest.json").read_text())["dataset"]["root"] == str(moved_root)
 
 
 def test_inat_json_to_split_files_and_a_selection_split_carved_from_train(tmp_path):
@@ -175,10 +183,12 @@ def test_missing_split_file_out_of_range_label_and_empty_class(tmp_path):
     assert_clean_error(invoke(*args), "class 1 has no training images")
 
 
-def test_an_undecodable_image_is_named(tmp_path):
+@pytest.mark.parametrize("workers", ["0", "1"])  # with a worker process the error crosses a process boundary
+def test_an_undecodable_image_is_named(tmp_path, workers):
     root = tmp_path / "imagenet"
     write_split_tree(root, [2, 1])
     (root / "train" / "n0001" / "img_0.JPEG").write_bytes(b"this is not a jpeg")
-    result = invoke("train-backbone", "--dataset", "imagenet-lt", "--root", root, *SMALL, "--out", tmp_path / "r")
+    result = invoke("train-backbone", "--dataset", "imagenet-lt", "--root", root, *SMALL, "--workers", workers,
+                    "--out", tmp_path / "r")
     assert_clean_error(result, "cannot decode image", "n0001/img_0.JPEG")
     assert not (tmp_path / "r").exists()  # the failed run leaves no folder behind

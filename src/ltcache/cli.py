@@ -137,6 +137,7 @@ def extract_cmd(
     checkpoint: Path = typer.Argument(..., help="checkpoint.pt from ltcache train-backbone."),
     out: Path = typer.Option(..., "--out", help="Cache folder to create."),
     root: str | None = typer.Option(None, help="Dataset folder, if it moved since training."),
+    split_dir: str | None = typer.Option(None, help="Split-file folder, if it moved since training."),
     dtype: str = typer.Option("float32", help="float32 or float16 features."),
     batch_size: int = typer.Option(512, help="Images per forward pass."),
     workers: int = typer.Option(0, help="Data-loading worker processes."),
@@ -147,8 +148,8 @@ def extract_cmd(
     """Cache penultimate features, labels and the joint classifier (W, b) of train, val and test."""
     from ltcache.extract import extract
 
-    cache = _run(extract, checkpoint, out, root=root, dtype=dtype, batch_size=batch_size, workers=workers,
-                 device=device, shard_rows=shard_rows, overwrite=overwrite)
+    cache = _run(extract, checkpoint, out, root=root, split_dir=split_dir, dtype=dtype, batch_size=batch_size,
+                 workers=workers, device=device, shard_rows=shard_rows, overwrite=overwrite)
     typer.echo(f"cache: {cache}")
 
 

@@ -17,12 +17,13 @@ from ltcache.models import build_model
 from ltcache.train import images_to, resolve_device
 
 
-def extract(checkpoint: Path, out: Path, *, root: str | None = None, dtype: str = "float32", batch_size: int = 512,
+def extract(checkpoint: Path, out: Path, *, root: str | None = None, split_dir: str | None = None,
+            dtype: str = "float32", batch_size: int = 512,
             workers: int = 0, device: str | None = None, shard_rows: int = 65536, overwrite: bool = False) -> Path:
     """Write penultimate features, labels and sample indices of every split, plus the joint head, to `out`."""
     state = load_checkpoint(checkpoint)
     config, described = state["config"], state["dataset"]
-    spec = DatasetSpec.from_dict(described, root=root)
+    spec = DatasetSpec.from_dict(described, root=root, split_dir=split_dir)
     writer_args = {"dtype": dtype, "shard_rows": shard_rows, "overwrite": overwrite}
     CacheWriter.check_target(Path(out), **writer_args)
     data = build_dataset(spec, train_augment=False)  # test-time transform on every split
