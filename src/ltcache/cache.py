@@ -262,8 +262,9 @@ class FeatureCache:
         return self.path / "reports"
 
     def save_head(self, name: str, *, weight: torch.Tensor, bias: torch.Tensor | None, normalize_input: bool,
-                  attrs: dict) -> Path:
-        """Store a fitted linear head with its hyperparameters (JSON) as attributes."""
+                  attrs: dict, center: torch.Tensor | None = None) -> Path:
+        """Store a fitted linear head (logits = normalize?(f - center) @ weight.T + bias) with its
+        hyperparameters (JSON) as attributes."""
         self.heads_dir.mkdir(exist_ok=True)
         path = self.heads_dir / f"{name}.h5"
 
@@ -272,6 +273,8 @@ class FeatureCache:
                 f.create_dataset("weight", data=weight.detach().cpu().float().numpy())
                 if bias is not None:
                     f.create_dataset("bias", data=bias.detach().cpu().float().numpy())
+                if center is not None:
+                    f.create_dataset("center", data=center.detach().cpu().float().numpy())
                 f.attrs["normalize_input"] = bool(normalize_input)
                 f.attrs["method"] = name
                 f.attrs["hyperparameters"] = json.dumps(attrs)
@@ -287,6 +290,7 @@ class FeatureCache:
             return {
                 "weight": torch.from_numpy(f["weight"][:]),
                 "bias": torch.from_numpy(f["bias"][:]) if "bias" in f else None,
+                "center": torch.from_numpy(f["center"][:]) if "center" in f else None,
                 "normalize_input": bool(f.attrs["normalize_input"]),
                 "hyperparameters": json.loads(f.attrs["hyperparameters"]),
             }

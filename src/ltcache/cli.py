@@ -184,7 +184,7 @@ def sweep_tau_cmd(
 @app.command("compare")
 def compare_cmd(
     cache: Path = typer.Argument(..., help="Cache folder."),
-    methods: str | None = typer.Option(None, help="Comma-separated subset (default: all registered)."),
+    methods: str | None = typer.Option(None, help="Comma-separated list, or 'all' (default: the paper's five)."),
     select: str = typer.Option("val", help="val, or train for the simulated-balanced train metric (App. B.5)."),
     set_: list[str] = typer.Option([], "--set", help="Hyperparameter override METHOD.PARAM=VALUE (repeatable)."),
     seed: int = typer.Option(0, help="Seed for cRT / LWS."),
@@ -196,8 +196,9 @@ def compare_cmd(
     """Fit every stage-2 method, select on val, score test once; write reports/ (json, csv, md, plots)."""
     from ltcache.lab import compare
     from ltcache.report import markdown_table
+    from ltcache.stage2 import resolve_method_list
 
-    chosen = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
+    chosen = resolve_method_list(methods)
     summary = _run(lambda: compare(cache, methods=chosen, select=select, params=parse_params(set_), seed=seed,
                                    device=device, thresholds=_thresholds(many, few)))
     if as_json:
@@ -205,6 +206,29 @@ def compare_cmd(
         return
     typer.echo(markdown_table(summary))
     typer.echo(f"\nselected on {select}; reports in {Path(summary['reports']['results.md']).parent}")
+
+
+@app.command("methods")
+def methods_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON.")):
+    """List the stage-2 methods with their hyperparameters and defaults (override with compare --set)."""
+    from ltcache.stage2 import METHODS, PAPER_ORDER, method_names
+
+    listing = [{"method": name, "in_default_compare": name in PAPER_ORDER, "summary": METHODS[name].summary,
+                "defaults": METHODS[name].defaults} for name in method_names()]
+    if as_json:
+        _echo_json(listing)
+        return
+    for entry in listing:
+        defaults = ", ".join(f"{k}={_short(v)}" for k, v in entry["defaults"].items()) or "-"
+        mark = "*" if entry["in_default_compare"] else " "
+        typer.echo(f"{mark} {entry['method']:<12} {entry['summary']}\n{'':15}{defaults}")
+    typer.echo("\n* run by default; `ltcache compare CACHE --methods all` runs every method.")
+
+
+def _short(value) -> str:
+    if isinstance(value, tuple) and len(value) > 4:
+        return f"{value[0]:g}..{value[-1]:g} ({len(value)} values)"
+    return str(value)
 
 
 @app.command("info")

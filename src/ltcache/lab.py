@@ -9,7 +9,7 @@ from pathlib import Path
 from ltcache.cache import FeatureCache, Split
 from ltcache.errors import LtcacheError
 from ltcache.metrics import ShotThresholds, evaluate, shot_groups
-from ltcache.stage2 import METHODS, LabData, LinearHead, method_names, resolve_params
+from ltcache.stage2 import METHODS, PAPER_ORDER, LabData, LinearHead, resolve_params
 from ltcache.stage2.weight_norms import DEFAULT_TAUS, best_on_curve, tau_curve, tau_normalize, validate_taus
 from ltcache.train import resolve_device
 
@@ -59,7 +59,7 @@ def compare(cache_path: Path, *, methods: list[str] | None = None, select: str =
     """Fit every method on train, select on val (or train), score test once; save heads and reports."""
     from ltcache import report  # matplotlib is only needed here
 
-    methods = list(methods or method_names())
+    methods = list(methods or PAPER_ORDER)
     unknown = [m for m in (params or {}) if m not in methods]
     if unknown:
         raise LtcacheError(f"--set names method {unknown[0]!r}, which is not among the methods run "
@@ -73,7 +73,7 @@ def compare(cache_path: Path, *, methods: list[str] | None = None, select: str =
         result = METHODS[name].fit(lab.data, **resolved[name])
         seconds = time.perf_counter() - start
         test = lab.score_test(result.head)
-        lab.cache.save_head(name, weight=result.head.weight, bias=result.head.bias,
+        lab.cache.save_head(name, weight=result.head.weight, bias=result.head.bias, center=result.head.center,
                             normalize_input=result.head.normalize_input, attrs=result.chosen)
         rows.append({"method": name, **test, "chosen": result.chosen, "fit_seconds": round(seconds, 3)})
         fitted[name] = result

@@ -11,4 +11,14 @@ def method_names() -> list[str]:
     return sorted(METHODS, key=lambda name: (PAPER_ORDER.index(name) if name in PAPER_ORDER else len(PAPER_ORDER)))
 
 
-__all__ = ["METHODS", "method_names", "Fitted", "LabData", "LinearHead", "fit_method", "resolve_params"]
+def resolve_method_list(text: str | None) -> list[str]:
+    """None -> the paper's five; 'all' -> every registered method; else a comma-separated list."""
+    if not text:
+        return list(PAPER_ORDER)
+    if text.strip() == "all":
+        return method_names()
+    return [m.strip() for m in text.split(",") if m.strip()]
+
+
+__all__ = ["METHODS", "PAPER_ORDER", "Fitted", "LabData", "LinearHead", "fit_method", "method_names",
+           "resolve_method_list", "resolve_params"]

@@ -19,17 +19,20 @@ LOGIT_CHUNK_ROWS = 65536
 
 @dataclass
 class LinearHead:
-    """logits = (normalize?(f)) @ weight.T + bias. weight [C, d], bias [C] or None."""
+    """logits = normalize?(f - center) @ weight.T + bias. weight [C, d]; bias [C], center [d] or None."""
 
     weight: torch.Tensor
     bias: torch.Tensor | None = None
     normalize_input: bool = False
+    center: torch.Tensor | None = None
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         """Logits for all rows, computed in chunks so a large split never needs a second copy of its features."""
         weight = self.weight.to(features.device)
         out = []
         for chunk in features.split(LOGIT_CHUNK_ROWS):
+            if self.center is not None:
+                chunk = chunk - self.center.to(features.device)
             if self.normalize_input:
                 chunk = F.normalize(chunk, dim=1)
             logits = chunk @ weight.T

@@ -9,6 +9,7 @@ from ltcache.errors import unknown_name
 from ltcache.stage2.core import Fitted, LabData, LinearHead, register
 
 NCM_METRICS = ("cosine", "euclidean")
+NCM_FEATURES = ("un", "l2n", "cl2n")  # the official code's modes: raw, L2-normalized, centered then normalized
 
 
 def class_means(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -18,15 +19,20 @@ def class_means(features: torch.Tensor, labels: torch.Tensor, num_classes: int) 
     return sums / counts[:, None]
 
 
-@register("ncm", summary="class means of L2-normalized train features; cosine (or euclidean) similarity",
-          metric="cosine")
-def fit_ncm(data: LabData, *, metric: str) -> Fitted:
+@register("ncm", summary="nearest class mean: un / l2n / cl2n train features, cosine or euclidean (Sec. 4)",
+          metric="cosine", features="l2n")
+def fit_ncm(data: LabData, *, metric: str, features: str) -> Fitted:
     if metric not in NCM_METRICS:
         raise unknown_name("NCM metric", metric, NCM_METRICS)
-    means = class_means(F.normalize(data.train.features, dim=1), data.train.labels, data.num_classes)
-    if metric == "cosine":
-        head = LinearHead(F.normalize(means, dim=1), None, normalize_input=True)
+    if features not in NCM_FEATURES:
+        raise unknown_name("NCM feature mode", features, NCM_FEATURES)
+    center = data.train.features.mean(0) if features == "cl2n" else None
+    normalize = features != "un"
+    train = data.train.features - center if center is not None else data.train.features
+    means = class_means(F.normalize(train, dim=1) if normalize else train, data.train.labels, data.num_classes)
+    if metric == "cosine":  # cosine similarity normalizes the query itself, whatever the feature mode
+        head = LinearHead(F.normalize(means, dim=1), None, normalize_input=True, center=center)
     else:
-        # argmin ||f - m_j||^2 = argmax 2 f.m_j - ||m_j||^2 (||f||^2 = 1 is the same for every class)
-        head = LinearHead(2 * means, -(means**2).sum(1), normalize_input=True)
-    return Fitted(head, {"metric": metric})
+        # argmin ||f - m_j||^2 = argmax 2 f.m_j - ||m_j||^2, since ||f||^2 is the same for every class
+        head = LinearHead(2 * means, -(means**2).sum(1), normalize_input=normalize, center=center)
+    return Fitted(head, {"metric": metric, "features": features})

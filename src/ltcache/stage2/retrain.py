@@ -63,7 +63,8 @@ def fit_crt(data: LabData, **hyperparameters) -> Fitted:
 
 
 class ScaleLogits(nn.Module):
-    """Eq. 4 on cached logits: (F @ W.T) * f = F @ (f * W).T, so no GEMM is needed per step."""
+    """Eq. 4 on cached logits: (F @ W.T) * f = F @ (f * W).T, so no GEMM is needed per step.
+    With the bias (as the official code does): (F @ W.T + b) * f."""
 
     def __init__(self, num_classes: int, device):
         super().__init__()
@@ -73,13 +74,39 @@ class ScaleLogits(nn.Module):
         return raw_logits * self.scales
 
 
-@register("lws", summary="learnable per-class scales f_j on the joint W (Eq. 4), bias dropped, class-balanced",
-          epochs=5, **BALANCED_DEFAULTS)
-def fit_lws(data: LabData, **hyperparameters) -> Fitted:
+@register("lws", summary="learnable per-class scales f_j on the joint W (Eq. 4), class-balanced; with_bias scales "
+          "b too, as the official code", epochs=5, with_bias=False, **BALANCED_DEFAULTS)
+def fit_lws(data: LabData, *, with_bias: bool, **hyperparameters) -> Fitted:
     raw = data.raw_logits("train")
+    bias = data.joint.bias if with_bias and data.joint.bias is not None else None
     scaling = ScaleLogits(data.num_classes, raw.device)
-    used = train_class_balanced(scaling, raw, data.train.labels, seed=data.seed, **hyperparameters)
-    scales = scaling.scales.detach().clone()
-    head = LinearHead(data.joint.weight * scales[:, None].to(data.joint.weight.device))
+    inputs = raw + bias if bias is not None else raw
+    used = train_class_balanced(scaling, inputs, data.train.labels, seed=data.seed, **hyperparameters)
+    scales = scaling.scales.detach().clone().to(data.joint.weight.device)
+    head = LinearHead(data.joint.weight * scales[:, None], bias * scales if bias is not None else None)
     scale_range = {"scale_min": round(scales.min().item(), 4), "scale_max": round(scales.max().item(), 4)}
-    return Fitted(head, {**used, **scale_range})
+    return Fitted(head, {**used, "with_bias": with_bias, **scale_range})
+
+
+class LearnedTau(nn.Module):
+    """Appendix B.5: tau as the one parameter of the tau-normalized classifier, on cached raw logits."""
+
+    def __init__(self, log_norms: torch.Tensor):
+        super().__init__()
+        self.log_norms = log_norms
+        self.tau = nn.Parameter(torch.zeros((), device=log_norms.device))
+
+    def forward(self, raw_logits: torch.Tensor) -> torch.Tensor:
+        return raw_logits * torch.exp(-self.tau * self.log_norms)
+
+
+@register("tau_learned", summary="tau learned with class-balanced sampling, W fixed (Appendix B.5)",
+          epochs=5, **{**BALANCED_DEFAULTS, "weight_decay": 0.0})
+def fit_tau_learned(data: LabData, **hyperparameters) -> Fitted:
+    from ltcache.stage2.weight_norms import tau_normalize, weight_norms
+
+    raw = data.raw_logits("train")
+    module = LearnedTau(torch.log(weight_norms(data.joint.weight)).to(raw.device))
+    used = train_class_balanced(module, raw, data.train.labels, seed=data.seed, **hyperparameters)
+    tau = round(module.tau.item(), 4)
+    return Fitted(LinearHead(tau_normalize(data.joint.weight, tau)), {"tau": tau, **used})

@@ -28,19 +28,30 @@ def tau_normalize(weight: torch.Tensor, tau: float) -> torch.Tensor:
     return weight / weight_norms(weight).pow(tau)[:, None]
 
 
-def tau_curve(data: LabData, split: str, taus) -> list[dict]:
-    """Metrics of the tau-normalized head for every tau on `split`.
+def grid_curve(data: LabData, split: str, grid: list[dict], adjust) -> list[dict]:
+    """Metrics on `split` for every point of `grid`, with logits = adjust(raw, **point).
 
-    The raw logits F @ W.T are computed once; each tau only rescales column j by ||w_j||^-tau (O(N*C)).
+    raw = F @ W.T is computed once per split; each point costs an O(N*C) rescale or shift, never a GEMM.
     """
     raw = data.raw_logits(split)
-    norms = weight_norms(data.joint.weight).to(raw.device)
-    return [{"tau": tau, **data.score((raw / norms.pow(tau)).argmax(1), split)} for tau in validate_taus(taus)]
+    return [{**point, **data.score(adjust(raw, **point).argmax(1), split)} for point in grid]
+
+
+def log_prior(data: LabData, device) -> torch.Tensor:
+    counts = torch.as_tensor(data.class_counts, dtype=torch.float32, device=device).clamp_min(1)
+    return torch.log(counts / counts.sum())
+
+
+def tau_curve(data: LabData, split: str, taus) -> list[dict]:
+    """Metrics of the tau-normalized head (Eq. 3) for every tau on `split`: column j scaled by ||w_j||^-tau."""
+    norms = weight_norms(data.joint.weight).to(data.raw_logits(split).device)
+    return grid_curve(data, split, [{"tau": tau} for tau in validate_taus(taus)],
+                      lambda raw, tau: raw / norms.pow(tau))
 
 
 def best_on_curve(curve: list[dict], key: str = "mean_per_class") -> dict:
-    """The first (smallest-tau) entry with the highest score: ties resolve toward the least change to W."""
-    return max(curve, key=lambda entry: (entry[key], -entry["tau"]))
+    """The entry with the highest score; ties resolve toward the smallest parameters (the least change)."""
+    return max(curve, key=lambda entry: (entry[key], *(-entry[p] for p in ("tau", "la_tau") if p in entry)))
 
 
 @register("joint", summary="the stage-1 classifier as trained (W, b)")
@@ -55,4 +66,30 @@ def fit_tau_norm(data: LabData, *, taus) -> Fitted:
     best = best_on_curve(curve)
     head = LinearHead(tau_normalize(data.joint.weight, best["tau"]))
     return Fitted(head, {"tau": best["tau"], "selected_on": data.select,
+                         "selection_mean_per_class": round(best["mean_per_class"], 4)}, curve)
+
+
+@register("logit_adj", summary="post-hoc logit adjustment (Menon et al. 2021): joint logits - tau log(prior)",
+          taus=DEFAULT_TAUS)
+def fit_logit_adjustment(data: LabData, *, taus) -> Fitted:
+    prior = log_prior(data, data.joint.weight.device)
+    bias = data.joint.bias if data.joint.bias is not None else torch.zeros_like(prior)
+    curve = grid_curve(data, data.select, [{"la_tau": t} for t in validate_taus(taus)],
+                       lambda raw, la_tau: raw + bias - la_tau * prior)
+    best = best_on_curve(curve)
+    head = LinearHead(data.joint.weight, bias - best["la_tau"] * prior)
+    return Fitted(head, {"la_tau": best["la_tau"], "selected_on": data.select,
+                         "selection_mean_per_class": round(best["mean_per_class"], 4)}, curve)
+
+
+@register("tau_norm_la", summary="tau-normalization, then post-hoc logit adjustment; both chosen on one grid",
+          taus=DEFAULT_TAUS, la_taus=tuple(0.25 * i for i in range(9)))
+def fit_tau_norm_logit_adjustment(data: LabData, *, taus, la_taus) -> Fitted:
+    prior = log_prior(data, data.joint.weight.device)
+    norms = weight_norms(data.joint.weight)
+    grid = [{"tau": t, "la_tau": a} for t in validate_taus(taus) for a in validate_taus(la_taus)]
+    curve = grid_curve(data, data.select, grid, lambda raw, tau, la_tau: raw / norms.pow(tau) - la_tau * prior)
+    best = best_on_curve(curve)
+    head = LinearHead(tau_normalize(data.joint.weight, best["tau"]), -best["la_tau"] * prior)
+    return Fitted(head, {"tau": best["tau"], "la_tau": best["la_tau"], "selected_on": data.select,
                          "selection_mean_per_class": round(best["mean_per_class"], 4)}, curve)

@@ -1,0 +1,125 @@
+"""Hand-computed cases for the classifier-lab methods beyond the paper's five, and selection honesty."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import invoke
+from ltcache.cache import Split
+from ltcache.stage2 import METHODS, LabData, LinearHead, fit_method
+
+
+def lab(weight, bias, features, labels, class_counts, select="val"):
+    split = Split(features, labels)
+    return LabData(train=split, val=split, joint=LinearHead(weight, bias), class_counts=np.asarray(class_counts),
+                   select=select)
+
+
+def test_ncm_centered_mode_removes_a_shared_offset():
+    # Both classes sit far along x; only the y sign separates them. Centering on the train mean (10, 0) exposes it.
+    features = torch.tensor([[10.0, 1.0], [10.0, 2.0], [10.0, -1.0], [10.0, -2.0]])
+    labels = torch.tensor([0, 0, 1, 1])
+    data = lab(torch.eye(2), torch.zeros(2), features, labels, [150, 5])
+    head = fit_method("ncm", data, {"features": "cl2n"}).head
+    np.testing.assert_allclose(head.center.numpy(), [10.0, 0.0])
+    np.testing.assert_allclose(head.weight.numpy(), [[0.0, 1.0], [0.0, -1.0]], atol=1e-6)
+    assert head.predict(torch.tensor([[10.0, 0.1], [10.0, -0.1]])).tolist() == [0, 1]
+
+
+def test_ncm_raw_euclidean_is_nearest_mean_on_raw_features():
+    generator = torch.Generator().manual_seed(0)
+    features, labels = torch.randn(60, 3, generator=generator) * 3, torch.arange(60) % 3
+    data = lab(torch.eye(3), torch.zeros(3), features, labels, [20, 20, 20])
+    head = fit_method("ncm", data, {"features": "un", "metric": "euclidean"}).head
+    means = torch.stack([features[labels == c].mean(0) for c in range(3)])
+    queries = torch.randn(40, 3, generator=generator) * 3
+    assert torch.equal(head.predict(queries), torch.cdist(queries, means).argmin(1))
+    assert not head.normalize_input and head.center is None
+
+
+def test_lws_with_bias_scales_the_bias_and_unit_scales_equal_joint():
+    from ltcache.stage2.retrain import ScaleLogits
+
+    logits = torch.tensor([[1.0, -2.0, 0.5]])
+    assert torch.equal(ScaleLogits(3, "cpu")(logits), logits)
+    labels = torch.tensor([0] * 40 + [1] * 4)
+    features = torch.cat([torch.tensor([[1.0, 0.3]]).repeat(40, 1), torch.tensor([[0.3, 1.0]]).repeat(4, 1)])
+    # Logits with bias: class-1 samples (4, 1.2), class-0 samples (11, 0.5); solvable when 3.3 < f1/f0 < 22.
+    bias = torch.tensor([1.0, 0.2])
+    data = lab(torch.tensor([[10.0, 0.0], [0.0, 1.0]]), bias, features, labels, [40, 4])
+    fitted = fit_method("lws", data, {"with_bias": "true", "epochs": 2, "min_steps": 200, "batch_size": 32})
+    scales = fitted.head.weight.norm(dim=1) / torch.tensor([10.0, 1.0])
+    np.testing.assert_allclose(fitted.head.bias.numpy(), (bias * scales).numpy(), rtol=1e-5)
+    assert fitted.chosen["with_bias"] is True
+    assert fitted.head.predict(features).tolist() == labels.tolist()
+
+
+def test_logit_adjustment_by_hand():
+    # Joint logits for one sample: (1.0, 0.5); prior (0.9, 0.1): tau = 1 subtracts log 0.9 and log 0.1.
+    weight, bias = torch.eye(2), torch.zeros(2)
+    features, labels = torch.tensor([[1.0, 0.5]]), torch.tensor([1])
+    data = lab(weight, bias, features, labels, [90, 10])
+    fitted = fit_method("logit_adj", data, {"taus": (0.0, 1.0)})
+    assert [entry["mean_per_class"] for entry in fitted.curve] == [0.0, 100.0]  # 1.0 vs 0.5 - log 0.1 + log 0.9
+    assert fitted.chosen["la_tau"] == 1.0
+    np.testing.assert_allclose(fitted.head.bias.numpy(), -np.log([0.9, 0.1]), rtol=1e-6)
+    at_zero = fit_method("logit_adj", data, {"taus": (0.0,)}).head  # tau = 0 is the joint head, bias kept
+    assert torch.equal(at_zero.bias, bias) and torch.equal(at_zero.weight, weight)
+
+
+def test_tau_norm_then_logit_adjustment_reduces_to_tau_norm_without_adjustment():
+    generator = torch.Generator().manual_seed(2)
+    features, labels = torch.randn(200, 5, generator=generator), torch.randint(0, 4, (200,), generator=generator)
+    weight = torch.randn(4, 5, generator=generator) * torch.tensor([3.0, 2.0, 1.0, 0.5])[:, None]
+    data = lab(weight, torch.zeros(4), features, labels, [300, 100, 30, 5])
+    combined = fit_method("tau_norm_la", data, {"la_taus": (0.0,)})
+    alone = fit_method("tau_norm", data)
+    assert combined.chosen["tau"] == alone.chosen["tau"] and combined.chosen["la_tau"] == 0.0
+    assert torch.equal(combined.head.predict(features), alone.head.predict(features))
+
+
+def test_learned_tau_fixes_a_norm_bias():
+    labels = torch.tensor([0] * 40 + [1] * 40)
+    features = torch.cat([torch.tensor([[1.0, 0.6]]).repeat(40, 1), torch.tensor([[0.3, 1.0]]).repeat(40, 1)])
+    data = lab(torch.tensor([[10.0, 0.0], [0.0, 1.0]]), torch.zeros(2), features, labels, [400, 4])
+    assert (fit_method("joint", data).head.predict(features) == 1).sum() == 0  # class 1 is never predicted
+    fitted = fit_method("tau_learned", data, {"epochs": 2, "min_steps": 300, "batch_size": 32})
+    # Class 1 wins its samples once 10^(1 - tau) * 0.3 < 1, i.e. tau > 0.48.
+    assert fitted.chosen["tau"] > 0.48
+    assert fitted.head.predict(features).tolist() == labels.tolist()
+
+
+def test_every_method_is_listed_and_runs_on_a_cache(toy_cache):
+    listed = invoke("methods", "--json")
+    assert listed.exit_code == 0
+    names = [entry["method"] for entry in json.loads(listed.stdout)]
+    assert sorted(names) == sorted(METHODS) and names[:5] == ["joint", "ncm", "crt", "tau_norm", "lws"]
+    result = invoke("compare", toy_cache, "--methods", "all", "--json", "--set", "crt.min_steps=50",
+                    "--set", "lws.min_steps=50", "--set", "tau_learned.min_steps=50")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)["rows"]
+    assert [row["method"] for row in rows] == names
+    default = json.loads(invoke("compare", toy_cache, "--json").stdout)["rows"]
+    assert [row["method"] for row in default] == ["joint", "ncm", "crt", "tau_norm", "lws"]
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_choices_never_depend_on_the_test_split(tmp_path, name):
+    """Refit every method on a cache whose test labels are shuffled: what it chooses must not change."""
+    from conftest import write_toy_cache
+    from ltcache.cache import FeatureCache
+    from ltcache.lab import compare
+
+    first = write_toy_cache(tmp_path / "a", seed=3)
+    second = write_toy_cache(tmp_path / "b", seed=3)
+    test_shard = second / FeatureCache(second).manifest["splits"]["test"]["shards"][0]["file"]
+    import h5py
+
+    with h5py.File(test_shard, "r+") as f:
+        f["labels"][:] = np.random.default_rng(0).permutation(f["labels"][:])
+    params = {m: {"min_steps": 50} for m in ("crt", "lws", "tau_learned") if m == name}
+    chosen = [compare(path, methods=[name], params=params, write_reports=False)["rows"][0]["chosen"]
+              for path in (first, second)]
+    assert chosen[0] == chosen[1]
