@@ -188,6 +188,7 @@ def compare_cmd(
     select: str = typer.Option("val", help="val, or train for the simulated-balanced train metric (App. B.5)."),
     set_: list[str] = typer.Option([], "--set", help="Hyperparameter override METHOD.PARAM=VALUE (repeatable)."),
     seed: int = typer.Option(0, help="Seed for cRT / LWS."),
+    bootstrap: int = typer.Option(1000, help="Test resamples for the 95% intervals (0: none)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of the table."),
     device: str | None = DeviceOpt,
     many: int = ManyOpt,
@@ -200,7 +201,7 @@ def compare_cmd(
 
     chosen = resolve_method_list(methods)
     summary = _run(lambda: compare(cache, methods=chosen, select=select, params=parse_params(set_), seed=seed,
-                                   device=device, thresholds=_thresholds(many, few)))
+                                   device=device, thresholds=_thresholds(many, few), bootstrap=bootstrap))
     if as_json:
         _echo_json(summary)
         return

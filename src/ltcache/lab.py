@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ltcache.cache import FeatureCache, Split
 from ltcache.errors import LtcacheError
-from ltcache.metrics import ShotThresholds, evaluate, shot_groups
+from ltcache.metrics import ShotThresholds, bootstrap_intervals, calibration, evaluate, shot_groups
 from ltcache.stage2 import METHODS, PAPER_ORDER, LabData, LinearHead, resolve_params
 from ltcache.stage2.weight_norms import DEFAULT_TAUS, best_on_curve, tau_curve, tau_normalize, validate_taus
 from ltcache.train import resolve_device
@@ -23,6 +23,18 @@ class Lab:
     def score_test(self, head: LinearHead) -> dict:
         return evaluate(head.predict(self.test.features), self.test.labels, self.data.class_counts,
                         self.data.thresholds)
+
+    def score_test_fully(self, head: LinearHead, *, bootstrap: int, seed: int) -> dict:
+        """Test metrics, calibration (ECE) and, when bootstrap > 0, 95% intervals: one pass over test."""
+        logits = head.logits(self.test.features)
+        predictions = logits.argmax(1)
+        counts, thresholds = self.data.class_counts, self.data.thresholds
+        result = {**evaluate(predictions, self.test.labels, counts, thresholds),
+                  **calibration(logits, self.test.labels, counts, thresholds)}
+        if bootstrap:
+            result["ci95"] = bootstrap_intervals(predictions, self.test.labels, counts, thresholds,
+                                                 resamples=bootstrap, seed=seed)
+        return result
 
 
 def open_lab(cache_path: Path, *, select: str = "val", seed: int = 0, device: str | None = None,
@@ -55,8 +67,13 @@ def sweep_tau(cache_path: Path, *, taus=DEFAULT_TAUS, select: str = "val", devic
 
 def compare(cache_path: Path, *, methods: list[str] | None = None, select: str = "val",
             params: dict[str, dict] | None = None, seed: int = 0, device: str | None = None,
-            thresholds: ShotThresholds = ShotThresholds(), write_reports: bool = True) -> dict:
-    """Fit every method on train, select on val (or train), score test once; save heads and reports."""
+            thresholds: ShotThresholds = ShotThresholds(), bootstrap: int = 1000,
+            write_reports: bool = True) -> dict:
+    """Fit every method on train, select on val (or train), score test once; save heads and reports.
+
+    Each row has the test metrics, ECE (15 bins; overall and per shot group) and, with bootstrap > 0,
+    95% percentile intervals from that many resamples of the test samples.
+    """
     from ltcache import report  # matplotlib is only needed here
 
     methods = list(methods or PAPER_ORDER)
@@ -72,7 +89,7 @@ def compare(cache_path: Path, *, methods: list[str] | None = None, select: str =
         start = time.perf_counter()
         result = METHODS[name].fit(lab.data, **resolved[name])
         seconds = time.perf_counter() - start
-        test = lab.score_test(result.head)
+        test = lab.score_test_fully(result.head, bootstrap=bootstrap, seed=seed)
         lab.cache.save_head(name, weight=result.head.weight, bias=result.head.bias, center=result.head.center,
                             normalize_input=result.head.normalize_input, attrs=result.chosen)
         rows.append({"method": name, **test, "chosen": result.chosen, "fit_seconds": round(seconds, 3)})
@@ -84,6 +101,7 @@ def compare(cache_path: Path, *, methods: list[str] | None = None, select: str =
         "selected_on": select,
         "seed": seed,
         "thresholds": {"many": thresholds.many, "few": thresholds.few},
+        "bootstrap_resamples": bootstrap,
         "groups": {g: int((shot_groups(lab.data.class_counts, thresholds) == g).sum())
                    for g in ("many", "medium", "few")},
         "rows": rows,

@@ -54,3 +54,65 @@ def evaluate(predictions, labels, class_counts, thresholds: ShotThresholds = Sho
     labels = torch.as_tensor(labels)
     overall = 100.0 * (predictions == labels).double().mean().item() if len(labels) else float("nan")
     return summarize(per_class_accuracy(predictions, labels, len(class_counts)), overall, class_counts, thresholds)
+
+
+def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = 15) -> float:
+    """ECE (Guo et al. 2017) in percent: sum over equal-width confidence bins of |B|/N * |acc(B) - conf(B)|."""
+    if len(confidence) == 0:
+        return float("nan")
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
+    total = 0.0
+    for b in range(bins):
+        members = which == b
+        if members.any():
+            total += members.mean() * abs(correct[members].mean() - confidence[members].mean())
+    return 100.0 * float(total)
+
+
+def reliability_bins(confidence: np.ndarray, correct: np.ndarray, bins: int = 15) -> list[dict]:
+    """Per bin: mean confidence, accuracy and count (for the reliability diagram)."""
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
+    return [{"confidence": float(confidence[which == b].mean()), "accuracy": float(correct[which == b].mean()),
+             "count": int((which == b).sum())} for b in range(bins) if (which == b).any()]
+
+
+def calibration(logits: torch.Tensor, labels: torch.Tensor, class_counts,
+                thresholds: ShotThresholds = ShotThresholds(), bins: int = 15) -> dict:
+    """ECE overall and over the test samples of each shot group, from softmax probabilities."""
+    probabilities = torch.softmax(logits.float(), dim=1)
+    confidence, predictions = probabilities.max(1)
+    confidence, labels_np = confidence.cpu().numpy(), labels.cpu().numpy()
+    correct = (predictions.cpu().numpy() == labels_np).astype(np.float64)
+    groups = shot_groups(class_counts, thresholds)[labels_np]
+    result = {"ece": expected_calibration_error(confidence, correct, bins)}
+    for group in GROUPS:
+        members = groups == group
+        result[f"ece_{group}"] = expected_calibration_error(confidence[members], correct[members], bins)
+    result["reliability"] = reliability_bins(confidence, correct, bins)
+    return result
+
+
+def bootstrap_intervals(predictions, labels, class_counts, thresholds: ShotThresholds = ShotThresholds(), *,
+                        resamples: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
+    """Percentile intervals of every metric of `evaluate`, resampling test samples with replacement."""
+    predictions = torch.as_tensor(predictions).cpu()
+    labels = torch.as_tensor(labels).cpu()
+    num_classes = len(class_counts)
+    correct = (predictions == labels).long()
+    generator = torch.Generator().manual_seed(seed)
+    draws = {key: [] for key in ("all", "mean_per_class", *GROUPS)}
+    for _ in range(resamples):
+        index = torch.randint(len(labels), (len(labels),), generator=generator)
+        sample_labels, sample_correct = labels[index], correct[index]
+        totals = torch.bincount(sample_labels, minlength=num_classes).double().numpy()
+        hits = torch.bincount(sample_labels, weights=sample_correct.double(), minlength=num_classes).numpy()
+        with np.errstate(invalid="ignore", divide="ignore"):
+            per_class = np.where(totals > 0, 100.0 * hits / totals, np.nan)
+        summary = summarize(per_class, 100.0 * sample_correct.double().mean().item(), class_counts, thresholds)
+        for key in draws:
+            draws[key].append(summary[key])
+    tail = 100 * (1 - level) / 2
+    return {key: [float(np.nanpercentile(values, tail)), float(np.nanpercentile(values, 100 - tail))]
+            if not np.all(np.isnan(values)) else [float("nan"), float("nan")] for key, values in draws.items()}

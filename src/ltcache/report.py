@@ -27,14 +27,23 @@ def _pct(value: float) -> str:
     return "-" if value != value else f"{value:.2f}"  # NaN when a group has no test samples
 
 
+def _interval(row: dict, key: str) -> str:
+    ci = row.get("ci95", {}).get(key)
+    return f"{_pct(ci[0])}–{_pct(ci[1])}" if ci else "-"
+
+
 def markdown_table(summary: dict) -> str:
+    """One row per method; with calibration and bootstrap results when the rows carry them."""
     groups = summary["groups"]
+    rich = any("ece" in row for row in summary["rows"])
     header = (f"| method | Many ({groups['many']}) | Medium ({groups['medium']}) | Few ({groups['few']}) "
-              "| All | mean/class | chosen |")
-    lines = [header, "|---|---:|---:|---:|---:|---:|---|"]
+              "| All | mean/class")
+    header += " | All 95% CI | ECE |" if rich else " |"
+    lines = [header + " chosen |", "|---|---:|---:|---:|---:|---:|" + ("---:|---:|" if rich else "") + "---|"]
     for row in summary["rows"]:
         cells = " | ".join(_pct(row[c]) for c in COLUMNS)
-        lines.append(f"| {row['method']} | {cells} | {format_chosen(row['chosen'])} |")
+        extra = f" | {_interval(row, 'all')} | {_pct(row['ece'])}" if rich else ""
+        lines.append(f"| {row['method']} | {cells}{extra} | {format_chosen(row['chosen'])} |")
     return "\n".join(lines)
 
 
@@ -46,14 +55,39 @@ def tau_table(curve: list[dict], chosen_tau: float | None = None) -> str:
     return "\n".join(lines)
 
 
+CALIBRATION = ("ece", "ece_many", "ece_medium", "ece_few")
+INTERVAL_KEYS = ("all", "mean_per_class", "many", "medium", "few")
+
+
 def _csv_text(rows: list[dict]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["method", *COLUMNS, "chosen", "fit_seconds"])
+    intervals = [f"{key}_ci95_{end}" for key in INTERVAL_KEYS for end in ("low", "high")]
+    writer.writerow(["method", *COLUMNS, *CALIBRATION, *intervals, "chosen", "fit_seconds"])
     for row in rows:
-        writer.writerow([row["method"], *(round(row[c], 4) for c in COLUMNS), format_chosen(row["chosen"]),
-                         row["fit_seconds"]])
+        ci = row.get("ci95")
+        bounds = [round(v, 4) for key in INTERVAL_KEYS for v in ci[key]] if ci else [""] * len(intervals)
+        writer.writerow([row["method"], *(round(row[c], 4) for c in (*COLUMNS, *CALIBRATION)), *bounds,
+                         format_chosen(row["chosen"]), row["fit_seconds"]])
     return buffer.getvalue()
+
+
+def plot_reliability(path: Path, rows: list[dict]) -> None:
+    """Reliability diagram: accuracy against confidence per bin, one line per method."""
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfect calibration")
+    for row in rows:
+        bins = row["reliability"]
+        ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], marker="o", markersize=3,
+                label=f"{row['method']} (ECE {row['ece']:.1f})")
+    ax.set_xlabel("confidence (max softmax probability)")
+    ax.set_ylabel("accuracy")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)
 
 
 def plot_weight_norms(path: Path, weight_norms: dict, class_counts) -> None:
@@ -98,7 +132,7 @@ def write_reports(folder: Path, summary: dict, *, weight_norms: dict, class_coun
     folder.mkdir(parents=True, exist_ok=True)
     chosen_tau = next((r["chosen"].get("tau") for r in summary["rows"] if r["method"] == "tau_norm"), None)
     paths = {name: folder / name for name in
-             ("results.json", "results.csv", "results.md", "weight_norms.png", "tau_curve.png")}
+             ("results.json", "results.csv", "results.md", "weight_norms.png", "tau_curve.png", "reliability.png")}
     write_json(paths["results.json"], {k: v for k, v in summary.items() if k != "reports"})
     atomic_write(paths["results.csv"], lambda tmp: tmp.write_text(_csv_text(summary["rows"])))
     markdown = (f"Selected on **{summary['selected_on']}**; test scored once per method.\n\n"
@@ -107,4 +141,5 @@ def write_reports(folder: Path, summary: dict, *, weight_norms: dict, class_coun
     atomic_write(paths["results.md"], lambda tmp: tmp.write_text(markdown))
     plot_weight_norms(paths["weight_norms.png"], weight_norms, class_counts)
     plot_tau_curve(paths["tau_curve.png"], summary["tau_curve"], summary["selected_on"], chosen_tau)
+    plot_reliability(paths["reliability.png"], summary["rows"])
     return {name: str(path) for name, path in paths.items()}
