@@ -123,3 +123,48 @@ def test_choices_never_depend_on_the_test_split(tmp_path, name):
     chosen = [compare(path, methods=[name], params=params, write_reports=False)["rows"][0]["chosen"]
               for path in (first, second)]
     assert chosen[0] == chosen[1]
+
+
+def test_label_aware_smoothing_by_hand():
+    from ltcache.stage2.retrain import SmoothedCrossEntropy, label_aware_smoothing
+
+    eps = label_aware_smoothing([100, 50, 10], head=0.4, tail=0.1)
+    np.testing.assert_allclose(eps.numpy(), [0.4, 0.1 + 0.3 * np.sin(np.pi / 2 * 40 / 90), 0.1], rtol=1e-6)
+    logits, targets = torch.tensor([[2.0, 0.0, -1.0]]), torch.tensor([0])
+    log_p = torch.log_softmax(logits, 1)
+    assert SmoothedCrossEntropy(torch.zeros(3))(logits, targets).item() == pytest.approx(-log_p[0, 0].item())
+    assert SmoothedCrossEntropy(torch.ones(3))(logits, targets).item() == pytest.approx(-log_p.mean().item())
+
+
+def _imbalanced_toy(seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.tensor([0] * 200 + [1] * 5)
+    centers = torch.where(labels[:, None] == 0, torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]))
+    features = centers + 0.3 * torch.randn(205, 2, generator=generator)
+    return lab(torch.tensor([[1.0, 0.0], [0.0, 0.1]]), torch.tensor([5.0, 0.0]), features, labels, [200, 5])
+
+
+@pytest.mark.parametrize("name", ["crt_bsm", "crt_las", "crt_maxnorm", "cos"])
+def test_crt_variants_recover_the_tail_class(name):
+    data = _imbalanced_toy()
+    overrides = {"epochs": 2, "min_steps": 300, "batch_size": 64}
+    fitted = fit_method(name, data, overrides)
+    tail = data.train.labels == 1
+    assert (fit_method("joint", data).head.predict(data.train.features)[tail] == 1).float().mean() == 0.0
+    assert (fitted.head.predict(data.train.features)[tail] == 1).float().mean() >= 0.8
+
+
+def test_maxnorm_caps_every_row_and_reports_its_search():
+    data = _imbalanced_toy()
+    fitted = fit_method("crt_maxnorm", data, {"epochs": 1, "min_steps": 100, "max_norms": "0.5,1,2"})
+    cap = fitted.chosen["max_norm"]
+    assert fitted.head.weight.norm(dim=1).max().item() <= cap + 1e-5
+    assert [entry["max_norm_multiple"] for entry in fitted.curve] == [0.5, 1.0, 2.0]
+    assert fitted.chosen["max_norm_multiple"] in (0.5, 1.0, 2.0)
+
+
+def test_cosine_classifier_head_is_scaled_unit_rows_on_normalized_features():
+    fitted = fit_method("cos", _imbalanced_toy(), {"epochs": 1, "min_steps": 100})
+    assert fitted.head.normalize_input and fitted.head.bias is None
+    np.testing.assert_allclose(fitted.head.weight.norm(dim=1).numpy(), [fitted.chosen["scale"]] * 2, rtol=1e-4)
+    assert fitted.chosen["steps"] == 100

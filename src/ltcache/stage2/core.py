@@ -75,6 +75,9 @@ class LabData:
             self._raw_logits[name] = LinearHead(self.joint.weight).logits(self.split(name).features)
         return self._raw_logits[name]
 
+    def selection_features(self) -> torch.Tensor:
+        return self.split(self.select).features
+
     def score(self, predictions: torch.Tensor, name: str) -> dict:
         return evaluate(predictions, self.split(name).labels, self.class_counts, self.thresholds)
 

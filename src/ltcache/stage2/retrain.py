@@ -1,4 +1,4 @@
-"""Methods trained on frozen features with class-balanced sampling: cRT and LWS (Sec. 4, Eq. 4)."""
+"""Methods trained on frozen features: cRT and its variants, LWS (Sec. 4, Eq. 4), learned tau (App. B.5)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ltcache.config import scaled_lr
@@ -19,24 +20,25 @@ BALANCED_DEFAULTS = {"batch_size": 512, "lr": None, "weight_decay": 5e-4, "momen
 
 def train_class_balanced(module: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, *, epochs: int,
                          batch_size: int, lr: float | None, weight_decay: float, momentum: float, min_steps: int,
-                         seed: int) -> dict:
-    """Fit `module` (inputs -> logits) with CE, class-balanced sampling (Eq. 1, q = 0), SGD and cosine lr to 0.
+                         seed: int, sampling_q: float = 0.0, criterion=None, after_step=None) -> dict:
+    """Fit `module` (inputs -> logits) with SGD and a cosine lr to 0, drawing batches by Eq. 1.
 
-    An epoch is len(inputs) draws, as in the paper. `min_steps` lengthens epochs on tiny datasets, where
-    10 epochs of a few batches would not converge; at ImageNet-LT scale it is inactive.
-    Returns the hyperparameters actually used.
+    sampling_q 0 (default) is class-balanced sampling, 1 instance-balanced. `criterion` defaults to CE;
+    `after_step(module)` runs after every optimizer step (e.g. a norm projection). An epoch is len(inputs)
+    draws, as in the paper; `min_steps` lengthens epochs on tiny datasets, where 10 epochs of a few batches
+    would not converge (at ImageNet-LT scale it is inactive). Returns the hyperparameters actually used.
     """
     if epochs < 1 or batch_size < 1:
         raise LtcacheError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
     lr = scaled_lr(batch_size) if lr is None else lr
     steps_per_epoch = max(math.ceil(len(labels) / batch_size), math.ceil(min_steps / epochs))
     labels_np = labels.cpu().numpy()
-    probs = class_probabilities(np.bincount(labels_np, minlength=int(labels_np.max()) + 1), 0.0)
+    probs = class_probabilities(np.bincount(labels_np, minlength=int(labels_np.max()) + 1), sampling_q)
     weights = torch.as_tensor(sample_weights(labels_np, probs))
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.SGD(module.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     scheduler = cosine_schedule(optimizer, epochs * steps_per_epoch)
-    criterion = nn.CrossEntropyLoss()
+    criterion = criterion or nn.CrossEntropyLoss()
     for epoch in range(epochs):
         draws = torch.multinomial(weights, steps_per_epoch * batch_size, replacement=True, generator=generator)
         for batch in draws.to(inputs.device).view(steps_per_epoch, batch_size):
@@ -47,19 +49,120 @@ def train_class_balanced(module: nn.Module, inputs: torch.Tensor, labels: torch.
             loss.backward()
             optimizer.step()
             scheduler.step()
+            if after_step is not None:
+                after_step(module)
     return {"epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
             "momentum": momentum, "steps": epochs * steps_per_epoch}
+
+
+def _retrain_linear(data: LabData, **hyperparameters) -> tuple[nn.Linear, dict]:
+    """A freshly initialized linear classifier trained on the frozen train features."""
+    torch.manual_seed(data.seed)
+    features = data.train.features
+    linear = nn.Linear(features.shape[1], data.num_classes).to(features.device)
+    used = train_class_balanced(linear, features, data.train.labels, seed=data.seed, **hyperparameters)
+    return linear, used
+
+
+def _linear_head(linear: nn.Linear, bias: bool = True) -> LinearHead:
+    return LinearHead(linear.weight.detach().clone(), linear.bias.detach().clone() if bias else None)
 
 
 @register("crt", summary="re-initialized linear classifier re-trained on frozen features, class-balanced",
           epochs=10, **BALANCED_DEFAULTS)
 def fit_crt(data: LabData, **hyperparameters) -> Fitted:
+    linear, used = _retrain_linear(data, **hyperparameters)
+    return Fitted(_linear_head(linear), used)
+
+
+@register("crt_bsm", summary="classifier re-trained with Balanced Softmax (Ren et al. 2020), instance sampling",
+          epochs=10, **BALANCED_DEFAULTS)
+def fit_crt_balanced_softmax(data: LabData, **hyperparameters) -> Fitted:
+    from ltcache.losses import build_loss
+
+    # The loss already corrects for the train prior, so batches follow the data (q = 1), not class-balanced.
+    criterion = build_loss("balanced_softmax", data.class_counts.tolist()).to(data.train.features.device)
+    linear, used = _retrain_linear(data, sampling_q=1.0, criterion=criterion, **hyperparameters)
+    return Fitted(_linear_head(linear), {**used, "sampling": "instance"})
+
+
+def label_aware_smoothing(class_counts, head: float, tail: float) -> torch.Tensor:
+    """Zhong et al. 2021 (MiSLAS), concave form:
+    eps_y = tail + (head - tail) * sin(pi/2 * (n_y - n_min) / (n_max - n_min))."""
+    counts = np.asarray(class_counts, dtype=np.float64)
+    span = max(counts.max() - counts.min(), 1.0)
+    return torch.tensor(tail + (head - tail) * np.sin(0.5 * np.pi * (counts - counts.min()) / span),
+                        dtype=torch.float32)
+
+
+class SmoothedCrossEntropy(nn.Module):
+    """(1 - eps_y) * CE + eps_y * mean_j(-log p_j): label smoothing with a per-class eps."""
+
+    def __init__(self, epsilon: torch.Tensor):
+        super().__init__()
+        self.register_buffer("epsilon", epsilon)
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        log_p = torch.log_softmax(logits, dim=1)
+        eps = self.epsilon[targets]
+        nll = -log_p.gather(1, targets[:, None]).squeeze(1)
+        return ((1 - eps) * nll - eps * log_p.mean(1)).mean()
+
+
+@register("crt_las", summary="classifier re-trained with label-aware smoothing (Zhong et al. 2021), class-balanced",
+          epochs=10, smooth_head=0.4, smooth_tail=0.1, **BALANCED_DEFAULTS)
+def fit_crt_label_aware_smoothing(data: LabData, *, smooth_head: float, smooth_tail: float, **hyperparameters):
+    epsilon = label_aware_smoothing(data.class_counts, smooth_head, smooth_tail).to(data.train.features.device)
+    linear, used = _retrain_linear(data, criterion=SmoothedCrossEntropy(epsilon), **hyperparameters)
+    return Fitted(_linear_head(linear), {**used, "smooth_head": smooth_head, "smooth_tail": smooth_tail})
+
+
+@register("crt_maxnorm", summary="classifier re-trained with weight decay + MaxNorm (Alshammari et al. 2022); "
+          "the norm cap chosen on the selection split", epochs=10,
+          max_norms=(0.5, 1.0, 2.0, 4.0, 8.0), **{**BALANCED_DEFAULTS, "weight_decay": 5e-3})
+def fit_crt_maxnorm(data: LabData, *, max_norms, **hyperparameters) -> Fitted:
+    """max_norms are multiples of the joint classifier's median row norm; each is fitted, the best kept."""
+    scale = data.joint.weight.norm(dim=1).median().item()
+    candidates = []
+    for multiple in max_norms:
+        cap = float(multiple) * scale
+
+        def project(linear: nn.Linear, cap=cap) -> None:  # PGD step: rows outside the ball go to its surface
+            with torch.no_grad():
+                norms = linear.weight.norm(dim=1, keepdim=True).clamp_min(1e-12)
+                linear.weight.mul_((cap / norms).clamp(max=1.0))
+
+        linear, used = _retrain_linear(data, after_step=project, **hyperparameters)
+        head = _linear_head(linear)
+        score = data.score(head.predict(data.selection_features()), data.select)["mean_per_class"]
+        candidates.append((score, -float(multiple), head, used, float(multiple)))
+    score, _, head, used, multiple = max(candidates, key=lambda c: (c[0], c[1]))
+    return Fitted(head, {**used, "max_norm": round(multiple * scale, 4), "max_norm_multiple": multiple,
+                         "selected_on": data.select, "selection_mean_per_class": round(score, 4)},
+                  [{"max_norm_multiple": c[4], "mean_per_class": c[0]} for c in candidates])
+
+
+class CosineClassifier(nn.Module):
+    """s * cos(f, w_j) with a learned scale s (Gidaris & Komodakis 2018; paper Table 12)."""
+
+    def __init__(self, feature_dim: int, num_classes: int, scale: float, device):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(num_classes, feature_dim, device=device) * 0.01)
+        self.scale = nn.Parameter(torch.tensor(scale, device=device))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.scale * F.normalize(features, dim=1) @ F.normalize(self.weight, dim=1).T
+
+
+@register("cos", summary="cosine classifier with a learned scale re-trained on frozen features (Table 12)",
+          epochs=10, scale=16.0, **BALANCED_DEFAULTS)
+def fit_cosine_classifier(data: LabData, *, scale: float, **hyperparameters) -> Fitted:
     torch.manual_seed(data.seed)
-    features, labels = data.train.features, data.train.labels
-    linear = nn.Linear(features.shape[1], data.num_classes).to(features.device)
-    used = train_class_balanced(linear, features, labels, seed=data.seed, **hyperparameters)
-    head = LinearHead(linear.weight.detach().clone(), linear.bias.detach().clone())
-    return Fitted(head, used)
+    features = data.train.features
+    module = CosineClassifier(features.shape[1], data.num_classes, scale, features.device)
+    used = train_class_balanced(module, features, data.train.labels, seed=data.seed, **hyperparameters)
+    weight = (module.scale * F.normalize(module.weight, dim=1)).detach().clone()
+    return Fitted(LinearHead(weight, None, normalize_input=True), {**used, "scale": round(module.scale.item(), 4)})
 
 
 class ScaleLogits(nn.Module):
