@@ -253,6 +253,26 @@ def info_cmd(
         raise typer.Exit(2)
 
 
+@app.command("import-features")
+def import_features_cmd(
+    out: Path = typer.Option(..., "--out", help="Cache folder to create."),
+    train: Path = typer.Option(..., help="Train features: .npz/.pt with features [n, d] and labels [n], or .npy."),
+    test: Path = typer.Option(..., help="Test features, same format."),
+    val: Path | None = typer.Option(None, help="Val features (without them, select with --select train)."),
+    head: Path | None = typer.Option(None, help=".npz/.pt with the model's classifier: weight [C, d], bias [C]."),
+    class_names: Path | None = typer.Option(None, help="Text file, one class name per line."),
+    dtype: str = typer.Option("float32", help="float32 or float16 in the cache."),
+    seed: int = typer.Option(0, help="Seed of the linear probe fitted when there is no --head."),
+    overwrite: bool = typer.Option(False, help="Replace an existing cache (only once the new one is complete)."),
+):
+    """Build a cache from features computed elsewhere (CLIP, DINOv2, timm, ...); the manifest marks them imported."""
+    from ltcache.import_features import import_features
+
+    cache = _run(import_features, out, train=train, test=test, val=val, head=head, class_names=class_names,
+                 dtype=dtype, overwrite=overwrite, seed=seed)
+    typer.echo(f"cache: {cache}")
+
+
 @app.command("inat-splits")
 def inat_splits_cmd(
     json_dir: Path = typer.Argument(..., help="Folder with iNaturalist 2018's train2018.json and val2018.json."),
