@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import invoke
+from conftest import assert_clean_error, invoke
 from ltcache.metrics import bootstrap_intervals, calibration, evaluate, expected_calibration_error
 
 
@@ -54,3 +54,28 @@ def test_compare_reports_calibration_intervals_and_a_reliability_plot(toy_cache)
     assert (toy_cache / "reports" / "reliability.png").read_bytes()[:4] == b"\x89PNG"
     none = json.loads(invoke("compare", toy_cache, "--json", "--methods", "joint", "--bootstrap", "0").stdout)
     assert "ci95" not in none["rows"][0]
+
+
+def test_shifted_prior_accuracy_by_hand():
+    from ltcache.metrics import shifted_prior_accuracy
+
+    # Ranks by train count 0, 1, 2; forward prior at IF 2 is 2^(-rank/2) = 1, 0.7071, 0.5 (normalized).
+    result = shifted_prior_accuracy(np.array([100.0, 50.0, 0.0]), [30, 20, 10], imbalance_factors=(2,))
+    prior = np.array([1.0, 2**-0.5, 0.5])
+    assert result["forward_2"] == pytest.approx((100 * prior[0] + 50 * prior[1]) / prior.sum())
+    assert result["backward_2"] == pytest.approx((100 * prior[2] + 50 * prior[1]) / prior.sum())
+
+
+def test_seeds_refit_stochastic_methods_only(toy_cache):
+    result = invoke("compare", toy_cache, "--json", "--methods", "joint,crt", "--seeds", "3", "--bootstrap", "0",
+                    "--set", "crt.min_steps=50")
+    assert result.exit_code == 0, result.output
+    rows = {row["method"]: row for row in json.loads(result.stdout)["rows"]}
+    assert "seeds" not in rows["joint"]
+    stats = rows["crt"]["seeds"]
+    assert stats["n"] == 3 and stats["seeds"] == [0, 1, 2] and len(stats["all"]["values"]) == 3
+    assert stats["all"]["values"][0] == rows["crt"]["all"]  # the first seed is the reported fit
+    low, high = stats["all"]["ci95"]
+    assert low <= stats["all"]["mean"] <= high
+    assert set(rows["crt"]["shifted_priors"]) >= {"forward_50", "backward_50"}
+    assert_clean_error(invoke("compare", toy_cache, "--seeds", "0"), "--seeds must be >= 1")

@@ -189,6 +189,7 @@ def compare_cmd(
     set_: list[str] = typer.Option([], "--set", help="Hyperparameter override METHOD.PARAM=VALUE (repeatable)."),
     seed: int = typer.Option(0, help="Seed for cRT / LWS."),
     bootstrap: int = typer.Option(1000, help="Test resamples for the 95% intervals (0: none)."),
+    seeds: int = typer.Option(1, help="Refit each stochastic method with N seeds: mean and 95% interval."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of the table."),
     device: str | None = DeviceOpt,
     many: int = ManyOpt,
@@ -201,7 +202,8 @@ def compare_cmd(
 
     chosen = resolve_method_list(methods)
     summary = _run(lambda: compare(cache, methods=chosen, select=select, params=parse_params(set_), seed=seed,
-                                   device=device, thresholds=_thresholds(many, few), bootstrap=bootstrap))
+                                   device=device, thresholds=_thresholds(many, few), bootstrap=bootstrap,
+                                   seeds=seeds))
     if as_json:
         _echo_json(summary)
         return

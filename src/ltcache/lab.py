@@ -6,9 +6,19 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from ltcache.cache import FeatureCache, Split
 from ltcache.errors import LtcacheError
-from ltcache.metrics import ShotThresholds, bootstrap_intervals, calibration, evaluate, shot_groups
+from ltcache.metrics import (
+    ShotThresholds,
+    bootstrap_intervals,
+    calibration,
+    evaluate,
+    per_class_accuracy,
+    shifted_prior_accuracy,
+    shot_groups,
+)
 from ltcache.stage2 import METHODS, PAPER_ORDER, LabData, LinearHead, resolve_params
 from ltcache.stage2.weight_norms import DEFAULT_TAUS, best_on_curve, tau_curve, tau_normalize, validate_taus
 from ltcache.train import resolve_device
@@ -29,8 +39,10 @@ class Lab:
         logits = head.logits(self.test.features)
         predictions = logits.argmax(1)
         counts, thresholds = self.data.class_counts, self.data.thresholds
+        class_accuracy = per_class_accuracy(predictions, self.test.labels, len(counts))
         result = {**evaluate(predictions, self.test.labels, counts, thresholds),
-                  **calibration(logits, self.test.labels, counts, thresholds)}
+                  **calibration(logits, self.test.labels, counts, thresholds),
+                  "shifted_priors": shifted_prior_accuracy(class_accuracy, counts)}
         if bootstrap:
             result["ci95"] = bootstrap_intervals(predictions, self.test.labels, counts, thresholds,
                                                  resamples=bootstrap, seed=seed)
@@ -67,13 +79,16 @@ def sweep_tau(cache_path: Path, *, taus=DEFAULT_TAUS, select: str = "val", devic
 
 def compare(cache_path: Path, *, methods: list[str] | None = None, select: str = "val",
             params: dict[str, dict] | None = None, seed: int = 0, device: str | None = None,
-            thresholds: ShotThresholds = ShotThresholds(), bootstrap: int = 1000,
+            thresholds: ShotThresholds = ShotThresholds(), bootstrap: int = 1000, seeds: int = 1,
             write_reports: bool = True) -> dict:
     """Fit every method on train, select on val (or train), score test once; save heads and reports.
 
     Each row has the test metrics, ECE (15 bins; overall and per shot group) and, with bootstrap > 0,
-    95% percentile intervals from that many resamples of the test samples.
+    95% percentile intervals from that many resamples of the test samples. With seeds > 1, every stochastic
+    method is refitted with seeds seed .. seed+N-1 and the row gains the mean and a 95% t-interval over them.
     """
+    if seeds < 1:
+        raise LtcacheError(f"--seeds must be >= 1, got {seeds}")
     from ltcache import report  # matplotlib is only needed here
 
     methods = list(methods or PAPER_ORDER)
@@ -92,7 +107,10 @@ def compare(cache_path: Path, *, methods: list[str] | None = None, select: str =
         test = lab.score_test_fully(result.head, bootstrap=bootstrap, seed=seed)
         lab.cache.save_head(name, weight=result.head.weight, bias=result.head.bias, center=result.head.center,
                             normalize_input=result.head.normalize_input, attrs=result.chosen)
-        rows.append({"method": name, **test, "chosen": result.chosen, "fit_seconds": round(seconds, 3)})
+        row = {"method": name, **test, "chosen": result.chosen, "fit_seconds": round(seconds, 3)}
+        if seeds > 1 and METHODS[name].stochastic:
+            row["seeds"] = seed_statistics(lab, name, resolved[name], test, seed=seed, seeds=seeds)
+        rows.append(row)
         fitted[name] = result
     # The tau curve for Fig. 2 (right) is always on the selection split, never on test.
     curve = fitted["tau_norm"].curve if "tau_norm" in fitted else tau_curve(lab.data, select, DEFAULT_TAUS)
@@ -114,6 +132,30 @@ def compare(cache_path: Path, *, methods: list[str] | None = None, select: str =
                           if name in report.NORM_PLOT_METHODS},
             class_counts=lab.data.class_counts,
         )
+    return summary
+
+
+SEED_KEYS = ("all", "mean_per_class", "many", "medium", "few")
+
+
+def seed_statistics(lab: Lab, name: str, params: dict, first: dict, *, seed: int, seeds: int) -> dict:
+    """Refit `name` with the next seeds-1 seeds; mean and 95% t-interval of each metric over all seeds."""
+    from dataclasses import replace
+
+    from scipy import stats
+
+    runs = [first]
+    for offset in range(1, seeds):
+        refit = METHODS[name].fit(replace(lab.data, seed=seed + offset), **params)
+        runs.append(lab.score_test(refit.head))
+    half = stats.t.ppf(0.975, seeds - 1)
+    summary = {"n": seeds, "seeds": list(range(seed, seed + seeds))}
+    for key in SEED_KEYS:
+        values = np.array([run[key] for run in runs], dtype=np.float64)
+        width = half * values.std(ddof=1) / np.sqrt(seeds)
+        summary[key] = {"mean": float(values.mean()), "ci95": [float(values.mean() - width),
+                                                             float(values.mean() + width)],
+                        "values": values.tolist()}
     return summary
 
 

@@ -116,3 +116,21 @@ def bootstrap_intervals(predictions, labels, class_counts, thresholds: ShotThres
     tail = 100 * (1 - level) / 2
     return {key: [float(np.nanpercentile(values, tail)), float(np.nanpercentile(values, 100 - tail))]
             if not np.all(np.isnan(values)) else [float("nan"), float("nan")] for key, values in draws.items()}
+
+
+def shifted_prior_accuracy(class_accuracy: np.ndarray, class_counts, imbalance_factors=(2, 5, 10, 25, 50)) -> dict:
+    """Accuracy if test followed a long-tailed prior instead of a balanced one: sum_c pi_c * acc_c.
+
+    Exact for a balanced test set reweighted per class. "forward" keeps the train order (frequent train classes
+    stay frequent), "backward" reverses it; pi_c ∝ IF^(-rank_c / (C - 1)).
+    """
+    order = np.argsort(-np.asarray(class_counts), kind="stable")
+    rank = np.empty(len(order), dtype=np.float64)
+    rank[order] = np.arange(len(order))
+    accuracy = np.nan_to_num(class_accuracy, nan=0.0)
+    result = {}
+    for factor in imbalance_factors:
+        for name, r in (("forward", rank), ("backward", rank.max() - rank)):
+            prior = float(factor) ** (-r / max(rank.max(), 1))
+            result[f"{name}_{factor}"] = float((prior / prior.sum() * accuracy).sum())
+    return result

@@ -36,13 +36,20 @@ def markdown_table(summary: dict) -> str:
     """One row per method; with calibration and bootstrap results when the rows carry them."""
     groups = summary["groups"]
     rich = any("ece" in row for row in summary["rows"])
+    seeded = any("seeds" in row for row in summary["rows"])
     header = (f"| method | Many ({groups['many']}) | Medium ({groups['medium']}) | Few ({groups['few']}) "
               "| All | mean/class")
     header += " | All 95% CI | ECE |" if rich else " |"
-    lines = [header + " chosen |", "|---|---:|---:|---:|---:|---:|" + ("---:|---:|" if rich else "") + "---|"]
+    header += " All over seeds |" if seeded else ""
+    lines = [header + " chosen |",
+             "|---|---:|---:|---:|---:|---:|" + ("---:|---:|" if rich else "") + ("---:|" if seeded else "") + "---|"]
     for row in summary["rows"]:
         cells = " | ".join(_pct(row[c]) for c in COLUMNS)
         extra = f" | {_interval(row, 'all')} | {_pct(row['ece'])}" if rich else ""
+        if seeded:
+            stats = row.get("seeds", {}).get("all")
+            extra += (f" | {stats['mean']:.2f} ± {stats['ci95'][1] - stats['mean']:.2f} (n={row['seeds']['n']})"
+                      if stats else " | -")
         lines.append(f"| {row['method']} | {cells}{extra} | {format_chosen(row['chosen'])} |")
     return "\n".join(lines)
 

@@ -97,16 +97,17 @@ class Method:
     fit: Callable[..., Fitted]
     defaults: dict
     summary: str
+    stochastic: bool = False  # trained with SGD from a seed: compare --seeds N refits it N times
 
 
 METHODS: dict[str, Method] = {}
 
 
-def register(name: str, *, summary: str, **defaults):
+def register(name: str, *, summary: str, stochastic: bool = False, **defaults):
     """Register `fit(data: LabData, **hyperparameters) -> Fitted` under `name` with its default hyperparameters."""
 
     def wrap(fit: Callable[..., Fitted]) -> Callable[..., Fitted]:
-        METHODS[name] = Method(name, fit, defaults, summary)
+        METHODS[name] = Method(name, fit, defaults, summary, stochastic)
         return fit
 
     return wrap

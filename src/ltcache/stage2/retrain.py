@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -15,6 +16,8 @@ from ltcache.errors import LtcacheError
 from ltcache.stage2.core import Fitted, LabData, LinearHead, register
 from ltcache.train import cosine_schedule
 
+# Every method here is fitted by SGD from a seed: compare --seeds N refits it N times.
+register_trained = functools.partial(register, stochastic=True)
 BALANCED_DEFAULTS = {"batch_size": 512, "lr": None, "weight_decay": 5e-4, "momentum": 0.9, "min_steps": 500}
 
 
@@ -68,14 +71,14 @@ def _linear_head(linear: nn.Linear, bias: bool = True) -> LinearHead:
     return LinearHead(linear.weight.detach().clone(), linear.bias.detach().clone() if bias else None)
 
 
-@register("crt", summary="re-initialized linear classifier re-trained on frozen features, class-balanced",
+@register_trained("crt", summary="re-initialized linear classifier re-trained on frozen features, class-balanced",
           epochs=10, **BALANCED_DEFAULTS)
 def fit_crt(data: LabData, **hyperparameters) -> Fitted:
     linear, used = _retrain_linear(data, **hyperparameters)
     return Fitted(_linear_head(linear), used)
 
 
-@register("crt_bsm", summary="classifier re-trained with Balanced Softmax (Ren et al. 2020), instance sampling",
+@register_trained("crt_bsm", summary="classifier re-trained with Balanced Softmax (Ren et al. 2020), instance sampling",
           epochs=10, **BALANCED_DEFAULTS)
 def fit_crt_balanced_softmax(data: LabData, **hyperparameters) -> Fitted:
     from ltcache.losses import build_loss
@@ -109,7 +112,8 @@ class SmoothedCrossEntropy(nn.Module):
         return ((1 - eps) * nll - eps * log_p.mean(1)).mean()
 
 
-@register("crt_las", summary="classifier re-trained with label-aware smoothing (Zhong et al. 2021), class-balanced",
+@register_trained("crt_las", summary="classifier re-trained with label-aware smoothing (Zhong et al. 2021), "
+                  "class-balanced",
           epochs=10, smooth_head=0.4, smooth_tail=0.1, **BALANCED_DEFAULTS)
 def fit_crt_label_aware_smoothing(data: LabData, *, smooth_head: float, smooth_tail: float, **hyperparameters):
     epsilon = label_aware_smoothing(data.class_counts, smooth_head, smooth_tail).to(data.train.features.device)
@@ -117,7 +121,7 @@ def fit_crt_label_aware_smoothing(data: LabData, *, smooth_head: float, smooth_t
     return Fitted(_linear_head(linear), {**used, "smooth_head": smooth_head, "smooth_tail": smooth_tail})
 
 
-@register("crt_maxnorm", summary="classifier re-trained with weight decay + MaxNorm (Alshammari et al. 2022); "
+@register_trained("crt_maxnorm", summary="classifier re-trained with weight decay + MaxNorm (Alshammari et al. 2022); "
           "the norm cap chosen on the selection split", epochs=10,
           max_norms=(0.5, 1.0, 2.0, 4.0, 8.0), **{**BALANCED_DEFAULTS, "weight_decay": 5e-3})
 def fit_crt_maxnorm(data: LabData, *, max_norms, **hyperparameters) -> Fitted:
@@ -154,7 +158,7 @@ class CosineClassifier(nn.Module):
         return self.scale * F.normalize(features, dim=1) @ F.normalize(self.weight, dim=1).T
 
 
-@register("cos", summary="cosine classifier with a learned scale re-trained on frozen features (Table 12)",
+@register_trained("cos", summary="cosine classifier with a learned scale re-trained on frozen features (Table 12)",
           epochs=10, scale=16.0, **BALANCED_DEFAULTS)
 def fit_cosine_classifier(data: LabData, *, scale: float, **hyperparameters) -> Fitted:
     torch.manual_seed(data.seed)
@@ -177,8 +181,8 @@ class ScaleLogits(nn.Module):
         return raw_logits * self.scales
 
 
-@register("lws", summary="learnable per-class scales f_j on the joint W (Eq. 4), class-balanced; with_bias scales "
-          "b too, as the official code", epochs=5, with_bias=False, **BALANCED_DEFAULTS)
+@register_trained("lws", summary="learnable per-class scales f_j on the joint W (Eq. 4), class-balanced; "
+                  "with_bias scales b too, as the official code", epochs=5, with_bias=False, **BALANCED_DEFAULTS)
 def fit_lws(data: LabData, *, with_bias: bool, **hyperparameters) -> Fitted:
     raw = data.raw_logits("train")
     bias = data.joint.bias if with_bias and data.joint.bias is not None else None
@@ -203,7 +207,7 @@ class LearnedTau(nn.Module):
         return raw_logits * torch.exp(-self.tau * self.log_norms)
 
 
-@register("tau_learned", summary="tau learned with class-balanced sampling, W fixed (Appendix B.5)",
+@register_trained("tau_learned", summary="tau learned with class-balanced sampling, W fixed (Appendix B.5)",
           epochs=5, **{**BALANCED_DEFAULTS, "weight_decay": 0.0})
 def fit_tau_learned(data: LabData, **hyperparameters) -> Fitted:
     from ltcache.stage2.weight_norms import tau_normalize, weight_norms
