@@ -71,11 +71,46 @@ def _linear_head(linear: nn.Linear, bias: bool = True) -> LinearHead:
     return LinearHead(linear.weight.detach().clone(), linear.bias.detach().clone() if bias else None)
 
 
-@register_trained("crt", summary="re-initialized linear classifier re-trained on frozen features, class-balanced",
-          epochs=10, **BALANCED_DEFAULTS)
-def fit_crt(data: LabData, **hyperparameters) -> Fitted:
+@register_trained("crt", summary="re-initialized linear classifier re-trained on frozen features, class-balanced; "
+                  "solver=lbfgs fits it full-batch", epochs=10, solver="sgd", lbfgs_steps=100, **BALANCED_DEFAULTS)
+def fit_crt(data: LabData, *, solver: str, lbfgs_steps: int, **hyperparameters) -> Fitted:
+    if solver == "lbfgs":
+        return fit_crt_lbfgs(data, steps=lbfgs_steps, weight_decay=hyperparameters["weight_decay"])
+    if solver != "sgd":
+        raise LtcacheError(f"crt.solver must be sgd or lbfgs, got {solver!r}")
     linear, used = _retrain_linear(data, **hyperparameters)
     return Fitted(_linear_head(linear), used)
+
+
+def fit_crt_lbfgs(data: LabData, *, steps: int, weight_decay: float) -> Fitted:
+    """cRT fitted full-batch by L-BFGS: class-balanced sampling becomes class weights 1/n_y (the same objective
+    in expectation), weight decay the matching 0.5 * wd * ||W||^2 penalty."""
+    torch.manual_seed(data.seed)
+    features, labels = data.train.features, data.train.labels
+    linear = nn.Linear(features.shape[1], data.num_classes).to(features.device)
+    counts = torch.bincount(labels, minlength=data.num_classes).clamp_min(1).to(features.dtype)
+    class_weight = (1.0 / counts) / (1.0 / counts).mean()
+    optimizer = torch.optim.LBFGS(linear.parameters(), lr=1.0, max_iter=steps, history_size=20,
+                                  line_search_fn="strong_wolfe")
+
+    def objective() -> torch.Tensor:
+        loss = F.cross_entropy(linear(features), labels, weight=class_weight)
+        return loss + 0.5 * weight_decay * linear.weight.pow(2).sum()
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        loss = objective()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)  # returns the loss at the start, so the final objective is evaluated below
+    with torch.no_grad():
+        final = objective()
+    if not torch.isfinite(final):
+        raise LtcacheError("cRT with L-BFGS diverged; try crt.solver=sgd")
+    iterations = optimizer.state[optimizer._params[0]].get("n_iter", steps)
+    return Fitted(_linear_head(linear), {"solver": "lbfgs", "lbfgs_steps": steps, "iterations": int(iterations),
+                                         "weight_decay": weight_decay, "final_loss": round(final.item(), 6)})
 
 
 @register_trained("crt_bsm", summary="classifier re-trained with Balanced Softmax (Ren et al. 2020), instance sampling",
