@@ -232,8 +232,15 @@ class FeatureCache:
                 if index.min(initial=0) < 0 or index.max(initial=-1) >= rows or filled[index].any():
                     raise LtcacheError(f"shard {shard['file']} has sample indices outside 0..{rows - 1} or repeated; "
                                        "re-run ltcache extract")
-                features[index] = f["features"][:]
-                labels[index] = f["labels"][:]
+                first = int(index[0]) if len(index) else 0
+                if np.array_equal(index, np.arange(first, first + len(index))):
+                    # Rows already in order (single-process extract): read straight into place, no scatter copy.
+                    if len(index):
+                        f["features"].read_direct(features, dest_sel=np.s_[first : first + len(index)])
+                        f["labels"].read_direct(labels, dest_sel=np.s_[first : first + len(index)])
+                else:
+                    features[index] = f["features"][:]
+                    labels[index] = f["labels"][:]
                 filled[index] = True
         if not filled.all():
             raise LtcacheError(f"split {name} covers {int(filled.sum())} of {rows} rows; re-run ltcache extract")

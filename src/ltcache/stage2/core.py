@@ -75,6 +75,9 @@ class LabData:
             self._raw_logits[name] = LinearHead(self.joint.weight).logits(self.split(name).features)
         return self._raw_logits[name]
 
+    def clear_cached_logits(self) -> None:
+        self._raw_logits.clear()
+
     def selection_features(self) -> torch.Tensor:
         return self.split(self.select).features
 

@@ -67,8 +67,8 @@ def _retrain_linear(data: LabData, **hyperparameters) -> tuple[nn.Linear, dict]:
     return linear, used
 
 
-def _linear_head(linear: nn.Linear, bias: bool = True) -> LinearHead:
-    return LinearHead(linear.weight.detach().clone(), linear.bias.detach().clone() if bias else None)
+def _linear_head(linear: nn.Linear) -> LinearHead:
+    return LinearHead(linear.weight.detach().clone(), linear.bias.detach().clone())
 
 
 @register_trained("crt", summary="re-initialized linear classifier re-trained on frozen features, class-balanced; "
@@ -108,13 +108,13 @@ def fit_crt_lbfgs(data: LabData, *, steps: int, weight_decay: float) -> Fitted:
         final = objective()
     if not torch.isfinite(final):
         raise LtcacheError("cRT with L-BFGS diverged; try crt.solver=sgd")
-    iterations = optimizer.state[optimizer._params[0]].get("n_iter", steps)
+    iterations = optimizer.state[linear.weight].get("n_iter", steps)
     return Fitted(_linear_head(linear), {"solver": "lbfgs", "lbfgs_steps": steps, "iterations": int(iterations),
                                          "weight_decay": weight_decay, "final_loss": round(final.item(), 6)})
 
 
 @register_trained("crt_bsm", summary="classifier re-trained with Balanced Softmax (Ren et al. 2020), instance sampling",
-          epochs=10, **BALANCED_DEFAULTS)
+                  epochs=10, **BALANCED_DEFAULTS)
 def fit_crt_balanced_softmax(data: LabData, **hyperparameters) -> Fitted:
     from ltcache.losses import build_loss
 
@@ -148,8 +148,7 @@ class SmoothedCrossEntropy(nn.Module):
 
 
 @register_trained("crt_las", summary="classifier re-trained with label-aware smoothing (Zhong et al. 2021), "
-                  "class-balanced",
-          epochs=10, smooth_head=0.4, smooth_tail=0.1, **BALANCED_DEFAULTS)
+                  "class-balanced", epochs=10, smooth_head=0.4, smooth_tail=0.1, **BALANCED_DEFAULTS)
 def fit_crt_label_aware_smoothing(data: LabData, *, smooth_head: float, smooth_tail: float, **hyperparameters):
     epsilon = label_aware_smoothing(data.class_counts, smooth_head, smooth_tail).to(data.train.features.device)
     linear, used = _retrain_linear(data, criterion=SmoothedCrossEntropy(epsilon), **hyperparameters)
@@ -157,8 +156,8 @@ def fit_crt_label_aware_smoothing(data: LabData, *, smooth_head: float, smooth_t
 
 
 @register_trained("crt_maxnorm", summary="classifier re-trained with weight decay + MaxNorm (Alshammari et al. 2022); "
-          "the norm cap chosen on the selection split", epochs=10,
-          max_norms=(0.5, 1.0, 2.0, 4.0, 8.0), **{**BALANCED_DEFAULTS, "weight_decay": 5e-3})
+                  "the norm cap chosen on the selection split", epochs=10,
+                  max_norms=(0.5, 1.0, 2.0, 4.0, 8.0), **{**BALANCED_DEFAULTS, "weight_decay": 5e-3})
 def fit_crt_maxnorm(data: LabData, *, max_norms, **hyperparameters) -> Fitted:
     """max_norms are multiples of the joint classifier's median row norm; each is fitted, the best kept."""
     scale = data.joint.weight.norm(dim=1).median().item()
@@ -194,7 +193,7 @@ class CosineClassifier(nn.Module):
 
 
 @register_trained("cos", summary="cosine classifier with a learned scale re-trained on frozen features (Table 12)",
-          epochs=10, scale=16.0, **BALANCED_DEFAULTS)
+                  epochs=10, scale=16.0, **BALANCED_DEFAULTS)
 def fit_cosine_classifier(data: LabData, *, scale: float, **hyperparameters) -> Fitted:
     torch.manual_seed(data.seed)
     features = data.train.features
@@ -243,7 +242,7 @@ class LearnedTau(nn.Module):
 
 
 @register_trained("tau_learned", summary="tau learned with class-balanced sampling, W fixed (Appendix B.5)",
-          epochs=5, **{**BALANCED_DEFAULTS, "weight_decay": 0.0})
+                  epochs=5, **{**BALANCED_DEFAULTS, "weight_decay": 0.0})
 def fit_tau_learned(data: LabData, **hyperparameters) -> Fitted:
     from ltcache.stage2.weight_norms import tau_normalize, weight_norms
 

@@ -29,12 +29,14 @@ def tau_normalize(weight: torch.Tensor, tau: float) -> torch.Tensor:
 
 
 def grid_curve(data: LabData, split: str, grid: list[dict], adjust) -> list[dict]:
-    """Metrics on `split` for every point of `grid`, with logits = adjust(raw, **point).
+    """Metrics on `split` for every point of `grid`, with logits = adjust(raw, out, **point) written into `out`.
 
-    raw = F @ W.T is computed once per split; each point costs an O(N*C) rescale or shift, never a GEMM.
+    raw = F @ W.T is computed once per split; each point costs an O(N*C) rescale or shift into one reused
+    buffer, never a GEMM.
     """
     raw = data.raw_logits(split)
-    return [{**point, **data.score(adjust(raw, **point).argmax(1), split)} for point in grid]
+    out = torch.empty_like(raw)
+    return [{**point, **data.score(adjust(raw, out, **point).argmax(1), split)} for point in grid]
 
 
 def log_prior(data: LabData, device) -> torch.Tensor:
@@ -46,7 +48,7 @@ def tau_curve(data: LabData, split: str, taus) -> list[dict]:
     """Metrics of the tau-normalized head (Eq. 3) for every tau on `split`: column j scaled by ||w_j||^-tau."""
     norms = weight_norms(data.joint.weight).to(data.raw_logits(split).device)
     return grid_curve(data, split, [{"tau": tau} for tau in validate_taus(taus)],
-                      lambda raw, tau: raw / norms.pow(tau))
+                      lambda raw, out, tau: torch.mul(raw, norms.pow(-tau), out=out))
 
 
 def best_on_curve(curve: list[dict], key: str = "mean_per_class") -> dict:
@@ -75,7 +77,7 @@ def fit_logit_adjustment(data: LabData, *, taus) -> Fitted:
     prior = log_prior(data, data.joint.weight.device)
     bias = data.joint.bias if data.joint.bias is not None else torch.zeros_like(prior)
     curve = grid_curve(data, data.select, [{"la_tau": t} for t in validate_taus(taus)],
-                       lambda raw, la_tau: raw + bias - la_tau * prior)
+                       lambda raw, out, la_tau: torch.add(raw, bias - la_tau * prior, out=out))
     best = best_on_curve(curve)
     head = LinearHead(data.joint.weight, bias - best["la_tau"] * prior)
     return Fitted(head, {"la_tau": best["la_tau"], "selected_on": data.select,
@@ -88,7 +90,8 @@ def fit_tau_norm_logit_adjustment(data: LabData, *, taus, la_taus) -> Fitted:
     prior = log_prior(data, data.joint.weight.device)
     norms = weight_norms(data.joint.weight)
     grid = [{"tau": t, "la_tau": a} for t in validate_taus(taus) for a in validate_taus(la_taus)]
-    curve = grid_curve(data, data.select, grid, lambda raw, tau, la_tau: raw / norms.pow(tau) - la_tau * prior)
+    curve = grid_curve(data, data.select, grid,
+                       lambda raw, out, tau, la_tau: torch.mul(raw, norms.pow(-tau), out=out).sub_(la_tau * prior))
     best = best_on_curve(curve)
     head = LinearHead(tau_normalize(data.joint.weight, best["tau"]), -best["la_tau"] * prior)
     return Fitted(head, {"tau": best["tau"], "la_tau": best["la_tau"], "selected_on": data.select,
