@@ -81,8 +81,9 @@ class TrainConfig:
             raise LtcacheError(f"--lr must be > 0, got {self.lr}")
 
     def dataset_spec(self) -> DatasetSpec:
-        return DatasetSpec(self.dataset, self.root, self.imbalance_factor, self.n_max, self.seed, self.val_per_class,
-                           self.image_size, self.split_dir, self.profile, self.download)
+        # The dataset options are flat here (the CLI and recipe surface); DatasetSpec names which ones they are.
+        shared = {f.name for f in fields(DatasetSpec)} - {"name"}
+        return DatasetSpec(name=self.dataset, **{name: getattr(self, name) for name in shared})
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import gzip
 import hashlib
 from collections.abc import Callable
@@ -86,22 +87,32 @@ class LongTailData:
         }
 
 
-class ArrayImageDataset(Dataset):
-    """In-memory uint8 images [N, C, H, W]; yields (float image, label, row index within the split)."""
+class SplitDataset(Dataset):
+    """One split: int64 `labels`, a `transform`; items are (transformed image, label, row index in the split)."""
+
+    labels: torch.Tensor
+    transform: Callable
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def with_transform(self, transform) -> SplitDataset:
+        """The same rows with another transform (extract uses the test-time one on train)."""
+        clone = copy.copy(self)
+        clone.transform = transform
+        return clone
+
+
+class ArrayImageDataset(SplitDataset):
+    """In-memory uint8 images [N, C, H, W]."""
 
     def __init__(self, images: torch.Tensor, labels: np.ndarray, transform: Callable[[torch.Tensor], torch.Tensor]):
         self.images = images
         self.labels = torch.as_tensor(labels, dtype=torch.int64)
         self.transform = transform
 
-    def __len__(self) -> int:
-        return len(self.labels)
-
     def __getitem__(self, i: int):
         return self.transform(self.images[i]), self.labels[i], i
-
-    def with_transform(self, transform) -> ArrayImageDataset:
-        return ArrayImageDataset(self.images, self.labels.numpy(), transform)
 
 
 def small_image_transforms(mean: float, std: float, size: int, *, padding: int, flip: bool):

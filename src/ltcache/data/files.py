@@ -10,10 +10,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-from ltcache.data.datasets import DatasetSpec, LongTailData, register_dataset
+from ltcache.data.datasets import DatasetSpec, LongTailData, SplitDataset, register_dataset
 from ltcache.data.profiles import PROFILES, carve_splits
 from ltcache.errors import LtcacheError, unknown_name
 
@@ -31,16 +30,13 @@ def imagenet_transforms(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     return train, test
 
 
-class FileImageDataset(Dataset):
-    """Image files decoded with PIL as RGB; yields (transformed image, label, row index within the split)."""
+class FileImageDataset(SplitDataset):
+    """Image files decoded with PIL as RGB."""
 
     def __init__(self, paths: list[str], labels: np.ndarray, transform):
         self.paths = paths
         self.labels = torch.as_tensor(labels, dtype=torch.int64)
         self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.paths)
 
     def __getitem__(self, i: int):
         try:
@@ -50,9 +46,6 @@ class FileImageDataset(Dataset):
             raise LtcacheError(f"cannot decode image {self.paths[i]} ({type(exc).__name__}); replace the file "
                                "or drop its line from the split file") from None
         return self.transform(rgb), self.labels[i], i
-
-    def with_transform(self, transform) -> FileImageDataset:
-        return FileImageDataset(self.paths, self.labels.numpy(), transform)
 
 
 def read_split_file(path: Path, root: Path) -> tuple[list[str], np.ndarray]:
