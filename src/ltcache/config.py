@@ -65,13 +65,11 @@ class TrainConfig:
         from ltcache.data.datasets import DATASETS
         from ltcache.data.samplers import parse_sampler
         from ltcache.losses import build_loss
-        from ltcache.models import check_backbone, has_pretrained_weights
+        from ltcache.models import check_backbone
 
         if self.dataset not in DATASETS:
             raise unknown_name("dataset", self.dataset, DATASETS)
-        check_backbone(self.backbone)
-        if self.pretrained and not has_pretrained_weights(self.backbone):
-            raise LtcacheError(f"torchvision has no pretrained weights for {self.backbone!r}; drop --pretrained")
+        check_backbone(self.backbone, pretrained=self.pretrained)
         parse_sampler(self.sampler)
         build_loss(self.loss, [2, 1], self.loss_params)  # a bad loss name or parameter fails before any work
         for name in ("epochs", "batch_size"):

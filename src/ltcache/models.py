@@ -147,15 +147,14 @@ def backbone_names() -> list[str]:
     return sorted({*SMALL, *CUSTOM, *torchvision_classifiers()})
 
 
-def check_backbone(arch: str) -> None:
+def check_backbone(arch: str, *, pretrained: bool = False) -> None:
+    """A known backbone name (else the closest names), with torchvision weights when `pretrained`."""
     if arch not in SMALL and arch not in CUSTOM and arch not in torchvision_classifiers():
         close = difflib.get_close_matches(arch, backbone_names(), n=4, cutoff=0.5)
         hint = f"did you mean {', '.join(close)}?" if close else "see torchvision.models.list_models()"
         raise LtcacheError(f"unknown backbone {arch!r}; {hint}")
-
-
-def has_pretrained_weights(arch: str) -> bool:
-    return arch in torchvision_classifiers()
+    if pretrained and arch not in torchvision_classifiers():
+        raise LtcacheError(f"torchvision has no pretrained weights for {arch!r}; drop --pretrained")
 
 
 def build_model(arch: str, num_classes: int, in_channels: int = 3, *, pretrained: bool = False) -> Classifier:
@@ -163,9 +162,7 @@ def build_model(arch: str, num_classes: int, in_channels: int = 3, *, pretrained
 
     pretrained loads torchvision's default ImageNet weights into the backbone (downloaded by torchvision).
     """
-    check_backbone(arch)
-    if pretrained and not has_pretrained_weights(arch):
-        raise LtcacheError(f"torchvision has no pretrained weights for {arch!r}; drop --pretrained")
+    check_backbone(arch, pretrained=pretrained)
     if arch in SMALL:
         net = SMALL[arch](in_channels)
         return Classifier(net, net.feature_dim, num_classes)
