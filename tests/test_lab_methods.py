@@ -120,9 +120,10 @@ def test_choices_never_depend_on_the_test_split(tmp_path, name):
     with h5py.File(test_shard, "r+") as f:
         f["labels"][:] = np.random.default_rng(0).permutation(f["labels"][:])
     params = {m: {"min_steps": 50} for m in ("crt", "lws", "tau_learned") if m == name}
-    chosen = [compare(path, methods=[name], params=params, write_reports=False)["rows"][0]["chosen"]
-              for path in (first, second)]
-    assert chosen[0] == chosen[1]
+    rows = [compare(path, methods=[name], params=params, write_reports=False, bootstrap=0)["rows"][0]
+            for path in (first, second)]
+    assert rows[0]["chosen"] == rows[1]["chosen"]
+    assert rows[0]["temperature"] == rows[1]["temperature"]  # fitted on the selection split too
 
 
 def test_label_aware_smoothing_by_hand():

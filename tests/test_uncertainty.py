@@ -79,3 +79,22 @@ def test_seeds_refit_stochastic_methods_only(toy_cache):
     assert low <= stats["all"]["mean"] <= high
     assert set(rows["crt"]["shifted_priors"]) >= {"forward_50", "backward_50"}
     assert_clean_error(invoke("compare", toy_cache, "--seeds", "0"), "--seeds must be >= 1")
+
+
+def test_temperature_scaling_recovers_a_known_overconfidence():
+    from ltcache.metrics import fit_temperature
+
+    generator = torch.Generator().manual_seed(0)
+    calibrated = torch.randn(20_000, 5, generator=generator)
+    labels = torch.multinomial(torch.softmax(calibrated, 1), 1, generator=generator).squeeze(1)
+    # Labels drawn from softmax(z): logits 4z are 4x overconfident, and T must come out near 4.
+    assert abs(fit_temperature(4 * calibrated, labels) - 4.0) < 0.2
+    assert abs(fit_temperature(calibrated, labels) - 1.0) < 0.05
+
+
+def test_compare_reports_temperature_scaled_ece_fitted_off_test(toy_cache):
+    rows = json.loads(invoke("compare", toy_cache, "--json", "--methods", "joint,ncm", "--bootstrap", "0").stdout)
+    for row in rows["rows"]:
+        assert row["temperature"] > 0 and 0 <= row["ece_ts"] <= 100
+    ncm = {row["method"]: row for row in rows["rows"]}["ncm"]
+    assert ncm["temperature"] < 0.5  # cosine logits in [-1, 1] need sharpening

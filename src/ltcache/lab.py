@@ -15,6 +15,7 @@ from ltcache.metrics import (
     bootstrap_intervals,
     calibration,
     evaluate,
+    fit_temperature,
     per_class_accuracy,
     shifted_prior_accuracy,
     shot_groups,
@@ -35,7 +36,8 @@ class Lab:
                         self.data.thresholds)
 
     def score_test_fully(self, head: LinearHead, *, bootstrap: int, seed: int) -> dict:
-        """Test metrics, calibration (ECE) and, when bootstrap > 0, 95% intervals: one pass over test."""
+        """Test metrics, calibration (ECE, raw and after temperature scaling fitted on the selection split) and,
+        when bootstrap > 0, 95% intervals: one pass over test."""
         logits = head.logits(self.test.features)
         predictions = logits.argmax(1)
         counts, thresholds = self.data.class_counts, self.data.thresholds
@@ -43,6 +45,12 @@ class Lab:
         result = {**evaluate(predictions, self.test.labels, counts, thresholds),
                   **calibration(logits, self.test.labels, counts, thresholds),
                   "shifted_priors": shifted_prior_accuracy(class_accuracy, counts)}
+        # Calibration after temperature scaling, with T fitted on the selection split (never on test).
+        selection = self.data.split(self.data.select)
+        temperature = fit_temperature(head.logits(selection.features), selection.labels)
+        scaled = calibration(logits / temperature, self.test.labels, counts, thresholds)
+        result["temperature"] = temperature
+        result.update({f"{key}_ts": scaled[key] for key in ("ece", "ece_many", "ece_medium", "ece_few")})
         if bootstrap:
             result["ci95"] = bootstrap_intervals(predictions, self.test.labels, counts, thresholds,
                                                  resamples=bootstrap, seed=seed)

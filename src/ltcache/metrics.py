@@ -134,3 +134,19 @@ def shifted_prior_accuracy(class_accuracy: np.ndarray, class_counts, imbalance_f
             prior = float(factor) ** (-r / max(rank.max(), 1))
             result[f"{name}_{factor}"] = float((prior / prior.sum() * accuracy).sum())
     return result
+
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, steps: int = 100) -> float:
+    """Temperature scaling (Guo et al. 2017): the T > 0 minimizing the NLL of softmax(logits / T) on `labels`."""
+    logits, labels = logits.detach().float(), labels.detach()
+    log_t = torch.zeros((), device=logits.device, requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_t], lr=0.5, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(logits / log_t.exp(), labels)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return float(log_t.exp().item())

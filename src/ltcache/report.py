@@ -62,7 +62,8 @@ def tau_table(curve: list[dict], chosen_tau: float | None = None) -> str:
     return "\n".join(lines)
 
 
-CALIBRATION = ("ece", "ece_many", "ece_medium", "ece_few")
+CALIBRATION = ("ece", "ece_many", "ece_medium", "ece_few", "temperature", "ece_ts", "ece_many_ts", "ece_medium_ts",
+               "ece_few_ts")
 INTERVAL_KEYS = ("all", "mean_per_class", "many", "medium", "few")
 
 
