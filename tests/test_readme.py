@@ -43,7 +43,8 @@ def test_every_recipe_loads_and_validates():
     for recipe in recipes:
         cfg = train_config_from({}, recipe=recipe).resolved()
         cfg.validate()
-        assert cfg.out.startswith("runs/") and cfg.batch_size % 8 == 0 or cfg.dataset == "digits-lt"
+        assert cfg.out.startswith("runs/")
+        assert cfg.batch_size % 8 == 0  # splits evenly across 1, 2, 4 or 8 torchrun processes
         assert recipe.stem in (ROOT / "experiments" / "README.md").read_text()
 
 

@@ -118,12 +118,12 @@ def _joint_head(path: Path | None, train, num_classes: int, dim: int, seed: int)
             raise LtcacheError(f"{path}: weight must be [{num_classes}, {dim}] and bias [{num_classes}]; got "
                                f"{tuple(weight.shape)} and {tuple(bias.shape)}")
         return weight, bias, {"source": "imported", "path": str(Path(path).resolve())}
-    from ltcache.stage2.retrain import train_class_balanced
+    from ltcache.stage2.retrain import BALANCED_DEFAULTS, train_on_features
 
     torch.manual_seed(seed)
     features, labels = torch.from_numpy(train[0]), torch.from_numpy(train[1])
     linear = torch.nn.Linear(dim, num_classes)
-    used = train_class_balanced(linear, features, labels, epochs=10, batch_size=512, lr=None, weight_decay=5e-4,
-                                momentum=0.9, min_steps=500, seed=seed, sampling_q=1.0)
+    # cRT's schedule (10 epochs, same defaults), but instance-balanced batches: a plain linear probe.
+    used = train_on_features(linear, features, labels, epochs=10, seed=seed, sampling_q=1.0, **BALANCED_DEFAULTS)
     return linear.weight.detach(), linear.bias.detach(), {"source": "fitted: instance-balanced linear probe", **used}
 

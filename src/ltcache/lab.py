@@ -19,6 +19,7 @@ from ltcache.metrics import (
     per_class_accuracy,
     shifted_prior_accuracy,
     shot_groups,
+    summarize,
 )
 from ltcache.stage2 import METHODS, PAPER_ORDER, LabData, LinearHead, resolve_params
 from ltcache.stage2.weight_norms import DEFAULT_TAUS, best_on_curve, tau_curve, tau_normalize, validate_taus
@@ -42,11 +43,12 @@ class Lab:
         predictions = logits.argmax(1)
         counts, thresholds = self.data.class_counts, self.data.thresholds
         class_accuracy = per_class_accuracy(predictions, self.test.labels, len(counts))
-        result = {**evaluate(predictions, self.test.labels, counts, thresholds),
+        overall = 100.0 * (predictions == self.test.labels).double().mean().item()
+        result = {**summarize(class_accuracy, overall, counts, thresholds),
                   **calibration(logits, self.test.labels, counts, thresholds),
                   "shifted_priors": shifted_prior_accuracy(class_accuracy, counts)}
         # Calibration after temperature scaling, with T fitted on the selection split (never on test).
-        selection = self.data.split(self.data.select)
+        selection = self.data.selection
         temperature = fit_temperature(head.logits(selection.features), selection.labels)
         scaled = calibration(logits / temperature, self.test.labels, counts, thresholds)
         result["temperature"] = temperature

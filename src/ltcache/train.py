@@ -114,8 +114,6 @@ def fit(cfg: TrainConfig) -> Path:
     cfg.validate()
     device = resolve_device(cfg.device)
     init_distributed(device)
-    rank, world = get_rank(), get_world_size()
-    sampler_name = parse_sampler(cfg.sampler)
     data = build_dataset(cfg.dataset_spec())
     out = Path(cfg.out)
     check_output_dir(out, overwrite=cfg.overwrite, what="run folder")  # every rank fails alike, none hangs
@@ -124,25 +122,26 @@ def fit(cfg: TrainConfig) -> Path:
         prepare_output_dir(out, overwrite=cfg.overwrite, what="run folder")
     barrier()
     try:
-        return _train(cfg, data, out, device, rank, world, sampler_name)
+        return _train(cfg, data, out, device)
     except LtcacheError:
         # A bad image or a diverging loss before the first checkpoint: leave nothing behind.
         if is_main_process() and not (out / "checkpoint.pt").exists():
             shutil.rmtree(out, ignore_errors=True)
         raise
     finally:
-        if world > 1:
+        if get_world_size() > 1:
             dist.destroy_process_group()
 
 
-def _train(cfg: TrainConfig, data, out: Path, device: torch.device, rank: int, world: int, sampler_name) -> Path:
+def _train(cfg: TrainConfig, data, out: Path, device: torch.device) -> Path:
+    rank, world = get_rank(), get_world_size()
     seed_everything(cfg.seed)  # the same initial weights on every rank
     model = build_model(cfg.backbone, data.num_classes, data.in_channels, pretrained=cfg.pretrained).to(device)
     trainable = select_trainable(model, cfg.trainable)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
 
-    sampler = EpochSampler(data.labels["train"], sampler_name, total_epochs=cfg.epochs, seed=cfg.seed,
+    sampler = EpochSampler(data.labels["train"], parse_sampler(cfg.sampler), total_epochs=cfg.epochs, seed=cfg.seed,
                            rank=rank, world=world, samples_per_class=cfg.samples_per_class)
     loader_args = {"num_workers": cfg.workers, "pin_memory": device.type == "cuda",
                    "persistent_workers": cfg.workers > 0}

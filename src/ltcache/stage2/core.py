@@ -78,8 +78,10 @@ class LabData:
     def clear_cached_logits(self) -> None:
         self._raw_logits.clear()
 
-    def selection_features(self) -> torch.Tensor:
-        return self.split(self.select).features
+    @property
+    def selection(self) -> Split:
+        """The split that hyperparameters are chosen on: val, or train with --select train."""
+        return self.split(self.select)
 
     def score(self, predictions: torch.Tensor, name: str) -> dict:
         return evaluate(predictions, self.split(name).labels, self.class_counts, self.thresholds)

@@ -14,6 +14,7 @@ from ltcache.config import scaled_lr
 from ltcache.data.samplers import class_probabilities, sample_weights
 from ltcache.errors import LtcacheError
 from ltcache.stage2.core import Fitted, LabData, LinearHead, register
+from ltcache.stage2.weight_norms import tau_normalize, weight_norms
 from ltcache.train import cosine_schedule
 
 # Every method here is fitted by SGD from a seed: compare --seeds N refits it N times.
@@ -21,7 +22,7 @@ register_trained = functools.partial(register, stochastic=True)
 BALANCED_DEFAULTS = {"batch_size": 512, "lr": None, "weight_decay": 5e-4, "momentum": 0.9, "min_steps": 500}
 
 
-def train_class_balanced(module: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, *, epochs: int,
+def train_on_features(module: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, *, epochs: int,
                          batch_size: int, lr: float | None, weight_decay: float, momentum: float, min_steps: int,
                          seed: int, sampling_q: float = 0.0, criterion=None, after_step=None) -> dict:
     """Fit `module` (inputs -> logits) with SGD and a cosine lr to 0, drawing batches by Eq. 1.
@@ -63,7 +64,7 @@ def _retrain_linear(data: LabData, **hyperparameters) -> tuple[nn.Linear, dict]:
     torch.manual_seed(data.seed)
     features = data.train.features
     linear = nn.Linear(features.shape[1], data.num_classes).to(features.device)
-    used = train_class_balanced(linear, features, data.train.labels, seed=data.seed, **hyperparameters)
+    used = train_on_features(linear, features, data.train.labels, seed=data.seed, **hyperparameters)
     return linear, used
 
 
@@ -172,7 +173,7 @@ def fit_crt_maxnorm(data: LabData, *, max_norms, **hyperparameters) -> Fitted:
 
         linear, used = _retrain_linear(data, after_step=project, **hyperparameters)
         head = _linear_head(linear)
-        score = data.score(head.predict(data.selection_features()), data.select)["mean_per_class"]
+        score = data.score(head.predict(data.selection.features), data.select)["mean_per_class"]
         candidates.append((score, -float(multiple), head, used, float(multiple)))
     score, _, head, used, multiple = max(candidates, key=lambda c: (c[0], c[1]))
     return Fitted(head, {**used, "max_norm": round(multiple * scale, 4), "max_norm_multiple": multiple,
@@ -198,7 +199,7 @@ def fit_cosine_classifier(data: LabData, *, scale: float, **hyperparameters) -> 
     torch.manual_seed(data.seed)
     features = data.train.features
     module = CosineClassifier(features.shape[1], data.num_classes, scale, features.device)
-    used = train_class_balanced(module, features, data.train.labels, seed=data.seed, **hyperparameters)
+    used = train_on_features(module, features, data.train.labels, seed=data.seed, **hyperparameters)
     weight = (module.scale * F.normalize(module.weight, dim=1)).detach().clone()
     return Fitted(LinearHead(weight, None, normalize_input=True), {**used, "scale": round(module.scale.item(), 4)})
 
@@ -222,7 +223,7 @@ def fit_lws(data: LabData, *, with_bias: bool, **hyperparameters) -> Fitted:
     bias = data.joint.bias if with_bias and data.joint.bias is not None else None
     scaling = ScaleLogits(data.num_classes, raw.device)
     inputs = raw + bias if bias is not None else raw
-    used = train_class_balanced(scaling, inputs, data.train.labels, seed=data.seed, **hyperparameters)
+    used = train_on_features(scaling, inputs, data.train.labels, seed=data.seed, **hyperparameters)
     scales = scaling.scales.detach().clone().to(data.joint.weight.device)
     head = LinearHead(data.joint.weight * scales[:, None], bias * scales if bias is not None else None)
     scale_range = {"scale_min": round(scales.min().item(), 4), "scale_max": round(scales.max().item(), 4)}
@@ -244,10 +245,8 @@ class LearnedTau(nn.Module):
 @register_trained("tau_learned", summary="tau learned with class-balanced sampling, W fixed (Appendix B.5)",
                   epochs=5, **{**BALANCED_DEFAULTS, "weight_decay": 0.0})
 def fit_tau_learned(data: LabData, **hyperparameters) -> Fitted:
-    from ltcache.stage2.weight_norms import tau_normalize, weight_norms
-
     raw = data.raw_logits("train")
     module = LearnedTau(torch.log(weight_norms(data.joint.weight)).to(raw.device))
-    used = train_class_balanced(module, raw, data.train.labels, seed=data.seed, **hyperparameters)
+    used = train_on_features(module, raw, data.train.labels, seed=data.seed, **hyperparameters)
     tau = round(module.tau.item(), 4)
     return Fitted(LinearHead(tau_normalize(data.joint.weight, tau)), {"tau": tau, **used})

@@ -1,4 +1,4 @@
-"""Methods that reuse the jointly trained W: Joint, tau-normalization (Eq. 3)."""
+"""Methods that reuse the jointly trained W: Joint, tau-normalization (Eq. 3), post-hoc logit adjustment."""
 
 from __future__ import annotations
 
@@ -56,6 +56,12 @@ def best_on_curve(curve: list[dict], key: str = "mean_per_class") -> dict:
     return max(curve, key=lambda entry: (entry[key], *(-entry[p] for p in ("tau", "la_tau") if p in entry)))
 
 
+def chosen_on_grid(data: LabData, best: dict, *keys: str) -> dict:
+    """What a grid search chose (`keys` of the best entry), on which split, and the score there."""
+    return {**{key: best[key] for key in keys}, "selected_on": data.select,
+            "selection_mean_per_class": round(best["mean_per_class"], 4)}
+
+
 @register("joint", summary="the stage-1 classifier as trained (W, b)")
 def fit_joint(data: LabData) -> Fitted:
     return Fitted(data.joint, {})
@@ -67,8 +73,7 @@ def fit_tau_norm(data: LabData, *, taus) -> Fitted:
     curve = tau_curve(data, data.select, taus)
     best = best_on_curve(curve)
     head = LinearHead(tau_normalize(data.joint.weight, best["tau"]))
-    return Fitted(head, {"tau": best["tau"], "selected_on": data.select,
-                         "selection_mean_per_class": round(best["mean_per_class"], 4)}, curve)
+    return Fitted(head, chosen_on_grid(data, best, "tau"), curve)
 
 
 @register("logit_adj", summary="post-hoc logit adjustment (Menon et al. 2021): joint logits - tau log(prior)",
@@ -80,8 +85,7 @@ def fit_logit_adjustment(data: LabData, *, taus) -> Fitted:
                        lambda raw, out, la_tau: torch.add(raw, bias - la_tau * prior, out=out))
     best = best_on_curve(curve)
     head = LinearHead(data.joint.weight, bias - best["la_tau"] * prior)
-    return Fitted(head, {"la_tau": best["la_tau"], "selected_on": data.select,
-                         "selection_mean_per_class": round(best["mean_per_class"], 4)}, curve)
+    return Fitted(head, chosen_on_grid(data, best, "la_tau"), curve)
 
 
 @register("tau_norm_la", summary="tau-normalization, then post-hoc logit adjustment; both chosen on one grid",
@@ -94,5 +98,4 @@ def fit_tau_norm_logit_adjustment(data: LabData, *, taus, la_taus) -> Fitted:
                        lambda raw, out, tau, la_tau: torch.mul(raw, norms.pow(-tau), out=out).sub_(la_tau * prior))
     best = best_on_curve(curve)
     head = LinearHead(tau_normalize(data.joint.weight, best["tau"]), -best["la_tau"] * prior)
-    return Fitted(head, {"tau": best["tau"], "la_tau": best["la_tau"], "selected_on": data.select,
-                         "selection_mean_per_class": round(best["mean_per_class"], 4)}, curve)
+    return Fitted(head, chosen_on_grid(data, best, "tau", "la_tau"), curve)
