@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ltcache.stage2.core import LinearHead
+from ltcache.heads import LinearHead
 from ltcache.stage2.weight_norms import DEFAULT_TAUS, tau_normalize, weight_norms
 
 

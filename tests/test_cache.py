@@ -8,6 +8,7 @@ import torch
 from conftest import write_toy_cache
 from ltcache.cache import CacheWriter, FeatureCache
 from ltcache.errors import LtcacheError
+from ltcache.heads import LinearHead
 
 
 def test_round_trip_orders_rows_by_sample_index_across_shards(tmp_path):
@@ -102,7 +103,7 @@ def test_existing_cache_is_kept_without_overwrite_and_replaced_only_on_commit(tm
 
 def test_heads_round_trip(toy_cache):
     cache = FeatureCache(toy_cache)
-    cache.save_head("tau_norm", weight=torch.eye(3, 4), bias=None, normalize_input=False, attrs={"tau": 0.7})
-    head = cache.load_head("tau_norm")
-    assert head["bias"] is None and head["hyperparameters"] == {"tau": 0.7}
+    cache.save_head("tau_norm", LinearHead(torch.eye(3, 4)), {"tau": 0.7})
+    head, hyperparameters = cache.load_head("tau_norm")
+    assert head.bias is None and torch.equal(head.weight, torch.eye(3, 4)) and hyperparameters == {"tau": 0.7}
     assert cache.head_names() == ["tau_norm"]

@@ -110,3 +110,9 @@ def test_trainable_naming_no_parameter_and_pretrained_without_weights(tmp_path):
     result = invoke("train-backbone", "--out", out, "--backbone", "resnet32", "--pretrained")
     assert_clean_error(result, "no pretrained weights for 'resnet32'")
     assert not out.exists()
+
+
+def test_bad_target_prior_fails_before_any_head_is_written(toy_cache):
+    result = invoke("compare", toy_cache, "--methods", "crt,logit_adj", "--set", "logit_adj.target=forwad:10")
+    assert_clean_error(result, "target prior 'forwad:10'", "forward:F")
+    assert not (toy_cache / "heads").exists()

@@ -1,6 +1,7 @@
 """Hand-computed cases for the classifier-lab methods beyond the paper's five, and selection honesty."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -145,7 +146,7 @@ def _imbalanced_toy(seed=1):
     return lab(torch.tensor([[1.0, 0.0], [0.0, 0.1]]), torch.tensor([5.0, 0.0]), features, labels, [200, 5])
 
 
-@pytest.mark.parametrize("name", ["crt_bsm", "crt_las", "crt_maxnorm", "cos"])
+@pytest.mark.parametrize("name", ["crt_bsm", "crt_las", "crt_maxnorm", "cos", "disalign", "mlp2", "mlp3"])
 def test_crt_variants_recover_the_tail_class(name):
     data = _imbalanced_toy()
     overrides = {"epochs": 2, "min_steps": 300, "batch_size": 64}
@@ -169,3 +170,46 @@ def test_cosine_classifier_head_is_scaled_unit_rows_on_normalized_features():
     assert fitted.head.normalize_input and fitted.head.bias is None
     np.testing.assert_allclose(fitted.head.weight.norm(dim=1).numpy(), [fitted.chosen["scale"]] * 2, rtol=1e-4)
     assert fitted.chosen["steps"] == 100
+
+
+def test_generalized_reweighting_by_hand():
+    from ltcache.stage2.nonlinear import generalized_reweighting
+
+    # shares 0.8, 0.2 -> (1/0.8)^2 = 1.5625, (1/0.2)^2 = 25 -> mean 13.28125
+    np.testing.assert_allclose(generalized_reweighting([80, 20], 2.0).numpy(), [1.5625 / 13.28125, 25 / 13.28125],
+                               rtol=1e-6)
+    np.testing.assert_allclose(generalized_reweighting([80, 20], 0.0).numpy(), [1.0, 1.0])
+
+
+def test_disalign_head_by_hand_and_identity_at_init():
+    from ltcache.heads import DisAlignHead
+
+    weight, bias = torch.tensor([[1.0, 0.0], [0.0, 2.0]]), torch.tensor([0.5, -0.5])
+    f = torch.tensor([[1.0, 1.0]])
+    # z = (1.5, 1.5); gate = sigmoid(1*1 + 0*1 + 0) = 0.7311; calibrated = (2 * 1.5 + 0, 0.5 * 1.5 - 1)
+    head = DisAlignHead(weight, bias, torch.tensor([2.0, 0.5]), torch.tensor([0.0, -1.0]), torch.tensor([1.0, 0.0]),
+                        torch.tensor(0.0))
+    gate = 1 / (1 + math.exp(-1.0))
+    expected = [gate * 3.0 + (1 - gate) * 1.5, gate * -0.25 + (1 - gate) * 1.5]
+    np.testing.assert_allclose(head.logits(f)[0].numpy(), expected, rtol=1e-6)
+    identity = DisAlignHead(weight, bias, torch.ones(2), torch.zeros(2), torch.randn(2), torch.tensor(3.0))
+    torch.testing.assert_close(identity.logits(f), f @ weight.T + bias)
+
+
+def test_mlp_head_by_hand():
+    from ltcache.heads import MLPHead
+
+    head = MLPHead((torch.tensor([[1.0, -1.0], [0.5, 0.5]]), torch.tensor([[2.0, 1.0]])),
+                   (torch.tensor([0.0, -2.0]), torch.tensor([0.25])))
+    # f = (3, 1): hidden relu((3 - 1, 1.5 + 0.5 - 2)) = (2, 0) -> 2 * 2 + 1 * 0 + 0.25
+    assert head.logits(torch.tensor([[3.0, 1.0]])).item() == pytest.approx(4.25)
+    # f = (1, 3): hidden relu((1 - 3, 0.5 + 1.5 - 2)) = (0, 0) -> the output bias alone
+    assert head.logits(torch.tensor([[1.0, 3.0]])).item() == pytest.approx(0.25)
+
+
+def test_mlp_hidden_width_defaults_to_the_feature_size():
+    fitted = fit_method("mlp3", _imbalanced_toy(), {"epochs": 1, "min_steps": 10, "hidden": 0})
+    assert [tuple(w.shape) for w in fitted.head.weights] == [(2, 2), (2, 2), (2, 2)]
+    assert fitted.chosen["layers"] == 3 and fitted.chosen["hidden"] == 2
+    wide = fit_method("mlp2", _imbalanced_toy(), {"epochs": 1, "min_steps": 10, "hidden": 16})
+    assert [tuple(w.shape) for w in wide.head.weights] == [(16, 2), (2, 16)]

@@ -62,10 +62,9 @@ def test_every_head_reloads_with_identical_logits(toy_cache):
     for name in METHODS:
         overrides = {"min_steps": 30} if "min_steps" in METHODS[name].defaults else {}
         head = fit_method(name, lab_.data, overrides).head
-        cache.save_head(name, weight=head.weight, bias=head.bias, normalize_input=head.normalize_input,
-                        center=head.center, attrs={})
-        loaded = cache.load_head(name)
-        reloaded = LinearHead(loaded["weight"], loaded["bias"], loaded["normalize_input"], loaded["center"])
+        cache.save_head(name, head, {"fitted": name})
+        reloaded, attrs = cache.load_head(name)
+        assert type(reloaded) is type(head) and attrs == {"fitted": name}
         assert torch.equal(reloaded.logits(lab_.test.features), head.logits(lab_.test.features)), name
 
 

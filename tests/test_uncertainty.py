@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import assert_clean_error, invoke
+from ltcache.cache import Split
 from ltcache.metrics import bootstrap_intervals, calibration, evaluate, expected_calibration_error
 
 
@@ -98,3 +99,72 @@ def test_compare_reports_temperature_scaled_ece_fitted_off_test(toy_cache):
         assert row["temperature"] > 0 and 0 <= row["ece_ts"] <= 100
     ncm = {row["method"]: row for row in rows["rows"]}["ncm"]
     assert ncm["temperature"] < 0.5  # cosine logits in [-1, 1] need sharpening
+
+
+def test_parse_prior_specs_and_files(tmp_path):
+    from ltcache.errors import LtcacheError
+    from ltcache.metrics import long_tailed_prior, parse_prior
+
+    counts = [30, 20, 10]
+    np.testing.assert_allclose(parse_prior("uniform", counts), [1 / 3] * 3)
+    np.testing.assert_allclose(parse_prior("train", counts), [0.5, 1 / 3, 1 / 6])
+    np.testing.assert_allclose(parse_prior("forward:2", counts), np.array([1.0, 2**-0.5, 0.5]) / (1.5 + 2**-0.5))
+    np.testing.assert_allclose(parse_prior("backward:2", counts), long_tailed_prior(counts, 2, "backward"))
+    (tmp_path / "p.json").write_text("[1, 1, 2]")
+    (tmp_path / "p.txt").write_text("1\n1\n2\n")
+    np.save(tmp_path / "p.npy", np.array([1.0, 1.0, 2.0]))
+    for name in ("p.json", "p.txt", "p.npy"):
+        np.testing.assert_allclose(parse_prior(str(tmp_path / name), counts), [0.25, 0.25, 0.5])
+    missing = str(tmp_path / "p.json") + "x"
+    for bad, fragment in (("forward:0.5", ">= 1"), ("sideways:3", "neither"), (missing, "neither")):
+        with pytest.raises(LtcacheError, match=fragment):
+            parse_prior(bad, counts)
+    (tmp_path / "short.json").write_text("[1, 2]")
+    with pytest.raises(LtcacheError, match="3 finite non-negative weights"):
+        parse_prior(str(tmp_path / "short.json"), counts)
+
+
+def _two_gaussians(n_per_class: int, prior, seed: int):
+    """1-D classes N(-1, 1) and N(+1, 1); the joint head's logits are the log-likelihoods plus log(train prior)."""
+    generator = torch.Generator().manual_seed(seed)
+    counts = np.round(np.asarray(prior) * n_per_class * 2).astype(int)
+    labels = torch.cat([torch.full((int(n),), c) for c, n in enumerate(counts)])
+    features = (2.0 * labels - 1.0)[:, None] + torch.randn(len(labels), 1, generator=generator)
+    return Split(features, labels)
+
+
+def test_logit_adjustment_toward_a_target_prior():
+    """Joint logits calibrated to a 9:1 train prior. Aimed at the train prior with tau = 1, logit adjustment
+    gives the joint head back; aimed at a backward prior, it beats the balance-aimed head under that prior."""
+    from ltcache.metrics import parse_prior, per_class_accuracy, prior_accuracy
+    from ltcache.stage2 import LabData, LinearHead, fit_method
+
+    train = _two_gaussians(5000, [0.9, 0.1], seed=0)
+    # log N(x; mu_c, 1) = x mu_c - mu_c^2 / 2 + const: W = mu, b = -mu^2/2 + log(train prior)
+    joint = LinearHead(torch.tensor([[-1.0], [1.0]]), torch.tensor([-0.5 + np.log(0.9), -0.5 + np.log(0.1)]))
+    data = LabData(train=train, val=_two_gaussians(20000, [0.5, 0.5], seed=1), joint=joint,
+                   class_counts=np.array([9000, 1000]))
+    aimed_at_train = fit_method("logit_adj", data, {"taus": (1.0,), "target": "train"}).head
+    test = _two_gaussians(20000, [0.5, 0.5], seed=2)
+    torch.testing.assert_close(aimed_at_train.logits(test.features), joint.logits(test.features))
+
+    target = parse_prior("backward:20", data.class_counts)
+    adapted = fit_method("logit_adj", data, {"target": "backward:20"})
+    balanced = fit_method("logit_adj", data, {})
+    assert adapted.chosen["target"] == "backward:20" and "selection_target_accuracy" in adapted.chosen
+
+    def under_target(head):
+        return prior_accuracy(per_class_accuracy(head.predict(test.features), test.labels, 2), target)
+
+    assert under_target(adapted.head) > under_target(balanced.head) + 2.0
+
+
+def test_compare_reports_logit_adjustment_aimed_at_each_shifted_prior(toy_cache):
+    result = invoke("compare", toy_cache, "--json", "--methods", "joint,logit_adj", "--bootstrap", "0")
+    assert result.exit_code == 0, result.output
+    rows = {row["method"]: row for row in json.loads(result.stdout)["rows"]}
+    adapted = rows["logit_adj"]["shifted_priors_adapted"]
+    assert set(adapted) == set(rows["logit_adj"]["shifted_priors"]) and "shifted_priors_adapted" not in rows["joint"]
+    assert all(0.0 <= value <= 100.0 for value in adapted.values())
+    markdown = (toy_cache / "reports" / "results.md").read_text()
+    assert "### Shifted test priors" in markdown and "| logit_adj → the prior |" in markdown

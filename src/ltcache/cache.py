@@ -21,6 +21,7 @@ import torch
 from ltcache import __version__
 from ltcache.errors import LtcacheError
 from ltcache.fsutil import atomic_write, sha256_file, write_json
+from ltcache.heads import HEAD_KINDS, Head
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -268,39 +269,37 @@ class FeatureCache:
     def reports_dir(self) -> Path:
         return self.path / "reports"
 
-    def save_head(self, name: str, *, weight: torch.Tensor, bias: torch.Tensor | None, normalize_input: bool,
-                  attrs: dict, center: torch.Tensor | None = None) -> Path:
-        """Store a fitted linear head (logits = normalize?(f - center) @ weight.T + bias) with its
-        hyperparameters (JSON) as attributes."""
+    def save_head(self, name: str, head: Head, attrs: dict) -> Path:
+        """Store a fitted head (any kind in heads.py) with its hyperparameters (JSON) as attributes."""
         self.heads_dir.mkdir(exist_ok=True)
         path = self.heads_dir / f"{name}.h5"
 
         def write(tmp: Path) -> None:
             with h5py.File(tmp, "w") as f:
-                f.create_dataset("weight", data=weight.detach().cpu().float().numpy())
-                if bias is not None:
-                    f.create_dataset("bias", data=bias.detach().cpu().float().numpy())
-                if center is not None:
-                    f.create_dataset("center", data=center.detach().cpu().float().numpy())
-                f.attrs["normalize_input"] = bool(normalize_input)
+                for key, tensor in head.tensors().items():
+                    f.create_dataset(key, data=tensor.detach().cpu().float().numpy())
+                f.attrs["kind"] = head.kind
+                f.attrs["options"] = json.dumps(head.options())
                 f.attrs["method"] = name
                 f.attrs["hyperparameters"] = json.dumps(attrs)
 
         atomic_write(path, write)
         return path
 
-    def load_head(self, name: str) -> dict:
+    def load_head(self, name: str) -> tuple[Head, dict]:
+        """A stored head and the hyperparameters it was fitted with."""
         path = self.heads_dir / f"{name}.h5"
         if not path.is_file():
             raise LtcacheError(f"no fitted head {name!r} in {self.heads_dir}; run ltcache compare first")
         with h5py.File(path, "r") as f:
-            return {
-                "weight": torch.from_numpy(f["weight"][:]),
-                "bias": torch.from_numpy(f["bias"][:]) if "bias" in f else None,
-                "center": torch.from_numpy(f["center"][:]) if "center" in f else None,
-                "normalize_input": bool(f.attrs["normalize_input"]),
-                "hyperparameters": json.loads(f.attrs["hyperparameters"]),
-            }
+            kind = f.attrs.get("kind", "linear")
+            if kind not in HEAD_KINDS:
+                raise LtcacheError(f"head {path} is of kind {kind!r}, which this ltcache cannot read; upgrade ltcache")
+            tensors = {key: torch.as_tensor(np.asarray(f[key][()])) for key in f}
+            options = (json.loads(f.attrs["options"]) if "options" in f.attrs  # heads written before kinds existed:
+                       else {"normalize_input": bool(f.attrs.get("normalize_input", False))})
+            head = HEAD_KINDS[kind].from_saved(tensors, options)
+            return head, json.loads(f.attrs["hyperparameters"])
 
     def head_names(self) -> list[str]:
         return sorted(p.stem for p in self.heads_dir.glob("*.h5")) if self.heads_dir.is_dir() else []

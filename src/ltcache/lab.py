@@ -10,6 +10,7 @@ import numpy as np
 
 from ltcache.cache import FeatureCache, Split
 from ltcache.errors import LtcacheError
+from ltcache.heads import Head, LinearHead
 from ltcache.metrics import (
     ShotThresholds,
     bootstrap_intervals,
@@ -17,11 +18,13 @@ from ltcache.metrics import (
     evaluate,
     fit_temperature,
     per_class_accuracy,
+    prior_accuracy,
     shifted_prior_accuracy,
+    shifted_priors,
     shot_groups,
     summarize,
 )
-from ltcache.stage2 import METHODS, PAPER_ORDER, LabData, LinearHead, resolve_params
+from ltcache.stage2 import METHODS, PAPER_ORDER, LabData, resolve_params
 from ltcache.stage2.weight_norms import DEFAULT_TAUS, best_on_curve, tau_curve, tau_normalize, validate_taus
 from ltcache.train import resolve_device
 
@@ -32,11 +35,11 @@ class Lab:
     data: LabData
     test: Split
 
-    def score_test(self, head: LinearHead) -> dict:
+    def score_test(self, head: Head) -> dict:
         return evaluate(head.predict(self.test.features), self.test.labels, self.data.class_counts,
                         self.data.thresholds)
 
-    def score_test_fully(self, head: LinearHead, *, bootstrap: int, seed: int) -> dict:
+    def score_test_fully(self, head: Head, *, bootstrap: int, seed: int) -> dict:
         """Test metrics, calibration (ECE, raw and after temperature scaling fitted on the selection split) and,
         when bootstrap > 0, 95% intervals: one pass over test."""
         logits = head.logits(self.test.features)
@@ -108,6 +111,10 @@ def compare(cache_path: Path, *, methods: list[str] | None = None, select: str =
                            f"({', '.join(methods)})")
     # Resolve every method's hyperparameters first: a bad name or value fails before any head is written.
     resolved = {name: resolve_params(name, (params or {}).get(name)) for name in methods}
+    counts = FeatureCache(cache_path).class_counts
+    for name in methods:
+        if METHODS[name].check is not None:
+            METHODS[name].check(resolved[name], counts)
     lab = open_lab(cache_path, select=select, seed=seed, device=device, thresholds=thresholds)
     rows, fitted = [], {}
     for name in methods:
@@ -115,9 +122,10 @@ def compare(cache_path: Path, *, methods: list[str] | None = None, select: str =
         result = METHODS[name].fit(lab.data, **resolved[name])
         seconds = time.perf_counter() - start
         test = lab.score_test_fully(result.head, bootstrap=bootstrap, seed=seed)
-        lab.cache.save_head(name, weight=result.head.weight, bias=result.head.bias, center=result.head.center,
-                            normalize_input=result.head.normalize_input, attrs=result.chosen)
+        lab.cache.save_head(name, result.head, result.chosen)
         row = {"method": name, **test, "chosen": result.chosen, "fit_seconds": round(seconds, 3)}
+        if name == "logit_adj":
+            row["shifted_priors_adapted"] = adapted_to_shifted_priors(lab, resolved[name])
         if seeds > 1 and METHODS[name].stochastic:
             row["seeds"] = seed_statistics(lab, name, resolved[name], test, seed=seed, seeds=seeds)
         rows.append(row)
@@ -143,6 +151,18 @@ def compare(cache_path: Path, *, methods: list[str] | None = None, select: str =
             class_counts=lab.data.class_counts,
         )
     return summary
+
+
+def adapted_to_shifted_priors(lab: Lab, params: dict) -> dict:
+    """Logit adjustment aimed at each shifted test prior (tau chosen on the selection split reweighted to that
+    prior): its accuracy under the prior, beside `shifted_priors`, where every head stays aimed at balance."""
+    raw_test = LinearHead(lab.data.joint.weight).logits(lab.test.features)  # one GEMM; each prior shifts it
+    result = {}
+    for name, prior in shifted_priors(lab.data.class_counts).items():
+        head = METHODS["logit_adj"].fit(lab.data, **{**params, "target": prior}).head
+        predictions = (raw_test + head.bias).argmax(1)
+        result[name] = prior_accuracy(per_class_accuracy(predictions, lab.test.labels, lab.data.num_classes), prior)
+    return result
 
 
 SEED_KEYS = ("all", "mean_per_class", "many", "medium", "few")

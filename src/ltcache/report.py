@@ -54,6 +54,21 @@ def markdown_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def shifted_prior_table(rows: list[dict]) -> str:
+    """Accuracy under forward / backward long-tailed test priors; logit adjustment aimed at each prior gets a row."""
+    keys = [k for k in rows[0].get("shifted_priors", {}) if k.startswith("forward")][::-1]
+    keys += [k for k in rows[0].get("shifted_priors", {}) if k.startswith("backward")]
+    if not keys:
+        return ""
+    lines = ["| method | " + " | ".join(k.replace("_", " ") for k in keys) + " |", "|---|" + "---:|" * len(keys)]
+    for row in rows:
+        lines.append(f"| {row['method']} | " + " | ".join(_pct(row["shifted_priors"][k]) for k in keys) + " |")
+        if "shifted_priors_adapted" in row:
+            lines.append(f"| {row['method']} → the prior | "
+                         + " | ".join(_pct(row["shifted_priors_adapted"][k]) for k in keys) + " |")
+    return "\n".join(lines)
+
+
 def tau_table(curve: list[dict], chosen_tau: float | None = None) -> str:
     lines = ["| tau | Many | Medium | Few | All | mean/class |", "|---:|---:|---:|---:|---:|---:|"]
     for entry in curve:
@@ -112,7 +127,10 @@ def plot_weight_norms(path: Path, weight_norms: dict, class_counts) -> None:
     counts_axis.set_ylabel("train images")
     ax.set_zorder(counts_axis.get_zorder() + 1)
     ax.patch.set_visible(False)
-    ax.legend()
+    if ax.lines:
+        ax.legend()
+    else:
+        ax.set_title(f"none of {', '.join(NORM_PLOT_METHODS)} was run")
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     plt.close(fig)
@@ -146,6 +164,11 @@ def write_reports(folder: Path, summary: dict, *, weight_norms: dict, class_coun
     markdown = (f"Selected on **{summary['selected_on']}**; test scored once per method.\n\n"
                 f"{markdown_table(summary)}\n\n### tau sweep on {summary['selected_on']}\n\n"
                 f"{tau_table(summary['tau_curve'], chosen_tau)}\n")
+    shifted = shifted_prior_table(summary["rows"])
+    if shifted:
+        markdown += ("\n### Shifted test priors\n\nTest accuracy if its classes followed a forward (train order) or "
+                     "backward long-tailed prior with the given imbalance; `→ the prior` is logit adjustment aimed at "
+                     "each prior, its tau chosen on the selection split reweighted to it.\n\n" + shifted + "\n")
     atomic_write(paths["results.md"], lambda tmp: tmp.write_text(markdown))
     plot_weight_norms(paths["weight_norms.png"], weight_norms, class_counts)
     plot_tau_curve(paths["tau_curve.png"], summary["tau_curve"], summary["selected_on"], chosen_tau)

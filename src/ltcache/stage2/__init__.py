@@ -1,7 +1,8 @@
 """Stage 2, the classifier lab: importing this package registers every method."""
 
-from ltcache.stage2 import ncm, retrain, weight_norms  # noqa: F401  (registration side effects)
-from ltcache.stage2.core import METHODS, Fitted, LabData, LinearHead, fit_method, resolve_params
+from ltcache.heads import LinearHead
+from ltcache.stage2 import ncm, nonlinear, retrain, weight_norms  # noqa: F401  (registration side effects)
+from ltcache.stage2.core import METHODS, Fitted, LabData, fit_method, resolve_params
 
 PAPER_ORDER = ("joint", "ncm", "crt", "tau_norm", "lws")  # Table 2's row order; later methods follow
 

@@ -1,4 +1,4 @@
-"""Stage-2 core: every method returns a LinearHead; one evaluator scores any head; a registry of methods."""
+"""Stage-2 core: what a method may see (LabData), what it returns (Fitted: a head from heads.py), the registry."""
 
 from __future__ import annotations
 
@@ -7,40 +7,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ltcache.cache import Split
 from ltcache.errors import LtcacheError, unknown_name
-from ltcache.metrics import ShotThresholds, evaluate
+from ltcache.heads import Head, LinearHead
+from ltcache.metrics import ShotThresholds, evaluate, per_class_accuracy, prior_accuracy
 
 SELECTION_SPLITS = ("val", "train")
-LOGIT_CHUNK_ROWS = 65536
-
-
-@dataclass
-class LinearHead:
-    """logits = normalize?(f - center) @ weight.T + bias. weight [C, d]; bias [C], center [d] or None."""
-
-    weight: torch.Tensor
-    bias: torch.Tensor | None = None
-    normalize_input: bool = False
-    center: torch.Tensor | None = None
-
-    def logits(self, features: torch.Tensor) -> torch.Tensor:
-        """Logits for all rows, computed in chunks so a large split never needs a second copy of its features."""
-        weight = self.weight.to(features.device)
-        out = []
-        for chunk in features.split(LOGIT_CHUNK_ROWS):
-            if self.center is not None:
-                chunk = chunk - self.center.to(features.device)
-            if self.normalize_input:
-                chunk = F.normalize(chunk, dim=1)
-            logits = chunk @ weight.T
-            out.append(logits if self.bias is None else logits + self.bias.to(features.device))
-        return torch.cat(out) if out else features.new_empty((0, len(weight)))
-
-    def predict(self, features: torch.Tensor) -> torch.Tensor:
-        return self.logits(features).argmax(1)
 
 
 @dataclass
@@ -54,6 +27,7 @@ class LabData:
     select: str = "val"
     seed: int = 0
     thresholds: ShotThresholds = field(default_factory=ShotThresholds)
+    train_views: Split | None = None  # K augmented views per train image: row k * len(train) + i
     _raw_logits: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -67,7 +41,16 @@ class LabData:
         return len(self.class_counts)
 
     def split(self, name: str) -> Split:
-        return {"train": self.train, "val": self.val}[name]
+        return {"train": self.train, "val": self.val, "train_views": self.train_views}[name]
+
+    @property
+    def fitting(self) -> str:
+        """The rows that trained heads fit on: the augmented train views when the cache has them, else train."""
+        return "train" if self.train_views is None else "train_views"
+
+    @property
+    def views(self) -> int:
+        return 0 if self.train_views is None else len(self.train_views) // len(self.train)
 
     def raw_logits(self, name: str) -> torch.Tensor:
         """F @ W_joint.T without bias, computed once per split and shared by tau_norm and LWS."""
@@ -83,15 +66,20 @@ class LabData:
         """The split that hyperparameters are chosen on: val, or train with --select train."""
         return self.split(self.select)
 
-    def score(self, predictions: torch.Tensor, name: str) -> dict:
-        return evaluate(predictions, self.split(name).labels, self.class_counts, self.thresholds)
+    def score(self, predictions: torch.Tensor, name: str, prior=None) -> dict:
+        """Metrics of `predictions` on split `name`; with a class prior, also target_accuracy = sum_c prior_c acc_c."""
+        labels = self.split(name).labels
+        result = evaluate(predictions, labels, self.class_counts, self.thresholds)
+        if prior is not None:
+            result["target_accuracy"] = prior_accuracy(per_class_accuracy(predictions, labels, self.num_classes), prior)
+        return result
 
 
 @dataclass
 class Fitted:
     """A fitted method: its head, the hyperparameters used or chosen (and on what), and any sweep it ran."""
 
-    head: LinearHead
+    head: Head
     chosen: dict
     curve: list[dict] | None = None
 
@@ -103,16 +91,18 @@ class Method:
     defaults: dict
     summary: str
     stochastic: bool = False  # trained with SGD from a seed: compare --seeds N refits it N times
+    check: Callable[[dict, np.ndarray], object] | None = None  # check(params, class_counts) before any fitting
 
 
 METHODS: dict[str, Method] = {}
 
 
-def register(name: str, *, summary: str, stochastic: bool = False, **defaults):
-    """Register `fit(data: LabData, **hyperparameters) -> Fitted` under `name` with its default hyperparameters."""
+def register(name: str, *, summary: str, stochastic: bool = False, check=None, **defaults):
+    """Register `fit(data: LabData, **hyperparameters) -> Fitted` under `name` with its default hyperparameters.
+    `check(params, class_counts)` raises LtcacheError for values only the cache can judge, before any fit."""
 
     def wrap(fit: Callable[..., Fitted]) -> Callable[..., Fitted]:
-        METHODS[name] = Method(name, fit, defaults, summary, stochastic)
+        METHODS[name] = Method(name, fit, defaults, summary, stochastic, check)
         return fit
 
     return wrap

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from ltcache.errors import unknown_name
-from ltcache.stage2.core import Fitted, LabData, LinearHead, register
+from ltcache.heads import LinearHead
+from ltcache.stage2.core import Fitted, LabData, register
 
 NCM_METRICS = ("cosine", "euclidean")
 NCM_FEATURES = ("un", "l2n", "cl2n")  # the official code's modes: raw, L2-normalized, centered then normalized

@@ -13,7 +13,8 @@ from torch import nn
 from ltcache.config import scaled_lr
 from ltcache.data.samplers import class_probabilities, sample_weights
 from ltcache.errors import LtcacheError
-from ltcache.stage2.core import Fitted, LabData, LinearHead, register
+from ltcache.heads import LinearHead
+from ltcache.stage2.core import Fitted, LabData, register
 from ltcache.stage2.weight_norms import tau_normalize, weight_norms
 from ltcache.train import cosine_schedule
 
@@ -22,20 +23,24 @@ register_trained = functools.partial(register, stochastic=True)
 BALANCED_DEFAULTS = {"batch_size": 512, "lr": None, "weight_decay": 5e-4, "momentum": 0.9, "min_steps": 500}
 
 
-def train_on_features(module: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, *, epochs: int,
-                         batch_size: int, lr: float | None, weight_decay: float, momentum: float, min_steps: int,
-                         seed: int, sampling_q: float = 0.0, criterion=None, after_step=None) -> dict:
+def train_on_features(module: nn.Module, inputs: torch.Tensor | tuple[torch.Tensor, ...], labels: torch.Tensor, *,
+                      epochs: int, batch_size: int, lr: float | None, weight_decay: float, momentum: float,
+                      min_steps: int, seed: int, sampling_q: float = 0.0, criterion=None, after_step=None,
+                      epoch_rows: int | None = None) -> dict:
     """Fit `module` (inputs -> logits) with SGD and a cosine lr to 0, drawing batches by Eq. 1.
 
+    `inputs` is one tensor or a tuple of row-aligned tensors, passed to the module as separate arguments.
     sampling_q 0 (default) is class-balanced sampling, 1 instance-balanced. `criterion` defaults to CE;
-    `after_step(module)` runs after every optimizer step (e.g. a norm projection). An epoch is len(inputs)
-    draws, as in the paper; `min_steps` lengthens epochs on tiny datasets, where 10 epochs of a few batches
-    would not converge (at ImageNet-LT scale it is inactive). Returns the hyperparameters actually used.
+    `after_step(module)` runs after every optimizer step (e.g. a norm projection). An epoch is `epoch_rows`
+    draws (default len(labels)), as in the paper; `min_steps` lengthens epochs on tiny datasets, where 10 epochs
+    of a few batches would not converge (at ImageNet-LT scale it is inactive). Returns the hyperparameters used.
     """
     if epochs < 1 or batch_size < 1:
         raise LtcacheError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
+    inputs = inputs if isinstance(inputs, tuple) else (inputs,)
     lr = scaled_lr(batch_size) if lr is None else lr
-    steps_per_epoch = max(math.ceil(len(labels) / batch_size), math.ceil(min_steps / epochs))
+    rows = len(labels) if epoch_rows is None else epoch_rows
+    steps_per_epoch = max(math.ceil(rows / batch_size), math.ceil(min_steps / epochs))
     labels_np = labels.cpu().numpy()
     probs = class_probabilities(np.bincount(labels_np, minlength=int(labels_np.max()) + 1), sampling_q)
     weights = torch.as_tensor(sample_weights(labels_np, probs))
@@ -45,8 +50,8 @@ def train_on_features(module: nn.Module, inputs: torch.Tensor, labels: torch.Ten
     criterion = criterion or nn.CrossEntropyLoss()
     for epoch in range(epochs):
         draws = torch.multinomial(weights, steps_per_epoch * batch_size, replacement=True, generator=generator)
-        for batch in draws.to(inputs.device).view(steps_per_epoch, batch_size):
-            loss = criterion(module(inputs[batch]), labels[batch])
+        for batch in draws.to(labels.device).view(steps_per_epoch, batch_size):
+            loss = criterion(module(*(tensor[batch] for tensor in inputs)), labels[batch])
             if not torch.isfinite(loss):
                 raise LtcacheError(f"stage-2 loss became {loss.item()} in epoch {epoch + 1}; lower the lr")
             optimizer.zero_grad(set_to_none=True)
@@ -59,13 +64,21 @@ def train_on_features(module: nn.Module, inputs: torch.Tensor, labels: torch.Ten
             "momentum": momentum, "steps": epochs * steps_per_epoch}
 
 
+def fit_on_train(module: nn.Module, data: LabData, inputs=None, **hyperparameters) -> dict:
+    """train_on_features over the rows trained heads fit on (data.fitting): the train features, or their K
+    augmented views when the cache has them (an epoch stays len(train) draws). `inputs` defaults to the
+    features of those rows; pass row-aligned tensors (e.g. their cached logits) to train on something else."""
+    split = data.split(data.fitting)
+    used = train_on_features(module, split.features if inputs is None else inputs, split.labels, seed=data.seed,
+                             epoch_rows=len(data.train), **hyperparameters)
+    return {**used, "train_views": data.views} if data.fitting == "train_views" else used
+
+
 def _retrain_linear(data: LabData, **hyperparameters) -> tuple[nn.Linear, dict]:
     """A freshly initialized linear classifier trained on the frozen train features."""
     torch.manual_seed(data.seed)
-    features = data.train.features
-    linear = nn.Linear(features.shape[1], data.num_classes).to(features.device)
-    used = train_on_features(linear, features, data.train.labels, seed=data.seed, **hyperparameters)
-    return linear, used
+    linear = nn.Linear(data.train.features.shape[1], data.num_classes).to(data.train.features.device)
+    return linear, fit_on_train(linear, data, **hyperparameters)
 
 
 def _linear_head(linear: nn.Linear) -> LinearHead:
@@ -199,7 +212,7 @@ def fit_cosine_classifier(data: LabData, *, scale: float, **hyperparameters) -> 
     torch.manual_seed(data.seed)
     features = data.train.features
     module = CosineClassifier(features.shape[1], data.num_classes, scale, features.device)
-    used = train_on_features(module, features, data.train.labels, seed=data.seed, **hyperparameters)
+    used = fit_on_train(module, data, **hyperparameters)
     weight = (module.scale * F.normalize(module.weight, dim=1)).detach().clone()
     return Fitted(LinearHead(weight, None, normalize_input=True), {**used, "scale": round(module.scale.item(), 4)})
 
@@ -219,11 +232,10 @@ class ScaleLogits(nn.Module):
 @register_trained("lws", summary="learnable per-class scales f_j on the joint W (Eq. 4), class-balanced; "
                   "with_bias scales b too, as the official code", epochs=5, with_bias=False, **BALANCED_DEFAULTS)
 def fit_lws(data: LabData, *, with_bias: bool, **hyperparameters) -> Fitted:
-    raw = data.raw_logits("train")
+    raw = data.raw_logits(data.fitting)
     bias = data.joint.bias if with_bias and data.joint.bias is not None else None
     scaling = ScaleLogits(data.num_classes, raw.device)
-    inputs = raw + bias if bias is not None else raw
-    used = train_on_features(scaling, inputs, data.train.labels, seed=data.seed, **hyperparameters)
+    used = fit_on_train(scaling, data, raw + bias if bias is not None else raw, **hyperparameters)
     scales = scaling.scales.detach().clone().to(data.joint.weight.device)
     head = LinearHead(data.joint.weight * scales[:, None], bias * scales if bias is not None else None)
     scale_range = {"scale_min": round(scales.min().item(), 4), "scale_max": round(scales.max().item(), 4)}
@@ -245,8 +257,8 @@ class LearnedTau(nn.Module):
 @register_trained("tau_learned", summary="tau learned with class-balanced sampling, W fixed (Appendix B.5)",
                   epochs=5, **{**BALANCED_DEFAULTS, "weight_decay": 0.0})
 def fit_tau_learned(data: LabData, **hyperparameters) -> Fitted:
-    raw = data.raw_logits("train")
+    raw = data.raw_logits(data.fitting)
     module = LearnedTau(torch.log(weight_norms(data.joint.weight)).to(raw.device))
-    used = train_on_features(module, raw, data.train.labels, seed=data.seed, **hyperparameters)
+    used = fit_on_train(module, data, raw, **hyperparameters)
     tau = round(module.tau.item(), 4)
     return Fitted(LinearHead(tau_normalize(data.joint.weight, tau)), {"tau": tau, **used})

@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 
 from ltcache.errors import LtcacheError
-from ltcache.stage2.core import Fitted, LabData, LinearHead, register
+from ltcache.heads import LinearHead
+from ltcache.metrics import parse_prior
+from ltcache.stage2.core import Fitted, LabData, register
 
 DEFAULT_TAUS = tuple(round(0.1 * i, 1) for i in range(21))  # 0, 0.1, ..., 2.0
 
@@ -28,15 +30,15 @@ def tau_normalize(weight: torch.Tensor, tau: float) -> torch.Tensor:
     return weight / weight_norms(weight).pow(tau)[:, None]
 
 
-def grid_curve(data: LabData, split: str, grid: list[dict], adjust) -> list[dict]:
+def grid_curve(data: LabData, split: str, grid: list[dict], adjust, prior=None) -> list[dict]:
     """Metrics on `split` for every point of `grid`, with logits = adjust(raw, out, **point) written into `out`.
 
     raw = F @ W.T is computed once per split; each point costs an O(N*C) rescale or shift into one reused
-    buffer, never a GEMM.
+    buffer, never a GEMM. With a class `prior`, each entry also has its target_accuracy, sum_c prior_c acc_c.
     """
     raw = data.raw_logits(split)
     out = torch.empty_like(raw)
-    return [{**point, **data.score(adjust(raw, out, **point).argmax(1), split)} for point in grid]
+    return [{**point, **data.score(adjust(raw, out, **point).argmax(1), split, prior)} for point in grid]
 
 
 def log_prior(data: LabData, device) -> torch.Tensor:
@@ -76,16 +78,27 @@ def fit_tau_norm(data: LabData, *, taus) -> Fitted:
     return Fitted(head, chosen_on_grid(data, best, "tau"), curve)
 
 
-@register("logit_adj", summary="post-hoc logit adjustment (Menon et al. 2021): joint logits - tau log(prior)",
-          taus=DEFAULT_TAUS)
-def fit_logit_adjustment(data: LabData, *, taus) -> Fitted:
+@register("logit_adj", summary="post-hoc logit adjustment (Menon et al. 2021): joint logits - tau log(train prior) "
+          "+ log(target prior); target uniform, train, forward:F, backward:F or a file", taus=DEFAULT_TAUS,
+          target="uniform", check=lambda params, counts: parse_prior(params["target"], counts))
+def fit_logit_adjustment(data: LabData, *, taus, target) -> Fitted:
+    """With a non-uniform target prior, tau is chosen by the selection split's accuracy reweighted to that prior
+    (sum_c pi_c acc_c), the accuracy a test set drawn from the prior would give."""
     prior = log_prior(data, data.joint.weight.device)
+    target_prior = None if isinstance(target, str) and target == "uniform" else parse_prior(target, data.class_counts)
     bias = data.joint.bias if data.joint.bias is not None else torch.zeros_like(prior)
+    if target_prior is not None:
+        bias = bias + torch.as_tensor(target_prior, dtype=prior.dtype, device=prior.device).clamp_min(1e-30).log()
     curve = grid_curve(data, data.select, [{"la_tau": t} for t in validate_taus(taus)],
-                       lambda raw, out, la_tau: torch.add(raw, bias - la_tau * prior, out=out))
-    best = best_on_curve(curve)
+                       lambda raw, out, la_tau: torch.add(raw, bias - la_tau * prior, out=out), prior=target_prior)
+    key = "mean_per_class" if target_prior is None else "target_accuracy"
+    best = best_on_curve(curve, key)
     head = LinearHead(data.joint.weight, bias - best["la_tau"] * prior)
-    return Fitted(head, chosen_on_grid(data, best, "la_tau"), curve)
+    chosen = chosen_on_grid(data, best, "la_tau")
+    if target_prior is not None:
+        chosen.update(target=target if isinstance(target, str) else "array",
+                      selection_target_accuracy=round(best["target_accuracy"], 4))
+    return Fitted(head, chosen, curve)
 
 
 @register("tau_norm_la", summary="tau-normalization, then post-hoc logit adjustment; both chosen on one grid",

@@ -1,0 +1,152 @@
+"""Fitted stage-2 heads: what turns cached features into logits, and how each is stored in CACHE/heads/.
+
+Most methods produce a LinearHead. Two kinds are not linear in the features: the MLP head (paper Table 10) and
+DisAlign's head, whose confidence gate depends on the feature. Every kind lists its tensors and options, so
+cache.py stores and reloads any of them without knowing its math.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+LOGIT_CHUNK_ROWS = 65536
+HEAD_KINDS: dict[str, type[Head]] = {}
+
+
+class Head:
+    """logits(features) in row chunks, so a large split never needs a second full-size copy of its features."""
+
+    kind: ClassVar[str]
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        HEAD_KINDS[cls.kind] = cls
+
+    def chunk_logits(self, features: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def num_classes(self) -> int:
+        raise NotImplementedError
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        head = self.to(features.device)
+        out = [head.chunk_logits(chunk) for chunk in features.split(LOGIT_CHUNK_ROWS)]
+        return torch.cat(out) if out else features.new_empty((0, self.num_classes))
+
+    def predict(self, features: torch.Tensor) -> torch.Tensor:
+        return self.logits(features).argmax(1)
+
+    def to(self, device) -> Head:
+        """The same head with every tensor on `device`."""
+        moved = {f.name: (v.to(device) if isinstance(v, torch.Tensor) else v)
+                 for f in fields(self) for v in [getattr(self, f.name)]}
+        return type(self)(**moved)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The named tensors to store (None-valued fields are left out)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if isinstance(getattr(self, f.name), torch.Tensor)}
+
+    def options(self) -> dict:
+        """The non-tensor fields, stored as attributes."""
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if not isinstance(getattr(self, f.name), torch.Tensor) and getattr(self, f.name) is not None}
+
+    @classmethod
+    def from_saved(cls, tensors: dict[str, torch.Tensor], options: dict) -> Head:
+        return cls(**tensors, **options)
+
+
+@dataclass
+class LinearHead(Head):
+    """logits = normalize?(f - center) @ weight.T + bias. weight [C, d]; bias [C], center [d] or None."""
+
+    kind: ClassVar[str] = "linear"
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    normalize_input: bool = False
+    center: torch.Tensor | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.weight)
+
+    def chunk_logits(self, chunk: torch.Tensor) -> torch.Tensor:
+        if self.center is not None:
+            chunk = chunk - self.center
+        if self.normalize_input:
+            chunk = F.normalize(chunk, dim=1)
+        logits = chunk @ self.weight.T
+        return logits if self.bias is None else logits + self.bias
+
+
+@dataclass
+class MLPHead(Head):
+    """Linear layers with ReLU between them (paper Appendix B.6): weight{i} [out, in], bias{i} [out]."""
+
+    kind: ClassVar[str] = "mlp"
+    weights: tuple[torch.Tensor, ...]
+    biases: tuple[torch.Tensor, ...]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.weights[-1])
+
+    @property
+    def weight(self) -> torch.Tensor:  # the output layer, for the weight-norm plot
+        return self.weights[-1]
+
+    def chunk_logits(self, chunk: torch.Tensor) -> torch.Tensor:
+        for i, (weight, bias) in enumerate(zip(self.weights, self.biases, strict=True)):
+            chunk = F.linear(chunk, weight, bias)
+            if i < len(self.weights) - 1:
+                chunk = F.relu(chunk)
+        return chunk
+
+    def to(self, device) -> MLPHead:
+        return MLPHead(tuple(w.to(device) for w in self.weights), tuple(b.to(device) for b in self.biases))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {**{f"weight{i}": w for i, w in enumerate(self.weights)},
+                **{f"bias{i}": b for i, b in enumerate(self.biases)}}
+
+    def options(self) -> dict:
+        return {}
+
+    @classmethod
+    def from_saved(cls, tensors: dict[str, torch.Tensor], options: dict) -> MLPHead:
+        layers = sum(1 for name in tensors if name.startswith("weight"))
+        return cls(*(tuple(tensors[f"{name}{i}"] for i in range(layers)) for name in ("weight", "bias")))
+
+
+@dataclass
+class DisAlignHead(Head):
+    """DisAlign (Zhang et al. 2021): z = f @ W.T + b from the joint head; per-class magnitude alpha and margin beta;
+    a confidence gate sigma(f . v + c). logits = z + sigma * ((alpha - 1) * z + beta)."""
+
+    kind: ClassVar[str] = "disalign"
+    weight: torch.Tensor
+    bias: torch.Tensor
+    alpha: torch.Tensor
+    beta: torch.Tensor
+    confidence_weight: torch.Tensor
+    confidence_bias: torch.Tensor
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.weight)
+
+    def chunk_logits(self, chunk: torch.Tensor) -> torch.Tensor:
+        joint = chunk @ self.weight.T + self.bias
+        return adjust_disalign(joint, chunk, self.alpha, self.beta, self.confidence_weight, self.confidence_bias)
+
+
+def adjust_disalign(joint_logits, features, alpha, beta, confidence_weight, confidence_bias) -> torch.Tensor:
+    """sigma(x) * (alpha * z + beta) + (1 - sigma(x)) * z, written as one correction of z."""
+    gate = torch.sigmoid(features @ confidence_weight + confidence_bias)[:, None]
+    return joint_logits + gate * ((alpha - 1) * joint_logits + beta)

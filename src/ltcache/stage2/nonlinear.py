@@ -1,0 +1,91 @@
+"""The two stage-2 heads that are not linear in the features: DisAlign and the MLP classifier."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+from torch import nn
+
+from ltcache.errors import LtcacheError
+from ltcache.heads import DisAlignHead, MLPHead, adjust_disalign
+from ltcache.stage2.core import Fitted, LabData
+from ltcache.stage2.retrain import BALANCED_DEFAULTS, fit_on_train, register_trained
+
+
+def generalized_reweighting(class_counts, exp_scale: float) -> torch.Tensor:
+    """Zhang et al. 2021, Eq. 9: w_c ∝ (1 / r_c)^rho with r_c the train share of class c; mean weight 1."""
+    counts = np.maximum(np.asarray(class_counts, dtype=np.float64), 1.0)
+    weights = (counts / counts.sum()) ** -float(exp_scale)
+    return torch.tensor(weights / weights.mean(), dtype=torch.float32)
+
+
+class DisAlign(nn.Module):
+    """Adaptive calibration of the frozen joint logits z: per-class magnitude alpha (init 1) and margin beta
+    (init 0), mixed with z by a confidence gate sigma(f . v + c) computed from the feature f."""
+
+    def __init__(self, feature_dim: int, num_classes: int, device):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.ones(num_classes, device=device))
+        self.beta = nn.Parameter(torch.zeros(num_classes, device=device))
+        self.confidence = nn.Linear(feature_dim, 1).to(device)
+
+    def forward(self, features: torch.Tensor, joint_logits: torch.Tensor) -> torch.Tensor:
+        return adjust_disalign(joint_logits, features, self.alpha, self.beta, self.confidence.weight[0],
+                               self.confidence.bias[0])
+
+
+@register_trained("disalign", summary="DisAlign (Zhang et al. 2021): per-class magnitude and margin on the joint "
+                  "logits, a confidence gate, generalized re-weighting loss (instance sampling)", epochs=10,
+                  exp_scale=1.2,
+                  **{**BALANCED_DEFAULTS, "weight_decay": 0.0})
+def fit_disalign(data: LabData, *, exp_scale: float, **hyperparameters) -> Fitted:
+    if exp_scale < 0:
+        raise LtcacheError(f"disalign.exp_scale must be >= 0, got {exp_scale}")
+    torch.manual_seed(data.seed)
+    split = data.split(data.fitting)
+    bias = data.joint.bias if data.joint.bias is not None else torch.zeros(data.num_classes)
+    joint_logits = data.raw_logits(data.fitting) + bias.to(split.features.device)  # cached GEMM, shared with LWS
+    module = DisAlign(split.features.shape[1], data.num_classes, split.features.device)
+    weights = generalized_reweighting(data.class_counts, exp_scale).to(split.features.device)
+    # The loss re-weights toward the balanced reference distribution, so batches follow the data (q = 1).
+    used = fit_on_train(module, data, (split.features, joint_logits), sampling_q=1.0,
+                        criterion=nn.CrossEntropyLoss(weight=weights), **hyperparameters)
+    head = DisAlignHead(data.joint.weight, bias.to(data.joint.weight.device),
+                        *(t.detach().clone() for t in (module.alpha, module.beta, module.confidence.weight[0],
+                                                       module.confidence.bias[0])))
+    ranges = {f"{name}_{end}": round(getattr(tensor, end)().item(), 4)
+              for name, tensor in (("alpha", module.alpha), ("beta", module.beta)) for end in ("min", "max")}
+    return Fitted(head, {**used, "exp_scale": exp_scale, "sampling": "instance", **ranges})
+
+
+class MLP(nn.Sequential):
+    def __init__(self, sizes: list[int], device):
+        layers: list[nn.Module] = []
+        for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+            layers += [nn.Linear(n_in, n_out)] + ([nn.ReLU()] if i < len(sizes) - 2 else [])
+        super().__init__(*layers)
+        self.to(device)
+
+
+def fit_mlp(data: LabData, *, layers: int, hidden: int, **hyperparameters) -> Fitted:
+    """Appendix B.6: `layers` Linear layers with ReLU between, `hidden` units each (0: the feature size),
+    re-trained on frozen features with class-balanced sampling and a cosine lr, like cRT."""
+    if hidden < 0:
+        raise LtcacheError(f"hidden must be >= 0 (0 means the feature size), got {hidden}")
+    torch.manual_seed(data.seed)
+    dim = data.train.features.shape[1]
+    width = hidden or dim
+    module = MLP([dim] + [width] * (layers - 1) + [data.num_classes], data.train.features.device)
+    used = fit_on_train(module, data, **hyperparameters)
+    linears = [m for m in module if isinstance(m, nn.Linear)]
+    head = MLPHead(tuple(m.weight.detach().clone() for m in linears), tuple(m.bias.detach().clone() for m in linears))
+    return Fitted(head, {**used, "layers": layers, "hidden": width})
+
+
+for _layers in (2, 3):
+    register_trained(f"mlp{_layers}", summary=f"{_layers}-layer MLP (ReLU) re-trained on frozen features, "
+                     "class-balanced (Appendix B.6, Table 10)", epochs=10, hidden=0,
+                     **BALANCED_DEFAULTS)(functools.partial(fit_mlp, layers=_layers))
+
