@@ -4,8 +4,9 @@ import json
 
 import h5py
 import numpy as np
+import torch
 
-from conftest import invoke
+from conftest import assert_clean_error, invoke
 from ltcache.cache import FeatureCache
 from ltcache.data import DatasetSpec, build_dataset
 
@@ -104,3 +105,30 @@ def test_extract_refuses_existing_cache_and_float16_overwrite_matches(digits_run
     assert fresh.manifest["dtype"] == "float16" and len(fresh.manifest["splits"]["train"]["shards"]) == 4
     original = FeatureCache(digits_run["cache"]).load_split("test").features.numpy()
     np.testing.assert_allclose(fresh.load_split("test").features.numpy(), original, rtol=2e-3, atol=2e-3)
+
+
+def test_extract_train_views_and_compare_samples_among_them(digits_run, tmp_path):
+    checkpoint = digits_run["run"] / "checkpoint.pt"
+    for name in ("a", "b"):
+        assert invoke("extract", checkpoint, "--out", tmp_path / name, "--train-views", "2").exit_code == 0
+    cache = FeatureCache(tmp_path / "a")
+    train, views = cache.load_split("train"), cache.load_split("train_views")
+    n = len(train)
+    assert cache.manifest["splits"]["train_views"]["views"] == 2 and len(views) == 2 * n
+    assert torch.equal(views.labels, train.labels.repeat(2))
+    first, second = views.features[:n], views.features[n:]
+    assert not torch.allclose(first, second) and not torch.allclose(first, train.features)  # augmented views
+    # plain splits are the same as in the demo's cache, and the views are reproducible
+    assert torch.equal(train.features, FeatureCache(digits_run["cache"]).load_split("train").features)
+    assert torch.equal(views.features, FeatureCache(tmp_path / "b").load_split("train_views").features)
+
+    on = invoke("compare", tmp_path / "a", "--methods", "crt,lws", "--json", "--bootstrap", "0")
+    off = invoke("compare", tmp_path / "a", "--methods", "crt", "--json", "--bootstrap", "0", "--no-train-views")
+    assert on.exit_code == 0 and off.exit_code == 0, on.output + off.output
+    summary_on, summary_off = json.loads(on.stdout), json.loads(off.stdout)
+    assert summary_on["train_views"] == 2 and summary_off["train_views"] == 0
+    assert all(row["chosen"]["train_views"] == 2 for row in summary_on["rows"])
+    assert "train_views" not in summary_off["rows"][0]["chosen"]
+    bad = invoke("extract", checkpoint, "--out", tmp_path / "c", "--train-views", "-1")
+    assert_clean_error(bad, "--train-views must be >= 0")
+    assert not (tmp_path / "c").exists()

@@ -118,8 +118,9 @@ class CacheWriter:
         return SplitWriter(self.staging, name, feature_dim=self.feature_dim, dtype=self.dtype,
                            shard_rows=self.shard_rows)
 
-    def finish_split(self, writer: SplitWriter, expected_rows: int) -> None:
-        self.splits[writer.name] = writer.close(expected_rows)
+    def finish_split(self, writer: SplitWriter, expected_rows: int, **about) -> None:
+        """Close a split; `about` (e.g. views=K, of="train") is recorded beside its rows in the manifest."""
+        self.splits[writer.name] = {**writer.close(expected_rows), **about}
 
     def write_joint_head(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
         def write(tmp: Path) -> None:

@@ -144,12 +144,14 @@ def extract_cmd(
     shard_rows: int = typer.Option(65536, help="Rows per HDF5 shard."),
     device: str | None = DeviceOpt,
     overwrite: bool = typer.Option(False, help="Replace an existing cache (only once the new one is complete)."),
+    train_views: int = typer.Option(0, help="Also store K augmented views of every train image; cRT, LWS, DisAlign "
+                                    "and the other trained heads then sample among them."),
 ):
     """Cache penultimate features, labels and the joint classifier (W, b) of train, val and test."""
     from ltcache.extract import extract
 
     cache = _run(extract, checkpoint, out, root=root, split_dir=split_dir, dtype=dtype, batch_size=batch_size,
-                 workers=workers, device=device, shard_rows=shard_rows, overwrite=overwrite)
+                 workers=workers, device=device, shard_rows=shard_rows, overwrite=overwrite, train_views=train_views)
     typer.echo(f"cache: {cache}")
 
 
@@ -190,6 +192,8 @@ def compare_cmd(
     seed: int = typer.Option(0, help="Seed for cRT / LWS."),
     bootstrap: int = typer.Option(1000, help="Test resamples for the 95% intervals (0: none)."),
     seeds: int = typer.Option(1, help="Refit each stochastic method with N seeds: mean and 95% interval."),
+    train_views: bool = typer.Option(True, help="Fit trained heads on the cache's augmented train views, "
+                                     "when it has them (extract --train-views)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of the table."),
     device: str | None = DeviceOpt,
     many: int = ManyOpt,
@@ -203,7 +207,7 @@ def compare_cmd(
     chosen = resolve_method_list(methods)
     summary = _run(lambda: compare(cache, methods=chosen, select=select, params=parse_params(set_), seed=seed,
                                    device=device, thresholds=_thresholds(many, few), bootstrap=bootstrap,
-                                   seeds=seeds))
+                                   seeds=seeds, train_views=train_views))
     if as_json:
         _echo_json(summary)
         return

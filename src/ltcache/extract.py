@@ -18,15 +18,23 @@ from ltcache.train import images_to, resolve_device
 
 
 def extract(checkpoint: Path, out: Path, *, root: str | None = None, split_dir: str | None = None,
-            dtype: str = "float32", batch_size: int = 512,
-            workers: int = 0, device: str | None = None, shard_rows: int = 65536, overwrite: bool = False) -> Path:
-    """Write penultimate features, labels and sample indices of every split, plus the joint head, to `out`."""
+            dtype: str = "float32", batch_size: int = 512, workers: int = 0, device: str | None = None,
+            shard_rows: int = 65536, overwrite: bool = False, train_views: int = 0) -> Path:
+    """Write penultimate features, labels and sample indices of every split, plus the joint head, to `out`.
+
+    With train_views K > 0, also a `train_views` split of K augmented views of every train image (the stage-1
+    train transform, seeded by the run's seed and the view number): row k * len(train) + i is view k of image i.
+    """
+    if train_views < 0:
+        raise LtcacheError(f"--train-views must be >= 0, got {train_views}")
     state = load_checkpoint(checkpoint)
     config, described = state["config"], state["dataset"]
     spec = DatasetSpec.from_dict(described, root=root, split_dir=split_dir)
     writer_args = {"dtype": dtype, "shard_rows": shard_rows, "overwrite": overwrite}
     CacheWriter.check_target(Path(out), **writer_args)
-    data = build_dataset(spec, train_augment=False)  # test-time transform on every split
+    data = build_dataset(spec)
+    augmented_train = data.splits["train"]
+    data.splits["train"] = augmented_train.with_transform(data.splits["test"].transform)  # test-time transform
     if data.class_counts != described["train_class_counts"]:
         raise LtcacheError(f"the dataset under {spec.root} gives train class counts {data.class_counts[:5]}... "
                            f"but the checkpoint was trained on {described['train_class_counts'][:5]}...; "
@@ -39,17 +47,30 @@ def extract(checkpoint: Path, out: Path, *, root: str | None = None, split_dir: 
         model.to(memory_format=torch.channels_last)
 
     writer = CacheWriter(Path(out), feature_dim=model.feature_dim, **writer_args)
+    loader_args = {"batch_size": batch_size, "shuffle": False, "num_workers": workers,
+                   "pin_memory": run_device.type == "cuda"}
+
+    def write_rows(split_writer, dataset, label: str, offset: int = 0) -> None:
+        loader = DataLoader(dataset, generator=torch.Generator().manual_seed(torch.initial_seed()), **loader_args)
+        with torch.inference_mode():
+            for images, labels, index in progress(loader, label=label, length=len(loader)):
+                features = model.backbone(images_to(images, run_device)).float()
+                split_writer.add(features.cpu().numpy(), labels.numpy(), index.numpy() + offset)
+
     try:
         for split in (name for name in SPLITS if name in data.splits):
             split_writer = writer.split(split)
-            loader = DataLoader(data.splits[split], batch_size=batch_size, shuffle=False, num_workers=workers,
-                                pin_memory=run_device.type == "cuda")
-            with torch.inference_mode():
-                for images, labels, index in progress(loader, label=f"extract {split}", length=len(loader)):
-                    features = model.backbone(images_to(images, run_device)).float()
-                    split_writer.add(features.cpu().numpy(), labels.numpy(), index.numpy())
+            write_rows(split_writer, data.splits[split], f"extract {split}")
             writer.finish_split(split_writer, len(data.splits[split]))
             log(f"extracted {split}: {len(data.splits[split])} rows x {model.feature_dim}")
+        if train_views:
+            rows = len(augmented_train)
+            views_writer = writer.split("train_views")
+            for view in range(train_views):
+                torch.manual_seed(int(config.get("seed", 0)) * 1_000_003 + view)  # each view reproducible alone
+                write_rows(views_writer, augmented_train, f"extract train view {view + 1}/{train_views}", view * rows)
+            writer.finish_split(views_writer, train_views * rows, views=train_views, of="train")
+            log(f"extracted {train_views} augmented views of train: {train_views * rows} rows")
         writer.write_joint_head(model.fc.weight, model.fc.bias)
         writer.write_membership(data.source_index)
         backbone = {"arch": config["backbone"], "checkpoint": str(Path(checkpoint).resolve()),

@@ -63,15 +63,19 @@ class Lab:
 
 
 def open_lab(cache_path: Path, *, select: str = "val", seed: int = 0, device: str | None = None,
-             thresholds: ShotThresholds = ShotThresholds()) -> Lab:
-    """Load train / val / test features and the joint head onto `device` (CUDA when present)."""
+             thresholds: ShotThresholds = ShotThresholds(), train_views: bool = True) -> Lab:
+    """Load train / val / test features (and the augmented train views, if any and wanted) and the joint head
+    onto `device` (CUDA when present)."""
     cache = FeatureCache(cache_path)
     run_device = resolve_device(device)
     weight, bias = cache.joint_head()
-    val = cache.load_split("val").to(run_device) if cache.has_split("val") else None
-    data = LabData(train=cache.load_split("train").to(run_device), val=val,
-                   joint=LinearHead(weight.to(run_device), bias.to(run_device)),
-                   class_counts=cache.class_counts, select=select, seed=seed, thresholds=thresholds)
+
+    def load(name: str) -> Split | None:
+        return cache.load_split(name).to(run_device) if cache.has_split(name) else None
+
+    data = LabData(train=load("train"), val=load("val"), joint=LinearHead(weight.to(run_device), bias.to(run_device)),
+                   class_counts=cache.class_counts, select=select, seed=seed, thresholds=thresholds,
+                   train_views=load("train_views") if train_views else None)
     return Lab(cache, data, cache.load_split("test").to(run_device))
 
 
@@ -93,7 +97,7 @@ def sweep_tau(cache_path: Path, *, taus=DEFAULT_TAUS, select: str = "val", devic
 def compare(cache_path: Path, *, methods: list[str] | None = None, select: str = "val",
             params: dict[str, dict] | None = None, seed: int = 0, device: str | None = None,
             thresholds: ShotThresholds = ShotThresholds(), bootstrap: int = 1000, seeds: int = 1,
-            write_reports: bool = True) -> dict:
+            write_reports: bool = True, train_views: bool = True) -> dict:
     """Fit every method on train, select on val (or train), score test once; save heads and reports.
 
     Each row has the test metrics, ECE (15 bins; overall and per shot group) and, with bootstrap > 0,
@@ -115,7 +119,8 @@ def compare(cache_path: Path, *, methods: list[str] | None = None, select: str =
     for name in methods:
         if METHODS[name].check is not None:
             METHODS[name].check(resolved[name], counts)
-    lab = open_lab(cache_path, select=select, seed=seed, device=device, thresholds=thresholds)
+    lab = open_lab(cache_path, select=select, seed=seed, device=device, thresholds=thresholds,
+                   train_views=train_views)
     rows, fitted = [], {}
     for name in methods:
         start = time.perf_counter()
@@ -138,6 +143,7 @@ def compare(cache_path: Path, *, methods: list[str] | None = None, select: str =
         "seed": seed,
         "thresholds": {"many": thresholds.many, "few": thresholds.few},
         "bootstrap_resamples": bootstrap,
+        "train_views": lab.data.views,  # augmented views per train image the trained heads sampled among (0: none)
         "groups": {g: int((shot_groups(lab.data.class_counts, thresholds) == g).sum())
                    for g in ("many", "medium", "few")},
         "rows": rows,
