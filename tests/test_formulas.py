@@ -116,6 +116,25 @@ def test_tau_sweep_fast_path_matches_explicit_tau_normalized_heads():
         assert entry["few"] == pytest.approx(explicit["few"])
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_affine_argmax_matches_torch_bit_for_bit(threads):
+    """The chunked, threaded numpy sweep equals torch's mul / add / argmax on every row and grid point."""
+    from ltcache.stage2.weight_norms import affine_argmax
+
+    generator = torch.Generator().manual_seed(1)
+    raw = torch.randn(1300, 37, generator=generator)  # several chunks per thread, a ragged last chunk
+    scales, shifts = torch.rand(5, 37, generator=generator) + 0.5, torch.randn(5, 37, generator=generator)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for s, o in ((scales, None), (None, shifts), (scales, shifts)):
+            expected = torch.stack([((raw * s[p]) if s is not None else raw).add(o[p] if o is not None else 0)
+                                    .argmax(1) for p in range(5)])
+            assert torch.equal(affine_argmax(raw, s, o), expected)
+    finally:
+        torch.set_num_threads(previous)
+
+
 def test_tau_norm_picks_the_tau_that_fixes_a_norm_bias():
     # Class 0 has a huge weight norm and steals every class-1 sample at tau = 0; tau = 1 fixes it.
     weight = torch.tensor([[10.0, 0.0], [0.0, 1.0]])
@@ -181,3 +200,19 @@ def test_crt_balances_a_tail_class_the_joint_head_ignores():
     assert joint_recall == 0.0
     assert crt_recall == 1.0
     assert crt.chosen["steps"] == 300
+
+
+def test_scaled_cross_entropy_matches_autograd():
+    from ltcache.stage2.retrain import ScaledCrossEntropy
+
+    generator = torch.Generator().manual_seed(0)
+    raw = torch.randn(64, 7, generator=generator, dtype=torch.float64)
+    labels = torch.randint(0, 7, (64,), generator=generator)
+    scales = (torch.rand(7, generator=generator, dtype=torch.float64) + 0.5).requires_grad_()
+    reference = torch.nn.functional.cross_entropy(raw * scales, labels)
+    (expected,) = torch.autograd.grad(reference, scales)
+    loss = ScaledCrossEntropy.apply(raw, scales, labels)
+    (got,) = torch.autograd.grad(3.0 * loss, scales)  # an upstream gradient is carried through
+    torch.testing.assert_close(loss, reference)
+    torch.testing.assert_close(got, 3.0 * expected)
+    assert torch.autograd.gradcheck(lambda s: ScaledCrossEntropy.apply(raw, s, labels), (scales,))

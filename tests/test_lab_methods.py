@@ -213,3 +213,10 @@ def test_mlp_hidden_width_defaults_to_the_feature_size():
     assert fitted.chosen["layers"] == 3 and fitted.chosen["hidden"] == 2
     wide = fit_method("mlp2", _imbalanced_toy(), {"epochs": 1, "min_steps": 10, "hidden": 16})
     assert [tuple(w.shape) for w in wide.head.weights] == [(16, 2), (2, 16)]
+
+
+def test_a_diverging_fit_fails_with_a_hint():
+    from ltcache.errors import LtcacheError
+
+    with pytest.raises(LtcacheError, match="stopped being finite in epoch 1; lower the lr"):
+        fit_method("crt", _imbalanced_toy(), {"epochs": 1, "min_steps": 20, "lr": 1e30})

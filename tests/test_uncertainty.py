@@ -168,3 +168,14 @@ def test_compare_reports_logit_adjustment_aimed_at_each_shifted_prior(toy_cache)
     assert all(0.0 <= value <= 100.0 + 1e-9 for value in adapted.values())  # a sum of prior-weighted percentages
     markdown = (toy_cache / "reports" / "results.md").read_text()
     assert "### Shifted test priors" in markdown and "| logit_adj → the prior |" in markdown
+
+
+def test_max_softmax_in_chunks_equals_the_softmax_maximum():
+    from ltcache.metrics import max_softmax
+
+    logits = torch.randn(101, 9, generator=torch.Generator().manual_seed(0)) * 5
+    for temperature in (1.0, 0.3, 4.0):
+        confidence, predictions = max_softmax(logits, temperature, chunk_rows=16)
+        expected, expected_predictions = torch.softmax(logits / temperature, 1).max(1)
+        torch.testing.assert_close(confidence, expected)
+        assert torch.equal(predictions, expected_predictions)

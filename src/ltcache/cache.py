@@ -22,6 +22,7 @@ from ltcache import __version__
 from ltcache.errors import LtcacheError
 from ltcache.fsutil import atomic_write, sha256_file, write_json
 from ltcache.heads import HEAD_KINDS, Head
+from ltcache.mapping import PAGE, map_float32
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -71,7 +72,8 @@ class SplitWriter:
         path = self.folder / f"{len(self.shards):05d}.h5"
 
         def write(tmp: Path) -> None:
-            with h5py.File(tmp, "w") as f:
+            # Page-aligned data blocks, so a reader can memory-map the features (mapping.py).
+            with h5py.File(tmp, "w", alignment_threshold=1, alignment_interval=PAGE) as f:
                 f.create_dataset("features", data=features[:rows])
                 f.create_dataset("labels", data=labels[:rows])
                 f.create_dataset("index", data=index[:rows])
@@ -212,14 +214,18 @@ class FeatureCache:
         return name in self.manifest["splits"]
 
     def load_split(self, name: str) -> Split:
-        """All rows of a split as float32 features and int64 labels, ordered by sample index."""
+        """All rows of a split as float32 features and int64 labels, ordered by sample index.
+
+        When the shards hold float32 rows in index order, page-aligned (as CacheWriter writes them), the features
+        are memory-mapped (mapping.py): no read, no copy. Otherwise they are read into memory.
+        """
         if name not in self.manifest["splits"]:
             raise LtcacheError(f"cache {self.path} has no split {name!r}; it has {', '.join(self.split_names())}")
         entry = self.manifest["splits"][name]
         rows, dim = int(entry["rows"]), self.feature_dim
-        features = np.empty((rows, dim), dtype=np.float32)
         labels = np.empty(rows, dtype=np.int64)
         filled = np.zeros(rows, dtype=bool)
+        shards, in_order = [], True  # in_order: shard k holds rows start_k .. start_k + n_k - 1, back to back
         for shard in entry["shards"]:
             path = self.path / shard["file"]
             if not path.is_file():
@@ -234,19 +240,32 @@ class FeatureCache:
                 if index.min(initial=0) < 0 or index.max(initial=-1) >= rows or filled[index].any():
                     raise LtcacheError(f"shard {shard['file']} has sample indices outside 0..{rows - 1} or repeated; "
                                        "re-run ltcache extract")
-                first = int(index[0]) if len(index) else 0
-                if np.array_equal(index, np.arange(first, first + len(index))):
-                    # Rows already in order (single-process extract): read straight into place, no scatter copy.
-                    if len(index):
-                        f["features"].read_direct(features, dest_sel=np.s_[first : first + len(index)])
-                        f["labels"].read_direct(labels, dest_sel=np.s_[first : first + len(index)])
-                else:
-                    features[index] = f["features"][:]
-                    labels[index] = f["labels"][:]
+                start = sum(len(i) for _, i, _ in shards)
+                in_order = in_order and np.array_equal(index, np.arange(start, start + len(index)))
+                labels[index] = f["labels"][:]
                 filled[index] = True
+                features = f["features"]
+                offset = features.id.get_offset() if features.dtype == np.dtype("<f4") else None
+                shards.append((path, index, offset))
         if not filled.all():
             raise LtcacheError(f"split {name} covers {int(filled.sum())} of {rows} rows; re-run ltcache extract")
-        return Split(torch.from_numpy(features), torch.from_numpy(labels))
+        mapped = None
+        if in_order and all(offset is not None for _, _, offset in shards):
+            mapped = map_float32([(path, offset, len(index) * dim * 4) for path, index, offset in shards], (rows, dim))
+        return Split(torch.from_numpy(mapped if mapped is not None else self._read_features(shards, rows)), 
+                     torch.from_numpy(labels))
+
+    def _read_features(self, shards: list, rows: int) -> np.ndarray:
+        features = np.empty((rows, self.feature_dim), dtype=np.float32)
+        for path, index, _ in shards:
+            with h5py.File(path, "r") as f:
+                first = int(index[0]) if len(index) else 0
+                if np.array_equal(index, np.arange(first, first + len(index))):
+                    if len(index):  # rows already in order: read straight into place, no scatter copy
+                        f["features"].read_direct(features, dest_sel=np.s_[first : first + len(index)])
+                else:
+                    features[index] = f["features"][:]
+        return features
 
     def verify(self) -> list[str]:
         """Shards whose sha256 differs from the manifest's (empty when the cache is intact)."""

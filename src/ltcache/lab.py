@@ -53,7 +53,7 @@ class Lab:
         # Calibration after temperature scaling, with T fitted on the selection split (never on test).
         selection = self.data.selection
         temperature = fit_temperature(head.logits(selection.features), selection.labels)
-        scaled = calibration(logits / temperature, self.test.labels, counts, thresholds)
+        scaled = calibration(logits, self.test.labels, counts, thresholds, temperature=temperature)
         result["temperature"] = temperature
         result.update({f"{key}_ts": scaled[key] for key in ("ece", "ece_many", "ece_medium", "ece_few")})
         if bootstrap:

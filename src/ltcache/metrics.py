@@ -80,11 +80,23 @@ def reliability_bins(confidence: np.ndarray, correct: np.ndarray, bins: int = 15
              "count": int((which == b).sum())} for b in range(bins) if (which == b).any()]
 
 
+def max_softmax(logits: torch.Tensor, temperature: float = 1.0, chunk_rows: int = 65536):
+    """Confidence (the largest softmax probability of logits / T) and prediction of each row, a chunk of rows at
+    a time: no probability matrix the size of the logits is ever held."""
+    confidence, predictions = [], []
+    for chunk in logits.float().split(chunk_rows):
+        peak, index = chunk.max(1)
+        confidence.append(1.0 / ((chunk - peak[:, None]) / temperature).exp_().sum(1))
+        predictions.append(index)
+    if not confidence:
+        return logits.new_empty(0), torch.empty(0, dtype=torch.int64)
+    return torch.cat(confidence), torch.cat(predictions)
+
+
 def calibration(logits: torch.Tensor, labels: torch.Tensor, class_counts,
-                thresholds: ShotThresholds = ShotThresholds(), bins: int = 15) -> dict:
-    """ECE overall and over the test samples of each shot group, from softmax probabilities."""
-    probabilities = torch.softmax(logits.float(), dim=1)
-    confidence, predictions = probabilities.max(1)
+                thresholds: ShotThresholds = ShotThresholds(), bins: int = 15, temperature: float = 1.0) -> dict:
+    """ECE overall and over the test samples of each shot group, from softmax(logits / temperature)."""
+    confidence, predictions = max_softmax(logits, temperature)
     confidence, labels_np = confidence.cpu().numpy(), labels.cpu().numpy()
     correct = (predictions.cpu().numpy() == labels_np).astype(np.float64)
     groups = shot_groups(class_counts, thresholds)[labels_np]

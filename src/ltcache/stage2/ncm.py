@@ -6,16 +6,18 @@ import torch
 import torch.nn.functional as F
 
 from ltcache.errors import unknown_name
-from ltcache.heads import LinearHead
+from ltcache.heads import LOGIT_CHUNK_ROWS, LinearHead
 from ltcache.stage2.core import Fitted, LabData, register
 
 NCM_METRICS = ("cosine", "euclidean")
 NCM_FEATURES = ("un", "l2n", "cl2n")  # the official code's modes: raw, L2-normalized, centered then normalized
 
 
-def class_means(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+def class_means(features: torch.Tensor, labels: torch.Tensor, num_classes: int, transform=None) -> torch.Tensor:
+    """Mean of transform(f) per class, a chunk of rows at a time: no transformed copy of the whole split."""
     sums = torch.zeros(num_classes, features.shape[1], dtype=features.dtype, device=features.device)
-    sums.index_add_(0, labels, features)
+    for chunk, chunk_labels in zip(features.split(LOGIT_CHUNK_ROWS), labels.split(LOGIT_CHUNK_ROWS), strict=True):
+        sums.index_add_(0, chunk_labels, chunk if transform is None else transform(chunk))
     counts = torch.bincount(labels, minlength=num_classes).clamp_min(1).to(features.dtype)
     return sums / counts[:, None]
 
@@ -29,8 +31,12 @@ def fit_ncm(data: LabData, *, metric: str, features: str) -> Fitted:
         raise unknown_name("NCM feature mode", features, NCM_FEATURES)
     center = data.train.features.mean(0) if features == "cl2n" else None
     normalize = features != "un"
-    train = data.train.features - center if center is not None else data.train.features
-    means = class_means(F.normalize(train, dim=1) if normalize else train, data.train.labels, data.num_classes)
+
+    def transform(chunk: torch.Tensor) -> torch.Tensor:
+        chunk = chunk - center if center is not None else chunk
+        return F.normalize(chunk, dim=1) if normalize else chunk
+
+    means = class_means(data.train.features, data.train.labels, data.num_classes, transform)
     if metric == "cosine":  # cosine similarity normalizes the query itself, whatever the feature mode
         head = LinearHead(F.normalize(means, dim=1), None, normalize_input=True, center=center)
     else:

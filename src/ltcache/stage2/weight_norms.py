@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
 import torch
 
 from ltcache.errors import LtcacheError
@@ -30,15 +33,58 @@ def tau_normalize(weight: torch.Tensor, tau: float) -> torch.Tensor:
     return weight / weight_norms(weight).pow(tau)[:, None]
 
 
-def grid_curve(data: LabData, split: str, grid: list[dict], adjust, prior=None) -> list[dict]:
-    """Metrics on `split` for every point of `grid`, with logits = adjust(raw, out, **point) written into `out`.
+SWEEP_CHUNK_ROWS = 256  # rows x classes of float32 that stay in a core's cache while every grid point is scored
 
-    raw = F @ W.T is computed once per split; each point costs an O(N*C) rescale or shift into one reused
-    buffer, never a GEMM. With a class `prior`, each entry also has its target_accuracy, sum_c prior_c acc_c.
+
+def affine_argmax(raw: torch.Tensor, scales: torch.Tensor | None, shifts: torch.Tensor | None) -> torch.Tensor:
+    """argmax_j(raw_ij * scales[p, j] + shifts[p, j]) for every grid point p: predictions [P, N].
+
+    On CPU, rows are taken a cache-sized chunk at a time and every point is scored while the chunk is hot (one
+    pass over `raw` in all), with numpy's argmax (several times faster than torch's on CPU) and one thread per
+    torch thread; float32 arithmetic as torch.mul / torch.add, so the result is the same bit for bit.
     """
-    raw = data.raw_logits(split)
-    out = torch.empty_like(raw)
-    return [{**point, **data.score(adjust(raw, out, **point).argmax(1), split, prior)} for point in grid]
+    points = len(scales if scales is not None else shifts)
+    if raw.device.type != "cpu":
+        return torch.stack([(raw * scales[p] if scales is not None else raw)
+                            .add(shifts[p] if shifts is not None else 0).argmax(1) for p in range(points)])
+    values = raw.numpy()
+    scale = None if scales is None else scales.cpu().numpy()
+    shift = None if shifts is None else shifts.cpu().numpy()
+    predictions = np.empty((points, len(values)), dtype=np.int64)
+
+    def rows(first: int, last: int) -> None:
+        buffer = np.empty((SWEEP_CHUNK_ROWS, values.shape[1]), dtype=np.float32)
+        for start in range(first, last, SWEEP_CHUNK_ROWS):
+            chunk = values[start : min(start + SWEEP_CHUNK_ROWS, last)]
+            out = buffer[: len(chunk)]
+            for p in range(points):
+                if scale is not None:
+                    np.multiply(chunk, scale[p], out=out)
+                    if shift is not None:
+                        np.add(out, shift[p], out=out)
+                else:
+                    np.add(chunk, shift[p], out=out)
+                predictions[p, start : start + len(chunk)] = out.argmax(1)
+
+    workers = max(1, min(torch.get_num_threads(), len(values) // SWEEP_CHUNK_ROWS))
+    bounds = np.linspace(0, len(values), workers + 1).astype(int)
+    if workers == 1:
+        rows(0, len(values))
+    else:
+        with ThreadPoolExecutor(workers) as pool:  # numpy releases the GIL in both loops
+            list(pool.map(rows, bounds[:-1], bounds[1:]))
+    return torch.from_numpy(predictions)
+
+
+def grid_curve(data: LabData, split: str, grid: list[dict], *, scales=None, shifts=None, prior=None) -> list[dict]:
+    """Metrics on `split` for every point of `grid`, whose logits are raw * scales[p] + shifts[p] ([P, C] each;
+    either may be None).
+
+    raw = F @ W.T is computed once per split; the points cost an O(N*C) rescale or shift each (affine_argmax),
+    never a GEMM. With a class `prior`, each entry also has its target_accuracy, sum_c prior_c acc_c.
+    """
+    predictions = affine_argmax(data.raw_logits(split), scales, shifts)
+    return [{**point, **data.score(predictions[p], split, prior)} for p, point in enumerate(grid)]
 
 
 def log_prior(data: LabData, device) -> torch.Tensor:
@@ -49,8 +95,8 @@ def log_prior(data: LabData, device) -> torch.Tensor:
 def tau_curve(data: LabData, split: str, taus) -> list[dict]:
     """Metrics of the tau-normalized head (Eq. 3) for every tau on `split`: column j scaled by ||w_j||^-tau."""
     norms = weight_norms(data.joint.weight).to(data.raw_logits(split).device)
-    return grid_curve(data, split, [{"tau": tau} for tau in validate_taus(taus)],
-                      lambda raw, out, tau: torch.mul(raw, norms.pow(-tau), out=out))
+    taus = validate_taus(taus)
+    return grid_curve(data, split, [{"tau": tau} for tau in taus], scales=torch.stack([norms.pow(-t) for t in taus]))
 
 
 def best_on_curve(curve: list[dict], key: str = "mean_per_class") -> dict:
@@ -89,8 +135,9 @@ def fit_logit_adjustment(data: LabData, *, taus, target) -> Fitted:
     bias = data.joint.bias if data.joint.bias is not None else torch.zeros_like(prior)
     if target_prior is not None:
         bias = bias + torch.as_tensor(target_prior, dtype=prior.dtype, device=prior.device).clamp_min(1e-30).log()
-    curve = grid_curve(data, data.select, [{"la_tau": t} for t in validate_taus(taus)],
-                       lambda raw, out, la_tau: torch.add(raw, bias - la_tau * prior, out=out), prior=target_prior)
+    taus = validate_taus(taus)
+    curve = grid_curve(data, data.select, [{"la_tau": t} for t in taus],
+                       shifts=torch.stack([bias - t * prior for t in taus]), prior=target_prior)
     key = "mean_per_class" if target_prior is None else "target_accuracy"
     best = best_on_curve(curve, key)
     head = LinearHead(data.joint.weight, bias - best["la_tau"] * prior)
@@ -107,8 +154,8 @@ def fit_tau_norm_logit_adjustment(data: LabData, *, taus, la_taus) -> Fitted:
     prior = log_prior(data, data.joint.weight.device)
     norms = weight_norms(data.joint.weight)
     grid = [{"tau": t, "la_tau": a} for t in validate_taus(taus) for a in validate_taus(la_taus)]
-    curve = grid_curve(data, data.select, grid,
-                       lambda raw, out, tau, la_tau: torch.mul(raw, norms.pow(-tau), out=out).sub_(la_tau * prior))
+    curve = grid_curve(data, data.select, grid, scales=torch.stack([norms.pow(-p["tau"]) for p in grid]),
+                       shifts=torch.stack([-p["la_tau"] * prior for p in grid]))
     best = best_on_curve(curve)
     head = LinearHead(tau_normalize(data.joint.weight, best["tau"]), -best["la_tau"] * prior)
     return Fitted(head, chosen_on_grid(data, best, "tau", "la_tau"), curve)
