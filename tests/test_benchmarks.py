@@ -36,7 +36,7 @@ def test_stage2_benchmark_runs_at_a_small_shape(tmp_path):
     results = tmp_path / "RESULTS.md"
     out = run_script("benchmarks/stage2.py", "--classes", "20", "--n-max", "200", "--imbalance", "20", "--dim", "32",
                      "--results", results)
-    for step in ("open the cache", "tau sweep, 21 values", "cRT, 10 epochs", "LogisticRegression",
+    for step in ("open the cache", "tau sweep, 21 values", "cRT, 10 epochs", "LogisticRegression", "time to reach",
                  "per-sample HDF5 Dataset", "ltcache compare", "peak resident memory"):
         assert step in out
     assert results.read_text().count("| step |") == 1

@@ -107,3 +107,47 @@ def test_heads_round_trip(toy_cache):
     head, hyperparameters = cache.load_head("tau_norm")
     assert head.bias is None and torch.equal(head.weight, torch.eye(3, 4)) and hyperparameters == {"tau": 0.7}
     assert cache.head_names() == ["tau_norm"]
+
+
+def _is_mapped(tensor: torch.Tensor) -> bool:
+    """Whether the tensor's first byte lies in a file mapping of a cache shard (from /proc/self/maps)."""
+    address = tensor.data_ptr()
+    for line in open("/proc/self/maps"):
+        fields = line.split()
+        low, high = (int(x, 16) for x in fields[0].split("-"))
+        if low <= address < high:
+            return len(fields) >= 6 and fields[-1].endswith(".h5")
+    return False
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="mapping is Linux-only")
+def test_in_order_aligned_shards_are_mapped_copy_on_write(tmp_path):
+    rows, dim = 600, 4  # shards of 256 rows x 4 floats = one 4 KiB page each, then a ragged last shard
+    features = torch.randn(rows, dim, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(rows) % 3
+    writer = CacheWriter(tmp_path / "c", feature_dim=dim, shard_rows=256)
+    for name in ("train", "val", "test"):
+        split = writer.split(name)
+        split.add(features.numpy(), labels.numpy(), np.arange(rows))  # in index order, as extract writes
+        writer.finish_split(split, rows)
+    writer.write_joint_head(torch.eye(3, dim), torch.zeros(3))
+    writer.commit(dataset={"name": "toy", "class_names": ["a", "b", "c"], "train_class_counts": [200] * 3},
+                  backbone={"arch": "none"})
+    cache = FeatureCache(tmp_path / "c")
+    assert len(cache.manifest["splits"]["train"]["shards"]) == 3
+    loaded = cache.load_split("train")
+    assert _is_mapped(loaded.features)
+    assert torch.equal(loaded.features, features) and torch.equal(loaded.labels, labels)
+    loaded.features.mul_(0)  # private to this process: the shards on disk keep their values
+    assert torch.equal(cache.load_split("train").features, features)
+    assert not cache.verify()
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_out_of_order_or_unaligned_shards_are_read(toy_cache):
+    cache = FeatureCache(toy_cache)  # rows arrive shuffled, in shards of 16 rows x 4 floats
+    split = cache.load_split("train")
+    assert not _is_mapped(split.features)
+    with h5py.File(toy_cache / cache.manifest["splits"]["train"]["shards"][0]["file"], "r") as f:
+        index, rows = f["index"][:], f["features"][:]
+    assert torch.equal(split.features[torch.from_numpy(index)], torch.from_numpy(rows))

@@ -26,14 +26,15 @@ BALANCED_DEFAULTS = {"batch_size": 512, "lr": None, "weight_decay": 5e-4, "momen
 def train_on_features(module: nn.Module, inputs: torch.Tensor | tuple[torch.Tensor, ...], labels: torch.Tensor, *,
                       epochs: int, batch_size: int, lr: float | None, weight_decay: float, momentum: float,
                       min_steps: int, seed: int, sampling_q: float = 0.0, criterion=None, after_step=None,
-                      epoch_rows: int | None = None) -> dict:
+                      epoch_rows: int | None = None, on_epoch=None) -> dict:
     """Fit `module` (inputs -> logits) with SGD and a cosine lr to 0, drawing batches by Eq. 1.
 
     `inputs` is one tensor or a tuple of row-aligned tensors, passed to the module as separate arguments.
     sampling_q 0 (default) is class-balanced sampling, 1 instance-balanced. `criterion` defaults to CE;
     `after_step(module)` runs after every optimizer step (e.g. a norm projection). An epoch is `epoch_rows`
     draws (default len(labels)), as in the paper; `min_steps` lengthens epochs on tiny datasets, where 10 epochs
-    of a few batches would not converge (at ImageNet-LT scale it is inactive). Returns the hyperparameters used.
+    of a few batches would not converge (at ImageNet-LT scale it is inactive). `on_epoch(epoch, module)` runs
+    after every epoch (progress, learning curves). Returns the hyperparameters used.
     """
     if epochs < 1 or batch_size < 1:
         raise LtcacheError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
@@ -73,6 +74,8 @@ def train_on_features(module: nn.Module, inputs: torch.Tensor | tuple[torch.Tens
                 after_step(module)
         if not finite.item():
             raise LtcacheError(f"the stage-2 loss stopped being finite in epoch {epoch + 1}; lower the lr")
+        if on_epoch is not None:
+            on_epoch(epoch + 1, module)
     return {"epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
             "momentum": momentum, "steps": epochs * steps_per_epoch}
 
@@ -95,7 +98,7 @@ def fit_on_train(module: nn.Module, data: LabData, inputs=None, **hyperparameter
     return {**used, "train_views": data.views} if data.fitting == "train_views" else used
 
 
-def _retrain_linear(data: LabData, **hyperparameters) -> tuple[nn.Linear, dict]:
+def retrain_linear(data: LabData, **hyperparameters) -> tuple[nn.Linear, dict]:
     """A freshly initialized linear classifier trained on the frozen train features."""
     torch.manual_seed(data.seed)
     linear = nn.Linear(data.train.features.shape[1], data.num_classes).to(data.train.features.device)
@@ -113,7 +116,7 @@ def fit_crt(data: LabData, *, solver: str, lbfgs_steps: int, **hyperparameters) 
         return fit_crt_lbfgs(data, steps=lbfgs_steps, weight_decay=hyperparameters["weight_decay"])
     if solver != "sgd":
         raise LtcacheError(f"crt.solver must be sgd or lbfgs, got {solver!r}")
-    linear, used = _retrain_linear(data, **hyperparameters)
+    linear, used = retrain_linear(data, **hyperparameters)
     return Fitted(_linear_head(linear), used)
 
 
@@ -155,7 +158,7 @@ def fit_crt_balanced_softmax(data: LabData, **hyperparameters) -> Fitted:
 
     # The loss already corrects for the train prior, so batches follow the data (q = 1), not class-balanced.
     criterion = build_loss("balanced_softmax", data.class_counts.tolist()).to(data.train.features.device)
-    linear, used = _retrain_linear(data, sampling_q=1.0, criterion=criterion, **hyperparameters)
+    linear, used = retrain_linear(data, sampling_q=1.0, criterion=criterion, **hyperparameters)
     return Fitted(_linear_head(linear), {**used, "sampling": "instance"})
 
 
@@ -186,7 +189,7 @@ class SmoothedCrossEntropy(nn.Module):
                   "class-balanced", epochs=10, smooth_head=0.4, smooth_tail=0.1, **BALANCED_DEFAULTS)
 def fit_crt_label_aware_smoothing(data: LabData, *, smooth_head: float, smooth_tail: float, **hyperparameters):
     epsilon = label_aware_smoothing(data.class_counts, smooth_head, smooth_tail).to(data.train.features.device)
-    linear, used = _retrain_linear(data, criterion=SmoothedCrossEntropy(epsilon), **hyperparameters)
+    linear, used = retrain_linear(data, criterion=SmoothedCrossEntropy(epsilon), **hyperparameters)
     return Fitted(_linear_head(linear), {**used, "smooth_head": smooth_head, "smooth_tail": smooth_tail})
 
 
@@ -205,7 +208,7 @@ def fit_crt_maxnorm(data: LabData, *, max_norms, **hyperparameters) -> Fitted:
                 norms = linear.weight.norm(dim=1, keepdim=True).clamp_min(1e-12)
                 linear.weight.mul_((cap / norms).clamp(max=1.0))
 
-        linear, used = _retrain_linear(data, after_step=project, **hyperparameters)
+        linear, used = retrain_linear(data, after_step=project, **hyperparameters)
         head = _linear_head(linear)
         score = data.score(head.predict(data.selection.features), data.select)["mean_per_class"]
         candidates.append((score, -float(multiple), head, used, float(multiple)))
