@@ -93,6 +93,22 @@ def test_temperature_scaling_recovers_a_known_overconfidence():
     assert abs(fit_temperature(calibrated, labels) - 1.0) < 0.05
 
 
+def test_temperature_is_the_minimizer_of_the_nll_on_a_fine_grid():
+    from ltcache.metrics import fit_temperature
+
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(3000, 7, generator=generator) * 3
+    # Labels follow softmax(logits / 5) with a third of them replaced at random: the best T is above 5.
+    labels = torch.multinomial(torch.softmax(logits / 5, 1), 1, generator=generator).squeeze(1)
+    noise = torch.rand(3000, generator=generator) < 1 / 3
+    labels[noise] = torch.randint(0, 7, (int(noise.sum()),), generator=generator)
+    grid = torch.linspace(0.5, 40.0, 7901, dtype=torch.float64)
+    nll = torch.stack([torch.nn.functional.cross_entropy(logits.double() / t, labels) for t in grid])
+    best = grid[nll.argmin()].item()
+    found = fit_temperature(logits, labels, chunk_rows=500)
+    assert 5.0 < best < 39.0 and abs(found - best) < 0.01
+
+
 def test_compare_reports_temperature_scaled_ece_fitted_off_test(toy_cache):
     rows = json.loads(invoke("compare", toy_cache, "--json", "--methods", "joint,ncm", "--bootstrap", "0").stdout)
     for row in rows["rows"]:

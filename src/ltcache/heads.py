@@ -13,7 +13,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-LOGIT_CHUNK_ROWS = 65536
+LOGIT_CHUNK_ROWS = 16384  # rows per chunk: big enough for an efficient GEMM, small enough for its temporaries
 HEAD_KINDS: dict[str, type[Head]] = {}
 
 
@@ -26,7 +26,8 @@ class Head:
         super().__init_subclass__(**kwargs)
         HEAD_KINDS[cls.kind] = cls
 
-    def chunk_logits(self, features: torch.Tensor) -> torch.Tensor:
+    def chunk_logits(self, features: torch.Tensor, out: torch.Tensor) -> None:
+        """Write the logits of `features` into `out` (a slice of the result)."""
         raise NotImplementedError
 
     @property
@@ -34,9 +35,13 @@ class Head:
         raise NotImplementedError
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits [N, C], written chunk by chunk into one preallocated result (no concatenation copy)."""
         head = self.to(features.device)
-        out = [head.chunk_logits(chunk) for chunk in features.split(LOGIT_CHUNK_ROWS)]
-        return torch.cat(out) if out else features.new_empty((0, self.num_classes))
+        out = features.new_empty((len(features), self.num_classes), dtype=torch.float32)
+        for start in range(0, len(features), LOGIT_CHUNK_ROWS):
+            rows = slice(start, start + LOGIT_CHUNK_ROWS)
+            head.chunk_logits(features[rows], out[rows])
+        return out
 
     def predict(self, features: torch.Tensor) -> torch.Tensor:
         return self.logits(features).argmax(1)
@@ -76,13 +81,15 @@ class LinearHead(Head):
     def num_classes(self) -> int:
         return len(self.weight)
 
-    def chunk_logits(self, chunk: torch.Tensor) -> torch.Tensor:
+    def chunk_logits(self, chunk: torch.Tensor, out: torch.Tensor) -> None:
         if self.center is not None:
             chunk = chunk - self.center
         if self.normalize_input:
             chunk = F.normalize(chunk, dim=1)
-        logits = chunk @ self.weight.T
-        return logits if self.bias is None else logits + self.bias
+        if self.bias is None:
+            torch.mm(chunk, self.weight.T, out=out)
+        else:
+            torch.addmm(self.bias.to(chunk.dtype), chunk, self.weight.T, out=out)
 
 
 @dataclass
@@ -101,12 +108,10 @@ class MLPHead(Head):
     def weight(self) -> torch.Tensor:  # the output layer, for the weight-norm plot
         return self.weights[-1]
 
-    def chunk_logits(self, chunk: torch.Tensor) -> torch.Tensor:
-        for i, (weight, bias) in enumerate(zip(self.weights, self.biases, strict=True)):
-            chunk = F.linear(chunk, weight, bias)
-            if i < len(self.weights) - 1:
-                chunk = F.relu(chunk)
-        return chunk
+    def chunk_logits(self, chunk: torch.Tensor, out: torch.Tensor) -> None:
+        for weight, bias in zip(self.weights[:-1], self.biases[:-1], strict=True):
+            chunk = F.relu(F.linear(chunk, weight, bias))
+        torch.addmm(self.biases[-1], chunk, self.weights[-1].T, out=out)
 
     def to(self, device) -> MLPHead:
         return MLPHead(tuple(w.to(device) for w in self.weights), tuple(b.to(device) for b in self.biases))
@@ -141,9 +146,9 @@ class DisAlignHead(Head):
     def num_classes(self) -> int:
         return len(self.weight)
 
-    def chunk_logits(self, chunk: torch.Tensor) -> torch.Tensor:
-        joint = chunk @ self.weight.T + self.bias
-        return adjust_disalign(joint, chunk, self.alpha, self.beta, self.confidence_weight, self.confidence_bias)
+    def chunk_logits(self, chunk: torch.Tensor, out: torch.Tensor) -> None:
+        joint = torch.addmm(self.bias, chunk, self.weight.T)
+        out.copy_(adjust_disalign(joint, chunk, self.alpha, self.beta, self.confidence_weight, self.confidence_bias))
 
 
 def adjust_disalign(joint_logits, features, alpha, beta, confidence_weight, confidence_bias) -> torch.Tensor:
