@@ -225,7 +225,7 @@ class FeatureCache:
         rows, dim = int(entry["rows"]), self.feature_dim
         labels = np.empty(rows, dtype=np.int64)
         filled = np.zeros(rows, dtype=bool)
-        shards, in_order = [], True  # in_order: shard k holds rows start_k .. start_k + n_k - 1, back to back
+        shards, in_order, start = [], True, 0  # in_order: each shard holds rows start .. start + n - 1, back to back
         for shard in entry["shards"]:
             path = self.path / shard["file"]
             if not path.is_file():
@@ -240,8 +240,8 @@ class FeatureCache:
                 if index.min(initial=0) < 0 or index.max(initial=-1) >= rows or filled[index].any():
                     raise LtcacheError(f"shard {shard['file']} has sample indices outside 0..{rows - 1} or repeated; "
                                        "re-run ltcache extract")
-                start = sum(len(i) for _, i, _ in shards)
                 in_order = in_order and np.array_equal(index, np.arange(start, start + len(index)))
+                start += len(index)
                 labels[index] = f["labels"][:]
                 filled[index] = True
                 features = f["features"]
@@ -252,7 +252,7 @@ class FeatureCache:
         mapped = None
         if in_order and all(offset is not None for _, _, offset in shards):
             mapped = map_float32([(path, offset, len(index) * dim * 4) for path, index, offset in shards], (rows, dim))
-        return Split(torch.from_numpy(mapped if mapped is not None else self._read_features(shards, rows)), 
+        return Split(torch.from_numpy(mapped if mapped is not None else self._read_features(shards, rows)),
                      torch.from_numpy(labels))
 
     def _read_features(self, shards: list, rows: int) -> np.ndarray:

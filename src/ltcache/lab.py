@@ -115,12 +115,11 @@ def compare(cache_path: Path, *, methods: list[str] | None = None, select: str =
                            f"({', '.join(methods)})")
     # Resolve every method's hyperparameters first: a bad name or value fails before any head is written.
     resolved = {name: resolve_params(name, (params or {}).get(name)) for name in methods}
-    counts = FeatureCache(cache_path).class_counts
-    for name in methods:
-        if METHODS[name].check is not None:
-            METHODS[name].check(resolved[name], counts)
     lab = open_lab(cache_path, select=select, seed=seed, device=device, thresholds=thresholds,
                    train_views=train_views)
+    for name in methods:  # values only the cache can judge, still before any head is written
+        if METHODS[name].check is not None:
+            METHODS[name].check(resolved[name], lab.data.class_counts)
     rows, fitted = [], {}
     for name in methods:
         start = time.perf_counter()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -197,9 +199,6 @@ def parse_prior(spec, class_counts) -> np.ndarray:
 
 
 def _read_prior_file(spec: str) -> np.ndarray:
-    import json
-    from pathlib import Path
-
     path = Path(spec)
     if not path.is_file():
         raise LtcacheError(f"target prior {spec!r} is neither uniform, train, forward:F, backward:F nor an existing "
