@@ -54,6 +54,21 @@ def write_toy_cache(path: Path, *, class_counts=(30, 12, 3), feature_dim=4, seed
     return writer.commit(dataset=dataset, backbone={"arch": "none", "checkpoint_sha256": "0" * 64})
 
 
+def reseal(cache: Path) -> None:
+    """Record the current sha256 of every file in the manifest, as a tool that rewrote them would: tests that
+    edit a shard on purpose use it to reach the checks behind the hashes."""
+    from ltcache.fsutil import canonical_sha256, sha256_file, write_json
+
+    manifest = json.loads((cache / "manifest.json").read_text())
+    for entry in manifest["splits"].values():
+        for shard in entry["shards"]:
+            shard["sha256"] = sha256_file(cache / shard["file"])
+    manifest["files"] = {name: sha256_file(cache / name) for name in manifest.get("files", {})}
+    manifest.pop("manifest_sha256", None)
+    manifest["manifest_sha256"] = canonical_sha256(manifest)
+    write_json(cache / "manifest.json", manifest)
+
+
 @pytest.fixture
 def toy_cache(tmp_path) -> Path:
     return write_toy_cache(tmp_path / "cache")

@@ -75,14 +75,15 @@ def test_unknown_method_and_bad_overrides(toy_cache):
 
 
 @pytest.mark.parametrize("grid, message", [
-    ("", "tau grid is empty"), ("-0.5,1", "negative"), ("a,b", "is not a list"), ("2:0:0.1", "tau grid is empty"),
+    ("", "the grid is empty"), ("-0.5,1", "each >= 0, at most 10,000 of them; -0.5 is not"), ("a,b", "is not a list"),
+    ("2:0:0.1", "the grid is empty"), ("0,nan", "nan is not"), ("0:1e9:1e-9", "more than 10,000"),
 ])
 def test_bad_tau_grids(toy_cache, grid, message):
     assert_clean_error(invoke("sweep-tau", toy_cache, f"--taus={grid}"), message)
 
 
 def test_select_on_train_without_val_is_fine_but_unknown_split_is_not(toy_cache):
-    assert_clean_error(invoke("sweep-tau", toy_cache, "--select", "test"), "unknown selection split 'test'")
+    assert_clean_error(invoke("sweep-tau", toy_cache, "--select", "test"), "--select must be one of: val, train")
 
 
 def test_debug_shows_the_traceback(tmp_path):

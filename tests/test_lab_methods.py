@@ -109,7 +109,7 @@ def test_every_method_is_listed_and_runs_on_a_cache(toy_cache):
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_choices_never_depend_on_the_test_split(tmp_path, name):
     """Refit every method on a cache whose test labels are shuffled: what it chooses must not change."""
-    from conftest import write_toy_cache
+    from conftest import reseal, write_toy_cache
     from ltcache.cache import FeatureCache
     from ltcache.lab import compare
 
@@ -120,6 +120,7 @@ def test_choices_never_depend_on_the_test_split(tmp_path, name):
 
     with h5py.File(test_shard, "r+") as f:
         f["labels"][:] = np.random.default_rng(0).permutation(f["labels"][:])
+    reseal(second)
     params = {m: {"min_steps": 50} for m in ("crt", "lws", "tau_learned") if m == name}
     rows = [compare(path, methods=[name], params=params, write_reports=False, bootstrap=0)["rows"][0]
             for path in (first, second)]

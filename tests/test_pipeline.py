@@ -89,7 +89,7 @@ def test_compare_subset_with_overrides_and_info(digits_cache_copy):
     assert info.exit_code == 0, info.output
     summary = json.loads(info.stdout)
     assert summary["groups"] == {"many": 1, "medium": 4, "few": 5}
-    assert summary["corrupt_shards"] == [] and summary["splits"]["test"] == 400
+    assert summary["corrupt_files"] == [] and summary["problems"] == [] and summary["splits"]["test"] == 400
 
 
 def test_extract_refuses_existing_cache_and_float16_overwrite_matches(digits_run, digits_cache_copy):
@@ -130,5 +130,5 @@ def test_extract_train_views_and_compare_samples_among_them(digits_run, tmp_path
     assert all(row["chosen"]["train_views"] == 2 for row in summary_on["rows"])
     assert "train_views" not in summary_off["rows"][0]["chosen"]
     bad = invoke("extract", checkpoint, "--out", tmp_path / "c", "--train-views", "-1")
-    assert_clean_error(bad, "--train-views must be >= 0")
+    assert_clean_error(bad, "--train-views must be an integer >= 0")
     assert not (tmp_path / "c").exists()

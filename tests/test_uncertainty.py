@@ -79,7 +79,7 @@ def test_seeds_refit_stochastic_methods_only(toy_cache):
     low, high = stats["all"]["ci95"]
     assert low <= stats["all"]["mean"] <= high
     assert set(rows["crt"]["shifted_priors"]) >= {"forward_50", "backward_50"}
-    assert_clean_error(invoke("compare", toy_cache, "--seeds", "0"), "--seeds must be >= 1")
+    assert_clean_error(invoke("compare", toy_cache, "--seeds", "0"), "--seeds must be an integer >= 1")
 
 
 def test_temperature_scaling_recovers_a_known_overconfidence():

@@ -1,18 +1,23 @@
 """The feature cache, schema v1 (DESIGN.md). The only module that imports h5py.
 
-CACHE/manifest.json is the commit point: a shard exists once the manifest lists it. Shards, heads and the
-manifest are written under tmp names and os.replace'd; a whole cache is built in a staging folder and moved
-into place at the end, so an interrupted or failed extract never damages an existing cache.
+CACHE/manifest.json is the commit point: a shard exists once the manifest lists it. A cache is built in a staging
+folder beside its target and swapped into place whole (folders.py), so an interrupted or failed extract never damages
+an existing cache, and a reader never sees one half-written.
+
+Every file a cache depends on carries a sha256 in the manifest (shards, head.h5, membership.h5), and the manifest
+carries one of its own content (`manifest_sha256`), so an edited class-count list is caught too. Every read checks
+what it can: the manifest's keys and types, the hashes of the files it reads, shapes against the manifest, labels in
+range and agreeing with the class counts, sample indices covering every row once, finite features and head.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
+import sys
+import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import h5py
 import numpy as np
@@ -20,14 +25,18 @@ import torch
 
 from ltcache import __version__
 from ltcache.errors import LtcacheError
-from ltcache.fsutil import atomic_write, sha256_file, write_json
+from ltcache.folders import CACHE, StagedFolder, check_target, recover
+from ltcache.fsutil import atomic_write, canonical_sha256, mismatched_files, sha256_file, write_json
 from ltcache.heads import HEAD_KINDS, Head
 from ltcache.mapping import PAGE, map_float32
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
+HEAD = "head.h5"
 MEMBERSHIP = "membership.h5"
 DTYPES = ("float32", "float16")
+FINITE_CHECK_VALUES = 1 << 22  # values per block of the finiteness check: a 4 MiB boolean temporary at most
+_HEX = set("0123456789abcdef")
 
 
 @dataclass
@@ -44,6 +53,18 @@ class Split:
         return Split(self.features.to(device), self.labels.to(device))
 
 
+def check_finite(features: np.ndarray, where: str) -> None:
+    """Raise on the first NaN or infinite value, checked block by block (no full-size temporary)."""
+    rows = max(1, FINITE_CHECK_VALUES // max(1, features.shape[1] if features.ndim == 2 else 1))
+    for start in range(0, len(features), rows):
+        block = features[start : start + rows]
+        finite = np.isfinite(block)
+        if not finite.all():
+            row = start + int(np.argwhere(~finite)[0][0])
+            raise LtcacheError(f"{where} holds a NaN or infinite value (row {row}); the data is damaged, re-run "
+                               "ltcache extract")
+
+
 class SplitWriter:
     """Buffers rows of one split and flushes a shard every `shard_rows` rows."""
 
@@ -55,12 +76,23 @@ class SplitWriter:
         self.buffered = 0
         self.shards: list[dict] = []
         self.seen_index: list[np.ndarray] = []
+        self.label_counts = np.zeros(0, dtype=np.int64)
 
     def add(self, features, labels, index) -> None:
-        features = np.asarray(features, dtype=self.dtype)
+        features = np.asarray(features)
         if features.ndim != 2 or features.shape[1] != self.feature_dim:
             raise ValueError(f"expected features [n, {self.feature_dim}], got {features.shape}")
-        self.buffer.append((features, np.asarray(labels, dtype=np.int64), np.asarray(index, dtype=np.int64)))
+        check_finite(features, f"the {self.name} features being written")  # a diverged backbone is not cached
+        features = features.astype(self.dtype, copy=False)
+        if self.dtype == "float16":
+            check_finite(features, f"the {self.name} features in float16 (values beyond its range)")
+        labels = np.asarray(labels, dtype=np.int64)
+        if len(labels) and labels.min() < 0:
+            raise LtcacheError(f"split {self.name}: label {int(labels.min())} is negative; labels are 0..C-1")
+        counts = np.bincount(labels, minlength=len(self.label_counts))
+        counts[: len(self.label_counts)] += self.label_counts
+        self.label_counts = counts
+        self.buffer.append((features, labels, np.asarray(index, dtype=np.int64)))
         self.buffered += len(features)
         while self.buffered >= self.shard_rows:
             self._flush(self.shard_rows)
@@ -93,28 +125,34 @@ class SplitWriter:
         return {"rows": expected_rows, "shards": self.shards}
 
 
+def check_writer_options(*, dtype: str, shard_rows: int) -> None:
+    if dtype not in DTYPES:
+        raise LtcacheError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if isinstance(shard_rows, bool) or not isinstance(shard_rows, int) or shard_rows < 1:
+        raise LtcacheError(f"--shard-rows must be an integer >= 1, got {shard_rows!r}")
+
+
 class CacheWriter:
-    """Builds a cache in a staging folder beside `path`; `commit` writes the manifest and moves it into place."""
+    """Builds a cache in a staging folder beside `path`; `commit` writes the manifest and swaps it into place.
+
+    `inputs` are the command's own input files (checkpoint, feature files): `path` may not hold them.
+    """
 
     def __init__(self, path: Path, *, feature_dim: int, dtype: str = "float32", shard_rows: int = 65536,
-                 overwrite: bool = False):
-        self.check_target(path, dtype=dtype, shard_rows=shard_rows, overwrite=overwrite)
+                 overwrite: bool = False, inputs=()):
+        check_writer_options(dtype=dtype, shard_rows=shard_rows)
         self.path = Path(path)
-        self.staging = self.path.with_name(f".{self.path.name}.staging-{os.getpid()}")
-        shutil.rmtree(self.staging, ignore_errors=True)
-        self.staging.mkdir(parents=True)
+        self.folder = StagedFolder(self.path, kind=CACHE, overwrite=overwrite, inputs=inputs)
+        self.staging = self.folder.path
         self.feature_dim, self.dtype, self.shard_rows = feature_dim, dtype, shard_rows
         self.splits: dict[str, dict] = {}
+        self.label_counts: dict[str, np.ndarray] = {}
 
     @staticmethod
-    def check_target(path: Path, *, dtype: str, shard_rows: int, overwrite: bool) -> None:
-        """Fail before any work when the options are bad or `path` exists (unless overwrite)."""
-        if dtype not in DTYPES:
-            raise LtcacheError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-        if shard_rows < 1:
-            raise LtcacheError(f"--shard-rows must be >= 1, got {shard_rows}")
-        if Path(path).exists() and not overwrite:
-            raise LtcacheError(f"cache folder {path} already exists; choose another path or pass --overwrite")
+    def check_target(path: Path, *, dtype: str, shard_rows: int, overwrite: bool, inputs=()) -> None:
+        """Fail before any work when the options are bad or `path` may not be written (folders.check_target)."""
+        check_writer_options(dtype=dtype, shard_rows=shard_rows)
+        check_target(Path(path), kind=CACHE, overwrite=overwrite, inputs=inputs)
 
     def split(self, name: str) -> SplitWriter:
         return SplitWriter(self.staging, name, feature_dim=self.feature_dim, dtype=self.dtype,
@@ -123,14 +161,19 @@ class CacheWriter:
     def finish_split(self, writer: SplitWriter, expected_rows: int, **about) -> None:
         """Close a split; `about` (e.g. views=K, of="train") is recorded beside its rows in the manifest."""
         self.splits[writer.name] = {**writer.close(expected_rows), **about}
+        self.label_counts[writer.name] = writer.label_counts
 
     def write_joint_head(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        weight = weight.detach().cpu().float().numpy()
+        bias = bias.detach().cpu().float().numpy()
+        check_head_arrays(weight, bias, num_classes=len(weight), feature_dim=self.feature_dim, where="the joint head")
+
         def write(tmp: Path) -> None:
             with h5py.File(tmp, "w") as f:
-                f.create_dataset("weight", data=weight.detach().cpu().float().numpy())
-                f.create_dataset("bias", data=bias.detach().cpu().float().numpy())
+                f.create_dataset("weight", data=weight)
+                f.create_dataset("bias", data=bias)
 
-        atomic_write(self.staging / "head.h5", write)
+        atomic_write(self.staging / HEAD, write)
 
     def write_membership(self, source_index: dict[str, np.ndarray]) -> None:
         """Per split, the position of every row (by sample index) in the dataset's source files."""
@@ -142,11 +185,28 @@ class CacheWriter:
 
         atomic_write(self.staging / MEMBERSHIP, write)
 
+    def _check_labels(self, class_counts: list[int]) -> None:
+        """Labels within 0..C-1 in every split, and the train labels agreeing with the recorded class counts."""
+        num_classes = len(class_counts)
+        for name, counts in self.label_counts.items():
+            if len(counts) > num_classes and counts[num_classes:].any():
+                raise LtcacheError(f"split {name} has label {int(np.flatnonzero(counts)[-1])}, but there are only "
+                                   f"{num_classes} classes")
+        train = np.zeros(num_classes, dtype=np.int64)
+        counts = self.label_counts.get("train", train)[:num_classes]
+        train[: len(counts)] = counts
+        if train.tolist() != list(class_counts):
+            raise LtcacheError(f"the train labels give class counts {train.tolist()[:5]}... but the dataset says "
+                               f"{list(class_counts)[:5]}...")
+
     def commit(self, *, dataset: dict, backbone: dict) -> Path:
+        if "train" in self.label_counts:
+            self._check_labels(dataset["train_class_counts"])
         manifest = {
             "schema_version": SCHEMA_VERSION,
             "ltcache_version": __version__,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "generation": uuid.uuid4().hex,  # new for every cache written: a reader notices a swap through it
             "dataset": {k: v for k, v in dataset.items() if k not in ("class_names", "train_class_counts")},
             "class_names": dataset["class_names"],
             "class_counts": dataset["train_class_counts"],
@@ -154,42 +214,134 @@ class CacheWriter:
             "dtype": self.dtype,
             "backbone": backbone,
             "splits": self.splits,
+            "files": {name: sha256_file(self.staging / name) for name in (HEAD, MEMBERSHIP)
+                      if (self.staging / name).is_file()},
         }
         if (self.staging / MEMBERSHIP).is_file():
             manifest["membership"] = MEMBERSHIP
+        manifest["manifest_sha256"] = canonical_sha256(manifest)
         write_json(self.staging / MANIFEST, manifest)
-        if self.path.exists():  # --overwrite: swap the old cache out only now that the new one is complete
-            retired = self.path.with_name(f".{self.path.name}.retired-{os.getpid()}")
-            os.replace(self.path, retired)
-            os.replace(self.staging, self.path)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(self.staging, self.path)
-        return self.path
+        path = self.folder.publish()
+        self.folder.close()
+        return path
 
     def abort(self) -> None:
-        shutil.rmtree(self.staging, ignore_errors=True)
+        self.folder.abort()
+
+
+def _damaged(where: str, what: str) -> LtcacheError:
+    return LtcacheError(f"{where}: {what}; the cache was edited or damaged, re-run ltcache extract")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_sha256(value) -> bool:
+    return isinstance(value, str) and len(value) == 64 and set(value) <= _HEX
+
+
+def _check_relative(where: str, name) -> str:
+    """A file named by the manifest must stay inside the cache: relative, no '..', no backslashes."""
+    parts = PurePosixPath(name).parts if isinstance(name, str) else ()
+    if not parts or PurePosixPath(name).is_absolute() or ".." in parts or "\\" in name:
+        raise _damaged(where, f"file {name!r} does not name a file inside the cache")
+    return name
+
+
+def check_manifest(manifest, where: str) -> None:
+    """Every key a reader relies on, with its type: a damaged manifest is a one-line error, never a KeyError."""
+    if not isinstance(manifest, dict):
+        raise _damaged(where, "it is not a JSON object")
+    version = manifest.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise LtcacheError(f"{where} has schema version {version!r}; this ltcache reads version {SCHEMA_VERSION} "
+                           "(re-run ltcache extract)")
+    names, counts = manifest.get("class_names"), manifest.get("class_counts")
+    if not isinstance(names, list) or len(names) < 2 or not all(isinstance(n, str) for n in names):
+        raise _damaged(where, "'class_names' must be a list of at least 2 names")
+    if not isinstance(counts, list) or len(counts) != len(names) or not all(_is_int(c) and c >= 0 for c in counts):
+        raise _damaged(where, f"'class_counts' must be {len(names)} non-negative integers, one per class")
+    if not _is_int(manifest.get("feature_dim")) or manifest["feature_dim"] < 1:
+        raise _damaged(where, f"'feature_dim' must be a positive integer, got {manifest.get('feature_dim')!r}")
+    if manifest.get("dtype") not in DTYPES:
+        raise _damaged(where, f"'dtype' must be one of {', '.join(DTYPES)}, got {manifest.get('dtype')!r}")
+    for key in ("dataset", "backbone"):
+        if not isinstance(manifest.get(key), dict):
+            raise _damaged(where, f"{key!r} must be a JSON object")
+    splits = manifest.get("splits")
+    if not isinstance(splits, dict) or "train" not in splits:
+        raise _damaged(where, "'splits' must hold at least the train split")
+    for name, entry in splits.items():
+        shards = entry.get("shards") if isinstance(entry, dict) else None
+        if not _is_int(entry.get("rows") if isinstance(entry, dict) else None) or entry["rows"] < 0 \
+                or not isinstance(shards, list):
+            raise _damaged(where, f"split {name!r} must have integer 'rows' and a list of 'shards'")
+        for shard in shards:
+            if not isinstance(shard, dict) or not _is_int(shard.get("rows")) or shard["rows"] < 0 \
+                    or not _is_sha256(shard.get("sha256")):
+                raise _damaged(where, f"a shard of split {name!r} lacks integer 'rows' or a sha256")
+            _check_relative(where, shard.get("file"))
+        if sum(shard["rows"] for shard in shards) != entry["rows"]:
+            raise _damaged(where, f"the shards of split {name!r} hold {sum(s['rows'] for s in shards)} rows, "
+                                  f"not {entry['rows']}")
+    files = manifest.get("files", {})
+    if not isinstance(files, dict) or not all(_is_sha256(v) for v in files.values()):
+        raise _damaged(where, "'files' must map file names to sha256 digests")
+    for name in files:
+        _check_relative(where, name)
+    if "manifest_sha256" in manifest:
+        content = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+        if canonical_sha256(content) != manifest["manifest_sha256"]:
+            raise _damaged(where, "its content does not match its manifest_sha256 (it was edited after extract)")
+
+
+def check_head_arrays(weight: np.ndarray, bias: np.ndarray | None, *, num_classes: int, feature_dim: int,
+                      where: str) -> None:
+    """A usable joint head: weight [C, d] and bias [C], finite, with no all-zero class row."""
+    if bias is None:
+        raise _damaged(where, "it has no 'bias'")
+    if weight.shape != (num_classes, feature_dim) or bias.shape != (num_classes,):
+        raise _damaged(where, f"weight {weight.shape} and bias {bias.shape} should be ({num_classes}, {feature_dim}) "
+                              f"and ({num_classes},) for {num_classes} classes of {feature_dim}-d features")
+    if not (np.isfinite(weight).all() and np.isfinite(bias).all()):
+        raise _damaged(where, "it holds NaN or infinite values")
+    zero = np.flatnonzero(~weight.any(axis=1))
+    if len(zero):
+        raise _damaged(where, f"the weight row of class {int(zero[0])} is all zeros")
 
 
 class FeatureCache:
-    """Reads a cache: manifest, splits as in-memory tensors (shape-checked against the manifest), heads."""
+    """Reads a cache: manifest, splits as in-memory tensors (checked as they are read), the joint head, heads.
 
-    def __init__(self, path: Path):
+    With `verify` (the default) every file read is first checked against its sha256 in the manifest.
+    """
+
+    def __init__(self, path: Path, *, verify: bool = True):
         self.path = Path(path)
+        if not self.path.exists() and self.path.parent.is_dir():
+            recover(self.path, CACHE)  # a swap interrupted between its two renames
         manifest_path = self.path / MANIFEST
         if not self.path.is_dir():
             raise LtcacheError(f"cache {self.path} not found; create one with ltcache extract")
         if not manifest_path.is_file():
             raise LtcacheError(f"{self.path} has no {MANIFEST}; it is not a finished cache (re-run ltcache extract)")
         try:
-            self.manifest = json.loads(manifest_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise LtcacheError(f"{manifest_path} is unreadable ({exc.msg if hasattr(exc, 'msg') else exc}); "
+            self.manifest = json.loads(manifest_path.read_bytes().decode("utf-8"))
+        except (ValueError, OSError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise LtcacheError(f"{manifest_path} is unreadable ({getattr(exc, 'msg', None) or type(exc).__name__}); "
                                "re-run ltcache extract") from None
-        version = self.manifest.get("schema_version") if isinstance(self.manifest, dict) else None
-        if version != SCHEMA_VERSION:
-            raise LtcacheError(f"{manifest_path} has schema version {version!r}; this ltcache reads version "
-                               f"{SCHEMA_VERSION} (re-run ltcache extract)")
+        check_manifest(self.manifest, str(manifest_path))
+        self.verify_hashes = verify
+        if "manifest_sha256" not in self.manifest:
+            print(f"warning: {self.path} was written by an older ltcache: head.h5, membership.h5 and the manifest "
+                  "carry no sha256, so edits to them go unnoticed; re-run ltcache extract to have them checked",
+                  file=sys.stderr, flush=True)
+
+    @property
+    def generation(self) -> str | None:
+        """A fresh id for every cache written at this path: a reader compares it to notice a swap."""
+        return self.manifest.get("generation")
 
     @property
     def class_counts(self) -> np.ndarray:
@@ -213,8 +365,28 @@ class FeatureCache:
     def has_split(self, name: str) -> bool:
         return name in self.manifest["splits"]
 
+    def _file(self, name: str) -> Path:
+        """A file named by the manifest, which must resolve inside the cache (no link leads out of it)."""
+        path = self.path / name
+        if not path.resolve().is_relative_to(self.path.resolve()):
+            raise _damaged(str(self.path / MANIFEST), f"{name} leads outside the cache")
+        return path
+
+    def _verify(self, expected: dict[str, str]) -> None:
+        if not self.verify_hashes:
+            return
+        for name in expected:
+            self._file(name)
+        bad = mismatched_files(self.path, expected)
+        if bad:
+            missing = [name for name in bad if not (self.path / name).is_file()]
+            what = f"{missing[0]} is missing" if missing else f"{bad[0]} fails its sha256 check (it changed after " \
+                                                              "extract)"
+            more = f" ({len(bad)} files in all)" if len(bad) > 1 else ""
+            raise LtcacheError(f"cache {self.path}: {what}{more}; re-run ltcache extract")
+
     def load_split(self, name: str) -> Split:
-        """All rows of a split as float32 features and int64 labels, ordered by sample index.
+        """All rows of a split as float32 features and int64 labels, ordered by sample index, checked on the way.
 
         When the shards hold float32 rows in index order, page-aligned (as CacheWriter writes them), the features
         are memory-mapped (mapping.py): no read, no copy. Otherwise they are read into memory.
@@ -222,38 +394,65 @@ class FeatureCache:
         if name not in self.manifest["splits"]:
             raise LtcacheError(f"cache {self.path} has no split {name!r}; it has {', '.join(self.split_names())}")
         entry = self.manifest["splits"][name]
+        self._verify({shard["file"]: shard["sha256"] for shard in entry["shards"]})
         rows, dim = int(entry["rows"]), self.feature_dim
         labels = np.empty(rows, dtype=np.int64)
         filled = np.zeros(rows, dtype=bool)
         shards, in_order, start = [], True, 0  # in_order: each shard holds rows start .. start + n - 1, back to back
         for shard in entry["shards"]:
-            path = self.path / shard["file"]
+            path = self._file(shard["file"])
             if not path.is_file():
                 raise LtcacheError(f"shard {path} listed in the manifest is missing; re-run ltcache extract")
-            with h5py.File(path, "r") as f:
-                shapes = {k: f[k].shape for k in ("features", "labels", "index")}
-                if shapes["features"] != (shard["rows"], dim) or shapes["labels"] != (shard["rows"],) \
-                        or shapes["index"] != (shard["rows"],):
-                    raise LtcacheError(f"shard {shard['file']} has features {shapes['features']} but the manifest "
-                                       f"says ({shard['rows']}, {dim}); the cache is corrupt, re-run ltcache extract")
-                index = f["index"][:]
-                if index.min(initial=0) < 0 or index.max(initial=-1) >= rows or filled[index].any():
-                    raise LtcacheError(f"shard {shard['file']} has sample indices outside 0..{rows - 1} or repeated; "
-                                       "re-run ltcache extract")
-                in_order = in_order and np.array_equal(index, np.arange(start, start + len(index)))
-                start += len(index)
-                labels[index] = f["labels"][:]
-                filled[index] = True
-                features = f["features"]
-                offset = features.id.get_offset() if features.dtype == np.dtype("<f4") else None
-                shards.append((path, index, offset))
+            try:
+                index, shard_labels, offset = self._read_shard(path, shard["rows"], dim)
+            except (OSError, KeyError, ValueError, TypeError) as exc:
+                raise _damaged(f"shard {shard['file']}", f"it is unreadable ({type(exc).__name__})") from None
+            if index.min(initial=0) < 0 or index.max(initial=-1) >= rows or filled[index].any() \
+                    or len(np.unique(index)) != len(index):
+                raise _damaged(f"shard {shard['file']}", f"its sample indices fall outside 0..{rows - 1} or repeat")
+            in_order = in_order and np.array_equal(index, np.arange(start, start + len(index)))
+            start += len(index)
+            labels[index] = shard_labels
+            filled[index] = True
+            shards.append((path, index, offset))
         if not filled.all():
-            raise LtcacheError(f"split {name} covers {int(filled.sum())} of {rows} rows; re-run ltcache extract")
+            raise _damaged(f"split {name}", f"its shards cover {int(filled.sum())} of {rows} rows")
+        self._check_labels(name, entry, labels)
         mapped = None
         if in_order and all(offset is not None for _, _, offset in shards):
             mapped = map_float32([(path, offset, len(index) * dim * 4) for path, index, offset in shards], (rows, dim))
-        return Split(torch.from_numpy(mapped if mapped is not None else self._read_features(shards, rows)),
-                     torch.from_numpy(labels))
+        features = mapped if mapped is not None else self._read_features(shards, rows)
+        check_finite(features, f"split {name} of cache {self.path}")
+        return Split(torch.from_numpy(features), torch.from_numpy(labels))
+
+    def _read_shard(self, path: Path, rows: int, dim: int) -> tuple[np.ndarray, np.ndarray, int | None]:
+        """A shard's index and labels, checked against the manifest's shape; the byte offset of its features when
+        they can be mapped (contiguous little-endian float32)."""
+        with h5py.File(path, "r") as f:
+            shapes = {k: f[k].shape for k in ("features", "labels", "index")}
+            if shapes["features"] != (rows, dim) or shapes["labels"] != (rows,) or shapes["index"] != (rows,):
+                raise _damaged(f"shard {path.relative_to(self.path)}",
+                               f"it has features {shapes['features']} but the manifest says ({rows}, {dim})")
+            if f["features"].dtype.kind != "f" or f["labels"].dtype.kind not in "iu" \
+                    or f["index"].dtype.kind not in "iu":
+                raise _damaged(f"shard {path.relative_to(self.path)}", "its arrays have the wrong types")
+            index, labels = f["index"][:].astype(np.int64), f["labels"][:].astype(np.int64)
+            features = f["features"]
+            offset = features.id.get_offset() if features.dtype == np.dtype("<f4") else None
+        return index, labels, offset
+
+    def _check_labels(self, name: str, entry: dict, labels: np.ndarray) -> None:
+        """Labels in 0..C-1; train's agree with the manifest's class counts (augmented views: K times them)."""
+        num_classes = self.num_classes
+        if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+            bad = int(labels.min()) if labels.min() < 0 else int(labels.max())
+            raise _damaged(f"split {name}", f"it has label {bad}, outside the {num_classes} classes")
+        if name == "train" or entry.get("of") == "train":
+            views = int(entry.get("views", 1)) if name != "train" else 1
+            counts = np.bincount(labels, minlength=num_classes)
+            if not np.array_equal(counts, views * self.class_counts):
+                raise _damaged(f"cache {self.path}", f"the manifest's class_counts {self.class_counts.tolist()[:5]}... "
+                                                     f"disagree with the {name} labels {counts.tolist()[:5]}...")
 
     def _read_features(self, shards: list, rows: int) -> np.ndarray:
         features = np.empty((rows, self.feature_dim), dtype=np.float32)
@@ -267,19 +466,42 @@ class FeatureCache:
                     features[index] = f["features"][:]
         return features
 
+    def files(self) -> dict[str, str]:
+        """Every file the cache depends on, with the sha256 the manifest records for it."""
+        files = {shard["file"]: shard["sha256"] for entry in self.manifest["splits"].values()
+                 for shard in entry["shards"]}
+        return {**files, **self.manifest.get("files", {})}
+
     def verify(self) -> list[str]:
-        """Shards whose sha256 differs from the manifest's (empty when the cache is intact)."""
-        return [s["file"] for entry in self.manifest["splits"].values() for s in entry["shards"]
-                if not (self.path / s["file"]).is_file() or sha256_file(self.path / s["file"]) != s["sha256"]]
+        """Files that are missing or whose sha256 differs from the manifest's (empty when the cache is intact)."""
+        for name in self.files():
+            self._file(name)
+        return mismatched_files(self.path, self.files())
 
     def membership(self, split: str) -> np.ndarray:
         """Source positions of a split's rows (row i came from source position membership[i])."""
-        with h5py.File(self.path / MEMBERSHIP, "r") as f:
-            return f[split][:]
+        self._verify({MEMBERSHIP: self.manifest["files"][MEMBERSHIP]} if MEMBERSHIP in self.manifest.get("files", {})
+                     else {})
+        try:
+            with h5py.File(self._file(MEMBERSHIP), "r") as f:
+                return f[split][:]
+        except (OSError, KeyError) as exc:
+            raise _damaged(f"{self.path / MEMBERSHIP}", f"it is unreadable ({type(exc).__name__})") from None
 
     def joint_head(self) -> tuple[torch.Tensor, torch.Tensor]:
-        with h5py.File(self.path / "head.h5", "r") as f:
-            return torch.from_numpy(f["weight"][:]), torch.from_numpy(f["bias"][:])
+        """The jointly trained classifier (W [C, d], b [C]), checked: hash, shapes, finite, no all-zero row."""
+        self._verify({HEAD: self.manifest["files"][HEAD]} if HEAD in self.manifest.get("files", {}) else {})
+        where = str(self.path / HEAD)
+        try:
+            with h5py.File(self._file(HEAD), "r") as f:
+                weight = np.asarray(f["weight"][()], dtype=np.float32) if "weight" in f else None
+                bias = np.asarray(f["bias"][()], dtype=np.float32) if "bias" in f else None
+        except (OSError, ValueError, TypeError) as exc:
+            raise _damaged(where, f"it is unreadable ({type(exc).__name__})") from None
+        if weight is None:
+            raise _damaged(where, "it has no 'weight'")
+        check_head_arrays(weight, bias, num_classes=self.num_classes, feature_dim=self.feature_dim, where=where)
+        return torch.from_numpy(weight), torch.from_numpy(bias)
 
     @property
     def heads_dir(self) -> Path:
@@ -289,10 +511,12 @@ class FeatureCache:
     def reports_dir(self) -> Path:
         return self.path / "reports"
 
-    def save_head(self, name: str, head: Head, attrs: dict) -> Path:
-        """Store a fitted head (any kind in heads.py) with its hyperparameters (JSON) as attributes."""
-        self.heads_dir.mkdir(exist_ok=True)
-        path = self.heads_dir / f"{name}.h5"
+    def save_head(self, name: str, head: Head, attrs: dict, *, folder: Path | None = None) -> Path:
+        """Store a fitted head (any kind in heads.py) with its hyperparameters (JSON) as attributes, in `folder`
+        (default CACHE/heads)."""
+        folder = Path(folder) if folder is not None else self.heads_dir
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{name}.h5"
 
         def write(tmp: Path) -> None:
             with h5py.File(tmp, "w") as f:
@@ -302,24 +526,31 @@ class FeatureCache:
                 f.attrs["options"] = json.dumps(head.options())
                 f.attrs["method"] = name
                 f.attrs["hyperparameters"] = json.dumps(attrs)
+                f.attrs["cache_generation"] = self.generation or ""
 
         atomic_write(path, write)
         return path
 
-    def load_head(self, name: str) -> tuple[Head, dict]:
+    def load_head(self, name: str, *, folder: Path | None = None) -> tuple[Head, dict]:
         """A stored head and the hyperparameters it was fitted with."""
-        path = self.heads_dir / f"{name}.h5"
+        folder = Path(folder) if folder is not None else self.heads_dir
+        path = folder / f"{name}.h5"
         if not path.is_file():
-            raise LtcacheError(f"no fitted head {name!r} in {self.heads_dir}; run ltcache compare first")
-        with h5py.File(path, "r") as f:
-            kind = f.attrs.get("kind", "linear")
-            if kind not in HEAD_KINDS:
-                raise LtcacheError(f"head {path} is of kind {kind!r}, which this ltcache cannot read; upgrade ltcache")
-            tensors = {key: torch.as_tensor(np.asarray(f[key][()])) for key in f}
-            options = (json.loads(f.attrs["options"]) if "options" in f.attrs  # heads written before kinds existed:
-                       else {"normalize_input": bool(f.attrs.get("normalize_input", False))})
-            head = HEAD_KINDS[kind].from_saved(tensors, options)
-            return head, json.loads(f.attrs["hyperparameters"])
+            raise LtcacheError(f"no fitted head {name!r} in {folder}; run ltcache compare first")
+        try:
+            with h5py.File(path, "r") as f:
+                kind = f.attrs.get("kind", "linear")
+                if kind not in HEAD_KINDS:
+                    raise LtcacheError(f"head {path} is of kind {kind!r}, which this ltcache cannot read; "
+                                       "upgrade ltcache")
+                tensors = {key: torch.as_tensor(np.asarray(f[key][()])) for key in f}
+                options = (json.loads(f.attrs["options"]) if "options" in f.attrs  # heads written before kinds:
+                           else {"normalize_input": bool(f.attrs.get("normalize_input", False))})
+                head = HEAD_KINDS[kind].from_saved(tensors, options)
+                return head, json.loads(f.attrs["hyperparameters"])
+        except (OSError, KeyError, ValueError, TypeError) as exc:
+            raise LtcacheError(f"head {path} is unreadable ({type(exc).__name__}); re-run ltcache compare") from None
 
-    def head_names(self) -> list[str]:
-        return sorted(p.stem for p in self.heads_dir.glob("*.h5")) if self.heads_dir.is_dir() else []
+    def head_names(self, *, folder: Path | None = None) -> list[str]:
+        folder = Path(folder) if folder is not None else self.heads_dir
+        return sorted(p.stem for p in folder.glob("*.h5")) if folder.is_dir() else []

@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ltcache.cache import CacheWriter
-from ltcache.checkpoint import load_checkpoint
+from ltcache.checkpoint import load_checkpoint, load_model_state
 from ltcache.console import log, progress
 from ltcache.data import SPLITS, DatasetSpec, build_dataset
 from ltcache.errors import LtcacheError
@@ -30,7 +30,8 @@ def extract(checkpoint: Path, out: Path, *, root: str | None = None, split_dir: 
     state = load_checkpoint(checkpoint)
     config, described = state["config"], state["dataset"]
     spec = DatasetSpec.from_dict(described, root=root, split_dir=split_dir)
-    writer_args = {"dtype": dtype, "shard_rows": shard_rows, "overwrite": overwrite}
+    inputs = [checkpoint, spec.root, spec.split_dir]  # the cache folder may not hold what it is made from
+    writer_args = {"dtype": dtype, "shard_rows": shard_rows, "overwrite": overwrite, "inputs": inputs}
     CacheWriter.check_target(Path(out), **writer_args)
     data = build_dataset(spec)
     augmented_train = data.splits["train"]
@@ -40,7 +41,7 @@ def extract(checkpoint: Path, out: Path, *, root: str | None = None, split_dir: 
                            f"but the checkpoint was trained on {described['train_class_counts'][:5]}...; "
                            "pass the --root the backbone was trained on")
     model = build_model(config["backbone"], data.num_classes, data.in_channels)
-    model.load_state_dict(state["model"])
+    load_model_state(model, state["model"], checkpoint, config["backbone"])
     run_device = resolve_device(device)
     model.to(run_device).eval()
     if run_device.type == "cuda":

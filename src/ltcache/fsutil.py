@@ -2,24 +2,49 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
 import os
-import shutil
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ltcache.errors import LtcacheError
 
+# What a full, read-only or failing disk says: a user's problem to fix, not a bug.
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO}
+
+
+def write_error(path: Path, exc: BaseException) -> LtcacheError | None:
+    """A one-line error for a write that the disk refused (full, read-only, too large), or None for anything else.
+    h5py and torch report the errno inside a multi-line message, so it is looked for there too."""
+    code = getattr(exc, "errno", None)
+    if code is None:
+        found = re.search(r"errno = (\d+)", str(exc))
+        code = int(found.group(1)) if found else None
+    if code is None and "file write failed" in str(exc):  # torch.save's stream writer names no errno
+        code = errno.EIO
+    if code not in _DISK_ERRNOS:
+        return None
+    return LtcacheError(f"cannot write {path}: {os.strerror(code)}; free some space or write somewhere writable")
+
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call write(tmp_path) on a sibling tmp name, then os.replace it over `path` in one step."""
+    """Call write(tmp_path) on a sibling tmp name, then os.replace it over `path` in one step. A write that the disk
+    refuses is a one-line LtcacheError, and leaves nothing behind."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         write(tmp)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:
+        error = write_error(path, exc)
+        if error is None:
+            raise
+        raise error from None
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -44,32 +69,43 @@ def write_json(path: Path, obj) -> None:
 
 
 def append_jsonl(path: Path, obj) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(obj) + "\n")
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(obj) + "\n")
+    except OSError as exc:
+        raise (write_error(path, exc) or exc) from None
 
 
-def check_output_dir(path: Path, *, overwrite: bool, what: str) -> None:
-    """Raise unless `path` is absent, an empty folder, or `overwrite` is set. Read-only: safe on every rank."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise LtcacheError(f"{what} {path} exists and is not a folder; choose another path")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise LtcacheError(f"{what} {path} already exists; choose another path or pass --overwrite")
-
-
-def prepare_output_dir(path: Path, *, overwrite: bool, what: str) -> Path:
-    """Create `path` for a fresh run; an existing non-empty folder is an error unless `overwrite`."""
-    path = Path(path)
-    check_output_dir(path, overwrite=overwrite, what=what)
-    if path.is_dir() and any(path.iterdir()):
-        shutil.rmtree(path)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+def canonical_sha256(obj) -> str:
+    """sha256 of a JSON value in canonical form (sorted keys, no spaces), as it reads back from json_text."""
+    text = json.dumps(json.loads(json_text(obj)), sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """The file's sha256, read in chunks into one reused buffer (hashlib releases the GIL, so threads overlap)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
+    buffer = bytearray(chunk)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as f:
+        while read := f.readinto(buffer):
+            digest.update(view[:read])
     return digest.hexdigest()
+
+
+def mismatched_files(root: Path, expected: Mapping[str, str], *, threads: int | None = None) -> list[str]:
+    """The files (relative to `root`) that are missing, unreadable or whose sha256 differs from `expected`,
+    hashed on a few threads (about 2 GB/s each with SHA extensions)."""
+
+    def bad(name: str) -> bool:
+        try:
+            return sha256_file(Path(root) / name) != expected[name]
+        except OSError:
+            return True
+
+    names = list(expected)
+    if not names:
+        return []
+    workers = max(1, min(len(names), threads or min(4, os.cpu_count() or 1)))
+    with ThreadPoolExecutor(workers) as pool:
+        return [name for name, failed in zip(names, pool.map(bad, names), strict=True) if failed]

@@ -58,8 +58,9 @@ def import_features(out: Path, *, train: Path, test: Path, val: Path | None = No
                     seed: int = 0) -> Path:
     """Write a schema-v1 cache from per-split feature files. Without `head`, the joint head is a linear
     classifier fitted on the imported train features with instance-balanced sampling (a linear probe)."""
-    CacheWriter.check_target(out, dtype=dtype, shard_rows=65536, overwrite=overwrite)
     sources = {"train": train, "val": val, "test": test}
+    inputs = [train, val, test, head, class_names]
+    CacheWriter.check_target(out, dtype=dtype, shard_rows=65536, overwrite=overwrite, inputs=inputs)
     splits = {}
     for name, path in sources.items():
         if path is not None:
@@ -79,7 +80,7 @@ def import_features(out: Path, *, train: Path, test: Path, val: Path | None = No
     names = _class_names(class_names, num_classes)
     weight, bias, head_source = _joint_head(head, splits["train"], num_classes, dims["train"], seed)
 
-    writer = CacheWriter(out, feature_dim=dims["train"], dtype=dtype, overwrite=overwrite)
+    writer = CacheWriter(out, feature_dim=dims["train"], dtype=dtype, overwrite=overwrite, inputs=inputs)
     try:
         for name, (features, labels) in splits.items():
             split = writer.split(name)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,7 +11,9 @@ from pathlib import Path
 import numpy as np
 
 from ltcache.cache import FeatureCache, Split
+from ltcache.config import COMPARE, SWEEP_TAU, check_thresholds
 from ltcache.errors import LtcacheError
+from ltcache.folders import folder_lock
 from ltcache.heads import Head, LinearHead
 from ltcache.metrics import (
     ShotThresholds,
@@ -24,6 +28,7 @@ from ltcache.metrics import (
     shot_groups,
     summarize,
 )
+from ltcache.params import check_all
 from ltcache.stage2 import METHODS, PAPER_ORDER, LabData, resolve_params
 from ltcache.stage2.weight_norms import DEFAULT_TAUS, best_on_curve, tau_curve, tau_normalize, validate_taus
 from ltcache.train import resolve_device
@@ -65,18 +70,23 @@ class Lab:
 def open_lab(cache_path: Path, *, select: str = "val", seed: int = 0, device: str | None = None,
              thresholds: ShotThresholds = ShotThresholds(), train_views: bool = True) -> Lab:
     """Load train / val / test features (and the augmented train views, if any and wanted) and the joint head
-    onto `device` (CUDA when present)."""
-    cache = FeatureCache(cache_path)
+    onto `device` (CUDA when present), every file checked against its sha256 on the way.
+
+    The cache is read under a shared lock: a writer replacing it (extract --overwrite) waits, so the lab never
+    holds a mix of two caches. Memory-mapped shards stay valid after a later swap deletes them."""
     run_device = resolve_device(device)
-    weight, bias = cache.joint_head()
+    with folder_lock(Path(cache_path), shared=True, what="cache"):
+        cache = FeatureCache(cache_path)
+        weight, bias = cache.joint_head()
 
-    def load(name: str) -> Split | None:
-        return cache.load_split(name).to(run_device) if cache.has_split(name) else None
+        def load(name: str) -> Split | None:
+            return cache.load_split(name).to(run_device) if cache.has_split(name) else None
 
-    data = LabData(train=load("train"), val=load("val"), joint=LinearHead(weight.to(run_device), bias.to(run_device)),
-                   class_counts=cache.class_counts, select=select, seed=seed, thresholds=thresholds,
-                   train_views=load("train_views") if train_views else None)
-    return Lab(cache, data, cache.load_split("test").to(run_device))
+        data = LabData(train=load("train"), val=load("val"),
+                       joint=LinearHead(weight.to(run_device), bias.to(run_device)), class_counts=cache.class_counts,
+                       select=select, seed=seed, thresholds=thresholds,
+                       train_views=load("train_views") if train_views else None)
+        return Lab(cache, data, cache.load_split("test").to(run_device))
 
 
 def sweep_tau(cache_path: Path, *, taus=DEFAULT_TAUS, select: str = "val", device: str | None = None,
@@ -86,6 +96,8 @@ def sweep_tau(cache_path: Path, *, taus=DEFAULT_TAUS, select: str = "val", devic
     Returns {"best_tau", "best_score", "selected_on", "curve": [...per tau...], "test": {...}}.
     """
     taus = validate_taus(taus)  # before loading anything: a bad grid fails at once
+    check_all(SWEEP_TAU, {"select": select, "many": thresholds.many, "few": thresholds.few})
+    check_thresholds(thresholds.many, thresholds.few)
     lab = open_lab(cache_path, select=select, device=device, thresholds=thresholds)
     curve = tau_curve(lab.data, select, taus)
     best = best_on_curve(curve)
@@ -97,15 +109,18 @@ def sweep_tau(cache_path: Path, *, taus=DEFAULT_TAUS, select: str = "val", devic
 def compare(cache_path: Path, *, methods: list[str] | None = None, select: str = "val",
             params: dict[str, dict] | None = None, seed: int = 0, device: str | None = None,
             thresholds: ShotThresholds = ShotThresholds(), bootstrap: int = 1000, seeds: int = 1,
-            write_reports: bool = True, train_views: bool = True) -> dict:
+            write_reports: bool = True, train_views: bool = True, out: Path | None = None) -> dict:
     """Fit every method on train, select on val (or train), score test once; save heads and reports.
 
     Each row has the test metrics, ECE (15 bins; overall and per shot group) and, with bootstrap > 0,
     95% percentile intervals from that many resamples of the test samples. With seeds > 1, every stochastic
     method is refitted with seeds seed .. seed+N-1 and the row gains the mean and a 95% t-interval over them.
+    Heads and reports go to `out` (default: into the cache), written only once every method has been scored, and
+    only if the cache was not replaced meanwhile.
     """
-    if seeds < 1:
-        raise LtcacheError(f"--seeds must be >= 1, got {seeds}")
+    check_all(COMPARE, {"seed": seed, "bootstrap": bootstrap, "seeds": seeds, "select": select,
+                        "many": thresholds.many, "few": thresholds.few})
+    check_thresholds(thresholds.many, thresholds.few)
     from ltcache import report  # matplotlib is only needed here
 
     methods = list(methods or PAPER_ORDER)
@@ -115,6 +130,9 @@ def compare(cache_path: Path, *, methods: list[str] | None = None, select: str =
                            f"({', '.join(methods)})")
     # Resolve every method's hyperparameters first: a bad name or value fails before any head is written.
     resolved = {name: resolve_params(name, (params or {}).get(name)) for name in methods}
+    results = Path(out) if out is not None else Path(cache_path)
+    if write_reports:
+        check_results_folder(results, cache_path)
     lab = open_lab(cache_path, select=select, seed=seed, device=device, thresholds=thresholds,
                    train_views=train_views)
     for name in methods:  # values only the cache can judge, still before any head is written
@@ -129,7 +147,6 @@ def compare(cache_path: Path, *, methods: list[str] | None = None, select: str =
         # of the cache's size, and a later method that needs them recomputes them in one GEMM.
         lab.data.clear_cached_logits()
         test = lab.score_test_fully(result.head, bootstrap=bootstrap, seed=seed)
-        lab.cache.save_head(name, result.head, result.chosen)
         row = {"method": name, **test, "chosen": result.chosen, "fit_seconds": round(seconds, 3)}
         if name == "logit_adj":
             row["shifted_priors_adapted"] = adapted_to_shifted_priors(lab, resolved[name])
@@ -142,6 +159,7 @@ def compare(cache_path: Path, *, methods: list[str] | None = None, select: str =
     curve = fitted["tau_norm"].curve if "tau_norm" in fitted else tau_curve(lab.data, select, DEFAULT_TAUS)
     summary = {
         "cache": str(lab.cache.path),
+        "cache_generation": lab.cache.generation,
         "selected_on": select,
         "seed": seed,
         "thresholds": {"many": thresholds.many, "few": thresholds.few},
@@ -153,13 +171,58 @@ def compare(cache_path: Path, *, methods: list[str] | None = None, select: str =
         "tau_curve": curve,
     }
     if write_reports:
-        summary["reports"] = report.write_reports(
-            lab.cache.reports_dir, summary,
-            weight_norms={name: f.head.weight.norm(dim=1).cpu() for name, f in fitted.items()
-                          if name in report.NORM_PLOT_METHODS},
-            class_counts=lab.data.class_counts,
-        )
+        with results_lock(lab, results):  # heads and reports only for the cache that was read, all or nothing
+            for name, result in fitted.items():
+                lab.cache.save_head(name, result.head, result.chosen, folder=results / "heads")
+            summary["reports"] = report.write_reports(
+                results / "reports", summary,
+                weight_norms={name: f.head.weight.norm(dim=1).cpu() for name, f in fitted.items()
+                              if name in report.NORM_PLOT_METHODS},
+                class_counts=lab.data.class_counts,
+            )
     return summary
+
+
+def check_results_folder(results: Path, cache_path: Path) -> None:
+    """Before any fit: heads/ and reports/ can be written to `results` (the cache, or compare --out). A folder of
+    someone else's files is refused, and a read-only cache is an error that names --out."""
+    results = Path(results)
+    in_cache = results.resolve() == Path(cache_path).resolve()
+    if not in_cache:
+        if results.exists() and not results.is_dir():
+            raise LtcacheError(f"--out {results} is a file; pass a folder for heads/ and reports/")
+        if results.is_dir() and any(results.iterdir()) and not (results / "reports" / "results.json").is_file():
+            raise LtcacheError(f"--out {results} holds files that are not an earlier compare's heads/ and reports/; "
+                               "pass a new or empty folder")
+    probe_root = results if results.is_dir() else next((p for p in results.parents if p.exists()), Path("."))
+    probe = probe_root / f".ltcache-write-probe-{os.getpid()}"
+    try:
+        probe.mkdir()
+        probe.rmdir()
+    except OSError as exc:
+        where = f"cache {cache_path}" if in_cache else f"--out {results}"
+        hint = "pass --out DIR to write heads and reports elsewhere" if in_cache else "pass a writable folder"
+        raise LtcacheError(f"{where} is not writable ({exc.strerror}); {hint}") from None
+
+
+@contextlib.contextmanager
+def results_lock(lab: Lab, results: Path):
+    """Write heads and reports under the cache's exclusive lock, and only if the cache at the path is still the one
+    that was read (its manifest generation): a cache swapped by extract --overwrite while compare computed gets
+    nothing from the old features. With compare --out the results folder is separate and no lock is needed."""
+    if results.resolve() != lab.cache.path.resolve():
+        results.mkdir(parents=True, exist_ok=True)
+        yield
+        return
+    with folder_lock(lab.cache.path, shared=False, what="cache"):
+        try:
+            current = FeatureCache(lab.cache.path, verify=False).generation
+        except LtcacheError:
+            current = None
+        if current != lab.cache.generation:
+            raise LtcacheError(f"cache {lab.cache.path} was replaced by another ltcache process while compare ran; "
+                               "nothing was written, re-run compare on the new cache")
+        yield
 
 
 def adapted_to_shifted_priors(lab: Lab, params: dict) -> dict:
@@ -199,8 +262,25 @@ def seed_statistics(lab: Lab, name: str, params: dict, first: dict, *, seed: int
 
 
 def info(cache_path: Path, *, verify: bool = False) -> dict:
-    """A short summary of a cache; with verify, the shards whose sha256 disagrees with the manifest."""
-    cache = FeatureCache(cache_path)
+    """A short summary of a cache (its manifest is always checked). With verify, every file is hashed and every
+    split and the joint head are read with all their checks: `corrupt_files` lists the files whose sha256 disagrees
+    with the manifest, `problems` everything found (empty when the cache is intact)."""
+    with folder_lock(Path(cache_path), shared=True, what="cache"):
+        cache = FeatureCache(cache_path, verify=False)
+        summary = _summary(cache)
+        if verify:
+            summary["corrupt_files"] = cache.verify()
+            summary["problems"] = [f"{name} fails its sha256 check" for name in summary["corrupt_files"]]
+            if not summary["problems"]:
+                for check in [cache.joint_head, *(lambda n=n: cache.load_split(n) for n in cache.split_names())]:
+                    try:
+                        check()
+                    except LtcacheError as exc:
+                        summary["problems"].append(str(exc))
+    return summary
+
+
+def _summary(cache: FeatureCache) -> dict:
     manifest = cache.manifest
     counts = cache.class_counts
     groups = shot_groups(counts)
@@ -218,8 +298,7 @@ def info(cache_path: Path, *, verify: bool = False) -> dict:
         "backbone": manifest["backbone"].get("arch"),
         "checkpoint_sha256": manifest["backbone"].get("checkpoint_sha256"),
         "created": manifest.get("created"),
+        "generation": cache.generation,
         "heads": cache.head_names(),
     }
-    if verify:
-        summary["corrupt_shards"] = cache.verify()
     return summary

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ltcache.errors import LtcacheError, unknown_name
+from ltcache.params import Param
 
 
 def class_balanced_weights(class_counts, beta: float) -> torch.Tensor:
@@ -103,42 +104,39 @@ class LogitAdjusted(nn.Module):
         return F.cross_entropy(logits.float() + self.adjustment, targets)
 
 
-# name -> (factory, default parameters)
-LOSSES: dict[str, tuple[Callable[..., nn.Module], dict]] = {
-    "ce": (CrossEntropy, {"drw_epoch": None}),
-    "focal": (Focal, {"gamma": 1.0, "drw_epoch": None}),
-    "cb_ce": (CrossEntropy, {"beta": 0.9999}),
-    "cb_focal": (Focal, {"gamma": 1.0, "beta": 0.9999}),
-    "ldam": (LDAM, {"max_margin": 0.5, "s": 1.0, "drw_epoch": None}),
-    "balanced_softmax": (LogitAdjusted, {"tau": 1.0}),
-    "logit_adjusted": (LogitAdjusted, {"tau": 1.0}),
+_GAMMA = Param("gamma", float, 1.0, "Focal exponent (Lin et al. 2017).", low=0)
+_BETA = Param("beta", float, 0.9999, "Class-balanced beta: the effective number (Cui et al. 2019).", low=0, below=1)
+_DRW = Param("drw_epoch", int, None, "Deferred re-weighting from this epoch on (LDAM-DRW).", low=0, optional=True)
+_TAU = Param("tau", float, 1.0, "Logit-adjustment strength (Menon et al. 2021).", low=0)
+
+# name -> (factory, declared parameters)
+LOSSES: dict[str, tuple[Callable[..., nn.Module], tuple[Param, ...]]] = {
+    "ce": (CrossEntropy, (_DRW,)),
+    "focal": (Focal, (_GAMMA, _DRW)),
+    "cb_ce": (CrossEntropy, (_BETA,)),
+    "cb_focal": (Focal, (_GAMMA, _BETA)),
+    "ldam": (LDAM, (Param("max_margin", float, 0.5, "Largest class margin (Cao et al. 2019).", above=0),
+                    Param("s", float, 1.0, "Logit scale.", above=0), _DRW)),
+    "balanced_softmax": (LogitAdjusted, ()),  # logit adjustment with tau fixed at 1 (Ren et al. 2020)
+    "logit_adjusted": (LogitAdjusted, (_TAU,)),
 }
 
 
-def build_loss(name: str, class_counts, params: dict | None = None) -> nn.Module:
-    """A registered loss with its defaults updated by `params` (unknown keys are an error)."""
+def loss_params(name: str) -> dict[str, Param]:
+    """The declared parameters of a registered loss, by name."""
     if name not in LOSSES:
         raise unknown_name("loss", name, LOSSES)
-    factory, defaults = LOSSES[name]
-    unknown = sorted(set(params or {}) - set(defaults))
-    if unknown:
-        raise LtcacheError(f"loss {name} has no parameter {unknown[0]!r}; it has {', '.join(defaults) or 'none'}")
-    merged = {**defaults, **(params or {})}
-    if name == "balanced_softmax" and merged["tau"] != 1.0:
+    return {param.name: param for param in LOSSES[name][1]}
+
+
+def build_loss(name: str, class_counts, params: dict | None = None) -> nn.Module:
+    """A registered loss with its defaults updated by `params` (unknown keys and bad values are errors)."""
+    declared = loss_params(name)
+    unknown = sorted(set(params or {}) - set(declared))
+    if name == "balanced_softmax" and unknown == ["tau"]:
         raise LtcacheError("balanced_softmax is logit adjustment with tau = 1; use --loss logit_adjusted for others")
-    return factory(class_counts, **merged)
-
-
-def parse_loss_params(items) -> dict:
-    """['gamma=2', 'drw_epoch=160'] -> {'gamma': 2.0, 'drw_epoch': 160}."""
-    params = {}
-    for item in items or ():
-        key, sep, value = str(item).partition("=")
-        if not sep or not key.strip():
-            raise LtcacheError(f"--loss-param {item!r} must look like NAME=VALUE, e.g. gamma=2")
-        try:
-            number = float(value)
-        except ValueError:
-            raise LtcacheError(f"--loss-param {item!r}: {value!r} is not a number") from None
-        params[key.strip()] = int(number) if key.strip() == "drw_epoch" else number
-    return params
+    if unknown:
+        raise LtcacheError(f"loss {name} has no parameter {unknown[0]!r}; it has {', '.join(declared) or 'none'}")
+    merged = {key: param.default for key, param in declared.items()}
+    merged.update({key: declared[key].check(value, f"loss parameter {key}") for key, value in (params or {}).items()})
+    return LOSSES[name][0](class_counts, **merged)

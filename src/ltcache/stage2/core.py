@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -12,6 +12,7 @@ from ltcache.cache import Split
 from ltcache.errors import LtcacheError, unknown_name
 from ltcache.heads import Head, LinearHead
 from ltcache.metrics import ShotThresholds, evaluate, per_class_accuracy, prior_accuracy
+from ltcache.params import Param
 
 SELECTION_SPLITS = ("val", "train")
 
@@ -86,57 +87,58 @@ class Fitted:
 
 @dataclass(frozen=True)
 class Method:
+    """A registered method: its fit function, its declared hyperparameters and what it is."""
+
     name: str
     fit: Callable[..., Fitted]
-    defaults: dict
+    params: tuple[Param, ...]
     summary: str
     stochastic: bool = False  # trained with SGD from a seed: compare --seeds N refits it N times
     check: Callable[[dict, np.ndarray], object] | None = None  # check(params, class_counts) before any fitting
+
+    @property
+    def defaults(self) -> dict:
+        return {param.name: param.default for param in self.params}
 
 
 METHODS: dict[str, Method] = {}
 
 
-def register(name: str, *, summary: str, stochastic: bool = False, check=None, **defaults):
-    """Register `fit(data: LabData, **hyperparameters) -> Fitted` under `name` with its default hyperparameters.
-    `check(params, class_counts)` raises LtcacheError for values only the cache can judge, before any fit."""
+def register(name: str, *params: Param, summary: str, stochastic: bool = False, check=None):
+    """Register `fit(data: LabData, **hyperparameters) -> Fitted` under `name` with its declared hyperparameters
+    (type, range, default, help: params.py). `check(params, class_counts)` raises LtcacheError for values only the
+    cache can judge, before any fit."""
 
     def wrap(fit: Callable[..., Fitted]) -> Callable[..., Fitted]:
-        METHODS[name] = Method(name, fit, defaults, summary, stochastic, check)
+        METHODS[name] = Method(name, fit, tuple(params), summary, stochastic, check)
         return fit
 
     return wrap
 
 
-def coerce(value, default):
-    """Turn a command-line string into the type of the default value."""
-    if not isinstance(value, str) or isinstance(default, str):
-        return value
-    if isinstance(default, bool):
-        return value.lower() in ("1", "true", "yes", "on")
-    if isinstance(default, int):
-        return int(value)
-    if isinstance(default, float) or default is None:
-        return float(value)
-    if isinstance(default, tuple):
-        return tuple(float(v) for v in value.split(",") if v.strip())
-    return value
+def with_defaults(params: tuple[Param, ...], **defaults) -> tuple[Param, ...]:
+    """The same declarations with other defaults (a method that trains longer, or without weight decay)."""
+    known = {param.name for param in params}
+    unknown = set(defaults) - known
+    if unknown:
+        raise KeyError(f"no declared hyperparameter {sorted(unknown)[0]!r}")
+    return tuple(replace(param, default=defaults[param.name]) if param.name in defaults else param
+                 for param in params)
 
 
 def resolve_params(name: str, overrides: dict | None = None) -> dict:
-    """A method's defaults updated by `overrides`, coerced to the defaults' types; bad names are errors."""
+    """A method's defaults updated by `overrides`, each checked against its declaration: command-line text is
+    parsed strictly (with_bias=ture is an error), Python values must have the declared type."""
     if name not in METHODS:
         raise unknown_name("method", name, METHODS)
-    params = dict(METHODS[name].defaults)
+    declared = {param.name: param for param in METHODS[name].params}
+    values = dict(METHODS[name].defaults)
     for key, value in (overrides or {}).items():
-        if key not in params:
-            raise LtcacheError(f"method {name} has no hyperparameter {key!r}; it has "
-                               f"{', '.join(params) or 'none'}")
-        try:
-            params[key] = coerce(value, params[key])
-        except ValueError:
-            raise LtcacheError(f"{name}.{key}={value!r} is not a valid value (default {params[key]!r})") from None
-    return params
+        if key not in declared:
+            raise LtcacheError(f"method {name} has no hyperparameter {key!r}; it has {', '.join(declared) or 'none'}")
+        label = f"{name}.{key}"
+        values[key] = declared[key].parse(value, label) if isinstance(value, str) else declared[key].check(value, label)
+    return values
 
 
 def fit_method(name: str, data: LabData, overrides: dict | None = None) -> Fitted:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ltcache.errors import unknown_name
 from ltcache.heads import LOGIT_CHUNK_ROWS, LinearHead
+from ltcache.params import Param
 from ltcache.stage2.core import Fitted, LabData, register
 
 NCM_METRICS = ("cosine", "euclidean")
@@ -22,13 +22,11 @@ def class_means(features: torch.Tensor, labels: torch.Tensor, num_classes: int, 
     return sums / counts[:, None]
 
 
-@register("ncm", summary="nearest class mean: un / l2n / cl2n train features, cosine or euclidean (Sec. 4)",
-          metric="cosine", features="l2n")
+@register("ncm", Param("metric", str, "cosine", "Distance to the class means.", choices=NCM_METRICS),
+          Param("features", str, "l2n", "Feature mode: raw, L2-normalized, centred then normalized.",
+                choices=NCM_FEATURES),
+          summary="nearest class mean: un / l2n / cl2n train features, cosine or euclidean (Sec. 4)")
 def fit_ncm(data: LabData, *, metric: str, features: str) -> Fitted:
-    if metric not in NCM_METRICS:
-        raise unknown_name("NCM metric", metric, NCM_METRICS)
-    if features not in NCM_FEATURES:
-        raise unknown_name("NCM feature mode", features, NCM_FEATURES)
     center = data.train.features.mean(0) if features == "cl2n" else None
     normalize = features != "un"
 

@@ -8,10 +8,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ltcache.errors import LtcacheError
 from ltcache.heads import DisAlignHead, MLPHead, adjust_disalign
-from ltcache.stage2.core import Fitted, LabData
-from ltcache.stage2.retrain import BALANCED_DEFAULTS, fit_on_train, register_trained
+from ltcache.params import Param
+from ltcache.stage2.core import Fitted, LabData, with_defaults
+from ltcache.stage2.retrain import TRAINING, fit_on_train, register_trained
 
 
 def generalized_reweighting(class_counts, exp_scale: float) -> torch.Tensor:
@@ -36,15 +36,14 @@ class DisAlign(nn.Module):
                                self.confidence.bias[0])
 
 
-@register_trained("disalign", summary="DisAlign (Zhang et al. 2021): per-class magnitude and margin on the joint "
-                  "logits, a confidence gate, generalized re-weighting loss (instance sampling)", epochs=10,
-                  exp_scale=1.2, **{**BALANCED_DEFAULTS, "weight_decay": 0.0, "lr": 0.02})
+@register_trained("disalign", *with_defaults(TRAINING, weight_decay=0.0, lr=0.02),
+                  Param("exp_scale", float, 1.2, "rho of the generalized re-weighting, w_c ~ (1/r_c)^rho.", low=0),
+                  summary="DisAlign (Zhang et al. 2021): per-class magnitude and margin on the joint logits, a "
+                  "confidence gate, generalized re-weighting loss (instance sampling)")
 def fit_disalign(data: LabData, *, exp_scale: float, **hyperparameters) -> Fitted:
     """lr 0.02, not cRT's 0.2: alpha and beta act on the logits directly, and at 0.2 they overshot on
     fashion-mnist-lt (val mean/class 67.0 against 76.5, alpha went negative); on digits-lt and the synthetic
     ImageNet-LT shape 0.02 was within 0.5 points of 0.2 on val."""
-    if exp_scale < 0:
-        raise LtcacheError(f"disalign.exp_scale must be >= 0, got {exp_scale}")
     torch.manual_seed(data.seed)
     split = data.split(data.fitting)
     bias = data.joint.bias if data.joint.bias is not None else torch.zeros(data.num_classes)
@@ -74,8 +73,6 @@ class MLP(nn.Sequential):
 def fit_mlp(data: LabData, *, layers: int, hidden: int, **hyperparameters) -> Fitted:
     """Appendix B.6: `layers` Linear layers with ReLU between, `hidden` units each (0: the feature size),
     re-trained on frozen features with class-balanced sampling and a cosine lr, like cRT."""
-    if hidden < 0:
-        raise LtcacheError(f"hidden must be >= 0 (0 means the feature size), got {hidden}")
     torch.manual_seed(data.seed)
     dim = data.train.features.shape[1]
     width = hidden or dim
@@ -87,7 +84,8 @@ def fit_mlp(data: LabData, *, layers: int, hidden: int, **hyperparameters) -> Fi
 
 
 for _layers in (2, 3):
-    register_trained(f"mlp{_layers}", summary=f"{_layers}-layer MLP (ReLU) re-trained on frozen features, "
-                     "class-balanced (Appendix B.6, Table 10)", epochs=10, hidden=0,
-                     **BALANCED_DEFAULTS)(functools.partial(fit_mlp, layers=_layers))
+    register_trained(f"mlp{_layers}", *TRAINING,
+                     Param("hidden", int, 0, "Units per hidden layer (0: the feature size).", low=0, high=1 << 20),
+                     summary=f"{_layers}-layer MLP (ReLU) re-trained on frozen features, class-balanced "
+                     "(Appendix B.6, Table 10)")(functools.partial(fit_mlp, layers=_layers))
 

@@ -14,13 +14,23 @@ from ltcache.config import scaled_lr
 from ltcache.data.samplers import class_probabilities, sample_weights
 from ltcache.errors import LtcacheError
 from ltcache.heads import LinearHead
-from ltcache.stage2.core import Fitted, LabData, register
+from ltcache.params import GRID, Param
+from ltcache.stage2.core import Fitted, LabData, register, with_defaults
 from ltcache.stage2.weight_norms import tau_normalize, weight_norms
 from ltcache.train import cosine_schedule
 
 # Every method here is fitted by SGD from a seed: compare --seeds N refits it N times.
 register_trained = functools.partial(register, stochastic=True)
-BALANCED_DEFAULTS = {"batch_size": 512, "lr": None, "weight_decay": 5e-4, "momentum": 0.9, "min_steps": 500}
+# cRT's schedule (Sec. 5.1), shared by every head trained on frozen features.
+TRAINING = (
+    Param("epochs", int, 10, "Epochs of len(train) draws.", low=1, high=100_000),
+    Param("batch_size", int, 512, "Batch size.", low=1),
+    Param("lr", float, None, "Peak lr, cosine to 0 (default 0.2 x batch / 512).", above=0, optional=True),
+    Param("weight_decay", float, 5e-4, "SGD weight decay.", low=0),
+    Param("momentum", float, 0.9, "SGD momentum.", low=0, below=1),
+    Param("min_steps", int, 500, "Lengthen epochs on tiny data to reach this many steps in all.", low=0),
+)
+BALANCED_DEFAULTS = {param.name: param.default for param in TRAINING if param.name != "epochs"}
 
 
 def train_on_features(module: nn.Module, inputs: torch.Tensor | tuple[torch.Tensor, ...], labels: torch.Tensor, *,
@@ -109,13 +119,14 @@ def _linear_head(linear: nn.Linear) -> LinearHead:
     return LinearHead(linear.weight.detach().clone(), linear.bias.detach().clone())
 
 
-@register_trained("crt", summary="re-initialized linear classifier re-trained on frozen features, class-balanced; "
-                  "solver=lbfgs fits it full-batch", epochs=10, solver="sgd", lbfgs_steps=100, **BALANCED_DEFAULTS)
+@register_trained("crt", *TRAINING, Param("solver", str, "sgd", "sgd (the paper), or lbfgs: full batch, class "
+                  "weights 1/n_y.", choices=("sgd", "lbfgs")),
+                  Param("lbfgs_steps", int, 100, "L-BFGS iterations (solver=lbfgs).", low=1, high=100_000),
+                  summary="re-initialized linear classifier re-trained on frozen features, class-balanced; "
+                  "solver=lbfgs fits it full-batch")
 def fit_crt(data: LabData, *, solver: str, lbfgs_steps: int, **hyperparameters) -> Fitted:
     if solver == "lbfgs":
         return fit_crt_lbfgs(data, steps=lbfgs_steps, weight_decay=hyperparameters["weight_decay"])
-    if solver != "sgd":
-        raise LtcacheError(f"crt.solver must be sgd or lbfgs, got {solver!r}")
     linear, used = retrain_linear(data, **hyperparameters)
     return Fitted(_linear_head(linear), used)
 
@@ -151,8 +162,8 @@ def fit_crt_lbfgs(data: LabData, *, steps: int, weight_decay: float) -> Fitted:
                                          "weight_decay": weight_decay, "final_loss": round(final.item(), 6)})
 
 
-@register_trained("crt_bsm", summary="classifier re-trained with Balanced Softmax (Ren et al. 2020), instance sampling",
-                  epochs=10, **BALANCED_DEFAULTS)
+@register_trained("crt_bsm", *TRAINING,
+                  summary="classifier re-trained with Balanced Softmax (Ren et al. 2020), instance sampling")
 def fit_crt_balanced_softmax(data: LabData, **hyperparameters) -> Fitted:
     from ltcache.losses import build_loss
 
@@ -185,17 +196,21 @@ class SmoothedCrossEntropy(nn.Module):
         return ((1 - eps) * nll - eps * log_p.mean(1)).mean()
 
 
-@register_trained("crt_las", summary="classifier re-trained with label-aware smoothing (Zhong et al. 2021), "
-                  "class-balanced", epochs=10, smooth_head=0.4, smooth_tail=0.1, **BALANCED_DEFAULTS)
+@register_trained("crt_las", *TRAINING,
+                  Param("smooth_head", float, 0.4, "Smoothing of the most frequent class.", low=0, below=1),
+                  Param("smooth_tail", float, 0.1, "Smoothing of the rarest class.", low=0, below=1),
+                  summary="classifier re-trained with label-aware smoothing (Zhong et al. 2021), class-balanced")
 def fit_crt_label_aware_smoothing(data: LabData, *, smooth_head: float, smooth_tail: float, **hyperparameters):
     epsilon = label_aware_smoothing(data.class_counts, smooth_head, smooth_tail).to(data.train.features.device)
     linear, used = retrain_linear(data, criterion=SmoothedCrossEntropy(epsilon), **hyperparameters)
     return Fitted(_linear_head(linear), {**used, "smooth_head": smooth_head, "smooth_tail": smooth_tail})
 
 
-@register_trained("crt_maxnorm", summary="classifier re-trained with weight decay + MaxNorm (Alshammari et al. 2022); "
-                  "the norm cap chosen on the selection split", epochs=10,
-                  max_norms=(0.5, 1.0, 2.0, 4.0, 8.0), **{**BALANCED_DEFAULTS, "weight_decay": 5e-3})
+@register_trained("crt_maxnorm", *with_defaults(TRAINING, weight_decay=5e-3),
+                  Param("max_norms", GRID, (0.5, 1.0, 2.0, 4.0, 8.0), "Norm caps to choose among, in multiples of "
+                        "the joint head's median row norm.", above=0, max_points=100),
+                  summary="classifier re-trained with weight decay + MaxNorm (Alshammari et al. 2022); the norm cap "
+                  "chosen on the selection split")
 def fit_crt_maxnorm(data: LabData, *, max_norms, **hyperparameters) -> Fitted:
     """max_norms are multiples of the joint classifier's median row norm; each is fitted, the best kept."""
     scale = data.joint.weight.norm(dim=1).median().item()
@@ -230,8 +245,8 @@ class CosineClassifier(nn.Module):
         return self.scale * F.normalize(features, dim=1) @ F.normalize(self.weight, dim=1).T
 
 
-@register_trained("cos", summary="cosine classifier with a learned scale re-trained on frozen features (Table 12)",
-                  epochs=10, scale=16.0, **BALANCED_DEFAULTS)
+@register_trained("cos", *TRAINING, Param("scale", float, 16.0, "Initial scale s (learned).", above=0),
+                  summary="cosine classifier with a learned scale re-trained on frozen features (Table 12)")
 def fit_cosine_classifier(data: LabData, *, scale: float, **hyperparameters) -> Fitted:
     torch.manual_seed(data.seed)
     features = data.train.features
@@ -283,8 +298,10 @@ class ScaleLogits(nn.Module):
         return ScaledCrossEntropy.apply(raw_logits, self.scales, labels)
 
 
-@register_trained("lws", summary="learnable per-class scales f_j on the joint W (Eq. 4), class-balanced; "
-                  "with_bias scales b too, as the official code", epochs=5, with_bias=False, **BALANCED_DEFAULTS)
+@register_trained("lws", *with_defaults(TRAINING, epochs=5),
+                  Param("with_bias", bool, False, "Scale the joint bias too (the official code)."),
+                  summary="learnable per-class scales f_j on the joint W (Eq. 4), class-balanced; with_bias scales b "
+                  "too, as the official code")
 def fit_lws(data: LabData, *, with_bias: bool, **hyperparameters) -> Fitted:
     raw = data.raw_logits(data.fitting)
     bias = data.joint.bias if with_bias and data.joint.bias is not None else None
@@ -311,8 +328,8 @@ class LearnedTau(nn.Module):
         return ScaledCrossEntropy.apply(raw_logits, torch.exp(-self.tau * self.log_norms), labels)
 
 
-@register_trained("tau_learned", summary="tau learned with class-balanced sampling, W fixed (Appendix B.5)",
-                  epochs=5, **{**BALANCED_DEFAULTS, "weight_decay": 0.0})
+@register_trained("tau_learned", *with_defaults(TRAINING, epochs=5, weight_decay=0.0),
+                  summary="tau learned with class-balanced sampling, W fixed (Appendix B.5)")
 def fit_tau_learned(data: LabData, **hyperparameters) -> Fitted:
     raw = data.raw_logits(data.fitting)
     module = LearnedTau(torch.log(weight_norms(data.joint.weight)).to(raw.device))

@@ -7,21 +7,17 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from ltcache.errors import LtcacheError
 from ltcache.heads import LinearHead
 from ltcache.metrics import parse_prior
+from ltcache.params import GRID, Param
 from ltcache.stage2.core import Fitted, LabData, register
 
 DEFAULT_TAUS = tuple(round(0.1 * i, 1) for i in range(21))  # 0, 0.1, ..., 2.0
 
 
-def validate_taus(taus) -> tuple[float, ...]:
-    taus = tuple(float(t) for t in taus)
-    if not taus:
-        raise LtcacheError("the tau grid is empty; pass values such as --taus 0,0.1,0.5,1")
-    if any(t < 0 for t in taus):
-        raise LtcacheError(f"the tau grid has negative values {[t for t in taus if t < 0]}; tau must be >= 0")
-    return taus
+def validate_taus(taus, label: str = "--taus") -> tuple[float, ...]:
+    """A non-empty grid of finite taus >= 0, of at most MAX_GRID_POINTS points (params.py)."""
+    return TAUS.check(taus, label)
 
 
 def weight_norms(weight: torch.Tensor) -> torch.Tensor:
@@ -115,8 +111,10 @@ def fit_joint(data: LabData) -> Fitted:
     return Fitted(data.joint, {})
 
 
-@register("tau_norm", summary="W / ||w_j||^tau, bias dropped (Eq. 3); tau chosen on the selection split",
-          taus=DEFAULT_TAUS)
+TAUS = Param("taus", GRID, DEFAULT_TAUS, "tau grid, chosen on the selection split.", low=0)
+
+
+@register("tau_norm", TAUS, summary="W / ||w_j||^tau, bias dropped (Eq. 3); tau chosen on the selection split")
 def fit_tau_norm(data: LabData, *, taus) -> Fitted:
     curve = tau_curve(data, data.select, taus)
     best = best_on_curve(curve)
@@ -124,9 +122,11 @@ def fit_tau_norm(data: LabData, *, taus) -> Fitted:
     return Fitted(head, chosen_on_grid(data, best, "tau"), curve)
 
 
-@register("logit_adj", summary="post-hoc logit adjustment (Menon et al. 2021): joint logits - tau log(train prior) "
-          "+ log(target prior); target uniform, train, forward:F, backward:F or a file", taus=DEFAULT_TAUS,
-          target="uniform", check=lambda params, counts: parse_prior(params["target"], counts))
+@register("logit_adj", TAUS, Param("target", str, "uniform", "Target prior: uniform, train, forward:F, backward:F, "
+                                   "or a .npy / .json / .txt file of class weights."),
+          summary="post-hoc logit adjustment (Menon et al. 2021): joint logits - tau log(train prior) + log(target "
+          "prior); target uniform, train, forward:F, backward:F or a file",
+          check=lambda params, counts: parse_prior(params["target"], counts))
 def fit_logit_adjustment(data: LabData, *, taus, target) -> Fitted:
     """With a non-uniform target prior, tau is chosen by the selection split's accuracy reweighted to that prior
     (sum_c pi_c acc_c), the accuracy a test set drawn from the prior would give."""
@@ -148,8 +148,9 @@ def fit_logit_adjustment(data: LabData, *, taus, target) -> Fitted:
     return Fitted(head, chosen, curve)
 
 
-@register("tau_norm_la", summary="tau-normalization, then post-hoc logit adjustment; both chosen on one grid",
-          taus=DEFAULT_TAUS, la_taus=tuple(0.25 * i for i in range(9)))
+@register("tau_norm_la", TAUS, Param("la_taus", GRID, tuple(0.25 * i for i in range(9)), "Logit-adjustment grid.",
+                                     low=0),
+          summary="tau-normalization, then post-hoc logit adjustment; both chosen on one grid")
 def fit_tau_norm_logit_adjustment(data: LabData, *, taus, la_taus) -> Fitted:
     prior = log_prior(data, data.joint.weight.device)
     norms = weight_norms(data.joint.weight)

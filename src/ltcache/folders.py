@@ -1,0 +1,330 @@
+"""Output folders that are never lost: built beside their target, swapped in whole, guarded by locks.
+
+Every folder ltcache makes (a run folder, a cache) is first built under `.NAME.staging-PID` next to its target,
+and moved into place in one step once it holds its first usable result (a checkpoint, a manifest). With
+`--overwrite` the old folder is swapped out by one atomic exchange (Linux renameat2 RENAME_EXCHANGE), so there is
+no moment without a folder at the path, and deleted only afterwards.
+
+Locks are flock(2) locks on the folders themselves, so they vanish with the process that held them (a SIGKILL
+leaves no stale lock) and no lock file is ever left behind:
+- a writer holds an exclusive lock on its staging folder, which stays on the folder when it moves into place;
+  a second writer to the same target sees it and is refused;
+- readers of a cache hold a shared lock while they load it, and an exclusive one while they write heads and
+  reports; a writer replacing the cache takes the exclusive lock for its swap, so a reader never sees a cache
+  half-replaced, and notices a swap that happened while it computed through the manifest's generation.
+
+What a killed writer leaves (`.NAME.staging-PID`, `.NAME.retired-PID`) is removed by the next writer to the same
+target once the process is gone; a complete staging folder whose target is missing (a crash between the two renames
+of the fallback swap) is moved into place instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import json
+import os
+import re
+import shutil
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from ltcache.errors import LtcacheError
+
+LOCK_WAIT_SECONDS = 600.0  # how long a command waits for another process's short critical section
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+@dataclass(frozen=True)
+class FolderKind:
+    """What ltcache makes: a folder is ltcache's when it holds `marker`; it is complete once it holds `complete`."""
+
+    label: str
+    marker: str
+    complete: str
+    required_keys: tuple[str, ...]
+
+
+RUN = FolderKind("run folder", "config.json", "checkpoint.pt", ("config", "dataset"))
+CACHE = FolderKind("cache folder", "manifest.json", "manifest.json", ("schema_version", "splits"))
+
+
+def made_by_ltcache(path: Path, kind: FolderKind) -> bool:
+    """Whether `path` is a folder that ltcache made of this kind (its marker file is JSON with the expected keys)."""
+    marker = Path(path) / kind.marker
+    try:
+        content = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(content, dict) and all(key in content for key in kind.required_keys)
+
+
+def _real(path: Path) -> Path:
+    return Path(os.path.realpath(Path(path).expanduser()))
+
+
+def check_target(path: Path, *, kind: FolderKind, overwrite: bool, inputs: Iterable[Path | str | None] = (),
+                 option: str = "--out") -> None:
+    """Raise unless a new `kind` may be written at `path`. Read-only, so every torchrun rank can call it.
+
+    Refused always: a file, a symbolic link, the current folder or one of its parents, a folder that holds one of
+    the command's `inputs`. Refused without `overwrite`: a non-empty folder. Refused even with it: a folder that
+    ltcache did not make, or one that another ltcache process is writing.
+    """
+    path = Path(path)
+    shown = f"{kind.label} {path}"
+    if path.is_symlink():
+        raise LtcacheError(f"{shown} is a symbolic link; pass the folder it points to, or a new path, to {option}")
+    if path.exists() and not path.is_dir():
+        raise LtcacheError(f"{shown} exists and is not a folder; pass a new folder to {option}")
+    real, cwd = _real(path), Path.cwd().resolve()
+    if real == cwd or real in cwd.parents:
+        raise LtcacheError(f"{option} {path} is the current folder or one of its parents; pass a new folder such as "
+                           f"{option} runs/NAME")
+    for source in inputs:
+        if source is None:
+            continue
+        source_real = _real(Path(source))
+        if source_real == real or real in source_real.parents:
+            raise LtcacheError(f"{shown} holds this command's input {source}; pass another folder to {option}")
+    for parent in (real, *real.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise LtcacheError(f"{shown}: {parent} is a file, so the folder cannot be made there")
+            break
+    if path.is_dir() and any(path.iterdir()):
+        if not overwrite:
+            raise LtcacheError(f"{shown} already exists; choose another path or pass --overwrite")
+        if not made_by_ltcache(path, kind):
+            raise LtcacheError(f"{path} is not an ltcache {kind.label} (it has no valid {kind.marker}); --overwrite "
+                               f"only replaces what ltcache made, so pass another folder to {option}")
+    if is_locked(path):
+        raise LtcacheError(f"{shown} is in use by another ltcache process; wait for it to finish or pass another "
+                           f"folder to {option}")
+    for other in _siblings(path, "staging"):
+        if _is_live(other):
+            raise LtcacheError(f"another ltcache process is already writing {shown} (in {other.name}); wait for it "
+                               f"to finish or pass another folder to {option}")
+
+
+# ---------------------------------------------------------------------------------------------------- locks
+
+
+def _open_folder(path: Path) -> int | None:
+    try:
+        return os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return None
+
+
+def _try_lock(fd: int, kind: int) -> bool:
+    try:
+        fcntl.flock(fd, kind | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    except OSError as exc:  # a file system without flock: locking is then best-effort
+        if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+            return True
+        raise
+
+
+def is_locked(path: Path) -> bool:
+    """Whether another process holds an exclusive lock on the folder `path`: a writer owns it right now (readers'
+    shared locks do not count)."""
+    fd = _open_folder(path) if Path(path).is_dir() else None
+    if fd is None:
+        return False
+    try:
+        return not _try_lock(fd, fcntl.LOCK_SH)
+    finally:
+        os.close(fd)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _is_live(folder: Path) -> bool:
+    """A staging or retired folder belongs to a live writer when it is locked, or its process still runs (the
+    instant between a writer's mkdir and its lock)."""
+    match = re.search(r"-(\d+)$", folder.name)
+    return is_locked(folder) or (match is not None and _pid_alive(int(match.group(1))))
+
+
+@contextlib.contextmanager
+def folder_lock(path: Path, *, shared: bool, what: str) -> Iterator[int | None]:
+    """Hold a shared or exclusive lock on the folder now at `path`, waiting (with a note on stderr) while another
+    ltcache process holds a conflicting one. If the folder is swapped while waiting, the new one is locked.
+    Yields the locked folder's fd (None where the folder cannot be opened: the caller's own checks then fail)."""
+    kind = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+    deadline, noted = time.monotonic() + LOCK_WAIT_SECONDS, False
+    while True:
+        fd = _open_folder(path)
+        if fd is None:
+            yield None
+            return
+        while not _try_lock(fd, kind):
+            if not noted:
+                print(f"waiting for another ltcache process using {what} {path} ...", file=sys.stderr, flush=True)
+                noted = True
+            if time.monotonic() > deadline:
+                os.close(fd)
+                raise LtcacheError(f"{what} {path} stayed locked by another ltcache process for "
+                                   f"{LOCK_WAIT_SECONDS:.0f} s; wait for it to finish, then retry")
+            time.sleep(0.1)
+        try:
+            still_there = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except OSError:
+            still_there = False
+        if still_there:
+            break
+        os.close(fd)  # swapped while we waited: lock the folder that is there now
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+# ------------------------------------------------------------------------------------------ staged folders
+
+
+def _siblings(target: Path, role: str) -> list[Path]:
+    target = Path(target)
+    parent = target.parent if str(target.parent) else Path(".")
+    if not parent.is_dir():
+        return []
+    prefix = f".{target.name}.{role}-"
+    return sorted(p for p in parent.iterdir() if p.name.startswith(prefix) and p.name[len(prefix):].isdigit())
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE). False where unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    if ctypes.get_errno() in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EXDEV):
+        return False
+    raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()), str(b))
+
+
+def recover(target: Path, kind: FolderKind) -> Path | None:
+    """Clear what killed writers left beside `target`; returns `target` when a complete folder was moved back to it.
+
+    A complete staging folder (it holds `kind.complete`) whose target is missing was interrupted between the two
+    renames of a swap: it is moved into place. Any other staging or retired folder of a finished process is removed.
+    """
+    target, restored = Path(target), None
+    for folder in [*_siblings(target, "staging"), *_siblings(target, "retired")]:
+        if _is_live(folder):
+            continue
+        complete = folder.name.startswith(f".{target.name}.staging-") and (folder / kind.complete).is_file()
+        if complete and not target.exists():
+            os.rename(folder, target)
+            restored = target
+            print(f"restored {kind.label} {target} from an interrupted swap ({folder.name})", file=sys.stderr,
+                  flush=True)
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
+    return restored
+
+
+class StagedFolder:
+    """A new `kind` folder for `target`, built at `.NAME.staging-PID` beside it and moved into place by `publish`.
+
+    The staging folder is locked for the whole life of the object (the lock moves with it into place) and released by
+    `close`. `abort` removes everything this object created. Checks `check_target` first.
+    """
+
+    def __init__(self, target: Path, *, kind: FolderKind, overwrite: bool, inputs: Iterable = (),
+                 option: str = "--out"):
+        self.target, self.kind, self.overwrite = Path(target), kind, overwrite
+        inputs = list(inputs)
+        check_target(self.target, kind=kind, overwrite=overwrite, inputs=inputs, option=option)
+        self.created = _make_parents(self.target.parent)
+        recover(self.target, kind)
+        self.path = self.target.with_name(f".{self.target.name}.staging-{os.getpid()}")
+        shutil.rmtree(self.path, ignore_errors=True)
+        try:
+            self.path.mkdir()
+        except OSError as exc:
+            self._remove_parents()
+            raise LtcacheError(f"cannot create {kind.label} next to {self.target}: {exc.strerror}; pass a writable "
+                               f"folder to {option}") from None
+        self._fd = _open_folder(self.path)
+        if self._fd is not None:
+            _try_lock(self._fd, fcntl.LOCK_EX)
+        self.published = False
+
+    def publish(self) -> Path:
+        """Move the staged folder to the target. An existing target (allowed by --overwrite and still ltcache's) is
+        swapped out in one atomic step, once no reader holds it, and then deleted."""
+        target = self.target
+        if target.is_dir() and any(target.iterdir()):
+            if not self.overwrite or not made_by_ltcache(target, self.kind):
+                raise LtcacheError(f"{self.kind.label} {target} appeared while this command ran; the new result stays "
+                                   f"in {self.path}")
+            with folder_lock(target, shared=False, what=self.kind.label):
+                retired = target.with_name(f".{target.name}.retired-{os.getpid()}")
+                if _exchange(self.path, target):
+                    os.rename(self.path, retired)  # the staging name now holds the old folder
+                else:
+                    os.rename(target, retired)
+                    os.rename(self.path, target)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            if target.is_dir():
+                target.rmdir()  # an empty folder (the user made it for us)
+            os.rename(self.path, target)
+        self.path, self.published = target, True
+        return target
+
+    def abort(self) -> None:
+        """Remove the staged folder (if not yet published) and the parents this object created."""
+        if not self.published:
+            shutil.rmtree(self.path, ignore_errors=True)
+            self._remove_parents()
+        self.close()
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def _remove_parents(self) -> None:
+        for folder in reversed(self.created):
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only if still empty
+
+
+def _make_parents(folder: Path) -> list[Path]:
+    """mkdir -p, returning the folders it created (outermost first), so a failed command can remove them again."""
+    missing = []
+    folder = Path(folder) if str(folder) else Path(".")
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    for created in reversed(missing):
+        created.mkdir(exist_ok=True)
+    return list(reversed(missing))
