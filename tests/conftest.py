@@ -1,5 +1,9 @@
+import hashlib
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -88,3 +92,41 @@ def digits_run(tmp_path_factory) -> dict:
 def digits_cache_copy(digits_run, tmp_path) -> Path:
     """A private copy of the demo cache for tests that modify it."""
     return Path(shutil.copytree(digits_run["cache"], tmp_path / "cache"))
+
+
+# ------------------------------------------------------------- real processes, for hostile inputs
+
+
+def checksum(folder: Path) -> dict[str, str]:
+    """Every entry under `folder`, hidden ones included: files by content, folders and links by kind."""
+    entries = {}
+    for path in sorted(folder.rglob("*")):
+        relative = str(path.relative_to(folder))
+        if path.is_symlink():
+            entries[relative] = "link:" + os.readlink(path)
+        elif path.is_dir():
+            entries[relative] = "dir"
+        else:
+            entries[relative] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return entries
+
+
+def run_ltcache(args, *, cwd: Path, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    return subprocess.run([sys.executable, "-m", "ltcache", *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, env=env, **kwargs)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, fragments=(), absent=()) -> str:
+    """Exit 2, no traceback, and one `error:` line, the last line on stderr, holding every fragment."""
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], result.stderr[-3000:]
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    for fragment in absent:
+        assert fragment not in errors[0], errors[0]
+    return errors[0]

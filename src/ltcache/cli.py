@@ -117,9 +117,12 @@ def command(name: str, params: Iterable[Param], *, arguments: Iterable[Param] = 
                                                annotation=_annotation(param),
                                                default=_typer_default(param, argument=False)))
 
+        # Registry choices (datasets, losses, ...) import torch: checked last, so a plain range error fails fast.
+        ordered = sorted((*arguments, *params), key=lambda p: callable(p.choices))
+
         def run(**values):
             def checked():
-                for param in (*arguments, *params):
+                for param in ordered:
                     value = values[param.name]
                     values[param.name] = param.parse(value) if param.type == GRID else param.check(value)
 

@@ -18,15 +18,26 @@ def _load_arrays(path: Path, keys: tuple[str, ...], optional: tuple[str, ...] = 
     path = Path(path)
     if not path.is_file():
         raise LtcacheError(f"{path} not found")
+    pickled = LtcacheError(f"{path} holds pickled Python objects, which ltcache never loads (unpickling can run code); "
+                           "save plain numeric arrays, e.g. np.savez(path, features=..., labels=...)")
     try:
         if path.suffix == ".npz":
             with np.load(path, allow_pickle=False) as archive:
                 found = {k: archive[k] for k in (*keys, *optional) if k in archive}
         elif path.suffix == ".pt":
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as exc:  # torch's own message advises unpickling: never repeat that advice
+                if "weights_only" in str(exc) or "pickle" in type(exc).__name__.lower():
+                    raise pickled from None
+                raise LtcacheError(f"cannot read {path} ({type(exc).__name__}); save it with torch.save of a dict of "
+                                   "tensors, or as .npz") from None
             if not isinstance(state, dict):
                 raise LtcacheError(f"{path} must hold a dict with {', '.join(keys)}")
-            found = {k: torch.as_tensor(state[k]).numpy() for k in (*keys, *optional) if k in state}
+            try:
+                found = {k: torch.as_tensor(state[k]).numpy() for k in (*keys, *optional) if k in state}
+            except (TypeError, ValueError, RuntimeError):
+                raise LtcacheError(f"{path}: {', '.join(keys)} must be tensors or numeric arrays") from None
         elif path.suffix == ".npy":
             found = {keys[0]: np.load(path, allow_pickle=False)}
             labels = path.with_suffix(".labels.npy")
@@ -34,8 +45,15 @@ def _load_arrays(path: Path, keys: tuple[str, ...], optional: tuple[str, ...] = 
                 found[keys[1]] = np.load(labels, allow_pickle=False)
         else:
             raise LtcacheError(f"{path}: use .npz, .pt or .npy (features, with labels in NAME.labels.npy)")
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise LtcacheError(f"cannot read {path} ({type(exc).__name__}: {exc})") from None
+    except (OSError, ValueError, RuntimeError, EOFError) as exc:
+        if "allow_pickle" in str(exc) or "pickle" in str(exc).lower():
+            raise pickled from None
+        raise LtcacheError(f"cannot read {path} ({type(exc).__name__}); write it with np.save / np.savez or "
+                           "torch.save") from None
+    for key, value in found.items():
+        if not isinstance(value, np.ndarray) or value.dtype.kind not in "fiub":
+            raise LtcacheError(f"{path}: {key!r} must be a numeric array, got "
+                               f"{getattr(value, 'dtype', type(value).__name__)}")
     missing = [k for k in keys if k not in found]
     if missing:
         hint = f" (for .npy, put them in {path.with_suffix('.labels.npy').name})" if path.suffix == ".npy" else ""
