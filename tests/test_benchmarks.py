@@ -40,3 +40,12 @@ def test_stage2_benchmark_runs_at_a_small_shape(tmp_path):
                  "per-sample HDF5 Dataset", "ltcache compare", "peak resident memory"):
         assert step in out
     assert results.read_text().count("| step |") == 1
+
+
+def test_integrity_benchmark_runs_at_a_small_shape(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    out = run_script("benchmarks/integrity.py", "--classes", "12", "--n-max", "60", "--imbalance", "10", "--dim", "16",
+                     "--repeats", "1", "--no-compare", "--results", results)
+    for step in ("sha256 of every file", "open the lab without checks", "with every check", "ltcache sweep-tau"):
+        assert step in out
+    assert results.read_text().count("| step |") == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ltcache.cache import FeatureCache, Split
+from ltcache.cache import MANIFEST, FeatureCache, Split
 from ltcache.config import COMPARE, SWEEP_TAU, check_thresholds
 from ltcache.errors import LtcacheError
 from ltcache.folders import folder_lock
@@ -216,8 +217,8 @@ def results_lock(lab: Lab, results: Path):
         return
     with folder_lock(lab.cache.path, shared=False, what="cache"):
         try:
-            current = FeatureCache(lab.cache.path, verify=False).generation
-        except LtcacheError:
+            current = json.loads((lab.cache.path / MANIFEST).read_text()).get("generation")
+        except (OSError, ValueError, AttributeError):
             current = None
         if current != lab.cache.generation:
             raise LtcacheError(f"cache {lab.cache.path} was replaced by another ltcache process while compare ran; "

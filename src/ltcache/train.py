@@ -122,10 +122,11 @@ def fit(cfg: TrainConfig, *, inputs=()) -> Path:
     cfg.validate()
     out = Path(cfg.out)
     inputs = [*inputs, cfg.root, cfg.split_dir]
-    check_target(out, kind=RUN, overwrite=cfg.overwrite, inputs=inputs)  # every rank fails alike, none hangs
     device = resolve_device(cfg.device)
     init_distributed(device)
     try:
+        check_target(out, kind=RUN, overwrite=cfg.overwrite, inputs=inputs)  # every rank fails alike, none hangs
+        barrier()  # every rank has checked before rank 0 creates anything beside the target
         data = build_dataset(cfg.dataset_spec())
         staged = None
         if is_main_process():
@@ -154,8 +155,6 @@ def resume(run: Path, *, device: str | None = None, workers: int | None = None) 
     if not made_by_ltcache(run, RUN) or not (run / "checkpoint.pt").is_file():
         raise LtcacheError(f"{run} is not an ltcache run folder with a checkpoint.pt; pass the --out of a "
                            "train-backbone run that wrote at least one checkpoint")
-    if is_locked(run):
-        raise LtcacheError(f"run folder {run} is being trained by another ltcache process; wait for it to finish")
     state = load_checkpoint(run / "checkpoint.pt")
     known = {f.name for f in fields(TrainConfig)}
     values = {k: v for k, v in state["config"].items() if k in known}
@@ -169,6 +168,10 @@ def resume(run: Path, *, device: str | None = None, workers: int | None = None) 
     run_device = resolve_device(cfg.device)
     init_distributed(run_device)
     try:
+        if is_locked(run):  # checked on every rank before rank 0 takes the lock itself
+            raise LtcacheError(f"run folder {run} is being trained by another ltcache process; wait for it to "
+                               "finish")
+        barrier()
         lock = folder_lock_fd(run) if is_main_process() else None
         try:
             data = build_dataset(cfg.dataset_spec())
@@ -300,8 +303,14 @@ def keep_epochs(metrics: Path, epochs: int) -> None:
     """Drop the metrics lines of epochs after the checkpoint (a run killed between its log line and checkpoint)."""
     if not metrics.is_file():
         return
+    def epoch_of(line: str) -> int:
+        try:
+            return int(json.loads(line).get("epoch", 0))
+        except (ValueError, AttributeError):
+            return epochs + 1  # a line cut short by the kill
+
     lines = [line for line in metrics.read_text().splitlines() if line.strip()]
-    kept = [line for line in lines if json.loads(line).get("epoch", 0) <= epochs]
+    kept = [line for line in lines if epoch_of(line) <= epochs]
     if len(kept) != len(lines):
         atomic_write(metrics, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
 
