@@ -147,6 +147,19 @@ def bad_head(ws: Path) -> None:
     np.savez(ws / "head.npz", weight=np.ones((3, 5), dtype=np.float32), bias=np.zeros(3, dtype=np.float32))
 
 
+def symlinked_shard(ws: Path) -> None:
+    """A shard replaced by a link to a file outside the cache, its hash recorded as if it belonged there."""
+    _shard(ws).unlink()
+    _shard(ws).symlink_to(ws / "run" / "checkpoint.pt")
+    reseal(ws / "cache")
+
+
+def inat_json(ws: Path) -> None:
+    for split in ("train", "val"):
+        write_file(f"inat/{split}2018.json", json.dumps({"images": [{"id": 1, "file_name": "a.jpg"}],
+                                                          "annotations": [{"image_id": 1, "category_id": 0}]}))(ws)
+
+
 def recipe(text: str) -> Callable[[Path], None]:
     return write_file("recipe.toml", text)
 
@@ -303,6 +316,8 @@ CASES = [
                          seal=True)),
     Case("head-missing-bias-resealed", ("sweep-tau", "cache"), ("has no 'bias'",),
          setup=edit_head(lambda f: f.__delitem__("bias"), seal=True)),
+    Case("shard-symlink-outside", ("compare", "cache"), ("train/00000.h5 leads outside the cache",),
+         setup=symlinked_shard),
     Case("membership-corrupt", ("info", "cache", "--verify"), ("membership.h5 fails its sha256 check",),
          setup=flip_byte("cache/membership.h5", 2100)),
     Case("verify-flipped-shard", ("info", "cache", "--verify"), ("1 problem(s)", "test/00000.h5"),
@@ -328,6 +343,13 @@ CASES = [
     Case("sweep-inf-grid", ("sweep-tau", "cache", "--taus", "0,inf"), ("--taus",)),
     Case("compare-out-file", ("compare", "cache", "--out", "file.txt"), ("--out file.txt is a file",)),
     Case("compare-out-docs", ("compare", "cache", "--out", "docs"), ("not an earlier compare's heads/",)),
+    # ---- inat-splits
+    Case("inat-missing-json", ("inat-splits", "docs", "--out", "splits"), ("train2018.json not found",)),
+    Case("inat-binary-json", ("inat-splits", "inat", "--out", "splits"), ("is not an iNaturalist json",),
+         setup=lambda ws: (inat_json(ws), write_file("inat/val2018.json", bytes(range(256)))(ws))),
+    Case("inat-out-file", ("inat-splits", "inat", "--out", "file.txt"), ("is a file",), setup=inat_json),
+    Case("inat-existing", ("inat-splits", "inat", "--out", "inat"), ("already exists", "--overwrite"),
+         setup=lambda ws: (inat_json(ws), write_file("inat/iNaturalist18_train.txt", "mine\n")(ws))),
     # ---- import-features
     Case("import-object-array", ("import-features", "--out", "c2", "--train", "objects.npy", "--test", "objects.npy"),
          ("pickled Python objects",), setup=object_array, absent=("allow_pickle", "weights_only")),

@@ -5,10 +5,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from ltcache.config import TrainConfig
+from ltcache.config import DEMO, TrainConfig
 from ltcache.console import log
 from ltcache.extract import extract
 from ltcache.lab import compare
+from ltcache.params import checked
 from ltcache.train import fit
 
 DEMO_EPOCHS = 40
@@ -25,6 +26,7 @@ def fresh_folder(base: Path) -> Path:
     return candidate
 
 
+@checked(*DEMO)
 def run_demo(out: Path, *, epochs: int = DEMO_EPOCHS, seed: int = 0, overwrite: bool = False,
              device: str | None = None) -> dict:
     """Train a small ResNet on digits-LT, cache its features, compare every stage-2 method."""

@@ -9,14 +9,17 @@ from torch.utils.data import DataLoader
 
 from ltcache.cache import CacheWriter
 from ltcache.checkpoint import load_checkpoint, load_model_state
+from ltcache.config import EXTRACT
 from ltcache.console import log, progress
 from ltcache.data import SPLITS, DatasetSpec, build_dataset
 from ltcache.errors import LtcacheError
 from ltcache.fsutil import sha256_file
 from ltcache.models import build_model
+from ltcache.params import checked
 from ltcache.train import images_to, resolve_device
 
 
+@checked(*EXTRACT)
 def extract(checkpoint: Path, out: Path, *, root: str | None = None, split_dir: str | None = None,
             dtype: str = "float32", batch_size: int = 512, workers: int = 0, device: str | None = None,
             shard_rows: int = 65536, overwrite: bool = False, train_views: int = 0) -> Path:

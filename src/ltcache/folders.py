@@ -262,8 +262,9 @@ class StagedFolder:
         self.target, self.kind, self.overwrite = Path(target), kind, overwrite
         inputs = list(inputs)
         check_target(self.target, kind=kind, overwrite=overwrite, inputs=inputs, option=option)
+        if recover(self.target, kind) is not None:  # a dead writer's complete folder is now at the target
+            check_target(self.target, kind=kind, overwrite=overwrite, inputs=inputs, option=option)
         self.created = _make_parents(self.target.parent)
-        recover(self.target, kind)
         self.path = self.target.with_name(f".{self.target.name}.staging-{os.getpid()}")
         shutil.rmtree(self.path, ignore_errors=True)
         try:

@@ -8,8 +8,10 @@ import numpy as np
 import torch
 
 from ltcache.cache import CacheWriter
+from ltcache.config import IMPORT_FEATURES
 from ltcache.errors import LtcacheError
 from ltcache.fsutil import sha256_file
+from ltcache.params import checked
 
 
 def _load_arrays(path: Path, keys: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
@@ -71,6 +73,7 @@ def _check_split(name: str, path: Path, features: np.ndarray, labels: np.ndarray
     return features.astype(np.float32, copy=False), labels.astype(np.int64, copy=False)
 
 
+@checked(*IMPORT_FEATURES)
 def import_features(out: Path, *, train: Path, test: Path, val: Path | None = None, head: Path | None = None,
                     class_names: Path | None = None, dtype: str = "float32", overwrite: bool = False,
                     seed: int = 0) -> Path:

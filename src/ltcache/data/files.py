@@ -171,7 +171,13 @@ for _name in SPLIT_FILE_DATASETS:
 def inat_json_to_split_files(json_dir: Path, out_dir: Path, *, overwrite: bool = False) -> dict[str, Path]:
     """Turn iNaturalist 2018's train2018.json / val2018.json into iNaturalist18_{train,val}.txt."""
     written = {}
+    out_dir, json_dir = Path(out_dir), Path(json_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise LtcacheError(f"--out {out_dir} is a file; pass the folder for the split files")
     targets = {"train": out_dir / "iNaturalist18_train.txt", "val": out_dir / "iNaturalist18_val.txt"}
+    for target in targets.values():
+        if target.exists() and (target.is_symlink() or not target.is_file()):
+            raise LtcacheError(f"{target} exists and is not a plain file; move it away or choose another --out")
     existing = [str(p) for p in targets.values() if p.exists()]
     if existing and not overwrite:
         raise LtcacheError(f"{existing[0]} already exists; choose another --out or pass --overwrite")
@@ -181,13 +187,15 @@ def inat_json_to_split_files(json_dir: Path, out_dir: Path, *, overwrite: bool =
         if not path.is_file():
             raise LtcacheError(f"{path} not found; point at the folder with train2018.json and val2018.json")
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_bytes().decode("utf-8"))
             files = {image["id"]: image["file_name"] for image in data["images"]}
             lines[split] = [f"{files[a['image_id']]} {a['category_id']}" for a in data["annotations"]]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise LtcacheError(f"{path} is not an iNaturalist json ({type(exc).__name__}: {exc})") from None
-    out_dir.mkdir(parents=True, exist_ok=True)
+        except (ValueError, KeyError, TypeError) as exc:  # JSON and UTF-8 decoding errors are ValueErrors
+            raise LtcacheError(f"{path} is not an iNaturalist json ({type(exc).__name__}); pass the folder with the "
+                               "official train2018.json and val2018.json") from None
     from ltcache.fsutil import atomic_write
+
+    out_dir.mkdir(parents=True, exist_ok=True)
 
     for split, target in targets.items():
         atomic_write(target, lambda tmp, text="\n".join(lines[split]) + "\n": tmp.write_text(text))
