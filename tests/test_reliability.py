@@ -267,6 +267,11 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(digits_run, small_tmpfs):
                           "--train-views", "4"], cwd=small_tmpfs.parent)
     assert_one_line_error(result, ["cannot write", "No space left on device"])
     assert checksum(small_tmpfs) == before
+    (small_tmpfs / "filler").write_bytes(b"\0" * 560_000)  # too little room left for a checkpoint (torch.save)
+    before = checksum(small_tmpfs)
+    result = run_ltcache(["train-backbone", "--out", small_tmpfs / "run", "--epochs", "1"], cwd=small_tmpfs.parent)
+    assert_one_line_error(result, ["cannot write", "checkpoint.pt", "No space left on device"])
+    assert checksum(small_tmpfs) == before
 
 
 def test_a_read_only_cache_names_out_and_compare_writes_there(read_only_cache, tmp_path):

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import re
+import shutil
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,8 +26,14 @@ def write_error(path: Path, exc: BaseException) -> LtcacheError | None:
     if code is None:
         found = re.search(r"errno = (\d+)", str(exc))
         code = int(found.group(1)) if found else None
-    if code is None and "file write failed" in str(exc):  # torch.save's stream writer names no errno
-        code = errno.EIO
+    if code is None and isinstance(exc, RuntimeError) and ("inline_container" in str(exc)
+                                                          or "file write failed" in str(exc)):
+        # torch.save's stream writer names no errno ("unexpected pos ...", "file write failed")
+        try:
+            full = shutil.disk_usage(Path(path).parent).free < (1 << 20)
+        except OSError:
+            full = False
+        code = errno.ENOSPC if full else errno.EIO
     if code not in _DISK_ERRNOS:
         return None
     return LtcacheError(f"cannot write {path}: {os.strerror(code)}; free some space or write somewhere writable")
