@@ -24,17 +24,19 @@ import numpy as np
 import torch
 
 from ltcache import __version__
+from ltcache.config import EXTRACT
 from ltcache.errors import LtcacheError
 from ltcache.folders import CACHE, StagedFolder, check_target, recover
 from ltcache.fsutil import atomic_write, canonical_sha256, mismatched_files, sha256_file, write_json
 from ltcache.heads import HEAD_KINDS, Head
 from ltcache.mapping import PAGE, map_float32
+from ltcache.params import check_all
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 HEAD = "head.h5"
 MEMBERSHIP = "membership.h5"
-DTYPES = ("float32", "float16")
+DTYPES = tuple(next(p for p in EXTRACT if p.name == "dtype").choices)
 FINITE_CHECK_VALUES = 1 << 22  # values per block of the finiteness check: a 4 MiB boolean temporary at most
 _HEX = set("0123456789abcdef")
 
@@ -126,10 +128,8 @@ class SplitWriter:
 
 
 def check_writer_options(*, dtype: str, shard_rows: int) -> None:
-    if dtype not in DTYPES:
-        raise LtcacheError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    if isinstance(shard_rows, bool) or not isinstance(shard_rows, int) or shard_rows < 1:
-        raise LtcacheError(f"--shard-rows must be an integer >= 1, got {shard_rows!r}")
+    """The writer's options, checked against their declarations (config.EXTRACT)."""
+    check_all(EXTRACT, {"dtype": dtype, "shard_rows": shard_rows})
 
 
 class CacheWriter:
@@ -385,6 +385,12 @@ class FeatureCache:
             more = f" ({len(bad)} files in all)" if len(bad) > 1 else ""
             raise LtcacheError(f"cache {self.path}: {what}{more}; re-run ltcache extract")
 
+    def _verify_recorded(self, name: str) -> None:
+        """Check a file of `files` (head.h5, membership.h5) against its sha256; caches from before it was recorded
+        have none to check."""
+        recorded = self.manifest.get("files", {})
+        self._verify({name: recorded[name]} if name in recorded else {})
+
     def load_split(self, name: str) -> Split:
         """All rows of a split as float32 features and int64 labels, ordered by sample index, checked on the way.
 
@@ -480,8 +486,7 @@ class FeatureCache:
 
     def membership(self, split: str) -> np.ndarray:
         """Source positions of a split's rows (row i came from source position membership[i])."""
-        self._verify({MEMBERSHIP: self.manifest["files"][MEMBERSHIP]} if MEMBERSHIP in self.manifest.get("files", {})
-                     else {})
+        self._verify_recorded(MEMBERSHIP)
         try:
             with h5py.File(self._file(MEMBERSHIP), "r") as f:
                 return f[split][:]
@@ -490,7 +495,7 @@ class FeatureCache:
 
     def joint_head(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The jointly trained classifier (W [C, d], b [C]), checked: hash, shapes, finite, no all-zero row."""
-        self._verify({HEAD: self.manifest["files"][HEAD]} if HEAD in self.manifest.get("files", {}) else {})
+        self._verify_recorded(HEAD)
         where = str(self.path / HEAD)
         try:
             with h5py.File(self._file(HEAD), "r") as f:

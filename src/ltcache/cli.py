@@ -318,7 +318,7 @@ def main() -> None:
         typer.echo("error: aborted", err=True)
         sys.exit(130)
     except KeyboardInterrupt:
-        typer.echo("error: interrupted; nothing was replaced (a partial result, if any, was removed)", err=True)
+        typer.echo("error: interrupted", err=True)
         sys.exit(130)
     except SystemExit:
         raise

@@ -147,6 +147,18 @@ def is_locked(path: Path) -> bool:
         os.close(fd)
 
 
+def hold_exclusive(path: Path, busy: str) -> int:
+    """Take the exclusive lock on the folder `path` for as long as the returned fd stays open (close it to release);
+    `busy` is the error when another process holds it."""
+    fd = _open_folder(path)
+    if fd is None:
+        raise LtcacheError(f"cannot open folder {path}")
+    if not _try_lock(fd, fcntl.LOCK_EX):
+        os.close(fd)
+        raise LtcacheError(busy)
+    return fd
+
+
 def _pid_alive(pid: int) -> bool:
     if pid == os.getpid():
         return True

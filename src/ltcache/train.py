@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import math
 import os
@@ -26,7 +25,7 @@ from ltcache.data import build_dataset
 from ltcache.data.samplers import EpochSampler, parse_sampler
 from ltcache.distributed import barrier, get_rank, get_world_size, is_main_process
 from ltcache.errors import LtcacheError
-from ltcache.folders import RUN, StagedFolder, check_target, is_locked, made_by_ltcache, recover
+from ltcache.folders import RUN, StagedFolder, check_target, hold_exclusive, is_locked, made_by_ltcache, recover
 from ltcache.fsutil import append_jsonl, atomic_write, write_json
 from ltcache.losses import build_loss
 from ltcache.metrics import evaluate
@@ -168,11 +167,11 @@ def resume(run: Path, *, device: str | None = None, workers: int | None = None) 
     run_device = resolve_device(cfg.device)
     init_distributed(run_device)
     try:
+        busy = f"run folder {run} is being trained by another ltcache process; wait for it to finish"
         if is_locked(run):  # checked on every rank before rank 0 takes the lock itself
-            raise LtcacheError(f"run folder {run} is being trained by another ltcache process; wait for it to "
-                               "finish")
+            raise LtcacheError(busy)
         barrier()
-        lock = folder_lock_fd(run) if is_main_process() else None
+        lock = hold_exclusive(run, busy) if is_main_process() else None
         try:
             data = build_dataset(cfg.dataset_spec())
             if data.class_counts != state["dataset"].get("train_class_counts"):
@@ -313,15 +312,3 @@ def keep_epochs(metrics: Path, epochs: int) -> None:
     kept = [line for line in lines if epoch_of(line) <= epochs]
     if len(kept) != len(lines):
         atomic_write(metrics, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
-
-
-def folder_lock_fd(path: Path) -> int:
-    """Hold an exclusive lock on a run folder while this process trains in it (others see it in use)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise LtcacheError(f"run folder {path} is being trained by another ltcache process; wait for it to "
-                           "finish") from None
-    return fd
