@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ltcache.heads import LinearHead
-from ltcache.stage2.weight_norms import DEFAULT_TAUS, tau_normalize, weight_norms
+from ltcache.stage2.methods.weight_norms import DEFAULT_TAUS, tau_normalize, weight_norms
 
 
 def best_of(repeats: int, fn) -> float:

@@ -22,7 +22,8 @@ import torch
 from ltcache.config import TrainConfig
 from ltcache.extract import extract
 from ltcache.lab import compare
-from ltcache.train import fit, resolve_device
+from ltcache.runtime import resolve_device
+from ltcache.train import fit
 
 
 def main() -> None:
@@ -41,9 +42,9 @@ def main() -> None:
               "torch": torch.__version__, "backbone": args.backbone, "image_size": args.image_size}
     with tempfile.TemporaryDirectory() as tmp:
         run, cache = Path(tmp) / "run", Path(tmp) / "cache"
-        cfg = TrainConfig(out=str(run), dataset="synthetic-lt", image_size=args.image_size, backbone=args.backbone,
-                          epochs=args.epochs, batch_size=args.batch_size, workers=args.workers, device=args.device,
-                          compile=args.compile)
+        cfg = TrainConfig.from_options(out=str(run), dataset="synthetic-lt", image_size=args.image_size,
+                                       backbone=args.backbone, epochs=args.epochs, batch_size=args.batch_size,
+                                       workers=args.workers, device=args.device, compile=args.compile)
         start = time.perf_counter()
         fit(cfg)
         report["train_seconds"] = round(time.perf_counter() - start, 2)
@@ -63,7 +64,7 @@ def main() -> None:
         start = time.perf_counter()
         summary = compare(cache, device=args.device)
         report["stage2_seconds"] = round(time.perf_counter() - start, 2)
-        report["test_all"] = {row["method"]: round(row["all"], 2) for row in summary["rows"]}
+        report["test_all"] = {row.method: round(row.evaluation.all, 2) for row in summary.rows}
     print(json.dumps(report, indent=2))
 
 

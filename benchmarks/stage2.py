@@ -28,8 +28,8 @@ from ltcache.heads import LinearHead
 from ltcache.lab import open_lab
 from ltcache.metrics import evaluate
 from ltcache.stage2 import METHODS, fit_method
-from ltcache.stage2.retrain import BALANCED_DEFAULTS, retrain_linear
-from ltcache.stage2.weight_norms import DEFAULT_TAUS, tau_curve, tau_normalize
+from ltcache.stage2.methods.weight_norms import DEFAULT_TAUS, tau_curve, tau_normalize
+from ltcache.stage2.training import BALANCED_DEFAULTS, retrain_linear
 
 # Runs the ltcache CLI and prints its own peak resident memory (VmHWM; ru_maxrss where /proc is missing).
 PEAK_REPORTING_CLI = """
@@ -203,7 +203,7 @@ def in_process_steps(path: Path, args, rows: list) -> str:
     def after_epoch(epoch, linear):
         now = time.perf_counter()
         fitting = now - start - evaluating[0]
-        accuracy = lab.score_test(LinearHead(linear.weight.detach(), linear.bias.detach()))["mean_per_class"]
+        accuracy = lab.score_accuracy(LinearHead(linear.weight.detach(), linear.bias.detach())).mean_per_class
         evaluating[0] += time.perf_counter() - now
         crt_curve.append((fitting, accuracy))
 

@@ -17,6 +17,18 @@ from ltcache.data.datasets import FASHION_DEFAULT_ROOT
 FASHION_AVAILABLE = Path(FASHION_DEFAULT_ROOT, "train-images-idx3-ubyte.gz").is_file()
 
 
+def lab_data(weight, bias, features, labels, class_counts, *, select="val", val=None, seed=0):
+    """The one LabData builder of the suite: train = (features, labels), val the same split unless given."""
+    import numpy as np
+
+    from ltcache.cache import Split
+    from ltcache.stage2 import LabData, LinearHead
+
+    split = Split(features, labels)
+    return LabData(train=split, val=val if val is not None else split, joint=LinearHead(weight, bias),
+                   class_counts=np.asarray(class_counts), select=select, seed=seed)
+
+
 def invoke(*args: str):
     """Run the CLI in-process; returns typer's Result (exit_code, output, stderr)."""
     return CliRunner().invoke(app, [str(a) for a in args])

@@ -15,7 +15,7 @@ from conftest import invoke, write_toy_cache
 from ltcache import folders
 from ltcache.config import TrainConfig, train_config_from
 from ltcache.errors import LtcacheError
-from ltcache.params import GRID, MAX_GRID_POINTS, Param, params_of, parse_grid
+from ltcache.params import GRID, MAX_GRID_POINTS, Param, parse_grid
 
 
 @pytest.mark.parametrize("param, value, ok", [
@@ -73,8 +73,9 @@ def test_integer_text_is_strict_and_grids_are_bounded_before_they_are_built():
 
 
 def test_every_train_option_is_declared_with_help_and_the_recipe_keys_are_the_declared_fields():
-    declared = params_of(TrainConfig)
-    assert "lr_rule" not in declared and {"epochs", "overwrite", "loss_params"} <= set(declared)
+    declared = TrainConfig.options()
+    assert "lr_rule" not in declared and "data" not in declared and "dataset" in declared
+    assert {"epochs", "overwrite", "loss_params"} <= set(declared)
     assert all(param.help for param in declared.values())
     assert declared["epochs"].describe() == "an integer >= 1 and <= 100000"
 
@@ -163,3 +164,18 @@ def test_a_live_writer_is_seen_by_another_process(tmp_path):
     assert not any(tmp_path.iterdir())
     (tmp_path / "free").mkdir()
     assert subprocess.run([sys.executable, "-c", code, str(tmp_path / "free")]).returncode == 1
+
+
+def test_train_config_nests_the_dataset_spec_and_reads_both_saved_forms():
+    from dataclasses import asdict
+
+    from ltcache.config import DatasetSpec
+
+    cfg = TrainConfig.from_options(out="runs/x", dataset="fashion-mnist-lt", root="/data", n_max=50, seed=7, epochs=2)
+    assert cfg.data == DatasetSpec(name="fashion-mnist-lt", root="/data", n_max=50, seed=7)
+    assert cfg.dataset == cfg.data.name
+    assert not {"root", "n_max", "dataset"} & {f for f in asdict(cfg)}  # no copies of the spec's fields
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg  # config.json as written now
+    flat = {"out": "runs/x", "dataset": "fashion-mnist-lt", "root": "/data", "n_max": 50, "seed": 7, "epochs": 2,
+            "world_size": 1}
+    assert TrainConfig.from_dict(flat) == cfg  # config.json as ltcache 0.1 wrote it (a run resumed after upgrading)

@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from ltcache.cache import Split
+from conftest import lab_data
 from ltcache.data.profiles import exponential_profile
 from ltcache.data.samplers import class_probabilities, progressive_probabilities, sample_weights
 from ltcache.metrics import ShotThresholds, evaluate, shot_groups
-from ltcache.stage2 import LabData, LinearHead, fit_method
-from ltcache.stage2.ncm import class_means
-from ltcache.stage2.weight_norms import tau_curve, tau_normalize
-from ltcache.train import cosine_schedule
+from ltcache.runtime import cosine_schedule
+from ltcache.stage2 import LinearHead, fit_method
+from ltcache.stage2.methods.ncm import class_means
+from ltcache.stage2.methods.weight_norms import tau_curve, tau_normalize
 
 COUNTS = [9, 4, 1]
 
@@ -86,9 +86,7 @@ def test_cosine_schedule_starts_at_peak_and_ends_at_zero():
 
 
 def _lab(weight, bias, features, labels, class_counts, select="val"):
-    split = Split(features, labels)
-    return LabData(train=split, val=split, joint=LinearHead(weight, bias), class_counts=np.asarray(class_counts),
-                   select=select)
+    return lab_data(weight, bias, features, labels, class_counts, select=select)
 
 
 def test_tau_zero_equals_joint_without_bias_and_tau_one_gives_unit_rows():
@@ -119,7 +117,7 @@ def test_tau_sweep_fast_path_matches_explicit_tau_normalized_heads():
 @pytest.mark.parametrize("threads", [1, 2])
 def test_affine_argmax_matches_torch_bit_for_bit(threads):
     """The chunked, threaded numpy sweep equals torch's mul / add / argmax on every row and grid point."""
-    from ltcache.stage2.weight_norms import affine_argmax
+    from ltcache.stage2.methods.weight_norms import affine_argmax
 
     generator = torch.Generator().manual_seed(1)
     raw = torch.randn(1300, 37, generator=generator)  # several chunks per thread, a ragged last chunk
@@ -155,7 +153,7 @@ def test_joint_method_keeps_the_bias():
 
 
 def test_lws_with_unit_scales_equals_joint_without_bias_and_learns_to_rebalance():
-    from ltcache.stage2.retrain import ScaleLogits
+    from ltcache.stage2.modules import ScaleLogits
 
     generator = torch.Generator().manual_seed(0)
     features = torch.randn(50, 3, generator=generator)
@@ -203,7 +201,7 @@ def test_crt_balances_a_tail_class_the_joint_head_ignores():
 
 
 def test_scaled_cross_entropy_matches_autograd():
-    from ltcache.stage2.retrain import ScaledCrossEntropy
+    from ltcache.stage2.modules import ScaledCrossEntropy
 
     generator = torch.Generator().manual_seed(0)
     raw = torch.randn(64, 7, generator=generator, dtype=torch.float64)

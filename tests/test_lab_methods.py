@@ -7,15 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import invoke
-from ltcache.cache import Split
-from ltcache.stage2 import METHODS, LabData, LinearHead, fit_method
+from conftest import invoke, lab_data
+from ltcache.stage2 import METHODS, fit_method
 
 
 def lab(weight, bias, features, labels, class_counts, select="val"):
-    split = Split(features, labels)
-    return LabData(train=split, val=split, joint=LinearHead(weight, bias), class_counts=np.asarray(class_counts),
-                   select=select)
+    return lab_data(weight, bias, features, labels, class_counts, select=select)
 
 
 def test_ncm_centered_mode_removes_a_shared_offset():
@@ -41,7 +38,7 @@ def test_ncm_raw_euclidean_is_nearest_mean_on_raw_features():
 
 
 def test_lws_with_bias_scales_the_bias_and_unit_scales_equal_joint():
-    from ltcache.stage2.retrain import ScaleLogits
+    from ltcache.stage2.modules import ScaleLogits
 
     logits = torch.tensor([[1.0, -2.0, 0.5]])
     assert torch.equal(ScaleLogits(3, "cpu")(logits), logits)
@@ -122,14 +119,15 @@ def test_choices_never_depend_on_the_test_split(tmp_path, name):
         f["labels"][:] = np.random.default_rng(0).permutation(f["labels"][:])
     reseal(second)
     params = {m: {"min_steps": 50} for m in ("crt", "lws", "tau_learned") if m == name}
-    rows = [compare(path, methods=[name], params=params, write_reports=False, bootstrap=0)["rows"][0]
+    rows = [compare(path, methods=[name], params=params, write_reports=False, bootstrap=0).as_dict()["rows"][0]
             for path in (first, second)]
     assert rows[0]["chosen"] == rows[1]["chosen"]
     assert rows[0]["temperature"] == rows[1]["temperature"]  # fitted on the selection split too
 
 
 def test_label_aware_smoothing_by_hand():
-    from ltcache.stage2.retrain import SmoothedCrossEntropy, label_aware_smoothing
+    from ltcache.stage2.methods.retrain import label_aware_smoothing
+    from ltcache.stage2.modules import SmoothedCrossEntropy
 
     eps = label_aware_smoothing([100, 50, 10], head=0.4, tail=0.1)
     np.testing.assert_allclose(eps.numpy(), [0.4, 0.1 + 0.3 * np.sin(np.pi / 2 * 40 / 90), 0.1], rtol=1e-6)
@@ -174,7 +172,7 @@ def test_cosine_classifier_head_is_scaled_unit_rows_on_normalized_features():
 
 
 def test_generalized_reweighting_by_hand():
-    from ltcache.stage2.nonlinear import generalized_reweighting
+    from ltcache.stage2.methods.nonlinear import generalized_reweighting
 
     # shares 0.8, 0.2 -> (1/0.8)^2 = 1.5625, (1/0.2)^2 = 25 -> mean 13.28125
     np.testing.assert_allclose(generalized_reweighting([80, 20], 2.0).numpy(), [1.5625 / 13.28125, 25 / 13.28125],

@@ -5,11 +5,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ltcache.cache import FeatureCache, Split
+from conftest import lab_data
+from ltcache.cache import FeatureCache
 from ltcache.lab import open_lab
-from ltcache.stage2 import METHODS, LabData, LinearHead, fit_method
-from ltcache.stage2.retrain import ScaleLogits
-from ltcache.stage2.weight_norms import tau_normalize
+from ltcache.stage2 import METHODS, LinearHead, fit_method
+from ltcache.stage2.methods.weight_norms import tau_normalize
+from ltcache.stage2.modules import ScaleLogits
 
 SETTINGS = settings(max_examples=25, deadline=None)
 
@@ -25,8 +26,7 @@ def random_problem(seed: int, classes: int, dim: int, rows: int = 40):
 
 
 def lab(features, labels, weight, bias, counts):
-    split = Split(features, labels)
-    return LabData(train=split, val=split, joint=LinearHead(weight, bias), class_counts=counts)
+    return lab_data(weight, bias, features, labels, counts)
 
 
 @SETTINGS

@@ -25,10 +25,10 @@ def test_calibration_per_group_uses_the_samples_of_that_group():
     logits = torch.zeros(4, 2)
     labels = torch.tensor([0, 0, 1, 1])  # argmax of ties is class 0: class-0 samples right, class-1 wrong
     result = calibration(logits, labels, [500, 5])
-    assert result["ece_many"] == pytest.approx(50.0)  # accuracy 1, confidence 0.5
-    assert result["ece_few"] == pytest.approx(50.0)  # accuracy 0, confidence 0.5
-    assert result["ece"] == pytest.approx(0.0)  # overall accuracy 0.5 matches confidence 0.5
-    assert np.isnan(result["ece_medium"])
+    assert result.ece_many == pytest.approx(50.0)  # accuracy 1, confidence 0.5
+    assert result.ece_few == pytest.approx(50.0)  # accuracy 0, confidence 0.5
+    assert result.ece == pytest.approx(0.0)  # overall accuracy 0.5 matches confidence 0.5
+    assert np.isnan(result.ece_medium)
 
 
 def test_bootstrap_intervals_contain_the_estimate_and_narrow_with_more_samples():

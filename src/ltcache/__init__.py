@@ -1,3 +1,70 @@
-"""ltcache: decoupled long-tailed recognition over a cached feature store."""
+"""ltcache: decoupled long-tailed recognition over a cached feature store.
+
+The Python API (each name is imported on first use, so `import ltcache` stays cheap):
+
+    import ltcache
+
+    lab = ltcache.open_lab("CACHE", select="val")
+    fitted = lab.fit("crt", lr=0.1)
+    result = lab.score(fitted)              # an Evaluation: result.all, result.few, result.calibration.ece, ...
+    comparison = lab.compare(["joint", "crt", "my_head"], params={"crt": {"lr": [0.05, 0.1]}})
+
+    @ltcache.method("my_head", ltcache.Param("scale", float, 1.0, "Logit scale.", above=0), summary="...")
+    def my_head(data: ltcache.LabData, *, scale: float) -> ltcache.Fitted:
+        return ltcache.Fitted(ltcache.LinearHead(data.joint.weight * scale, data.joint.bias), {"scale": scale})
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+# name -> module that defines it
+_API = {
+    "open_lab": "ltcache.lab", "Lab": "ltcache.lab", "compare": "ltcache.lab", "info": "ltcache.lab",
+    "Comparison": "ltcache.lab", "Row": "ltcache.lab", "GridPoint": "ltcache.lab", "Curve": "ltcache.lab",
+    "method": "ltcache.stage2.core", "METHODS": "ltcache.stage2.core", "Method": "ltcache.stage2.core",
+    "Figure": "ltcache.stage2.core", "Fitted": "ltcache.stage2.core", "LabData": "ltcache.stage2.core",
+    "method_names": "ltcache.stage2.core", "with_defaults": "ltcache.stage2.core",
+    "TRAINING": "ltcache.stage2.training", "train_on_features": "ltcache.stage2.training",
+    "Head": "ltcache.heads", "LinearHead": "ltcache.heads", "head_kind": "ltcache.heads",
+    "Evaluation": "ltcache.metrics", "GroupAccuracy": "ltcache.metrics", "Calibration": "ltcache.metrics",
+    "ShotThresholds": "ltcache.metrics",
+    "Param": "ltcache.params", "GRID": "ltcache.params",
+    "Registry": "ltcache.registry", "LtcacheError": "ltcache.errors",
+    "FeatureCache": "ltcache.cache", "extract": "ltcache.extract", "import_features": "ltcache.import_features",
+}
+
+__all__ = ["Calibration", "Comparison", "Curve", "Evaluation", "FeatureCache", "Figure", "Fitted", "GRID",
+           "GridPoint", "GroupAccuracy", "Head", "Lab", "LabData", "LinearHead", "LtcacheError", "METHODS", "Method",
+           "Param", "Registry", "Row", "ShotThresholds", "TRAINING", "compare", "extract", "head_kind",
+           "import_features", "info", "method", "method_names", "open_lab", "train_on_features", "with_defaults"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _API.get(name)
+    if module is None:
+        raise AttributeError(f"module 'ltcache' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_API])
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
+    from ltcache.cache import FeatureCache
+    from ltcache.errors import LtcacheError
+    from ltcache.extract import extract
+    from ltcache.heads import Head, LinearHead, head_kind
+    from ltcache.import_features import import_features
+    from ltcache.lab import Comparison, Curve, GridPoint, Lab, Row, compare, info, open_lab
+    from ltcache.metrics import Calibration, Evaluation, GroupAccuracy, ShotThresholds
+    from ltcache.params import GRID, Param
+    from ltcache.registry import Registry
+    from ltcache.stage2.core import METHODS, Figure, Fitted, LabData, Method, method, method_names, with_defaults
+    from ltcache.stage2.training import TRAINING, train_on_features

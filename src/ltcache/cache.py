@@ -1,4 +1,5 @@
-"""The feature cache, schema v1 (DESIGN.md). The only module that imports h5py.
+"""The feature cache, schema v1 (the README's "Cache schema"). The only module that imports h5py; torch is imported
+only where tensors are made.
 
 CACHE/manifest.json is the commit point: a shard exists once the manifest lists it. A cache is built in a staging
 folder beside its target and swapped into place whole (folders.py), so an interrupted or failed extract never damages
@@ -18,25 +19,28 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
 import h5py
 import numpy as np
-import torch
 
 from ltcache import __version__
-from ltcache.config import EXTRACT
 from ltcache.errors import LtcacheError
 from ltcache.folders import CACHE, StagedFolder, check_target, recover
 from ltcache.fsutil import atomic_write, canonical_sha256, mismatched_files, sha256_file, write_json
 from ltcache.heads import HEAD_KINDS, Head
 from ltcache.mapping import PAGE, map_float32
+from ltcache.options import DTYPE, SHARD_ROWS
 from ltcache.params import check_all
+
+if TYPE_CHECKING:
+    import torch
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 HEAD = "head.h5"
 MEMBERSHIP = "membership.h5"
-DTYPES = tuple(next(p for p in EXTRACT if p.name == "dtype").choices)
+DTYPES = tuple(DTYPE.choices)
 FINITE_CHECK_VALUES = 1 << 22  # values per block of the finiteness check: a 4 MiB boolean temporary at most
 _HEX = set("0123456789abcdef")
 
@@ -128,8 +132,8 @@ class SplitWriter:
 
 
 def check_writer_options(*, dtype: str, shard_rows: int) -> None:
-    """The writer's options, checked against their declarations (config.EXTRACT)."""
-    check_all(EXTRACT, {"dtype": dtype, "shard_rows": shard_rows})
+    """The writer's options, checked against their declarations (options.py)."""
+    check_all((DTYPE, SHARD_ROWS), {"dtype": dtype, "shard_rows": shard_rows})
 
 
 class CacheWriter:
@@ -429,6 +433,8 @@ class FeatureCache:
             mapped = map_float32([(path, offset, len(index) * dim * 4) for path, index, offset in shards], (rows, dim))
         features = mapped if mapped is not None else self._read_features(shards, rows)
         check_finite(features, f"split {name} of cache {self.path}")
+        import torch
+
         return Split(torch.from_numpy(features), torch.from_numpy(labels))
 
     def _read_shard(self, path: Path, rows: int, dim: int) -> tuple[np.ndarray, np.ndarray, int | None]:
@@ -506,6 +512,8 @@ class FeatureCache:
         if weight is None:
             raise _damaged(where, "it has no 'weight'")
         check_head_arrays(weight, bias, num_classes=self.num_classes, feature_dim=self.feature_dim, where=where)
+        import torch
+
         return torch.from_numpy(weight), torch.from_numpy(bias)
 
     @property
@@ -542,6 +550,8 @@ class FeatureCache:
         path = folder / f"{name}.h5"
         if not path.is_file():
             raise LtcacheError(f"no fitted head {name!r} in {folder}; run ltcache compare first")
+        import torch
+
         try:
             with h5py.File(path, "r") as f:
                 kind = f.attrs.get("kind", "linear")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import typer
 
-from ltcache import config
+from ltcache import config, options
 from ltcache.errors import LtcacheError
 from ltcache.params import GRID, Param
 
@@ -50,15 +50,16 @@ def one_line(message: str) -> str:
     return " ".join(lines)
 
 
-def parse_params(items: list[str]) -> dict[str, dict]:
-    """['crt.epochs=20', 'ncm.metric=euclidean'] -> {'crt': {'epochs': '20'}, 'ncm': {'metric': 'euclidean'}}."""
+def parse_params(items: list[str], *, later_wins: bool = False) -> dict[str, dict]:
+    """['m.epochs=20', 'n.metric=euclidean'] -> {'m': {'epochs': '20'}, 'n': {'metric': 'euclidean'}}.
+    A key given twice is an error, unless later_wins (a recipe's set, then the command line's)."""
     params: dict[str, dict] = {}
     for item in items:
         key, sep, value = item.partition("=")
         method, dot, name = key.partition(".")
         if not sep or not dot or not method or not name:
-            raise LtcacheError(f"--set {item!r} must look like METHOD.PARAM=VALUE, e.g. crt.epochs=20")
-        if name in params.get(method, {}):
+            raise LtcacheError(f"--set {item!r} must look like METHOD.PARAM=VALUE; ltcache methods lists both")
+        if name in params.get(method, {}) and not later_wins:
             raise LtcacheError(f"--set gives {method}.{name} twice; give each hyperparameter once")
         params.setdefault(method, {})[name] = value
     return params
@@ -67,7 +68,7 @@ def parse_params(items: list[str]) -> dict[str, dict]:
 def _thresholds(many: int, few: int):
     from ltcache.metrics import ShotThresholds
 
-    config.check_thresholds(many, few)
+    options.check_thresholds(many, few)
     return ShotThresholds(many=many, few=few)
 
 
@@ -142,7 +143,7 @@ def command(name: str, params: Iterable[Param], *, arguments: Iterable[Param] = 
 _CACHE = Param("cache", Path, None, "Cache folder.")
 
 
-@command("train-backbone", [*(p for p in config.params_of(config.TrainConfig).values() if p.type is not dict),
+@command("train-backbone", [*(p for p in config.TrainConfig.options().values() if p.type is not dict),
                             *config.TRAIN_EXTRA], context=True)
 def train_backbone(ctx: typer.Context, *, resume: Path | None, config: Path | None, **values):
     """Stage 1: train a backbone and its linear classifier with a sampling strategy (CE, SGD, cosine lr)."""
@@ -174,18 +175,21 @@ def _raise(message: str):
 @command("extract", config.EXTRACT,
          arguments=[Param("checkpoint", Path, None, "checkpoint.pt from ltcache train-backbone.")])
 def extract_cmd(*, checkpoint: Path, out: Path, **options):
-    """Cache penultimate features, labels and the joint classifier (W, b) of train, val and test."""
+    """Cache penultimate features, labels and the jointly trained classifier (W, b) of train, val and test."""
     from ltcache.extract import extract
 
     cache = _run(extract, checkpoint, out, **options)
     typer.echo(f"cache: {cache}")
 
 
-@command("sweep-tau", config.SWEEP_TAU, arguments=[_CACHE])
+@command("sweep-tau", options.SWEEP_TAU, arguments=[_CACHE])
 def sweep_tau_cmd(*, cache: Path, taus, select: str, as_json: bool, device: str | None, many: int, few: int):
     """Tau-normalization: Many/Medium/Few/All for every tau on the selection split, then test at the chosen tau."""
-    from ltcache.lab import sweep_tau
-    from ltcache.report import markdown_table, tau_table
+    from types import SimpleNamespace
+
+    from ltcache.lab import Curve
+    from ltcache.report import accuracy_table, curve_table
+    from ltcache.stage2.methods.weight_norms import sweep_tau
 
     result = _run(lambda: sweep_tau(cache, taus=taus, select=select, device=device,
                                     thresholds=_thresholds(many, few)))
@@ -194,39 +198,69 @@ def sweep_tau_cmd(*, cache: Path, taus, select: str, as_json: bool, device: str 
         return
     test = result["test"]
     typer.echo(f"tau sweep on {select} (* = chosen by mean per-class accuracy)\n")
-    typer.echo(tau_table(result["curve"], result["best_tau"]))
+    typer.echo(curve_table(Curve("tau", "", result["curve"], result["best_tau"])))
     groups = {g: test[f"n_{g}"] for g in ("many", "medium", "few")}
     typer.echo(f"\nchosen tau = {result['best_tau']:g}; test, scored once:\n")
-    typer.echo(markdown_table({"groups": groups, "rows": [{"method": "tau_norm", **test,
-                                                           "chosen": {"tau": result["best_tau"]}}]}))
+    typer.echo(accuracy_table(groups, [(result["method"], SimpleNamespace(**test), {"tau": result["best_tau"]})]))
 
 
-@command("compare", config.COMPARE, arguments=[_CACHE])
-def compare_cmd(*, cache: Path, methods: str | None, set_: list[str], as_json: bool, many: int, few: int,
-                **options):
-    """Fit every stage-2 method, select on val, score test once; write reports/ (json, csv, md, plots)."""
+def load_plugins(plugins: list[str]) -> None:
+    """Import each --plugin (a .py file or a module) so that its @ltcache.method registrations run."""
+    from ltcache.registry import load_plugin
+    from ltcache.stage2 import METHODS
+
+    METHODS.load()  # the built-ins first: a plugin that reuses a built-in name is refused
+    for plugin in plugins:
+        load_plugin(plugin)
+
+
+@command("compare", options.COMPARE, arguments=[_CACHE], context=True)
+def compare_cmd(ctx: typer.Context, *, cache: Path, config: Path | None, as_json: bool, **options):
+    """Fit every stage-2 method, select on val, score test once; write reports/ (json, csv, md, plots).
+
+    A comma list in --set (METHOD.lr=0.05,0.1,0.2) is a grid: every point is fitted, the best on the selection split
+    is chosen and scored on test once; --ablation writes every point's numbers. --config reads a recipe's
+    [compare] table; flags given on the command line win."""
+    from ltcache.console import log
     from ltcache.lab import compare
+    from ltcache.options import compare_recipe
     from ltcache.report import markdown_table
-    from ltcache.stage2 import resolve_method_list
 
-    summary = _run(lambda: compare(cache, methods=resolve_method_list(methods), params=parse_params(set_),
-                                   thresholds=_thresholds(many, few), **options))
+    if config is not None:
+        explicit = {name for name in ctx.params
+                    if getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE"}
+        recipe = _run(compare_recipe, config)
+        recipe_set = recipe.pop("set_", [])
+        options.update({key: value for key, value in recipe.items() if key not in explicit})
+        options["set_"] = [*recipe_set, *options["set_"]]  # the command line's --set comes last and wins
+    _run(load_plugins, options.pop("plugin"))
+    many, few = options.pop("many"), options.pop("few")
+    params = _run(parse_params, options.pop("set_"), later_wins=config is not None)
+    comparison = _run(lambda: compare(cache, params=params, thresholds=_thresholds(many, few), log=log,
+                                      **options))
     if as_json:
-        _echo_json(summary)
+        _echo_json(comparison.as_dict())
         return
-    typer.echo(markdown_table(summary))
-    typer.echo(f"\nselected on {options['select']}; reports in {Path(summary['reports']['results.md']).parent}")
+    typer.echo(markdown_table(comparison))
+    typer.echo(f"\nselected on {options['select']}; reports in {Path(comparison.reports['results.md']).parent}")
 
 
-@command("methods", [Param("as_json", bool, False, "Print JSON.", option="--json")])
-def methods_cmd(*, as_json: bool):
+@command("methods", options.METHODS_LIST)
+def methods_cmd(*, as_json: bool, plugin: list[str]):
     """List the stage-2 methods with their hyperparameters: type, range and default (override with compare --set)."""
-    from ltcache.stage2 import METHODS, PAPER_ORDER, method_names
+    from ltcache.stage2 import METHODS, method_names
 
-    listing = [{"method": name, "in_default_compare": name in PAPER_ORDER, "summary": METHODS[name].summary,
-                "defaults": METHODS[name].defaults,
-                "hyperparameters": {p.name: {"default": p.default, "allowed": p.describe(), "help": p.help}
-                                    for p in METHODS[name].params}} for name in method_names()]
+    _run(load_plugins, plugin)
+    listing = []
+    for name in method_names():
+        entry = METHODS[name]
+        listing.append({
+            "method": name, "in_default_compare": entry.paper is not None, "summary": entry.summary,
+            "paper_row": entry.paper, "stochastic": entry.stochastic, "selection_curve": entry.curve,
+            "weight_norm_plot": entry.weight_norms, "analyses": sorted(entry.analyses),
+            "defaults": entry.defaults,
+            "hyperparameters": {p.name: {"default": p.default, "allowed": p.describe(), "help": p.help}
+                                for p in entry.params}})
     if as_json:
         _echo_json(listing)
         return
@@ -244,7 +278,7 @@ def _short(value) -> str:
     return str(value)
 
 
-@command("info", config.INFO, arguments=[_CACHE])
+@command("info", options.INFO, arguments=[_CACHE])
 def info_cmd(*, cache: Path, verify: bool, as_json: bool):
     """A short summary of a cache: dataset, splits, feature dim, class counts, backbone, fitted heads."""
     from ltcache.lab import info
@@ -286,11 +320,11 @@ def demo_cmd(*, out: Path | None, **options):
     from ltcache.report import markdown_table
 
     folder = out if out is not None else fresh_folder(Path("ltcache-demo"))
-    summary = _run(run_demo, folder, **options)
-    typer.echo(markdown_table(summary))
-    typer.echo(f"\ndigits-LT demo done in {summary['seconds']} s; selected on val, test scored once.")
-    for name in ("results.md", "weight_norms.png", "tau_curve.png"):
-        typer.echo(f"  {name}: {summary['reports'][name]}")
+    comparison, seconds = _run(run_demo, folder, **options)
+    typer.echo(markdown_table(comparison))
+    typer.echo(f"\ndigits-LT demo done in {seconds} s; selected on val, test scored once.")
+    for name in ("results.md", "weight_norms.png", *(f"{curve}.png" for curve in comparison.curves)):
+        typer.echo(f"  {name}: {comparison.reports[name]}")
 
 
 def main() -> None:

@@ -4,22 +4,28 @@ with them. Importing this module does not import torch (`--help` stays fast)."""
 
 from __future__ import annotations
 
-import sys
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from ltcache.errors import LtcacheError
-from ltcache.params import GRID, Param, declared, params_of
+from ltcache.options import (  # noqa: F401  (the stage-2 and shared declarations, re-exported)
+    AS_JSON,
+    COMPARE,
+    DEVICE,
+    DTYPE,
+    INFO,
+    MAX_SEED,
+    SHARD_ROWS,
+    SWEEP_TAU,
+    check_thresholds,
+    load_toml,
+)
+from ltcache.params import Param, declared, params_of
+from ltcache.runtime import PAPER_BATCH, PAPER_LR, scaled_lr
 
 # Backbones sized for each dataset's images; anything else defaults to ResNet-50.
 DEFAULT_BACKBONE = {"digits-lt": "smallresnet8", "fashion-mnist-lt": "smallresnet14", "cifar10-lt": "resnet32",
                     "cifar100-lt": "resnet32", "imagenet-lt": "resnext50_32x4d", "places-lt": "resnet152"}
-PAPER_LR, PAPER_BATCH = 0.2, 512  # Sec. 5.1: lr 0.2 at batch 512, scaled linearly with the batch size
-MAX_SEED = 2**32 - 1
-
-
-def scaled_lr(batch_size: int) -> float:
-    return PAPER_LR * batch_size / PAPER_BATCH
 
 
 def _datasets():
@@ -29,9 +35,9 @@ def _datasets():
 
 
 def _samplers():
-    from ltcache.data.samplers import SamplerName
+    from ltcache.data.samplers import SAMPLERS
 
-    return [s.value for s in SamplerName]
+    return SAMPLERS
 
 
 def _losses():
@@ -41,23 +47,45 @@ def _losses():
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    """Stage 1: backbone + linear classifier trained jointly with CE and a sampling strategy (Sec. 3).
+class DatasetSpec:
+    """Which long-tailed dataset, as the user asked for it; the dataset's builder fills the None fields with its
+    defaults. Each declared field is a train-backbone option and a recipe key (`name` is --dataset / dataset)."""
 
-    Each declared field is a command-line option of train-backbone and a key of a TOML recipe."""
-
-    out: str | None = declared(None, "Run folder for config.json, metrics.jsonl and checkpoint.pt.")
-    dataset: str = declared("digits-lt", "Registered dataset name.", choices=_datasets)
+    name: str = declared("digits-lt", "Registered dataset name.", choices=_datasets)
     root: str | None = declared(None, "Dataset folder (fashion-mnist-lt: the idx files).")
     imbalance_factor: float | None = declared(None, "n_max / n_min of the long-tail profile (dataset default).",
                                               low=1)
     n_max: int | None = declared(None, "Train images of the most frequent class (dataset default).", low=1)
-    seed: int = declared(0, "Seeds the split, the sampler and the initialization.", low=0, high=MAX_SEED)
+    seed: int = 0  # the split's seed: the run's seed (TrainConfig.seed), not an option of its own
     val_per_class: int | None = declared(None, "Balanced val images per class (dataset default).", low=0)
     image_size: int | None = declared(None, "Crop size for file datasets (default 224).", low=1, high=8192)
     split_dir: str | None = declared(None, "Folder with the split files (default: --root).")
     profile: str | None = declared(None, "imagefolder long tail.", choices=("exponential", "step", "none"))
     download: bool = declared(False, "cifar*-lt: let torchvision download the data (needs internet).")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, described: dict, **overrides) -> DatasetSpec:
+        """Rebuild a spec from a manifest's or checkpoint's dataset description (extra keys are ignored)."""
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in described.items() if k in known}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Stage 1: backbone + linear classifier trained jointly with CE and a sampling strategy (Sec. 3).
+
+    `data` is the dataset's spec, nested; every other declared field is a train-backbone option and a recipe key.
+    On the command line and in recipes the options are flat (--dataset, --root, ..., --epochs): `options()` lists
+    them and `from_options` builds a config from them."""
+
+    out: str | None = declared(None, "Run folder for config.json, metrics.jsonl and checkpoint.pt.")
+    data: DatasetSpec = field(default_factory=DatasetSpec)
+    seed: int = declared(0, "Seeds the split, the sampler and the initialization.", low=0, high=MAX_SEED)
     backbone: str | None = declared(None, "smallresnet8/14, resnet10/32, any torchvision model name.")
     pretrained: bool = declared(False, "Start from torchvision's ImageNet weights (downloads them).")
     trainable: str | None = declared(None, "Train only these parameter groups, e.g. layer4,fc.")
@@ -77,6 +105,41 @@ class TrainConfig:
     overwrite: bool = declared(False, "Replace an existing run folder, once the new run has its first checkpoint.")
     lr_rule: str | None = None  # how lr was set, stated in the resolved config (not a recipe key)
 
+    def __post_init__(self):
+        if isinstance(self.data, dict):  # from a saved config.json
+            object.__setattr__(self, "data", DatasetSpec.from_dict(self.data))
+        if self.data.seed != self.seed:  # one seed: the split's is the run's
+            object.__setattr__(self, "data", replace(self.data, seed=self.seed))
+
+    @property
+    def dataset(self) -> str:
+        """The dataset's registered name."""
+        return self.data.name
+
+    @staticmethod
+    def options() -> dict[str, Param]:
+        """The flat options (command line and recipe keys): out, the dataset spec's (name as `dataset`), the rest."""
+        params = dict(params_of(TrainConfig))  # a copy: params_of is cached
+        spec = {("dataset" if name == "name" else name): replace(param, name="dataset") if name == "name" else param
+                for name, param in params_of(DatasetSpec).items()}
+        return {"out": params.pop("out"), **spec, **params}
+
+    @classmethod
+    def from_options(cls, **values) -> TrainConfig:
+        """A config from flat options (dataset=..., root=..., epochs=...); the dataset's go into `data`."""
+        spec_keys = {("dataset" if f.name == "name" else f.name) for f in fields(DatasetSpec)} - {"seed"}
+        spec = {("name" if key == "dataset" else key): values.pop(key) for key in list(values) if key in spec_keys}
+        return cls(data=DatasetSpec(**spec), **values)
+
+    @classmethod
+    def from_dict(cls, saved: dict) -> TrainConfig:
+        """A config as config.json or a checkpoint stores it: nested (`data`), or flat as ltcache 0.1 wrote it."""
+        known = {f.name for f in fields(cls)} | set(cls.options())
+        values = {k: v for k, v in saved.items() if k in known}
+        if isinstance(values.get("data"), dict):
+            return cls(**{**values, "data": DatasetSpec.from_dict(values["data"])})
+        return cls.from_options(**values)
+
     def resolved(self) -> TrainConfig:
         return replace(
             self,
@@ -92,6 +155,8 @@ class TrainConfig:
 
         for name, param in params_of(TrainConfig).items():
             param.check(getattr(self, name))
+        for name, param in params_of(DatasetSpec).items():
+            param.check(getattr(self.data, name), "--dataset" if name == "name" else None)
         if not self.out:
             raise LtcacheError("no run folder: pass --out (or set out = ... in the recipe)")
         if self.backbone is not None:
@@ -99,13 +164,6 @@ class TrainConfig:
         if self.loss_params is not None:
             check_loss_params(self.loss, self.loss_params, where="loss_params")
         build_loss(self.loss, [2, 1], self.loss_params)  # a bad loss parameter fails before any work
-
-    def dataset_spec(self):
-        from ltcache.data import DatasetSpec
-
-        # The dataset options are flat here (the CLI and recipe surface); DatasetSpec names which ones they are.
-        shared = {f.name for f in fields(DatasetSpec)} - {"name"}
-        return DatasetSpec(name=self.dataset, **{name: getattr(self, name) for name in shared})
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -120,50 +178,18 @@ TRAIN_EXTRA = (
           "and --workers may change).", optional=True),
 )
 
-_DEVICE = Param("device", str, None, "cpu, cuda or cuda:N (default: CUDA when present).", optional=True)
-_JSON = Param("as_json", bool, False, "Print JSON instead of tables.", option="--json")
-_SELECT = Param("select", str, "val", "Selection split: val, or train for the simulated-balanced train metric "
-                "(App. B.5).", choices=("val", "train"))
-_MANY = Param("many", int, 100, "Many-shot: more than this many train images.", low=0)
-_FEW = Param("few", int, 20, "Few-shot: fewer than this many train images.", low=0)
-_DTYPE = Param("dtype", str, "float32", "Feature dtype in the cache.", choices=("float32", "float16"))
-
 EXTRACT = (
     Param("out", Path, None, "Cache folder to create."),
     Param("root", str, None, "Dataset folder, if it moved since training.", optional=True),
     Param("split_dir", str, None, "Split-file folder, if it moved since training.", optional=True),
-    _DTYPE,
+    DTYPE,
     Param("batch_size", int, 512, "Images per forward pass.", low=1),
     Param("workers", int, 0, "Data-loading worker processes.", low=0, high=1024),
-    Param("shard_rows", int, 65536, "Rows per HDF5 shard.", low=1),
-    _DEVICE,
+    SHARD_ROWS,
+    DEVICE,
     Param("overwrite", bool, False, "Replace an existing cache (only once the new one is complete)."),
     Param("train_views", int, 0, "Also store K augmented views of every train image; cRT, LWS, DisAlign and the "
           "other trained heads then sample among them.", low=0, high=1000),
-)
-
-COMPARE = (
-    Param("methods", str, None, "Comma-separated list, or 'all' (default: the paper's five).", optional=True),
-    _SELECT,
-    Param("set_", list, [], "Hyperparameter METHOD.PARAM=VALUE (repeatable); see ltcache methods.", option="--set"),
-    Param("seed", int, 0, "Seed for cRT, LWS and the other trained heads.", low=0, high=MAX_SEED),
-    Param("bootstrap", int, 1000, "Test resamples for the 95% intervals (0: none).", low=0, high=1_000_000),
-    Param("seeds", int, 1, "Refit each stochastic method with N seeds: mean and 95% interval.", low=1, high=1000),
-    Param("train_views", bool, True, "Fit trained heads on the cache's augmented train views, when it has them "
-          "(extract --train-views)."),
-    Param("out", Path, None, "Write heads/ and reports/ here instead of into the cache (e.g. a read-only cache).",
-          optional=True),
-    _JSON, _DEVICE, _MANY, _FEW,
-)
-
-SWEEP_TAU = (
-    Param("taus", GRID, "0:2:0.1", "Grid: 0,0.5,1 or start:stop:step.", low=0),
-    _SELECT, _JSON, _DEVICE, _MANY, _FEW,
-)
-
-INFO = (
-    Param("verify", bool, False, "Also hash every file and read every split, checking all of it."),
-    _JSON,
 )
 
 IMPORT_FEATURES = (
@@ -173,7 +199,7 @@ IMPORT_FEATURES = (
     Param("val", Path, None, "Val features (without them, select with --select train).", optional=True),
     Param("head", Path, None, ".npz/.pt with the model's classifier: weight [C, d], bias [C].", optional=True),
     Param("class_names", Path, None, "Text file, one class name per line.", optional=True),
-    _DTYPE,
+    DTYPE,
     Param("seed", int, 0, "Seed of the linear probe fitted when there is no --head.", low=0, high=MAX_SEED),
     Param("overwrite", bool, False, "Replace an existing cache (only once the new one is complete)."),
 )
@@ -187,48 +213,23 @@ DEMO = (
     Param("out", Path, None, "Output folder (default: a fresh ./ltcache-demo[-N]).", optional=True),
     Param("epochs", int, 40, "Stage-1 epochs.", low=1, high=100_000),
     Param("seed", int, 0, "Seed.", low=0, high=MAX_SEED),
-    _DEVICE,
+    DEVICE,
     Param("overwrite", bool, False, "Replace the run and cache inside --out if they exist (ltcache's only)."),
 )
-
-
-def check_thresholds(many: int, few: int) -> None:
-    if few > many:
-        raise LtcacheError(f"--few ({few}) must not exceed --many ({many}): the groups would overlap")
 
 
 # ------------------------------------------------------------------------------------------------ recipes
 
 
-def load_toml(path: Path) -> dict:
-    if sys.version_info >= (3, 11):
-        import tomllib
-    else:  # Python 3.10: the tomllib backport
-        import tomli as tomllib
-    path = Path(path)
-    if not path.is_file():
-        raise LtcacheError(f"recipe {path} not found; see experiments/ for the shipped recipes")
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError:
-        raise LtcacheError(f"recipe {path} is not a UTF-8 text file; pass a TOML recipe such as "
-                           "experiments/digits_lt.toml") from None
-    except OSError as exc:
-        raise LtcacheError(f"recipe {path} is unreadable ({exc.strerror})") from None
-    try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise LtcacheError(f"recipe {path} is not valid TOML ({str(exc).splitlines()[0]})") from None
-
-
 def train_config_from(values: dict, *, explicit: set[str] = frozenset(), recipe: Path | None = None) -> TrainConfig:
     """Defaults < the TOML recipe < flags given on the command line. Recipe values must have their declared type
     (a string is not a bool, 1.5 is not an integer); unknown keys are an error."""
-    declared_params = params_of(TrainConfig)
+    declared_params = TrainConfig.options()
     merged = {k: v for k, v in values.items() if k in declared_params}
     if recipe is not None:
         table = load_toml(recipe)
-        table = table["train"] if isinstance(table.get("train"), dict) else table
+        table = table["train"] if isinstance(table.get("train"), dict) else {
+            key: value for key, value in table.items() if key != "compare"}  # a flat recipe; [compare] is compare's
         unknown = sorted(set(table) - set(declared_params))
         if unknown:
             raise LtcacheError(f"recipe {recipe} has unknown key {unknown[0]!r}; known keys: "
@@ -244,7 +245,7 @@ def train_config_from(values: dict, *, explicit: set[str] = frozenset(), recipe:
     if not merged.get("out"):
         raise LtcacheError("no run folder: pass --out (or set out = ... in the recipe)")
     merged["out"] = str(merged["out"])
-    return TrainConfig(**merged)
+    return TrainConfig.from_options(**merged)
 
 
 def parse_loss_params(loss: str | None, items) -> dict:

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
 import typer
 
-from ltcache.distributed import is_main_process
-
 T = TypeVar("T")
+
+
+def is_main_process() -> bool:
+    """Rank 0, or a single process. Read from torch.distributed only when it was imported (no torch here)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return os.environ.get("RANK", "0") == "0"
 
 
 def log(message: str) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 from ltcache.config import DEMO, TrainConfig
 from ltcache.console import log
 from ltcache.extract import extract
-from ltcache.lab import compare
+from ltcache.lab import Comparison, compare
 from ltcache.params import checked
 from ltcache.train import fit
 
@@ -28,14 +28,13 @@ def fresh_folder(base: Path) -> Path:
 
 @checked(*DEMO)
 def run_demo(out: Path, *, epochs: int = DEMO_EPOCHS, seed: int = 0, overwrite: bool = False,
-             device: str | None = None) -> dict:
-    """Train a small ResNet on digits-LT, cache its features, compare every stage-2 method."""
+             device: str | None = None) -> tuple[Comparison, float]:
+    """Train a small ResNet on digits-LT, cache its features, compare the paper's five stage-2 methods. Returns
+    the comparison and the seconds the whole run took."""
     start = time.perf_counter()
-    run_dir = fit(TrainConfig(out=str(out / "run"), **DEMO_RECIPE, epochs=epochs, seed=seed, device=device,
+    run_dir = fit(TrainConfig.from_options(out=str(out / "run"), **DEMO_RECIPE, epochs=epochs, seed=seed, device=device,
                               overwrite=overwrite))
     cache = extract(run_dir / "checkpoint.pt", out / "cache", device=device, overwrite=overwrite)
     log(f"cache written to {cache}")
-    summary = compare(cache, seed=seed, device=device)
-    summary["seconds"] = round(time.perf_counter() - start, 1)
-    summary["out"] = str(out)
-    return summary
+    comparison = compare(cache, seed=seed, device=device, log=log)
+    return comparison, round(time.perf_counter() - start, 1)

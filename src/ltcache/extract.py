@@ -16,7 +16,8 @@ from ltcache.errors import LtcacheError
 from ltcache.fsutil import sha256_file
 from ltcache.models import build_model
 from ltcache.params import checked
-from ltcache.train import images_to, resolve_device
+from ltcache.runtime import resolve_device
+from ltcache.train import images_to
 
 
 @checked(*EXTRACT)

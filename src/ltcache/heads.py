@@ -2,29 +2,39 @@
 
 Most methods produce a LinearHead. Two kinds are not linear in the features: the MLP head (paper Table 10) and
 DisAlign's head, whose confidence gate depends on the feature. Every kind lists its tensors and options, so
-cache.py stores and reloads any of them without knowing its math.
+cache.py stores and reloads any of them without knowing its math. A new kind is a dataclass registered with
+`@head_kind("name")`. torch is imported inside the methods, so importing this module stays cheap.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
-import torch
-import torch.nn.functional as F
+from ltcache.registry import Registry
+
+if TYPE_CHECKING:
+    import torch
 
 LOGIT_CHUNK_ROWS = 16384  # rows per chunk: big enough for an efficient GEMM, small enough for its temporaries
-HEAD_KINDS: dict[str, type[Head]] = {}
+HEAD_KINDS: Registry[type[Head]] = Registry("head kind")
+
+
+def head_kind(name: str):
+    """Register a Head subclass under `name`, the kind stored with every saved head of it."""
+
+    def wrap(cls: type[Head]) -> type[Head]:
+        cls.kind = name
+        HEAD_KINDS.add(name, cls)
+        return cls
+
+    return wrap
 
 
 class Head:
     """logits(features) in row chunks, so a large split never needs a second full-size copy of its features."""
 
     kind: ClassVar[str]
-
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        HEAD_KINDS[cls.kind] = cls
 
     def chunk_logits(self, features: torch.Tensor, out: torch.Tensor) -> None:
         """Write the logits of `features` into `out` (a slice of the result)."""
@@ -36,6 +46,8 @@ class Head:
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         """Logits [N, C], written chunk by chunk into one preallocated result (no concatenation copy)."""
+        import torch
+
         head = self.to(features.device)
         out = features.new_empty((len(features), self.num_classes), dtype=torch.float32)
         for start in range(0, len(features), LOGIT_CHUNK_ROWS):
@@ -48,17 +60,23 @@ class Head:
 
     def to(self, device) -> Head:
         """The same head with every tensor on `device`."""
+        import torch
+
         moved = {f.name: (v.to(device) if isinstance(v, torch.Tensor) else v)
                  for f in fields(self) for v in [getattr(self, f.name)]}
         return type(self)(**moved)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The named tensors to store (None-valued fields are left out)."""
+        import torch
+
         return {f.name: getattr(self, f.name) for f in fields(self)
                 if isinstance(getattr(self, f.name), torch.Tensor)}
 
     def options(self) -> dict:
         """The non-tensor fields, stored as attributes."""
+        import torch
+
         return {f.name: getattr(self, f.name) for f in fields(self)
                 if not isinstance(getattr(self, f.name), torch.Tensor) and getattr(self, f.name) is not None}
 
@@ -67,11 +85,11 @@ class Head:
         return cls(**tensors, **options)
 
 
+@head_kind("linear")
 @dataclass
 class LinearHead(Head):
     """logits = normalize?(f - center) @ weight.T + bias. weight [C, d]; bias [C], center [d] or None."""
 
-    kind: ClassVar[str] = "linear"
     weight: torch.Tensor
     bias: torch.Tensor | None = None
     normalize_input: bool = False
@@ -82,6 +100,9 @@ class LinearHead(Head):
         return len(self.weight)
 
     def chunk_logits(self, chunk: torch.Tensor, out: torch.Tensor) -> None:
+        import torch
+        import torch.nn.functional as F
+
         if self.center is not None:
             chunk = chunk - self.center
         if self.normalize_input:
@@ -92,11 +113,11 @@ class LinearHead(Head):
             torch.addmm(self.bias.to(chunk.dtype), chunk, self.weight.T, out=out)
 
 
+@head_kind("mlp")
 @dataclass
 class MLPHead(Head):
     """Linear layers with ReLU between them (paper Appendix B.6): weight{i} [out, in], bias{i} [out]."""
 
-    kind: ClassVar[str] = "mlp"
     weights: tuple[torch.Tensor, ...]
     biases: tuple[torch.Tensor, ...]
 
@@ -109,6 +130,9 @@ class MLPHead(Head):
         return self.weights[-1]
 
     def chunk_logits(self, chunk: torch.Tensor, out: torch.Tensor) -> None:
+        import torch
+        import torch.nn.functional as F
+
         for weight, bias in zip(self.weights[:-1], self.biases[:-1], strict=True):
             chunk = F.relu(F.linear(chunk, weight, bias))
         torch.addmm(self.biases[-1], chunk, self.weights[-1].T, out=out)
@@ -129,12 +153,12 @@ class MLPHead(Head):
         return cls(*(tuple(tensors[f"{name}{i}"] for i in range(layers)) for name in ("weight", "bias")))
 
 
+@head_kind("disalign")
 @dataclass
 class DisAlignHead(Head):
     """DisAlign (Zhang et al. 2021): z = f @ W.T + b from the joint head; per-class magnitude alpha and margin beta;
     a confidence gate sigma(f . v + c). logits = z + sigma * ((alpha - 1) * z + beta)."""
 
-    kind: ClassVar[str] = "disalign"
     weight: torch.Tensor
     bias: torch.Tensor
     alpha: torch.Tensor
@@ -147,11 +171,15 @@ class DisAlignHead(Head):
         return len(self.weight)
 
     def chunk_logits(self, chunk: torch.Tensor, out: torch.Tensor) -> None:
+        import torch
+
         joint = torch.addmm(self.bias, chunk, self.weight.T)
         out.copy_(adjust_disalign(joint, chunk, self.alpha, self.beta, self.confidence_weight, self.confidence_bias))
 
 
 def adjust_disalign(joint_logits, features, alpha, beta, confidence_weight, confidence_bias) -> torch.Tensor:
     """sigma(x) * (alpha * z + beta) + (1 - sigma(x)) * z, written as one correction of z."""
+    import torch
+
     gate = torch.sigmoid(features @ confidence_weight + confidence_bias)[:, None]
     return joint_logits + gate * ((alpha - 1) * joint_logits + beta)

@@ -140,7 +140,7 @@ def _joint_head(path: Path | None, train, num_classes: int, dim: int, seed: int)
             raise LtcacheError(f"{path}: weight must be [{num_classes}, {dim}] and bias [{num_classes}]; got "
                                f"{tuple(weight.shape)} and {tuple(bias.shape)}")
         return weight, bias, {"source": "imported", "path": str(Path(path).resolve())}
-    from ltcache.stage2.retrain import BALANCED_DEFAULTS, train_on_features
+    from ltcache.stage2.training import BALANCED_DEFAULTS, train_on_features
 
     torch.manual_seed(seed)
     features, labels = torch.from_numpy(train[0]), torch.from_numpy(train[1])

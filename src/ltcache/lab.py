@@ -1,80 +1,374 @@
-"""The user-facing stage-2 functions: compare, sweep_tau, info. They read the cache and nothing else."""
+"""The classifier lab: open a cache, fit any registered method, score it on test, compare many, write reports.
+
+    lab = open_lab("CACHE", select="val")
+    fitted = lab.fit(NAME, **hyperparameters)    # any registered method (ltcache methods lists them)
+    result = lab.score(fitted)                   # an Evaluation: result.all, result.few, result.calibration.ece
+    comparison = lab.compare([NAME, ...], params={NAME: {KEY: [v1, v2]}})   # a list is a grid
+
+The README's "Python API" section has a worked example.
+
+The lab knows no method by name: everything method-specific (selection curves, plots, extra analyses) comes from
+the registry's metadata (stage2/core.py). It reads the cache and nothing else, and imports nothing from stage 1.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
+import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from ltcache.cache import MANIFEST, FeatureCache, Split
-from ltcache.config import COMPARE, SWEEP_TAU, check_thresholds
 from ltcache.errors import LtcacheError
 from ltcache.folders import folder_lock
-from ltcache.heads import Head, LinearHead
-from ltcache.metrics import (
-    ShotThresholds,
-    bootstrap_intervals,
-    calibration,
-    evaluate,
-    fit_temperature,
-    per_class_accuracy,
-    prior_accuracy,
-    shifted_prior_accuracy,
-    shifted_priors,
-    shot_groups,
-    summarize,
+from ltcache.heads import Head
+from ltcache.metrics import Evaluation, GroupAccuracy, ShotThresholds, evaluate_logits, group_accuracy, shot_groups
+from ltcache.options import COMPARE, check_thresholds
+from ltcache.params import GRID, MAX_GRID_POINTS, check_all
+from ltcache.stage2.core import (
+    METHODS,
+    Fitted,
+    LabData,
+    Method,
+    fit_method,
+    resolve_method_list,
+    resolve_params,
+    run_fit,
 )
-from ltcache.params import check_all
-from ltcache.stage2 import METHODS, PAPER_ORDER, LabData, resolve_params
-from ltcache.stage2.weight_norms import DEFAULT_TAUS, best_on_curve, tau_curve, tau_normalize, validate_taus
-from ltcache.train import resolve_device
+
+
+@dataclass
+class GridPoint:
+    """One point of a hyperparameter grid: its values, its selection score (mean per-class accuracy on the
+    selection split, what the choice uses) and, for the ablation table only, its test accuracy."""
+
+    params: dict
+    selection: float
+    fit_seconds: float
+    selected: bool = False
+    test: GroupAccuracy | None = None
+
+    def as_dict(self) -> dict:
+        return {"params": self.params, "selection_mean_per_class": self.selection, "selected": self.selected,
+                "fit_seconds": round(self.fit_seconds, 3), "test": self.test.as_dict() if self.test else None}
+
+
+@dataclass
+class Row:
+    """One method's line in a comparison: its test evaluation, what it chose, and what its metadata adds."""
+
+    method: str
+    evaluation: Evaluation
+    chosen: dict
+    fit_seconds: float
+    analyses: dict[str, Any] = field(default_factory=dict)
+    seeds: dict | None = None
+    grid: list[GridPoint] | None = None
+
+    def as_dict(self) -> dict:
+        """The row as results.json stores it."""
+        row = {"method": self.method, **self.evaluation.as_row(), "chosen": self.chosen,
+               "fit_seconds": round(self.fit_seconds, 3), **self.analyses}
+        if self.seeds is not None:
+            row["seeds"] = self.seeds
+        if self.grid is not None:
+            row["grid_points"] = len(self.grid)
+        return row
+
+
+@dataclass
+class Curve:
+    """A selection curve a method contributed (Figure metadata): entries on the selection split, the value chosen."""
+
+    param: str
+    title: str
+    entries: list[dict]
+    chosen: float | None
+
+
+@dataclass
+class Comparison:
+    """What `Lab.compare` returns: the rows, the selection curves and the context; `as_dict()` is results.json."""
+
+    cache: str
+    cache_generation: str | None
+    selected_on: str
+    seed: int
+    thresholds: ShotThresholds
+    bootstrap_resamples: int
+    train_views: int
+    groups: dict[str, int]
+    rows: list[Row]
+    curves: dict[str, Curve]
+    class_counts: np.ndarray = field(repr=False)
+    fitted: dict[str, Fitted] = field(default_factory=dict, repr=False)
+    reports: dict[str, str] | None = None
+
+    def row(self, method: str) -> Row:
+        """The row of `method`."""
+        for row in self.rows:
+            if row.method == method:
+                return row
+        raise LtcacheError(f"no row {method!r}; the rows are {', '.join(r.method for r in self.rows)}")
+
+    def weight_norms(self) -> dict:
+        """Per-class weight norms of the heads whose methods contribute to the weight-norm plot (Fig. 2, left)."""
+        return {name: fitted.head.weight.norm(dim=1).cpu().numpy() for name, fitted in self.fitted.items()
+                if METHODS[name].weight_norms and hasattr(fitted.head, "weight")}
+
+    def as_dict(self) -> dict:
+        summary = {"cache": self.cache, "cache_generation": self.cache_generation, "selected_on": self.selected_on,
+                   "seed": self.seed, "thresholds": {"many": self.thresholds.many, "few": self.thresholds.few},
+                   "bootstrap_resamples": self.bootstrap_resamples,
+                   "train_views": self.train_views,  # augmented views per train image the trained heads used
+                   "groups": self.groups, "rows": [row.as_dict() for row in self.rows]}
+        summary.update({name: curve.entries for name, curve in self.curves.items()})
+        if self.reports is not None:
+            summary["reports"] = self.reports
+        return summary
+
+    def ablation(self) -> list[dict]:
+        """Every grid point of every method, selection and test numbers, the selected point marked."""
+        return [{"method": row.method, **point.as_dict()} for row in self.rows for point in (row.grid or [])]
+
+
+def _quiet(message: str) -> None:
+    pass
+
+
+def _stderr(message: str) -> None:
+    if os.environ.get("RANK", "0") == "0":
+        print(message, file=sys.stderr, flush=True)
 
 
 @dataclass
 class Lab:
+    """A cache loaded for stage 2: what methods may see (`data`: train, val, the stage-1 classifier) and test,
+    which only `score` reads. Open one with `open_lab`."""
+
     cache: FeatureCache
     data: LabData
     test: Split
 
-    def score_test(self, head: Head) -> dict:
-        return evaluate(head.predict(self.test.features), self.test.labels, self.data.class_counts,
-                        self.data.thresholds)
+    # ------------------------------------------------------------------------------------------ one method
 
-    def score_test_fully(self, head: Head, *, bootstrap: int, seed: int) -> dict:
-        """Test metrics, calibration (ECE, raw and after temperature scaling fitted on the selection split) and,
-        when bootstrap > 0, 95% intervals: one pass over test."""
-        logits = head.logits(self.test.features)
-        predictions = logits.argmax(1)
-        counts, thresholds = self.data.class_counts, self.data.thresholds
-        class_accuracy = per_class_accuracy(predictions, self.test.labels, len(counts))
-        overall = 100.0 * (predictions == self.test.labels).double().mean().item()
-        result = {**summarize(class_accuracy, overall, counts, thresholds),
-                  **calibration(logits, self.test.labels, counts, thresholds),
-                  "shifted_priors": shifted_prior_accuracy(class_accuracy, counts)}
-        # Calibration after temperature scaling, with T fitted on the selection split (never on test).
+    def fit(self, method: str, /, **hyperparameters) -> Fitted:
+        """Fit registered method `method` with its defaults updated by `hyperparameters` (each checked against
+        its declaration). Test is never seen."""
+        self.check(method, resolve_params(method, hyperparameters))
+        return fit_method(method, self.data, hyperparameters)
+
+    def score(self, fitted: Fitted | Head, *, bootstrap: int = 0, seed: int | None = None) -> Evaluation:
+        """Evaluate a fitted method (or a bare head) on test, once: accuracy and shot groups, calibration raw and
+        after temperature scaling (T fitted on the selection split), shifted priors, and with bootstrap > 0 the
+        95% intervals of every accuracy."""
+        head = fitted.head if isinstance(fitted, Fitted) else fitted
+        if not isinstance(head, Head):
+            raise LtcacheError(f"score needs a Fitted or a Head, got {type(fitted).__name__}")
         selection = self.data.selection
-        temperature = fit_temperature(head.logits(selection.features), selection.labels)
-        scaled = calibration(logits, self.test.labels, counts, thresholds, temperature=temperature)
-        result["temperature"] = temperature
-        result.update({f"{key}_ts": scaled[key] for key in ("ece", "ece_many", "ece_medium", "ece_few")})
-        if bootstrap:
-            result["ci95"] = bootstrap_intervals(predictions, self.test.labels, counts, thresholds,
-                                                 resamples=bootstrap, seed=seed)
-        return result
+        return evaluate_logits(head.logits(self.test.features), self.test.labels, self.data.class_counts,
+                               selection_logits=head.logits(selection.features), selection_labels=selection.labels,
+                               thresholds=self.data.thresholds, bootstrap=bootstrap,
+                               seed=self.data.seed if seed is None else seed)
+
+    def score_accuracy(self, head: Head) -> GroupAccuracy:
+        """Test accuracy and shot groups only (no calibration or intervals)."""
+        return group_accuracy(head.predict(self.test.features), self.test.labels, self.data.class_counts,
+                              self.data.thresholds)
+
+    def check(self, method: str, params: dict) -> None:
+        """The values only this cache can judge (a target prior's length, ...), before any fit."""
+        entry = METHODS[method]
+        if entry.check is not None:
+            entry.check(params, self.data.class_counts)
+
+    # ------------------------------------------------------------------------------------------ many methods
+
+    def compare(self, methods: list[str] | str | None = None, *, params: dict[str, dict] | None = None,
+                bootstrap: int = 1000, seeds: int = 1, ablation: bool = False,
+                log: Callable[[str], None] | None = None) -> Comparison:
+        """Fit every method on train, choose on the selection split, score test once per method.
+
+        `methods`: names, a comma list, 'all', or None for the paper's five. `params`: {method: {key: value}};
+        a list for a key that is not itself a list (or command-line text 'a,b,c') is a grid: every point is
+        fitted, the one with the best mean per-class accuracy on the selection split is chosen (ties: the first),
+        and only it is scored on test as the row. With `ablation`, every point's test accuracy is also recorded
+        (after the choice, so it cannot influence it). With seeds > 1, every stochastic method is refitted with
+        seeds seed .. seed+N-1 and the row gains the mean and a 95% t-interval. `log` receives progress lines."""
+        check_all(COMPARE, {"bootstrap": bootstrap, "seeds": seeds})
+        names = resolve_method_list(methods)
+        grids = expand_grids(names, params)
+        for name in names:
+            for point in grids[name]:
+                self.check(name, point)
+        log = log or _quiet
+        rows, fitted = [], {}
+        for index, name in enumerate(names, 1):
+            log(f"[{index}/{len(names)}] {name}: fitting" + (f" {len(grids[name])} grid points" if len(grids[name]) > 1
+                                                              else ""))
+            start = time.perf_counter()
+            result, chosen_params, points = self._fit_grid(name, grids[name], ablation=ablation)
+            seconds = time.perf_counter() - start
+            # Cached F @ W.T of train (and val) go before scoring: at ImageNet-LT shape the train logits are a third
+            # of the cache's size, and a later method that needs them recomputes them in one GEMM.
+            self.data.clear_cached_logits()
+            evaluation = self.score(result, bootstrap=bootstrap, seed=self.data.seed)
+            entry = METHODS[name]
+            row = Row(name, evaluation, result.chosen, seconds,
+                      analyses={key: analysis(self.data, self.test, chosen_params)
+                                for key, analysis in entry.analyses.items()},
+                      grid=points)
+            if seeds > 1 and entry.stochastic:
+                row.seeds = self._seed_statistics(name, chosen_params, evaluation, seeds=seeds)
+            self.data.clear_cached_logits()
+            rows.append(row)
+            fitted[name] = result
+            log(f"[{index}/{len(names)}] {name}: done in {time.perf_counter() - start:.1f} s "
+                f"(test mean/class {evaluation.mean_per_class:.2f})")
+        return Comparison(
+            cache=str(self.cache.path), cache_generation=self.cache.generation, selected_on=self.data.select,
+            seed=self.data.seed, thresholds=self.data.thresholds, bootstrap_resamples=bootstrap,
+            train_views=self.data.views, groups=group_sizes(self.data.class_counts, self.data.thresholds), rows=rows,
+            curves=self._curves(rows, fitted), class_counts=np.asarray(self.data.class_counts), fitted=fitted)
+
+    def _fit_grid(self, name: str, grid: list[dict], *, ablation: bool) -> tuple[Fitted, dict, list[GridPoint] | None]:
+        """Fit every point; choose on the selection split only. Test is read only after the choice (ablation)."""
+        if len(grid) == 1:
+            return run_fit(name, self.data, grid[0]), grid[0], None
+        results, points = [], []
+        varying = [key for key in grid[0] if any(point[key] != grid[0][key] for point in grid)]
+        for values in grid:
+            start = time.perf_counter()
+            result = run_fit(name, self.data, values)
+            score = self.data.selection_score(result.head)
+            points.append(GridPoint({key: values[key] for key in varying}, score, time.perf_counter() - start))
+            results.append(result)
+            self.data.clear_cached_logits()
+        best = max(range(len(points)), key=lambda i: (points[i].selection, -i))
+        points[best].selected = True
+        if ablation:  # after the choice: these numbers cannot influence it
+            for point, result in zip(points, results, strict=True):
+                point.test = self.score_accuracy(result.head)
+        chosen = results[best]
+        chosen.chosen = {**chosen.chosen, "grid": {**points[best].params, "points": len(points),
+                                                   "selected_on": self.data.select,
+                                                   "selection_mean_per_class": round(points[best].selection, 4)}}
+        return chosen, grid[best], points
+
+    def _curves(self, rows: list[Row], fitted: dict[str, Fitted]) -> dict[str, Curve]:
+        curves: dict[str, Curve] = {}
+        chosen = {row.method: row.chosen for row in rows}
+        for name, entry in METHODS.items():
+            for figure in entry.figures:
+                if figure.name in curves or (name not in fitted and not figure.always):
+                    continue
+                curves[figure.name] = Curve(figure.param, figure.title, figure.compute(self.data, fitted.get(name)),
+                                            chosen.get(name, {}).get(figure.param))
+        return curves
+
+    def _seed_statistics(self, name: str, params: dict, first: Evaluation, *, seeds: int) -> dict:
+        """Refit `name` with the next seeds-1 seeds; mean and 95% t-interval of each metric over all seeds."""
+        from scipy import stats
+
+        seed = self.data.seed
+        runs = [first.accuracy]
+        for offset in range(1, seeds):
+            refit = run_fit(name, replace(self.data, seed=seed + offset), params)
+            runs.append(self.score_accuracy(refit.head))
+        half = stats.t.ppf(0.975, seeds - 1)
+        summary: dict[str, Any] = {"n": seeds, "seeds": list(range(seed, seed + seeds))}
+        for key in SEED_KEYS:
+            values = np.array([getattr(run, key) for run in runs], dtype=np.float64)
+            width = half * values.std(ddof=1) / np.sqrt(seeds)
+            summary[key] = {"mean": float(values.mean()), "ci95": [float(values.mean() - width),
+                                                                 float(values.mean() + width)],
+                            "values": values.tolist()}
+        return summary
+
+    # ------------------------------------------------------------------------------------------ writing
+
+    def save(self, comparison: Comparison, out: Path | None = None, *, ablation: bool = False) -> dict[str, str]:
+        """Write every fitted head to OUT/heads and the reports to OUT/reports (OUT: the cache by default), all
+        at once, and only if the cache at the path is still the one that was read. Returns the report paths."""
+        from ltcache import report  # matplotlib is only needed here
+
+        results = Path(out) if out is not None else self.cache.path
+        check_results_folder(results, self.cache.path)
+        with results_lock(self, results):
+            for name, result in comparison.fitted.items():
+                self.cache.save_head(name, result.head, result.chosen, folder=results / "heads")
+            comparison.reports = report.write_reports(results / "reports", comparison, ablation=ablation)
+        return comparison.reports
 
 
-def open_lab(cache_path: Path, *, select: str = "val", seed: int = 0, device: str | None = None,
+SEED_KEYS = ("all", "mean_per_class", "many", "medium", "few")
+
+
+def group_sizes(class_counts, thresholds: ShotThresholds) -> dict[str, int]:
+    groups = shot_groups(class_counts, thresholds)
+    return {g: int((groups == g).sum()) for g in ("many", "medium", "few")}
+
+
+def expand_grids(methods: list[str], params: dict[str, dict] | None) -> dict[str, list[dict]]:
+    """Each method's resolved hyperparameters, one dict per grid point. A value is a grid when it is a list or
+    tuple for a key whose declared type is not itself a list, or command-line text with commas ('0.05,0.1')
+    for such a key; a list-typed key (a tau grid) keeps its list. Every point is checked against the
+    declarations before anything is fitted, and a grid of more than MAX_GRID_POINTS points is refused."""
+    params = params or {}
+    unknown = [m for m in params if m not in methods]
+    if unknown:
+        raise LtcacheError(f"--set names method {unknown[0]!r}, which is not among the methods run "
+                           f"({', '.join(methods)})")
+    grids = {}
+    for name in methods:
+        overrides = params.get(name) or {}
+        declared = {p.name: p for p in METHODS[name].params}
+        axes: dict[str, list] = {}
+        for key, value in overrides.items():
+            param = declared.get(key)
+            if param is None or param.type in (GRID, list):
+                axes[key] = [value]
+            elif isinstance(value, str) and "," in value:
+                axes[key] = [part.strip() for part in value.split(",")]
+                if any(not part for part in axes[key]):
+                    raise LtcacheError(f"--set {name}.{key}={value}: a grid is values separated by commas, "
+                                       "e.g. 0.05,0.1,0.2")
+            elif isinstance(value, (list, tuple)):
+                if not value:
+                    raise LtcacheError(f"{name}.{key}: the grid is empty; give at least one value")
+                axes[key] = list(value)
+            else:
+                axes[key] = [value]
+        size = int(np.prod([len(values) for values in axes.values()])) if axes else 1
+        if size > MAX_GRID_POINTS:
+            raise LtcacheError(f"the grid of {name} has {size:,} points, more than {MAX_GRID_POINTS:,}; use fewer "
+                               "values")
+        keys = list(axes)
+        grids[name] = [resolve_params(name, dict(zip(keys, combination, strict=True)))
+                       for combination in itertools.product(*(axes[key] for key in keys))]
+    return grids
+
+
+def open_lab(cache_path: Path | str, *, select: str = "val", seed: int = 0, device: str | None = None,
              thresholds: ShotThresholds = ShotThresholds(), train_views: bool = True) -> Lab:
-    """Load train / val / test features (and the augmented train views, if any and wanted) and the joint head
-    onto `device` (CUDA when present), every file checked against its sha256 on the way.
+    """Load train / val / test features (and the augmented train views, if any and wanted) and the stage-1
+    classifier onto `device` (CUDA when present), every file checked against its sha256 on the way.
 
     The cache is read under a shared lock: a writer replacing it (extract --overwrite) waits, so the lab never
     holds a mix of two caches. Memory-mapped shards stay valid after a later swap deletes them."""
+    from ltcache.heads import LinearHead
+    from ltcache.runtime import resolve_device
+
+    check_all(COMPARE, {"select": select, "seed": seed, "many": thresholds.many, "few": thresholds.few})
+    check_thresholds(thresholds.many, thresholds.few)
     run_device = resolve_device(device)
     with folder_lock(Path(cache_path), shared=True, what="cache"):
         cache = FeatureCache(cache_path)
@@ -83,105 +377,36 @@ def open_lab(cache_path: Path, *, select: str = "val", seed: int = 0, device: st
         def load(name: str) -> Split | None:
             return cache.load_split(name).to(run_device) if cache.has_split(name) else None
 
-        data = LabData(train=load("train"), val=load("val"),
-                       joint=LinearHead(weight.to(run_device), bias.to(run_device)), class_counts=cache.class_counts,
-                       select=select, seed=seed, thresholds=thresholds,
-                       train_views=load("train_views") if train_views else None)
+        stage1 = LinearHead(weight.to(run_device), bias.to(run_device))
+        data = LabData(load("train"), load("val"), stage1, cache.class_counts, select=select, seed=seed,
+                       thresholds=thresholds, train_views=load("train_views") if train_views else None)
         return Lab(cache, data, cache.load_split("test").to(run_device))
 
 
-def sweep_tau(cache_path: Path, *, taus=DEFAULT_TAUS, select: str = "val", device: str | None = None,
-              thresholds: ShotThresholds = ShotThresholds()) -> dict:
-    """Sweep tau on the selection split, choose the best mean per-class accuracy, score test once.
-
-    Returns {"best_tau", "best_score", "selected_on", "curve": [...per tau...], "test": {...}}.
-    """
-    taus = validate_taus(taus)  # before loading anything: a bad grid fails at once
-    check_all(SWEEP_TAU, {"select": select, "many": thresholds.many, "few": thresholds.few})
-    check_thresholds(thresholds.many, thresholds.few)
-    lab = open_lab(cache_path, select=select, device=device, thresholds=thresholds)
-    curve = tau_curve(lab.data, select, taus)
-    best = best_on_curve(curve)
-    test = lab.score_test(LinearHead(tau_normalize(lab.data.joint.weight, best["tau"])))
-    return {"best_tau": best["tau"], "best_score": best["mean_per_class"], "selected_on": select,
-            "curve": curve, "test": test}
-
-
-def compare(cache_path: Path, *, methods: list[str] | None = None, select: str = "val",
+def compare(cache_path: Path, *, methods: list[str] | str | None = None, select: str = "val",
             params: dict[str, dict] | None = None, seed: int = 0, device: str | None = None,
             thresholds: ShotThresholds = ShotThresholds(), bootstrap: int = 1000, seeds: int = 1,
-            write_reports: bool = True, train_views: bool = True, out: Path | None = None) -> dict:
-    """Fit every method on train, select on val (or train), score test once; save heads and reports.
+            write_reports: bool = True, train_views: bool = True, out: Path | None = None, ablation: bool = False,
+            log: Callable[[str], None] | None = None) -> Comparison:
+    """`ltcache compare`: open the cache, `Lab.compare`, and write heads and reports to `out` (default: into the
+    cache) once every method has been scored, only if the cache was not replaced meanwhile.
 
-    Each row has the test metrics, ECE (15 bins; overall and per shot group) and, with bootstrap > 0,
-    95% percentile intervals from that many resamples of the test samples. With seeds > 1, every stochastic
-    method is refitted with seeds seed .. seed+N-1 and the row gains the mean and a 95% t-interval over them.
-    Heads and reports go to `out` (default: into the cache), written only once every method has been scored, and
-    only if the cache was not replaced meanwhile.
-    """
+    Every argument is checked, every method name and hyperparameter resolved (grids included) and the results
+    folder probed before any feature is loaded."""
     check_all(COMPARE, {"seed": seed, "bootstrap": bootstrap, "seeds": seeds, "select": select,
                         "many": thresholds.many, "few": thresholds.few})
     check_thresholds(thresholds.many, thresholds.few)
-    from ltcache import report  # matplotlib is only needed here
-
-    methods = list(methods or PAPER_ORDER)
-    unknown = [m for m in (params or {}) if m not in methods]
-    if unknown:
-        raise LtcacheError(f"--set names method {unknown[0]!r}, which is not among the methods run "
-                           f"({', '.join(methods)})")
-    # Resolve every method's hyperparameters first: a bad name or value fails before any head is written.
-    resolved = {name: resolve_params(name, (params or {}).get(name)) for name in methods}
+    names = resolve_method_list(methods)
+    expand_grids(names, params)  # a bad name, value or grid fails before anything is loaded
     results = Path(out) if out is not None else Path(cache_path)
     if write_reports:
         check_results_folder(results, cache_path)
     lab = open_lab(cache_path, select=select, seed=seed, device=device, thresholds=thresholds,
                    train_views=train_views)
-    for name in methods:  # values only the cache can judge, still before any head is written
-        if METHODS[name].check is not None:
-            METHODS[name].check(resolved[name], lab.data.class_counts)
-    rows, fitted = [], {}
-    for name in methods:
-        start = time.perf_counter()
-        result = METHODS[name].fit(lab.data, **resolved[name])
-        seconds = time.perf_counter() - start
-        # Cached F @ W.T of train (and val) go before scoring: at ImageNet-LT shape the train logits are a third
-        # of the cache's size, and a later method that needs them recomputes them in one GEMM.
-        lab.data.clear_cached_logits()
-        test = lab.score_test_fully(result.head, bootstrap=bootstrap, seed=seed)
-        row = {"method": name, **test, "chosen": result.chosen, "fit_seconds": round(seconds, 3)}
-        if name == "logit_adj":
-            row["shifted_priors_adapted"] = adapted_to_shifted_priors(lab, resolved[name])
-        if seeds > 1 and METHODS[name].stochastic:
-            row["seeds"] = seed_statistics(lab, name, resolved[name], test, seed=seed, seeds=seeds)
-        lab.data.clear_cached_logits()
-        rows.append(row)
-        fitted[name] = result
-    # The tau curve for Fig. 2 (right) is always on the selection split, never on test.
-    curve = fitted["tau_norm"].curve if "tau_norm" in fitted else tau_curve(lab.data, select, DEFAULT_TAUS)
-    summary = {
-        "cache": str(lab.cache.path),
-        "cache_generation": lab.cache.generation,
-        "selected_on": select,
-        "seed": seed,
-        "thresholds": {"many": thresholds.many, "few": thresholds.few},
-        "bootstrap_resamples": bootstrap,
-        "train_views": lab.data.views,  # augmented views per train image the trained heads sampled among (0: none)
-        "groups": {g: int((shot_groups(lab.data.class_counts, thresholds) == g).sum())
-                   for g in ("many", "medium", "few")},
-        "rows": rows,
-        "tau_curve": curve,
-    }
+    comparison = lab.compare(names, params=params, bootstrap=bootstrap, seeds=seeds, ablation=ablation, log=log)
     if write_reports:
-        with results_lock(lab, results):  # heads and reports only for the cache that was read, all or nothing
-            for name, result in fitted.items():
-                lab.cache.save_head(name, result.head, result.chosen, folder=results / "heads")
-            summary["reports"] = report.write_reports(
-                results / "reports", summary,
-                weight_norms={name: f.head.weight.norm(dim=1).cpu() for name, f in fitted.items()
-                              if name in report.NORM_PLOT_METHODS},
-                class_counts=lab.data.class_counts,
-            )
-    return summary
+        lab.save(comparison, out, ablation=ablation)
+    return comparison
 
 
 def check_results_folder(results: Path, cache_path: Path) -> None:
@@ -226,46 +451,11 @@ def results_lock(lab: Lab, results: Path):
         yield
 
 
-def adapted_to_shifted_priors(lab: Lab, params: dict) -> dict:
-    """Logit adjustment aimed at each shifted test prior (tau chosen on the selection split reweighted to that
-    prior): its accuracy under the prior, beside `shifted_priors`, where every head stays aimed at balance."""
-    raw_test = LinearHead(lab.data.joint.weight).logits(lab.test.features)  # one GEMM; each prior shifts it
-    result = {}
-    for name, prior in shifted_priors(lab.data.class_counts).items():
-        head = METHODS["logit_adj"].fit(lab.data, **{**params, "target": prior}).head
-        predictions = (raw_test + head.bias).argmax(1)
-        result[name] = prior_accuracy(per_class_accuracy(predictions, lab.test.labels, lab.data.num_classes), prior)
-    return result
-
-
-SEED_KEYS = ("all", "mean_per_class", "many", "medium", "few")
-
-
-def seed_statistics(lab: Lab, name: str, params: dict, first: dict, *, seed: int, seeds: int) -> dict:
-    """Refit `name` with the next seeds-1 seeds; mean and 95% t-interval of each metric over all seeds."""
-    from dataclasses import replace
-
-    from scipy import stats
-
-    runs = [first]
-    for offset in range(1, seeds):
-        refit = METHODS[name].fit(replace(lab.data, seed=seed + offset), **params)
-        runs.append(lab.score_test(refit.head))
-    half = stats.t.ppf(0.975, seeds - 1)
-    summary = {"n": seeds, "seeds": list(range(seed, seed + seeds))}
-    for key in SEED_KEYS:
-        values = np.array([run[key] for run in runs], dtype=np.float64)
-        width = half * values.std(ddof=1) / np.sqrt(seeds)
-        summary[key] = {"mean": float(values.mean()), "ci95": [float(values.mean() - width),
-                                                             float(values.mean() + width)],
-                        "values": values.tolist()}
-    return summary
-
-
 def info(cache_path: Path, *, verify: bool = False) -> dict:
     """A short summary of a cache (its manifest is always checked). With verify, every file is hashed and every
-    split and the joint head are read with all their checks: `corrupt_files` lists the files whose sha256 disagrees
-    with the manifest, `problems` everything found (empty when the cache is intact)."""
+    split and the stage-1 classifier are read with all their checks: `corrupt_files` lists the files whose sha256
+    disagrees with the manifest, `problems` everything found (empty when the cache is intact). Without verify, no
+    torch is imported."""
     with folder_lock(Path(cache_path), shared=True, what="cache"):
         cache = FeatureCache(cache_path, verify=False)
         summary = _summary(cache)
@@ -284,8 +474,7 @@ def info(cache_path: Path, *, verify: bool = False) -> dict:
 def _summary(cache: FeatureCache) -> dict:
     manifest = cache.manifest
     counts = cache.class_counts
-    groups = shot_groups(counts)
-    summary = {
+    return {
         "cache": str(cache.path),
         "dataset": manifest["dataset"].get("name"),
         "splits": {name: entry["rows"] for name, entry in manifest["splits"].items()},
@@ -295,11 +484,13 @@ def _summary(cache: FeatureCache) -> dict:
         "num_classes": cache.num_classes,
         "class_counts_range": [int(counts.min()), int(counts.max())],
         "imbalance_ratio": round(float(counts.max() / max(counts.min(), 1)), 2),
-        "groups": {g: int((groups == g).sum()) for g in ("many", "medium", "few")},
+        "groups": group_sizes(counts, ShotThresholds()),
         "backbone": manifest["backbone"].get("arch"),
         "checkpoint_sha256": manifest["backbone"].get("checkpoint_sha256"),
         "created": manifest.get("created"),
         "generation": cache.generation,
         "heads": cache.head_names(),
     }
-    return summary
+
+
+__all__ = ["Comparison", "Curve", "GridPoint", "Lab", "Method", "Row", "compare", "expand_grids", "info", "open_lab"]

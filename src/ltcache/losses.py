@@ -14,9 +14,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ltcache.errors import LtcacheError, unknown_name
+from ltcache.errors import LtcacheError
 from ltcache.params import Param
+from ltcache.registry import Registry
 
+# name -> (factory(class_counts, **params), declared parameters)
+LOSSES: Registry[tuple[Callable[..., nn.Module], tuple[Param, ...]]] = Registry("loss")
+
+
+def loss(name: str, *params: Param):
+    """Register factory(class_counts, **params) -> nn.Module as loss `name` with its declared parameters (one
+    class may be registered under several names, with other parameters)."""
+    return LOSSES.register(name, lambda factory: (factory, params))
+
+
+_GAMMA = Param("gamma", float, 1.0, "Focal exponent (Lin et al. 2017).", low=0)
+_BETA = Param("beta", float, 0.9999, "Class-balanced beta: the effective number (Cui et al. 2019).", low=0, below=1)
+_DRW = Param("drw_epoch", int, None, "Deferred re-weighting from this epoch on (LDAM-DRW).", low=0, optional=True)
+_TAU = Param("tau", float, 1.0, "Logit-adjustment strength (Menon et al. 2021).", low=0)
 
 def class_balanced_weights(class_counts, beta: float) -> torch.Tensor:
     """Cui et al. 2019, "Class-Balanced Loss Based on Effective Number of Samples": w_c ∝ (1-β) / (1-β^n_c),
@@ -48,6 +63,8 @@ class WeightedLoss(nn.Module):
         return None if self.uniform else self.weight
 
 
+@loss("cb_ce", _BETA)
+@loss("ce", _DRW)
 class CrossEntropy(WeightedLoss):
     """Softmax cross-entropy; with `beta`, the class-balanced CE of Cui et al. 2019."""
 
@@ -55,6 +72,8 @@ class CrossEntropy(WeightedLoss):
         return F.cross_entropy(logits, targets, weight=self.class_weight())
 
 
+@loss("cb_focal", _GAMMA, _BETA)
+@loss("focal", _GAMMA, _DRW)
 class Focal(WeightedLoss):
     """Lin et al. 2017, "Focal Loss for Dense Object Detection": -(1 - p_t)^γ log p_t (softmax form); with `beta`,
     each sample is weighted by its class's class-balanced weight (CB focal, Cui et al. 2019)."""
@@ -73,6 +92,8 @@ class Focal(WeightedLoss):
         return loss.mean()
 
 
+@loss("ldam", Param("max_margin", float, 0.5, "Largest class margin (Cao et al. 2019).", above=0),
+      Param("s", float, 1.0, "Logit scale.", above=0), _DRW)
 class LDAM(WeightedLoss):
     """Cao et al. 2019, "Learning Imbalanced Datasets with Label-Distribution-Aware Margin Loss":
     CE(s * (z - Δ_y e_y)) with Δ_j ∝ n_j^(-1/4), the largest margin `max_margin`.
@@ -91,6 +112,8 @@ class LDAM(WeightedLoss):
         return F.cross_entropy(self.s * shifted, targets, weight=self.class_weight())
 
 
+@loss("logit_adjusted", _TAU)
+@loss("balanced_softmax")  # logit adjustment with tau fixed at 1 (Ren et al. 2020)
 class LogitAdjusted(nn.Module):
     """Menon et al. 2021, "Long-tail learning via logit adjustment": CE(z + τ log π), π the train class prior.
     With τ = 1 this is Balanced Softmax (Ren et al. 2020, "Balanced Meta-Softmax")."""
@@ -104,28 +127,8 @@ class LogitAdjusted(nn.Module):
         return F.cross_entropy(logits.float() + self.adjustment, targets)
 
 
-_GAMMA = Param("gamma", float, 1.0, "Focal exponent (Lin et al. 2017).", low=0)
-_BETA = Param("beta", float, 0.9999, "Class-balanced beta: the effective number (Cui et al. 2019).", low=0, below=1)
-_DRW = Param("drw_epoch", int, None, "Deferred re-weighting from this epoch on (LDAM-DRW).", low=0, optional=True)
-_TAU = Param("tau", float, 1.0, "Logit-adjustment strength (Menon et al. 2021).", low=0)
-
-# name -> (factory, declared parameters)
-LOSSES: dict[str, tuple[Callable[..., nn.Module], tuple[Param, ...]]] = {
-    "ce": (CrossEntropy, (_DRW,)),
-    "focal": (Focal, (_GAMMA, _DRW)),
-    "cb_ce": (CrossEntropy, (_BETA,)),
-    "cb_focal": (Focal, (_GAMMA, _BETA)),
-    "ldam": (LDAM, (Param("max_margin", float, 0.5, "Largest class margin (Cao et al. 2019).", above=0),
-                    Param("s", float, 1.0, "Logit scale.", above=0), _DRW)),
-    "balanced_softmax": (LogitAdjusted, ()),  # logit adjustment with tau fixed at 1 (Ren et al. 2020)
-    "logit_adjusted": (LogitAdjusted, (_TAU,)),
-}
-
-
 def loss_params(name: str) -> dict[str, Param]:
     """The declared parameters of a registered loss, by name."""
-    if name not in LOSSES:
-        raise unknown_name("loss", name, LOSSES)
     return {param.name: param for param in LOSSES[name][1]}
 
 

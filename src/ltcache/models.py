@@ -17,6 +17,7 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from ltcache.errors import LtcacheError
+from ltcache.registry import Registry
 
 
 class Classifier(nn.Module):
@@ -121,21 +122,48 @@ def adapt_input_channels(net: nn.Module, in_channels: int) -> None:
             return
 
 
-# Backbones that torchvision does not register: name -> factory(in_channels) -> (net, feature_dim).
-def _resnet(block, layers, **kwargs) -> Callable[[int], nn.Module]:
-    return lambda: ResNet(block, layers, **kwargs)
+# Backbones that torchvision does not register, by name: factory(in_channels) -> nn.Module. A small net (with a
+# `feature_dim` and no classifier) is used as is; a torchvision-style net has its classifier stripped.
+BACKBONES: Registry[Callable[[int], nn.Module]] = Registry("backbone")
 
 
-CUSTOM: dict[str, Callable[[], nn.Module]] = {
-    "resnet10": _resnet(BasicBlock, [1, 1, 1, 1]),  # ResNet-10 of OLTR and the paper (Table 2)
-    "resnext101_32x4d": _resnet(Bottleneck, [3, 4, 23, 3], groups=32, width_per_group=4),
-    "resnext152_32x4d": _resnet(Bottleneck, [3, 8, 36, 3], groups=32, width_per_group=4),
-}
-SMALL: dict[str, Callable[[int], nn.Module]] = {
-    "smallresnet8": lambda c: SmallResNet((16, 32, 64), 1, c),  # 1 + 3x1x2 + 1 layers; 64-d; digits-sized
-    "smallresnet14": lambda c: SmallResNet((32, 64, 128), 2, c),  # 1 + 3x2x2 + 1 layers; 128-d; 28x28-sized
-    "resnet32": lambda c: CifarResNet(5, c),  # 1 + 3x5x2 + 1 layers; 64-d; CIFAR
-}
+def backbone(name: str):
+    """Register factory(in_channels) -> nn.Module as backbone `name` (beside every torchvision model name)."""
+    return BACKBONES.register(name)
+
+
+@backbone("smallresnet8")
+def smallresnet8(in_channels: int) -> nn.Module:
+    """1 + 3x1x2 + 1 layers; 64-d; digits-sized."""
+    return SmallResNet((16, 32, 64), 1, in_channels)
+
+
+@backbone("smallresnet14")
+def smallresnet14(in_channels: int) -> nn.Module:
+    """1 + 3x2x2 + 1 layers; 128-d; 28x28-sized."""
+    return SmallResNet((32, 64, 128), 2, in_channels)
+
+
+@backbone("resnet32")
+def resnet32(in_channels: int) -> nn.Module:
+    """1 + 3x5x2 + 1 layers; 64-d; CIFAR."""
+    return CifarResNet(5, in_channels)
+
+
+@backbone("resnet10")
+def resnet10(in_channels: int) -> nn.Module:
+    """ResNet-10 of OLTR and the paper (Table 2)."""
+    return ResNet(BasicBlock, [1, 1, 1, 1])
+
+
+@backbone("resnext101_32x4d")
+def resnext101_32x4d(in_channels: int) -> nn.Module:
+    return ResNet(Bottleneck, [3, 4, 23, 3], groups=32, width_per_group=4)
+
+
+@backbone("resnext152_32x4d")
+def resnext152_32x4d(in_channels: int) -> nn.Module:
+    return ResNet(Bottleneck, [3, 8, 36, 3], groups=32, width_per_group=4)
 
 
 @lru_cache(maxsize=1)
@@ -144,12 +172,12 @@ def torchvision_classifiers() -> tuple[str, ...]:
 
 
 def backbone_names() -> list[str]:
-    return sorted({*SMALL, *CUSTOM, *torchvision_classifiers()})
+    return sorted({*BACKBONES, *torchvision_classifiers()})
 
 
 def check_backbone(arch: str, *, pretrained: bool = False) -> None:
     """A known backbone name (else the closest names), with torchvision weights when `pretrained`."""
-    if arch not in SMALL and arch not in CUSTOM and arch not in torchvision_classifiers():
+    if arch not in BACKBONES and arch not in torchvision_classifiers():
         close = difflib.get_close_matches(arch, backbone_names(), n=4, cutoff=0.5)
         hint = f"did you mean {', '.join(close)}?" if close else "see torchvision.models.list_models()"
         raise LtcacheError(f"unknown backbone {arch!r}; {hint}")
@@ -163,11 +191,10 @@ def build_model(arch: str, num_classes: int, in_channels: int = 3, *, pretrained
     pretrained loads torchvision's default ImageNet weights into the backbone (downloaded by torchvision).
     """
     check_backbone(arch, pretrained=pretrained)
-    if arch in SMALL:
-        net = SMALL[arch](in_channels)
-        return Classifier(net, net.feature_dim, num_classes)
-    if arch in CUSTOM:
-        net = CUSTOM[arch]()
+    if arch in BACKBONES:
+        net = BACKBONES[arch](in_channels)
+        if hasattr(net, "feature_dim"):  # a small net: features out, no classifier to strip
+            return Classifier(net, net.feature_dim, num_classes)
     else:
         options = {"aux_logits": False} if arch in ("googlenet", "inception_v3") and not pretrained else {}
         net = torchvision.models.get_model(arch, weights="DEFAULT" if pretrained else None, **options)

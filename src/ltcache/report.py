@@ -1,10 +1,16 @@
-"""Result tables (Markdown, CSV, JSON) and the two plots of paper Fig. 2."""
+"""Result tables (Markdown, CSV, JSON), the ablation table, and the plots of paper Fig. 2 and calibration.
+
+Everything here reads a `Comparison` (lab.py) and its typed rows; which methods add a weight-norm line or a
+selection curve is their registry metadata, so no method is named here.
+"""
 
 from __future__ import annotations
 
 import csv
 import io
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib
 
@@ -14,112 +20,162 @@ import numpy as np  # noqa: E402
 
 from ltcache.fsutil import atomic_write, write_json  # noqa: E402
 
-NORM_PLOT_METHODS = ("joint", "crt", "tau_norm", "lws")
+if TYPE_CHECKING:
+    from ltcache.lab import Comparison, Curve, Row
+
 COLUMNS = ("many", "medium", "few", "all", "mean_per_class")
+CALIBRATION = ("ece", "ece_many", "ece_medium", "ece_few")
+INTERVAL_KEYS = ("all", "mean_per_class", "many", "medium", "few")
 
 
-def format_chosen(chosen: dict) -> str:
-    keep = {k: v for k, v in chosen.items() if k not in ("selection_mean_per_class",)}
-    return ", ".join(f"{k}={v}" for k, v in keep.items()) or "-"
+def format_chosen(chosen: Mapping) -> str:
+    """What a method chose, short: grid values first, the selection score left out."""
+    grid = chosen.get("grid")
+    keep = [f"{k}={v}" for k, v in chosen.items() if k not in ("selection_mean_per_class", "grid")]
+    if grid:
+        picked = ", ".join(f"{k}={v}" for k, v in grid.items()
+                           if k not in ("points", "selected_on", "selection_mean_per_class"))
+        keep.insert(0, f"grid [{picked}] of {grid['points']}")
+    return ", ".join(keep) or "-"
 
 
 def _pct(value: float) -> str:
     return "-" if value != value else f"{value:.2f}"  # NaN when a group has no test samples
 
 
-def _interval(row: dict, key: str) -> str:
-    ci = row.get("ci95", {}).get(key)
-    return f"{_pct(ci[0])}–{_pct(ci[1])}" if ci else "-"
-
-
-def markdown_table(summary: dict) -> str:
-    """One row per method; with calibration and bootstrap results when the rows carry them."""
-    groups = summary["groups"]
-    rich = any("ece" in row for row in summary["rows"])
-    seeded = any("seeds" in row for row in summary["rows"])
-    header = (f"| method | Many ({groups['many']}) | Medium ({groups['medium']}) | Few ({groups['few']}) "
-              "| All | mean/class")
-    header += " | All 95% CI | ECE |" if rich else " |"
-    header += " All over seeds |" if seeded else ""
-    lines = [header + " chosen |",
-             "|---|---:|---:|---:|---:|---:|" + ("---:|---:|" if rich else "") + ("---:|" if seeded else "") + "---|"]
-    for row in summary["rows"]:
-        cells = " | ".join(_pct(row[c]) for c in COLUMNS)
-        extra = f" | {_interval(row, 'all')} | {_pct(row['ece'])}" if rich else ""
-        if seeded:
-            stats = row.get("seeds", {}).get("all")
-            extra += (f" | {stats['mean']:.2f} ± {stats['ci95'][1] - stats['mean']:.2f} (n={row['seeds']['n']})"
-                      if stats else " | -")
-        lines.append(f"| {row['method']} | {cells}{extra} | {format_chosen(row['chosen'])} |")
+def accuracy_table(groups: Mapping[str, int], entries: Iterable[tuple[str, object, Mapping]]) -> str:
+    """A Markdown table of (label, accuracy, chosen) entries; accuracy has the attributes many ... mean_per_class."""
+    lines = [f"| method | Many ({groups['many']}) | Medium ({groups['medium']}) | Few ({groups['few']}) | All "
+             "| mean/class | chosen |", "|---|---:|---:|---:|---:|---:|---|"]
+    for label, accuracy, chosen in entries:
+        cells = " | ".join(_pct(getattr(accuracy, c)) for c in COLUMNS)
+        lines.append(f"| {label} | {cells} | {format_chosen(chosen)} |")
     return "\n".join(lines)
 
 
-def shifted_prior_table(rows: list[dict]) -> str:
-    """Accuracy under forward / backward long-tailed test priors; logit adjustment aimed at each prior gets a row."""
-    keys = [k for k in rows[0].get("shifted_priors", {}) if k.startswith("forward")][::-1]
-    keys += [k for k in rows[0].get("shifted_priors", {}) if k.startswith("backward")]
+def markdown_table(comparison: Comparison) -> str:
+    """One row per method: Many / Medium / Few / All / mean per class, the All interval, ECE, and the mean over
+    seeds when the rows carry them."""
+    rows = comparison.rows
+    groups = comparison.groups
+    intervals = any(row.evaluation.intervals for row in rows)
+    seeded = any(row.seeds for row in rows)
+    header = (f"| method | Many ({groups['many']}) | Medium ({groups['medium']}) | Few ({groups['few']}) "
+              "| All | mean/class | All 95% CI | ECE |")
+    header += " All over seeds |" if seeded else ""
+    lines = [header + " chosen |", "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if seeded else "") + "---|"]
+    for row in rows:
+        evaluation = row.evaluation
+        cells = " | ".join(_pct(getattr(evaluation, c)) for c in COLUMNS)
+        ci = (evaluation.intervals or {}).get("all")
+        extra = f" | {_pct(ci[0])}–{_pct(ci[1])}" if ci and intervals else " | -"
+        extra += f" | {_pct(evaluation.calibration.ece)}"
+        if seeded:
+            stats = (row.seeds or {}).get("all")
+            extra += (f" | {stats['mean']:.2f} ± {stats['ci95'][1] - stats['mean']:.2f} (n={row.seeds['n']})"
+                      if stats else " | -")
+        lines.append(f"| {row.method} | {cells}{extra} | {format_chosen(row.chosen)} |")
+    return "\n".join(lines)
+
+
+def shifted_prior_table(rows: list[Row]) -> str:
+    """Accuracy under forward / backward long-tailed test priors; a method's own analysis aimed at each prior
+    (an analysis named shifted_priors_*, keyed like the priors) gets a row of its own."""
+    priors = rows[0].evaluation.shifted_priors if rows else {}
+    keys = [k for k in priors if k.startswith("forward")][::-1] + [k for k in priors if k.startswith("backward")]
     if not keys:
         return ""
     lines = ["| method | " + " | ".join(k.replace("_", " ") for k in keys) + " |", "|---|" + "---:|" * len(keys)]
     for row in rows:
-        lines.append(f"| {row['method']} | " + " | ".join(_pct(row["shifted_priors"][k]) for k in keys) + " |")
-        if "shifted_priors_adapted" in row:
-            lines.append(f"| {row['method']} → the prior | "
-                         + " | ".join(_pct(row["shifted_priors_adapted"][k]) for k in keys) + " |")
+        lines.append(f"| {row.method} | " + " | ".join(_pct(row.evaluation.shifted_priors[k]) for k in keys) + " |")
+        for name, values in row.analyses.items():
+            if name.startswith("shifted_priors") and isinstance(values, dict) and set(keys) <= set(values):
+                lines.append(f"| {row.method} → the prior | " + " | ".join(_pct(values[k]) for k in keys) + " |")
     return "\n".join(lines)
 
 
-def tau_table(curve: list[dict], chosen_tau: float | None = None) -> str:
-    lines = ["| tau | Many | Medium | Few | All | mean/class |", "|---:|---:|---:|---:|---:|---:|"]
-    for entry in curve:
-        mark = " *" if chosen_tau is not None and entry["tau"] == chosen_tau else ""
-        lines.append(f"| {entry['tau']:g}{mark} | " + " | ".join(_pct(entry[c]) for c in COLUMNS) + " |")
+def curve_table(curve: Curve) -> str:
+    """A selection curve: every grid value with its accuracies on the selection split, the chosen one starred."""
+    lines = [f"| {curve.param} | Many | Medium | Few | All | mean/class |", "|---:|---:|---:|---:|---:|---:|"]
+    for entry in curve.entries:
+        mark = " *" if curve.chosen is not None and entry[curve.param] == curve.chosen else ""
+        lines.append(f"| {entry[curve.param]:g}{mark} | " + " | ".join(_pct(entry[c]) for c in COLUMNS) + " |")
     return "\n".join(lines)
 
 
-CALIBRATION = ("ece", "ece_many", "ece_medium", "ece_few", "temperature", "ece_ts", "ece_many_ts", "ece_medium_ts",
-               "ece_few_ts")
-INTERVAL_KEYS = ("all", "mean_per_class", "many", "medium", "few")
+def ablation_table(comparison: Comparison) -> str:
+    """Every grid point: its values, selection score and test accuracy, the selected point marked. The test
+    numbers are for reading only; the choice was made on the selection split before they were computed."""
+    lines = [f"| method | point | selection ({comparison.selected_on}) mean/class | test Many | test Medium "
+             "| test Few | test All | test mean/class | selected |", "|---|---|---:|---:|---:|---:|---:|---:|:---:|"]
+    for row in comparison.rows:
+        for point in row.grid or []:
+            values = ", ".join(f"{k}={v}" for k, v in point.params.items()) or "-"
+            test = " | ".join(_pct(getattr(point.test, c)) if point.test else "-" for c in COLUMNS)
+            lines.append(f"| {row.method} | {values} | {_pct(point.selection)} | {test} | "
+                         f"{'**yes**' if point.selected else ''} |")
+    return "\n".join(lines)
 
 
-def _csv_text(rows: list[dict]) -> str:
+def _csv_text(rows: list[Row]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     intervals = [f"{key}_ci95_{end}" for key in INTERVAL_KEYS for end in ("low", "high")]
-    writer.writerow(["method", *COLUMNS, *CALIBRATION, *intervals, "chosen", "fit_seconds"])
+    calibration = (*CALIBRATION, "temperature", *(f"{key}_ts" for key in CALIBRATION))
+    writer.writerow(["method", *COLUMNS, *calibration, *intervals, "chosen", "fit_seconds"])
     for row in rows:
-        ci = row.get("ci95")
+        evaluation = row.evaluation
+        ci = evaluation.intervals
         bounds = [round(v, 4) for key in INTERVAL_KEYS for v in ci[key]] if ci else [""] * len(intervals)
-        writer.writerow([row["method"], *(round(row[c], 4) for c in (*COLUMNS, *CALIBRATION)), *bounds,
-                         format_chosen(row["chosen"]), row["fit_seconds"]])
+        values = [getattr(evaluation, c) for c in COLUMNS]
+        values += [getattr(evaluation.calibration, c) for c in CALIBRATION] + [evaluation.temperature]
+        values += [getattr(evaluation.calibrated, c) for c in CALIBRATION]
+        writer.writerow([row.method, *(round(v, 4) for v in values), *bounds, format_chosen(row.chosen),
+                         round(row.fit_seconds, 3)])
     return buffer.getvalue()
 
 
-def plot_reliability(path: Path, rows: list[dict]) -> None:
-    """Reliability diagram: accuracy against confidence per bin, one line per method."""
-    fig, ax = plt.subplots(figsize=(5.5, 5))
-    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfect calibration")
-    for row in rows:
-        bins = row["reliability"]
-        ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], marker="o", markersize=3,
-                label=f"{row['method']} (ECE {row['ece']:.1f})")
-    ax.set_xlabel("confidence (max softmax probability)")
-    ax.set_ylabel("accuracy")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
-    ax.legend(fontsize=8)
+def _ablation_csv(comparison: Comparison) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    keys = sorted({key for row in comparison.rows for point in row.grid or [] for key in point.params})
+    writer.writerow(["method", *keys, "selection_mean_per_class", *(f"test_{c}" for c in COLUMNS), "selected"])
+    for row in comparison.rows:
+        for point in row.grid or []:
+            writer.writerow([row.method, *(point.params.get(k, "") for k in keys), round(point.selection, 4),
+                             *((round(getattr(point.test, c), 4) if point.test else "") for c in COLUMNS),
+                             int(point.selected)])
+    return buffer.getvalue()
+
+
+def _save(fig, path: Path) -> None:
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     plt.close(fig)
 
 
-def plot_weight_norms(path: Path, weight_norms: dict, class_counts) -> None:
+def plot_reliability(path: Path, rows: list[Row]) -> None:
+    """Reliability diagram: accuracy against confidence per bin, one line per method."""
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfect calibration")
+    for row in rows:
+        bins = row.evaluation.calibration.reliability
+        ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], marker="o", markersize=3,
+                label=f"{row.method} (ECE {row.evaluation.calibration.ece:.1f})")
+    ax.set_xlabel("confidence (max softmax probability)")
+    ax.set_ylabel("accuracy")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def plot_weight_norms(path: Path, weight_norms: Mapping, class_counts) -> None:
     """Fig. 2 (left): per-class weight norms, classes sorted by descending train count."""
     order = np.argsort(-np.asarray(class_counts), kind="stable")
     fig, ax = plt.subplots(figsize=(7, 4))
-    for name in NORM_PLOT_METHODS:
-        if name in weight_norms:
-            ax.plot(np.asarray(weight_norms[name])[order], marker="o", markersize=3, label=name)
+    for name, norms in weight_norms.items():
+        ax.plot(np.asarray(norms)[order], marker="o", markersize=3, label=name)
     ax.set_xlabel("classes sorted by train count (descending)")
     ax.set_ylabel("classifier weight norm ||w_j||")
     counts_axis = ax.twinx()
@@ -130,47 +186,57 @@ def plot_weight_norms(path: Path, weight_norms: dict, class_counts) -> None:
     if ax.lines:
         ax.legend()
     else:
-        ax.set_title(f"none of {', '.join(NORM_PLOT_METHODS)} was run")
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-    plt.close(fig)
+        ax.set_title("no method of the weight-norm plot was run (see ltcache methods)")
+    _save(fig, path)
 
 
-def plot_tau_curve(path: Path, curve: list[dict], selected_on: str, chosen_tau: float | None) -> None:
-    """Fig. 2 (right): accuracy per group against tau, on the selection split."""
-    taus = [entry["tau"] for entry in curve]
+def plot_curve(path: Path, curve: Curve, selected_on: str) -> None:
+    """Fig. 2 (right) for a tau curve, and the same for any selection curve: accuracy per group against the
+    hyperparameter, on the selection split."""
+    values = [entry[curve.param] for entry in curve.entries]
     fig, ax = plt.subplots(figsize=(7, 4))
     for key in ("many", "medium", "few", "all"):
-        ax.plot(taus, [entry[key] for entry in curve], marker="o", markersize=3, label=key.capitalize())
-    if chosen_tau is not None:
-        ax.axvline(chosen_tau, color="black", linestyle="--", linewidth=1, label=f"chosen tau = {chosen_tau:g}")
-    ax.set_xlabel("tau")
+        ax.plot(values, [entry[key] for entry in curve.entries], marker="o", markersize=3, label=key.capitalize())
+    if curve.chosen is not None:
+        ax.axvline(curve.chosen, color="black", linestyle="--", linewidth=1,
+                   label=f"chosen {curve.param} = {curve.chosen:g}")
+    ax.set_xlabel(curve.param)
     ax.set_ylabel(f"accuracy on {selected_on} (%)")
-    ax.set_title(f"tau-normalized classifier, selected on {selected_on}")
+    ax.set_title(f"{curve.title}, selected on {selected_on}")
     ax.legend()
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-    plt.close(fig)
+    _save(fig, path)
 
 
-def write_reports(folder: Path, summary: dict, *, weight_norms: dict, class_counts) -> dict:
-    """results.{json,csv,md} and the two PNG plots; returns their paths."""
+def write_reports(folder: Path, comparison: Comparison, *, ablation: bool = False) -> dict[str, str]:
+    """results.{json,csv,md}, the weight-norm, selection-curve and reliability plots, and with `ablation` the
+    ablation.{json,csv,md} of every grid point; returns their paths."""
     folder.mkdir(parents=True, exist_ok=True)
-    chosen_tau = next((r["chosen"].get("tau") for r in summary["rows"] if r["method"] == "tau_norm"), None)
-    paths = {name: folder / name for name in
-             ("results.json", "results.csv", "results.md", "weight_norms.png", "tau_curve.png", "reliability.png")}
-    write_json(paths["results.json"], {k: v for k, v in summary.items() if k != "reports"})
-    atomic_write(paths["results.csv"], lambda tmp: tmp.write_text(_csv_text(summary["rows"])))
-    markdown = (f"Selected on **{summary['selected_on']}**; test scored once per method.\n\n"
-                f"{markdown_table(summary)}\n\n### tau sweep on {summary['selected_on']}\n\n"
-                f"{tau_table(summary['tau_curve'], chosen_tau)}\n")
-    shifted = shifted_prior_table(summary["rows"])
+    names = ["results.json", "results.csv", "results.md", "weight_norms.png",
+             *(f"{name}.png" for name in comparison.curves), "reliability.png"]
+    if ablation:
+        names += ["ablation.json", "ablation.csv", "ablation.md"]
+    paths = {name: folder / name for name in names}
+    write_json(paths["results.json"], comparison.as_dict())
+    atomic_write(paths["results.csv"], lambda tmp: tmp.write_text(_csv_text(comparison.rows)))
+    markdown = (f"Selected on **{comparison.selected_on}**; test scored once per method.\n\n"
+                f"{markdown_table(comparison)}\n")
+    for curve in comparison.curves.values():
+        markdown += f"\n### {curve.param} sweep on {comparison.selected_on}\n\n{curve_table(curve)}\n"
+    shifted = shifted_prior_table(comparison.rows)
     if shifted:
         markdown += ("\n### Shifted test priors\n\nTest accuracy if its classes followed a forward (train order) or "
-                     "backward long-tailed prior with the given imbalance; `→ the prior` is logit adjustment aimed at "
-                     "each prior, its tau chosen on the selection split reweighted to it.\n\n" + shifted + "\n")
+                     "backward long-tailed prior with the given imbalance; `→ the prior` rows are a method's own "
+                     "analysis aimed at each prior, its hyperparameter chosen on the selection split reweighted to "
+                     "it.\n\n" + shifted + "\n")
     atomic_write(paths["results.md"], lambda tmp: tmp.write_text(markdown))
-    plot_weight_norms(paths["weight_norms.png"], weight_norms, class_counts)
-    plot_tau_curve(paths["tau_curve.png"], summary["tau_curve"], summary["selected_on"], chosen_tau)
-    plot_reliability(paths["reliability.png"], summary["rows"])
+    plot_weight_norms(paths["weight_norms.png"], comparison.weight_norms(), comparison.class_counts)
+    for name, curve in comparison.curves.items():
+        plot_curve(paths[f"{name}.png"], curve, comparison.selected_on)
+    plot_reliability(paths["reliability.png"], comparison.rows)
+    if ablation:
+        write_json(paths["ablation.json"], {"selected_on": comparison.selected_on, "points": comparison.ablation()})
+        atomic_write(paths["ablation.csv"], lambda tmp: tmp.write_text(_ablation_csv(comparison)))
+        text = (f"Every grid point, fitted on train and chosen on **{comparison.selected_on}** by mean per-class "
+                "accuracy; test numbers are reported after the choice and never used for it.\n\n")
+        atomic_write(paths["ablation.md"], lambda tmp: tmp.write_text(text + ablation_table(comparison) + "\n"))
     return {name: str(path) for name, path in paths.items()}

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
-import random
 import time
-from dataclasses import fields
+from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -30,17 +27,7 @@ from ltcache.fsutil import append_jsonl, atomic_write, write_json
 from ltcache.losses import build_loss
 from ltcache.metrics import evaluate
 from ltcache.models import build_model, select_trainable
-
-
-def resolve_device(name: str | None) -> torch.device:
-    """The named device, or CUDA when present (this rank's GPU under torchrun), else the CPU."""
-    if name:
-        if name.startswith("cuda") and not torch.cuda.is_available():
-            raise LtcacheError(f"--device {name} asked for CUDA but no GPU is visible; drop --device or use cpu")
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
+from ltcache.runtime import cosine_schedule, resolve_device, seed_everything
 
 
 def autocast_for(device: torch.device):
@@ -55,17 +42,6 @@ def images_to(images: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type == "cuda":
         return images.to(device, non_blocking=True, memory_format=torch.channels_last)
     return images.to(device)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """lr(step) = peak * (1 + cos(pi * step / total)) / 2: step 0 uses the peak, and it reaches 0 after the end."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total_steps)))
 
 
 def init_distributed(device: torch.device) -> None:
@@ -120,13 +96,13 @@ def fit(cfg: TrainConfig, *, inputs=()) -> Path:
     cfg = cfg.resolved()
     cfg.validate()
     out = Path(cfg.out)
-    inputs = [*inputs, cfg.root, cfg.split_dir]
+    inputs = [*inputs, cfg.data.root, cfg.data.split_dir]
     device = resolve_device(cfg.device)
     init_distributed(device)
     try:
         check_target(out, kind=RUN, overwrite=cfg.overwrite, inputs=inputs)  # every rank fails alike, none hangs
         barrier()  # every rank has checked before rank 0 creates anything beside the target
-        data = build_dataset(cfg.dataset_spec())
+        data = build_dataset(cfg.data)
         staged = None
         if is_main_process():
             staged = StagedFolder(out, kind=RUN, overwrite=cfg.overwrite, inputs=inputs)
@@ -155,11 +131,8 @@ def resume(run: Path, *, device: str | None = None, workers: int | None = None) 
         raise LtcacheError(f"{run} is not an ltcache run folder with a checkpoint.pt; pass the --out of a "
                            "train-backbone run that wrote at least one checkpoint")
     state = load_checkpoint(run / "checkpoint.pt")
-    known = {f.name for f in fields(TrainConfig)}
-    values = {k: v for k, v in state["config"].items() if k in known}
-    values.update(out=str(run), overwrite=False, **({"device": device} if device else {}),
-                  **({"workers": workers} if workers is not None else {}))
-    cfg = TrainConfig(**values)
+    cfg = replace(TrainConfig.from_dict(state["config"]), out=str(run), overwrite=False,
+                  **({"device": device} if device else {}), **({"workers": workers} if workers is not None else {}))
     cfg.validate()
     if state["epoch"] >= cfg.epochs:
         log(f"{run} already finished all {cfg.epochs} epochs; nothing to resume")
@@ -173,7 +146,7 @@ def resume(run: Path, *, device: str | None = None, workers: int | None = None) 
         barrier()
         lock = hold_exclusive(run, busy) if is_main_process() else None
         try:
-            data = build_dataset(cfg.dataset_spec())
+            data = build_dataset(cfg.data)
             if data.class_counts != state["dataset"].get("train_class_counts"):
                 raise LtcacheError(f"the dataset now gives train class counts {data.class_counts[:5]}... but {run} was "
                                    f"trained on {state['dataset'].get('train_class_counts', [])[:5]}...; restore the "

@@ -6,7 +6,7 @@ import copy
 import gzip
 import hashlib
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -14,37 +14,12 @@ import torch
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
+from ltcache.config import DatasetSpec
 from ltcache.data.profiles import carve_splits, exponential_profile
-from ltcache.errors import LtcacheError, unknown_name
+from ltcache.errors import LtcacheError
+from ltcache.registry import Registry
 
 SPLITS = ("train", "val", "test")
-
-
-@dataclass(frozen=True)
-class DatasetSpec:
-    """What the user asked for; builders fill the None fields with their defaults."""
-
-    name: str
-    root: str | None = None
-    imbalance_factor: float | None = None
-    n_max: int | None = None
-    seed: int = 0
-    val_per_class: int | None = None
-    image_size: int | None = None
-    split_dir: str | None = None
-    profile: str | None = None
-    download: bool = False
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, described: dict, **overrides) -> DatasetSpec:
-        """Rebuild a spec from a manifest's or checkpoint's dataset description (extra keys are ignored)."""
-        known = {f.name for f in fields(cls)}
-        values = {k: v for k, v in described.items() if k in known}
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
 
 
 @dataclass
@@ -127,21 +102,17 @@ def _default(value, default):
 
 
 DatasetBuilder = Callable[[DatasetSpec], LongTailData]
-DATASETS: dict[str, DatasetBuilder] = {}
+# The builders here register on import; cifar.py and files.py register theirs when the registry is first used.
+DATASETS: Registry[DatasetBuilder] = Registry("dataset", builtins=("ltcache.data.cifar", "ltcache.data.files"))
 
 
 def register_dataset(name: str):
-    def wrap(builder: DatasetBuilder) -> DatasetBuilder:
-        DATASETS[name] = builder
-        return builder
-
-    return wrap
+    """Register builder(spec) -> LongTailData as dataset `name`."""
+    return DATASETS.register(name)
 
 
 def build_dataset(spec: DatasetSpec, *, train_augment: bool = True) -> LongTailData:
     """Build a registered dataset. With train_augment=False the train split uses the test-time transform."""
-    if spec.name not in DATASETS:
-        raise unknown_name("dataset", spec.name, DATASETS)
     data = DATASETS[spec.name](spec)
     if not train_augment:
         data.splits["train"] = data.splits["train"].with_transform(data.splits["test"].transform)

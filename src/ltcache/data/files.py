@@ -21,11 +21,12 @@ INAT_MEAN, INAT_STD = (0.466, 0.471, 0.380), (0.195, 0.194, 0.192)  # the offici
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
-def imagenet_transforms(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    """(train, test): RandomResizedCrop + flip + the official colour jitter; Resize(256/224 * size) + CenterCrop."""
+def imagenet_transforms(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, *, jitter: bool = True):
+    """(train, test): RandomResizedCrop + flip (+ the official colour jitter, which the official code uses for
+    ImageNet-LT and Places-LT but not for iNaturalist); Resize(256/224 * size) + CenterCrop."""
     to_tensor = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
-    train = v2.Compose([v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip(),
-                        v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0), *to_tensor])
+    colour = [v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0)] if jitter else []
+    train = v2.Compose([v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip(), *colour, *to_tensor])
     test = v2.Compose([v2.Resize(round(size * 256 / 224), antialias=True), v2.CenterCrop(size), *to_tensor])
     return train, test
 
@@ -94,13 +95,14 @@ def check_labels(labels: dict[str, np.ndarray], num_classes: int, source: dict[s
                                "(the classes of the train split)")
 
 
-# name -> (split file per split, mean, std); iNaturalist has no test split: its val file is the reporting split
+# name -> (split file per split, mean, std, colour jitter in training); iNaturalist has no test split: its val file
+# is the reporting split, and the official code trains it without colour jitter.
 SPLIT_FILE_DATASETS = {
     "imagenet-lt": ({"train": "ImageNet_LT_train.txt", "val": "ImageNet_LT_val.txt", "test": "ImageNet_LT_test.txt"},
-                    IMAGENET_MEAN, IMAGENET_STD),
+                    IMAGENET_MEAN, IMAGENET_STD, True),
     "places-lt": ({"train": "Places_LT_train.txt", "val": "Places_LT_val.txt", "test": "Places_LT_test.txt"},
-                  IMAGENET_MEAN, IMAGENET_STD),
-    "inat2018": ({"train": "iNaturalist18_train.txt", "test": "iNaturalist18_val.txt"}, INAT_MEAN, INAT_STD),
+                  IMAGENET_MEAN, IMAGENET_STD, True),
+    "inat2018": ({"train": "iNaturalist18_train.txt", "test": "iNaturalist18_val.txt"}, INAT_MEAN, INAT_STD, False),
 }
 
 
@@ -131,7 +133,7 @@ def _class_names_from_paths(paths: list[str], labels: np.ndarray, num_classes: i
 
 
 def build_split_file_dataset(spec: DatasetSpec) -> LongTailData:
-    files, mean, std = SPLIT_FILE_DATASETS[spec.name]
+    files, mean, std, jitter = SPLIT_FILE_DATASETS[spec.name]
     root = _root(spec)
     split_dir = Path(spec.split_dir).expanduser() if spec.split_dir else root
     spec = replace(spec, root=str(root), split_dir=str(split_dir), image_size=spec.image_size or 224)
@@ -160,8 +162,8 @@ def build_split_file_dataset(spec: DatasetSpec) -> LongTailData:
     num_classes = int(labels["train"].max()) + 1
     check_labels(labels, num_classes, {**source, "val": source.get("val", source["train"])})
     class_names = _class_names_from_paths(paths["train"], labels["train"], num_classes)
-    return _assemble(spec, class_names, paths, labels, positions, imagenet_transforms(spec.image_size, mean, std),
-                     **extra)
+    transforms = imagenet_transforms(spec.image_size, mean, std, jitter=jitter)
+    return _assemble(spec, class_names, paths, labels, positions, transforms, **extra)
 
 
 for _name in SPLIT_FILE_DATASETS:

@@ -1,4 +1,6 @@
-"""Sampling strategies of Sec. 3: instance-, class-, square-root- and progressively-balanced (Eq. 1-2)."""
+"""Sampling strategies of Sec. 3: instance-, class-, square-root- and progressively-balanced (Eq. 1-2), and the
+official class-aware sampler. Each is registered in SAMPLERS as fn(class_counts, epoch, total_epochs) -> the class
+probabilities of that epoch (None: the class-aware order)."""
 
 from __future__ import annotations
 
@@ -9,10 +11,15 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
-from ltcache.errors import unknown_name
+from ltcache.registry import Registry
+from ltcache.sampling import class_probabilities, sample_weights  # noqa: F401  (Eq. 1, shared with stage 2)
+
+SAMPLERS: Registry = Registry("sampler")
 
 
 class SamplerName(str, Enum):
+    """The built-in samplers' names (SAMPLERS has every registered one)."""
+
     instance = "instance"
     klass = "class"
     sqrt = "sqrt"
@@ -20,48 +27,54 @@ class SamplerName(str, Enum):
     class_aware = "class-aware"
 
 
-_Q = {SamplerName.instance: 1.0, SamplerName.klass: 0.0, SamplerName.sqrt: 0.5}
+def parse_sampler(name: str) -> str:
+    """A registered sampler's name (an unknown one is a one-line error listing them)."""
+    SAMPLERS.get(str(name))
+    return str(name)
 
 
-def parse_sampler(name: str) -> SamplerName:
-    try:
-        return SamplerName(name)
-    except ValueError:
-        raise unknown_name("sampler", name, [s.value for s in SamplerName]) from None
+@SAMPLERS.register("instance")
+def instance_balanced(class_counts, epoch: int, total_epochs: int) -> np.ndarray:
+    """Eq. 1 with q = 1: every image equally likely."""
+    return class_probabilities(class_counts, 1.0)
 
 
-def class_probabilities(class_counts, q: float) -> np.ndarray:
-    """Eq. 1: p_j = n_j^q / sum_i n_i^q."""
-    counts = np.asarray(class_counts, dtype=np.float64)
-    powered = counts**q
-    return powered / powered.sum()
+@SAMPLERS.register("class")
+def class_balanced(class_counts, epoch: int, total_epochs: int) -> np.ndarray:
+    """Eq. 1 with q = 0: every class equally likely."""
+    return class_probabilities(class_counts, 0.0)
 
 
+@SAMPLERS.register("sqrt")
+def square_root(class_counts, epoch: int, total_epochs: int) -> np.ndarray:
+    """Eq. 1 with q = 1/2."""
+    return class_probabilities(class_counts, 0.5)
+
+
+@SAMPLERS.register("class-aware")
+def class_aware(class_counts, epoch: int, total_epochs: int) -> None:
+    """The official class-aware sampler: no probabilities, an order (class_aware_order)."""
+    return None
+
+
+@SAMPLERS.register("progressive")
 def progressive_probabilities(class_counts, epoch: int, total_epochs: int) -> np.ndarray:
     """Eq. 2: p_j(t) = (1 - t/T) p_j^IB + (t/T) p_j^CB, with t the 0-based epoch and T the number of epochs."""
     ratio = epoch / total_epochs
     return (1 - ratio) * class_probabilities(class_counts, 1.0) + ratio * class_probabilities(class_counts, 0.0)
 
 
-def epoch_class_probabilities(name: SamplerName, class_counts, epoch: int, total_epochs: int) -> np.ndarray:
-    if name is SamplerName.progressive:
-        return progressive_probabilities(class_counts, epoch, total_epochs)
-    return class_probabilities(class_counts, _Q[name])
-
-
-def sample_weights(labels: np.ndarray, class_probs: np.ndarray) -> np.ndarray:
-    """Per-sample weight p_{y} / n_{y}, so that class y is drawn with probability p_y."""
-    counts = np.bincount(labels, minlength=len(class_probs)).astype(np.float64)
-    per_class = np.divide(class_probs, counts, out=np.zeros_like(class_probs), where=counts > 0)
-    return per_class[labels]
+def epoch_class_probabilities(name: str, class_counts, epoch: int, total_epochs: int) -> np.ndarray | None:
+    """The class probabilities of sampler `name` in this epoch."""
+    return SAMPLERS[str(name.value if isinstance(name, SamplerName) else name)](class_counts, epoch, total_epochs)
 
 
 def class_aware_order(labels: np.ndarray, n: int, samples_per_class: int, generator: torch.Generator) -> torch.Tensor:
     """The official code's class-aware sampler: cycle over the classes in shuffled order (reshuffled after each
     pass) and take `samples_per_class` consecutive images from each class's own shuffled cycle.
 
-    Unlike the official sampler, whose epoch is max_j n_j x C draws, an epoch here is n draws like every other
-    strategy, so schedules and epoch counts stay comparable.
+    An epoch is n draws, as for every other strategy. So it is in the official code too: its sampler reports a
+    length of max_j n_j x C, but its training loop runs int(N / B) steps per epoch, about N draws.
     """
     members = [torch.as_tensor(np.flatnonzero(labels == c)) for c in range(int(labels.max()) + 1)]
     classes = [c for c, m in enumerate(members) if len(m)]
@@ -94,10 +107,10 @@ class EpochSampler(Sampler[int]):
     of samples (unequal lengths would hang DDP on the last step).
     """
 
-    def __init__(self, labels, name: SamplerName, *, total_epochs: int, seed: int = 0, rank: int = 0, world: int = 1,
+    def __init__(self, labels, name: str, *, total_epochs: int, seed: int = 0, rank: int = 0, world: int = 1,
                  samples_per_class: int = 4):
         self.labels = np.asarray(labels, dtype=np.int64)
-        self.name = name
+        self.name = parse_sampler(name.value if isinstance(name, SamplerName) else name)
         self.total_epochs = total_epochs
         self.seed = seed
         self.rank = rank
@@ -115,11 +128,11 @@ class EpochSampler(Sampler[int]):
     def draw(self) -> torch.Tensor:
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         n = len(self.labels)
-        if self.name is SamplerName.instance:
+        if self.name == "instance":  # a permutation: each image once per epoch, not drawn with replacement
             return torch.randperm(n, generator=generator)
-        if self.name is SamplerName.class_aware:
-            return class_aware_order(self.labels, n, self.samples_per_class, generator)
         probs = epoch_class_probabilities(self.name, self.class_counts, self.epoch, self.total_epochs)
+        if probs is None:
+            return class_aware_order(self.labels, n, self.samples_per_class, generator)
         weights = torch.as_tensor(sample_weights(self.labels, probs))
         return torch.multinomial(weights, n, replacement=True, generator=generator)
 

@@ -1,25 +1,21 @@
-"""Stage 2, the classifier lab: importing this package registers every method."""
+"""Stage 2, the classifier lab: the method registry, what a method sees and returns, and the built-in methods
+(registered on first use of the registry). Stage 2 imports nothing from stage 1."""
 
-from ltcache.heads import LinearHead
-from ltcache.stage2 import ncm, nonlinear, retrain, weight_norms  # noqa: F401  (registration side effects)
-from ltcache.stage2.core import METHODS, Fitted, LabData, fit_method, resolve_params
+from ltcache.heads import Head, LinearHead
+from ltcache.stage2.core import (
+    METHODS,
+    Figure,
+    Fitted,
+    LabData,
+    Method,
+    fit_method,
+    method,
+    method_names,
+    paper_methods,
+    resolve_method_list,
+    resolve_params,
+    with_defaults,
+)
 
-PAPER_ORDER = ("joint", "ncm", "crt", "tau_norm", "lws")  # Table 2's row order; later methods follow
-
-
-def method_names() -> list[str]:
-    """Every registered method, in the paper's order first."""
-    return sorted(METHODS, key=lambda name: (PAPER_ORDER.index(name) if name in PAPER_ORDER else len(PAPER_ORDER)))
-
-
-def resolve_method_list(text: str | None) -> list[str]:
-    """None -> the paper's five; 'all' -> every registered method; else a comma-separated list."""
-    if not text:
-        return list(PAPER_ORDER)
-    if text.strip() == "all":
-        return method_names()
-    return [m.strip() for m in text.split(",") if m.strip()]
-
-
-__all__ = ["METHODS", "PAPER_ORDER", "Fitted", "LabData", "LinearHead", "fit_method", "method_names",
-           "resolve_method_list", "resolve_params"]
+__all__ = ["METHODS", "Figure", "Fitted", "Head", "LabData", "LinearHead", "Method", "fit_method", "method",
+           "method_names", "paper_methods", "resolve_method_list", "resolve_params", "with_defaults"]

@@ -1,18 +1,29 @@
-"""Stage-2 core: what a method may see (LabData), what it returns (Fitted: a head from heads.py), the registry."""
+"""Stage-2 core: what a method may see (LabData), what it returns (Fitted: a head from heads.py), and the method
+registry with each method's metadata. The registry is the only place that knows a method: the lab, the reports and
+the command line read the metadata and name none.
+
+Importing this module does not import torch: `ltcache methods` lists every method from the metadata alone.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
-from ltcache.cache import Split
 from ltcache.errors import LtcacheError, unknown_name
-from ltcache.heads import Head, LinearHead
-from ltcache.metrics import ShotThresholds, evaluate, per_class_accuracy, prior_accuracy
+from ltcache.metrics.accuracy import ShotThresholds, evaluate, per_class_accuracy
+from ltcache.metrics.priors import prior_accuracy
 from ltcache.params import Param
+from ltcache.registry import Registry
+
+if TYPE_CHECKING:
+    import torch
+
+    from ltcache.cache import Split
+    from ltcache.heads import Head, LinearHead
 
 SELECTION_SPLITS = ("val", "train")
 
@@ -54,7 +65,9 @@ class LabData:
         return 0 if self.train_views is None else len(self.train_views) // len(self.train)
 
     def raw_logits(self, name: str) -> torch.Tensor:
-        """F @ W_joint.T without bias, computed once per split and shared by tau_norm and LWS."""
+        """F @ W_joint.T without bias, computed once per split and shared by the methods that rescale or shift it."""
+        from ltcache.heads import LinearHead
+
         if name not in self._raw_logits:
             self._raw_logits[name] = LinearHead(self.joint.weight).logits(self.split(name).features)
         return self._raw_logits[name]
@@ -75,6 +88,10 @@ class LabData:
             result["target_accuracy"] = prior_accuracy(per_class_accuracy(predictions, labels, self.num_classes), prior)
         return result
 
+    def selection_score(self, head: Head) -> float:
+        """Mean per-class accuracy of `head` on the selection split: what every choice among fitted heads uses."""
+        return self.score(head.predict(self.selection.features), self.select)["mean_per_class"]
+
 
 @dataclass
 class Fitted:
@@ -83,37 +100,80 @@ class Fitted:
     head: Head
     chosen: dict
     curve: list[dict] | None = None
+    method: str | None = None  # the registered name, set by fit_method
+
+
+@dataclass(frozen=True)
+class Figure:
+    """A selection curve a method contributes to the reports (paper Fig. 2, right, for tau-normalization): its
+    `compute(data, fitted)` returns the curve entries (each with `param` and the accuracy keys) on the selection
+    split. `always`: computed from the joint head even when the method is not among those run (it costs no fit)."""
+
+    name: str
+    param: str
+    title: str
+    compute: Callable[[LabData, Fitted | None], list[dict]]
+    always: bool = False
 
 
 @dataclass(frozen=True)
 class Method:
-    """A registered method: its fit function, its declared hyperparameters and what it is."""
+    """A registered method: its fit function, its declared hyperparameters and what it is.
+
+    - `paper`: its row in the paper's Table 2 (1-5) when it is one of the paper's five, else None. The paper's
+      five are what compare runs by default.
+    - `stochastic`: fitted by SGD from a seed; compare --seeds N refits it N times.
+    - `weight_norms`: its per-class weight norms go into the weight-norm plot (Fig. 2, left).
+    - `figures`: selection curves it contributes to the reports.
+    - `analyses`: extra analyses, name -> fn(data, test, params) -> dict, added to its row under that name.
+    - `check(params, class_counts)`: raises LtcacheError for values only the cache can judge, before any fit.
+    """
 
     name: str
     fit: Callable[..., Fitted]
     params: tuple[Param, ...]
     summary: str
-    stochastic: bool = False  # trained with SGD from a seed: compare --seeds N refits it N times
-    check: Callable[[dict, np.ndarray], object] | None = None  # check(params, class_counts) before any fitting
+    paper: int | None = None
+    stochastic: bool = False
+    weight_norms: bool = False
+    figures: tuple[Figure, ...] = ()
+    analyses: dict[str, Callable[..., dict]] = field(default_factory=dict)
+    check: Callable[[dict, np.ndarray], Any] | None = None
 
     @property
     def defaults(self) -> dict:
         return {param.name: param.default for param in self.params}
 
+    @property
+    def curve(self) -> bool:
+        """Whether the method chooses on a grid itself and returns that selection curve (Fitted.curve)."""
+        return bool(self.figures)
 
-METHODS: dict[str, Method] = {}
+
+METHODS: Registry[Method] = Registry("method", builtins=("ltcache.stage2.methods",))
 
 
-def register(name: str, *params: Param, summary: str, stochastic: bool = False, check=None):
-    """Register `fit(data: LabData, **hyperparameters) -> Fitted` under `name` with its declared hyperparameters
-    (type, range, default, help: params.py). `check(params, class_counts)` raises LtcacheError for values only the
-    cache can judge, before any fit."""
+def method(name: str, *params: Param, summary: str, paper: int | None = None, stochastic: bool = False,
+           weight_norms: bool = False, figures: tuple[Figure, ...] = (), analyses: dict | None = None,
+           check=None, replace: bool = False):
+    """Register `fit(data: LabData, **hyperparameters) -> Fitted` as stage-2 method `name`.
 
-    def wrap(fit: Callable[..., Fitted]) -> Callable[..., Fitted]:
-        METHODS[name] = Method(name, fit, tuple(params), summary, stochastic, check)
-        return fit
+    Each hyperparameter is a `Param` (type, default, range or choices, help): `compare --set NAME.KEY=VALUE` and
+    `Lab.fit(name, key=value)` are checked against it, and comma lists on the command line become grids. The
+    keyword metadata is described on `Method`. Returns the decorator; the function is registered unchanged."""
+    if not isinstance(name, str) or not name.isidentifier():
+        raise LtcacheError(f"method name {name!r} must be an identifier (letters, digits, _), e.g. my_head")
+    for param in params:
+        if not isinstance(param, Param):
+            raise LtcacheError(f"method {name}: hyperparameters are ltcache.Param declarations, got {param!r}")
 
-    return wrap
+    METHODS.load()  # the built-ins first (a no-op while they register): a clash with one of them is refused here
+
+    def make(fit: Callable[..., Fitted]) -> Method:
+        return Method(name, fit, tuple(params), summary, paper, stochastic, weight_norms, tuple(figures),
+                      dict(analyses or {}), check)
+
+    return METHODS.register(name, make, replace=replace)
 
 
 def with_defaults(params: tuple[Param, ...], **defaults) -> tuple[Param, ...]:
@@ -126,11 +186,36 @@ def with_defaults(params: tuple[Param, ...], **defaults) -> tuple[Param, ...]:
                  for param in params)
 
 
+def method_names() -> list[str]:
+    """Every registered method: the paper's five in Table 2's order, then the others in registration order."""
+    names = METHODS.names()
+    return sorted(names, key=lambda n: (METHODS[n].paper is None, METHODS[n].paper or 0, names.index(n)))
+
+
+def paper_methods() -> list[str]:
+    """The paper's five (Table 2's rows), what compare runs by default."""
+    return [name for name in method_names() if METHODS[name].paper is not None]
+
+
+def resolve_method_list(text: str | list[str] | None) -> list[str]:
+    """None -> the paper's five; 'all' -> every registered method; else a comma-separated list (or a list)."""
+    if not text:
+        return paper_methods()
+    if isinstance(text, str):
+        if text.strip() == "all":
+            return method_names()
+        text = [m.strip() for m in text.split(",") if m.strip()]
+    names = list(text)
+    for name in names:
+        METHODS.get(name)  # an unknown name is a one-line error listing the known ones
+    if len(set(names)) != len(names):
+        raise LtcacheError(f"--methods names {next(n for n in names if names.count(n) > 1)!r} twice; give each once")
+    return names
+
+
 def resolve_params(name: str, overrides: dict | None = None) -> dict:
     """A method's defaults updated by `overrides`, each checked against its declaration: command-line text is
     parsed strictly (with_bias=ture is an error), Python values must have the declared type."""
-    if name not in METHODS:
-        raise unknown_name("method", name, METHODS)
     declared = {param.name: param for param in METHODS[name].params}
     values = dict(METHODS[name].defaults)
     for key, value in (overrides or {}).items():
@@ -143,4 +228,19 @@ def resolve_params(name: str, overrides: dict | None = None) -> dict:
 
 def fit_method(name: str, data: LabData, overrides: dict | None = None) -> Fitted:
     """Fit a registered method with its defaults updated by `overrides`."""
-    return METHODS[name].fit(data, **resolve_params(name, overrides))
+    return run_fit(name, data, resolve_params(name, overrides))
+
+
+def run_fit(name: str, data: LabData, params: dict) -> Fitted:
+    """Call method `name`'s fit with resolved `params` and check what it returns: a Fitted holding a Head and a
+    dict of what it chose (a user method that returns something else is a one-line error naming it)."""
+    from ltcache.heads import Head
+
+    fitted = METHODS[name].fit(data, **params)
+    if not isinstance(fitted, Fitted):
+        raise LtcacheError(f"method {name} returned {type(fitted).__name__}, not ltcache.Fitted(head, chosen)")
+    if not isinstance(fitted.head, Head) or not isinstance(fitted.chosen, dict):
+        raise LtcacheError(f"method {name} returned Fitted({type(fitted.head).__name__}, "
+                           f"{type(fitted.chosen).__name__}); it needs an ltcache.Head and a dict")
+    fitted.method = name
+    return fitted

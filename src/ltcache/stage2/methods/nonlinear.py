@@ -5,38 +5,23 @@ from __future__ import annotations
 import functools
 
 import numpy as np
-import torch
-from torch import nn
 
-from ltcache.heads import DisAlignHead, MLPHead, adjust_disalign
+from ltcache.heads import DisAlignHead, MLPHead
 from ltcache.params import Param
 from ltcache.stage2.core import Fitted, LabData, with_defaults
-from ltcache.stage2.retrain import TRAINING, fit_on_train, register_trained
+from ltcache.stage2.training import TRAINING, fit_on_train, trained_method
 
 
-def generalized_reweighting(class_counts, exp_scale: float) -> torch.Tensor:
+def generalized_reweighting(class_counts, exp_scale: float):
     """Zhang et al. 2021, Eq. 9: w_c ∝ (1 / r_c)^rho with r_c the train share of class c; mean weight 1."""
+    import torch
+
     counts = np.maximum(np.asarray(class_counts, dtype=np.float64), 1.0)
     weights = (counts / counts.sum()) ** -float(exp_scale)
     return torch.tensor(weights / weights.mean(), dtype=torch.float32)
 
 
-class DisAlign(nn.Module):
-    """Adaptive calibration of the frozen joint logits z: per-class magnitude alpha (init 1) and margin beta
-    (init 0), mixed with z by a confidence gate sigma(f . v + c) computed from the feature f."""
-
-    def __init__(self, feature_dim: int, num_classes: int, device):
-        super().__init__()
-        self.alpha = nn.Parameter(torch.ones(num_classes, device=device))
-        self.beta = nn.Parameter(torch.zeros(num_classes, device=device))
-        self.confidence = nn.Linear(feature_dim, 1).to(device)
-
-    def forward(self, features: torch.Tensor, joint_logits: torch.Tensor) -> torch.Tensor:
-        return adjust_disalign(joint_logits, features, self.alpha, self.beta, self.confidence.weight[0],
-                               self.confidence.bias[0])
-
-
-@register_trained("disalign", *with_defaults(TRAINING, weight_decay=0.0, lr=0.02),
+@trained_method("disalign", *with_defaults(TRAINING, weight_decay=0.0, lr=0.02),
                   Param("exp_scale", float, 1.2, "rho of the generalized re-weighting, w_c ~ (1/r_c)^rho.", low=0),
                   summary="DisAlign (Zhang et al. 2021): per-class magnitude and margin on the joint logits, a "
                   "confidence gate, generalized re-weighting loss (instance sampling)")
@@ -44,6 +29,11 @@ def fit_disalign(data: LabData, *, exp_scale: float, **hyperparameters) -> Fitte
     """lr 0.02, not cRT's 0.2: alpha and beta act on the logits directly, and at 0.2 they overshot on
     fashion-mnist-lt (val mean/class 67.0 against 76.5, alpha went negative); on digits-lt and the synthetic
     ImageNet-LT shape 0.02 was within 0.5 points of 0.2 on val."""
+    import torch
+    from torch import nn
+
+    from ltcache.stage2.modules import DisAlign
+
     torch.manual_seed(data.seed)
     split = data.split(data.fitting)
     bias = data.joint.bias if data.joint.bias is not None else torch.zeros(data.num_classes)
@@ -61,18 +51,14 @@ def fit_disalign(data: LabData, *, exp_scale: float, **hyperparameters) -> Fitte
     return Fitted(head, {**used, "exp_scale": exp_scale, "sampling": "instance", **ranges})
 
 
-class MLP(nn.Sequential):
-    def __init__(self, sizes: list[int], device):
-        layers: list[nn.Module] = []
-        for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
-            layers += [nn.Linear(n_in, n_out)] + ([nn.ReLU()] if i < len(sizes) - 2 else [])
-        super().__init__(*layers)
-        self.to(device)
-
-
 def fit_mlp(data: LabData, *, layers: int, hidden: int, **hyperparameters) -> Fitted:
     """Appendix B.6: `layers` Linear layers with ReLU between, `hidden` units each (0: the feature size),
     re-trained on frozen features with class-balanced sampling and a cosine lr, like cRT."""
+    import torch
+    from torch import nn
+
+    from ltcache.stage2.modules import MLP
+
     torch.manual_seed(data.seed)
     dim = data.train.features.shape[1]
     width = hidden or dim
@@ -84,7 +70,7 @@ def fit_mlp(data: LabData, *, layers: int, hidden: int, **hyperparameters) -> Fi
 
 
 for _layers in (2, 3):
-    register_trained(f"mlp{_layers}", *TRAINING,
+    trained_method(f"mlp{_layers}", *TRAINING,
                      Param("hidden", int, 0, "Units per hidden layer (0: the feature size).", low=0, high=1 << 20),
                      summary=f"{_layers}-layer MLP (ReLU) re-trained on frozen features, class-balanced "
                      "(Appendix B.6, Table 10)")(functools.partial(fit_mlp, layers=_layers))

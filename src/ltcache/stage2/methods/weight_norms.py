@@ -1,16 +1,23 @@
-"""Methods that reuse the jointly trained W: Joint, tau-normalization (Eq. 3), post-hoc logit adjustment."""
+"""Methods that reuse the jointly trained W: Joint, tau-normalization (Eq. 3), post-hoc logit adjustment, and the
+sweep-tau study. Each grid point costs an O(N*C) rescale or shift of cached logits, never a GEMM."""
 
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from ltcache.heads import LinearHead
-from ltcache.metrics import parse_prior
+from ltcache.metrics.accuracy import per_class_accuracy
+from ltcache.metrics.priors import parse_prior, prior_accuracy, shifted_priors
 from ltcache.params import GRID, Param
-from ltcache.stage2.core import Fitted, LabData, register
+from ltcache.stage2.core import Figure, Fitted, LabData, method
+
+if TYPE_CHECKING:
+    import torch
+
+    from ltcache.cache import Split
 
 DEFAULT_TAUS = tuple(round(0.1 * i, 1) for i in range(21))  # 0, 0.1, ..., 2.0
 
@@ -21,6 +28,7 @@ def validate_taus(taus, label: str = "--taus") -> tuple[float, ...]:
 
 
 def weight_norms(weight: torch.Tensor) -> torch.Tensor:
+    """||w_j|| of every class row, floored at 1e-12."""
     return weight.norm(dim=1).clamp_min(1e-12)
 
 
@@ -39,6 +47,8 @@ def affine_argmax(raw: torch.Tensor, scales: torch.Tensor | None, shifts: torch.
     pass over `raw` in all), with numpy's argmax (several times faster than torch's on CPU) and one thread per
     torch thread; float32 arithmetic as torch.mul / torch.add, so the result is the same bit for bit.
     """
+    import torch
+
     points = len(scales if scales is not None else shifts)
     if raw.device.type != "cpu":
         return torch.stack([(raw * scales[p] if scales is not None else raw)
@@ -84,12 +94,17 @@ def grid_curve(data: LabData, split: str, grid: list[dict], *, scales=None, shif
 
 
 def log_prior(data: LabData, device) -> torch.Tensor:
+    """log of the train class prior n_c / N (counts floored at 1)."""
+    import torch
+
     counts = torch.as_tensor(data.class_counts, dtype=torch.float32, device=device).clamp_min(1)
     return torch.log(counts / counts.sum())
 
 
 def tau_curve(data: LabData, split: str, taus) -> list[dict]:
     """Metrics of the tau-normalized head (Eq. 3) for every tau on `split`: column j scaled by ||w_j||^-tau."""
+    import torch
+
     norms = weight_norms(data.joint.weight).to(data.raw_logits(split).device)
     taus = validate_taus(taus)
     return grid_curve(data, split, [{"tau": tau} for tau in taus], scales=torch.stack([norms.pow(-t) for t in taus]))
@@ -106,7 +121,7 @@ def chosen_on_grid(data: LabData, best: dict, *keys: str) -> dict:
             "selection_mean_per_class": round(best["mean_per_class"], 4)}
 
 
-@register("joint", summary="the stage-1 classifier as trained (W, b)")
+@method("joint", summary="the stage-1 classifier as trained (W, b)", paper=1, weight_norms=True)
 def fit_joint(data: LabData) -> Fitted:
     return Fitted(data.joint, {})
 
@@ -114,7 +129,16 @@ def fit_joint(data: LabData) -> Fitted:
 TAUS = Param("taus", GRID, DEFAULT_TAUS, "tau grid, chosen on the selection split.", low=0)
 
 
-@register("tau_norm", TAUS, summary="W / ||w_j||^tau, bias dropped (Eq. 3); tau chosen on the selection split")
+def tau_figure(data: LabData, fitted: Fitted | None) -> list[dict]:
+    """The tau curve of Fig. 2 (right) on the selection split: the fitted sweep, or the default grid's."""
+    return fitted.curve if fitted is not None else tau_curve(data, data.select, DEFAULT_TAUS)
+
+
+TAU_CURVE = Figure("tau_curve", "tau", "tau-normalized classifier", tau_figure, always=True)
+
+
+@method("tau_norm", TAUS, summary="W / ||w_j||^tau, bias dropped (Eq. 3); tau chosen on the selection split",
+        paper=4, weight_norms=True, figures=(TAU_CURVE,))
 def fit_tau_norm(data: LabData, *, taus) -> Fitted:
     curve = tau_curve(data, data.select, taus)
     best = best_on_curve(curve)
@@ -122,14 +146,29 @@ def fit_tau_norm(data: LabData, *, taus) -> Fitted:
     return Fitted(head, chosen_on_grid(data, best, "tau"), curve)
 
 
-@register("logit_adj", TAUS, Param("target", str, "uniform", "Target prior: uniform, train, forward:F, backward:F, "
+def adapted_to_shifted_priors(data: LabData, test: Split, params: dict) -> dict:
+    """Logit adjustment aimed at each shifted test prior (tau chosen on the selection split reweighted to that
+    prior): its accuracy under the prior, beside `shifted_priors`, where every head stays aimed at balance."""
+    raw_test = LinearHead(data.joint.weight).logits(test.features)  # one GEMM; each prior shifts it
+    result = {}
+    for name, prior in shifted_priors(data.class_counts).items():
+        head = fit_logit_adjustment(data, **{**params, "target": prior}).head
+        predictions = (raw_test + head.bias).argmax(1)
+        result[name] = prior_accuracy(per_class_accuracy(predictions, test.labels, data.num_classes), prior)
+    return result
+
+
+@method("logit_adj", TAUS, Param("target", str, "uniform", "Target prior: uniform, train, forward:F, backward:F, "
                                    "or a .npy / .json / .txt file of class weights."),
           summary="post-hoc logit adjustment (Menon et al. 2021): joint logits - tau log(train prior) + log(target "
           "prior); target uniform, train, forward:F, backward:F or a file",
-          check=lambda params, counts: parse_prior(params["target"], counts))
+          check=lambda params, counts: parse_prior(params["target"], counts),
+          analyses={"shifted_priors_adapted": adapted_to_shifted_priors})
 def fit_logit_adjustment(data: LabData, *, taus, target) -> Fitted:
     """With a non-uniform target prior, tau is chosen by the selection split's accuracy reweighted to that prior
     (sum_c pi_c acc_c), the accuracy a test set drawn from the prior would give."""
+    import torch
+
     prior = log_prior(data, data.joint.weight.device)
     target_prior = None if isinstance(target, str) and target == "uniform" else parse_prior(target, data.class_counts)
     bias = data.joint.bias if data.joint.bias is not None else torch.zeros_like(prior)
@@ -148,10 +187,12 @@ def fit_logit_adjustment(data: LabData, *, taus, target) -> Fitted:
     return Fitted(head, chosen, curve)
 
 
-@register("tau_norm_la", TAUS, Param("la_taus", GRID, tuple(0.25 * i for i in range(9)), "Logit-adjustment grid.",
+@method("tau_norm_la", TAUS, Param("la_taus", GRID, tuple(0.25 * i for i in range(9)), "Logit-adjustment grid.",
                                      low=0),
           summary="tau-normalization, then post-hoc logit adjustment; both chosen on one grid")
 def fit_tau_norm_logit_adjustment(data: LabData, *, taus, la_taus) -> Fitted:
+    import torch
+
     prior = log_prior(data, data.joint.weight.device)
     norms = weight_norms(data.joint.weight)
     grid = [{"tau": t, "la_tau": a} for t in validate_taus(taus) for a in validate_taus(la_taus)]
@@ -160,3 +201,22 @@ def fit_tau_norm_logit_adjustment(data: LabData, *, taus, la_taus) -> Fitted:
     best = best_on_curve(curve)
     head = LinearHead(tau_normalize(data.joint.weight, best["tau"]), -best["la_tau"] * prior)
     return Fitted(head, chosen_on_grid(data, best, "tau", "la_tau"), curve)
+
+
+def sweep_tau(cache_path, *, taus=DEFAULT_TAUS, select: str = "val", device: str | None = None,
+              thresholds=None) -> dict:
+    """`ltcache sweep-tau`: the tau curve on the selection split, the best mean per-class accuracy chosen, test
+    scored once at that tau.
+
+    Returns {"method", "best_tau", "best_score", "selected_on", "curve": [...per tau...], "test": {...}}.
+    """
+    from ltcache.lab import open_lab
+    from ltcache.metrics.accuracy import ShotThresholds
+
+    taus = validate_taus(taus)  # before loading anything: a bad grid fails at once
+    lab = open_lab(cache_path, select=select, device=device, thresholds=thresholds or ShotThresholds())
+    fitted = lab.fit("tau_norm", taus=taus)
+    test = lab.score_accuracy(fitted.head)
+    return {"method": "tau_norm", "best_tau": fitted.chosen["tau"],
+            "best_score": best_on_curve(fitted.curve)["mean_per_class"], "selected_on": select, "curve": fitted.curve,
+            "test": test.as_dict()}

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
+from typing import TYPE_CHECKING
 
 from ltcache.heads import LOGIT_CHUNK_ROWS, LinearHead
 from ltcache.params import Param
-from ltcache.stage2.core import Fitted, LabData, register
+from ltcache.stage2.core import Fitted, LabData, method
+
+if TYPE_CHECKING:
+    import torch
 
 NCM_METRICS = ("cosine", "euclidean")
 NCM_FEATURES = ("un", "l2n", "cl2n")  # the official code's modes: raw, L2-normalized, centered then normalized
@@ -15,6 +17,8 @@ NCM_FEATURES = ("un", "l2n", "cl2n")  # the official code's modes: raw, L2-norma
 
 def class_means(features: torch.Tensor, labels: torch.Tensor, num_classes: int, transform=None) -> torch.Tensor:
     """Mean of transform(f) per class, a chunk of rows at a time: no transformed copy of the whole split."""
+    import torch
+
     sums = torch.zeros(num_classes, features.shape[1], dtype=features.dtype, device=features.device)
     for chunk, chunk_labels in zip(features.split(LOGIT_CHUNK_ROWS), labels.split(LOGIT_CHUNK_ROWS), strict=True):
         sums.index_add_(0, chunk_labels, chunk if transform is None else transform(chunk))
@@ -22,11 +26,13 @@ def class_means(features: torch.Tensor, labels: torch.Tensor, num_classes: int, 
     return sums / counts[:, None]
 
 
-@register("ncm", Param("metric", str, "cosine", "Distance to the class means.", choices=NCM_METRICS),
-          Param("features", str, "l2n", "Feature mode: raw, L2-normalized, centred then normalized.",
+@method("ncm", Param("metric", str, "cosine", "Distance to the class means.", choices=NCM_METRICS),
+        Param("features", str, "l2n", "Feature mode: raw, L2-normalized, centred then normalized.",
                 choices=NCM_FEATURES),
-          summary="nearest class mean: un / l2n / cl2n train features, cosine or euclidean (Sec. 4)")
+        summary="nearest class mean: un / l2n / cl2n train features, cosine or euclidean (Sec. 4)", paper=2)
 def fit_ncm(data: LabData, *, metric: str, features: str) -> Fitted:
+    import torch.nn.functional as F
+
     center = data.train.features.mean(0) if features == "cl2n" else None
     normalize = features != "un"
 

@@ -1,0 +1,113 @@
+"""Calibration: expected calibration error (15 bins) overall and per shot group, reliability bins, and temperature
+scaling (Guo et al. 2017). torch is imported inside the functions that need it."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ltcache.metrics.accuracy import GROUPS, ShotThresholds, shot_groups
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """ECE in percent over all test samples and over the samples of each shot group, and the reliability bins."""
+
+    ece: float
+    ece_many: float
+    ece_medium: float
+    ece_few: float
+    reliability: list[dict] = field(default_factory=list)
+
+
+def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = 15) -> float:
+    """ECE (Guo et al. 2017) in percent: sum over equal-width confidence bins of |B|/N * |acc(B) - conf(B)|."""
+    if len(confidence) == 0:
+        return float("nan")
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
+    total = 0.0
+    for b in range(bins):
+        members = which == b
+        if members.any():
+            total += members.mean() * abs(correct[members].mean() - confidence[members].mean())
+    return 100.0 * float(total)
+
+
+def reliability_bins(confidence: np.ndarray, correct: np.ndarray, bins: int = 15) -> list[dict]:
+    """Per bin: mean confidence, accuracy and count (for the reliability diagram)."""
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
+    return [{"confidence": float(confidence[which == b].mean()), "accuracy": float(correct[which == b].mean()),
+             "count": int((which == b).sum())} for b in range(bins) if (which == b).any()]
+
+
+def max_softmax(logits: torch.Tensor, temperature: float = 1.0, chunk_rows: int = 8192):
+    """Confidence (the largest softmax probability of logits / T) and prediction of each row, a chunk of rows at
+    a time: no probability matrix the size of the logits is ever held."""
+    import torch
+
+    confidence, predictions = [], []
+    for chunk in logits.float().split(chunk_rows):
+        peak, index = chunk.max(1)
+        confidence.append(1.0 / (chunk - peak[:, None]).div_(temperature).exp_().sum(1))
+        predictions.append(index)
+    if not confidence:
+        return logits.new_empty(0), torch.empty(0, dtype=torch.int64)
+    return torch.cat(confidence), torch.cat(predictions)
+
+
+def calibration(logits: torch.Tensor, labels: torch.Tensor, class_counts,
+                thresholds: ShotThresholds = ShotThresholds(), bins: int = 15,
+                temperature: float = 1.0) -> Calibration:
+    """ECE overall and over the test samples of each shot group, from softmax(logits / temperature)."""
+    confidence, predictions = max_softmax(logits, temperature)
+    confidence, labels_np = confidence.cpu().numpy(), labels.cpu().numpy()
+    correct = (predictions.cpu().numpy() == labels_np).astype(np.float64)
+    groups = shot_groups(class_counts, thresholds)[labels_np]
+    per_group = {f"ece_{group}": expected_calibration_error(confidence[groups == group], correct[groups == group], bins)
+                 for group in GROUPS}
+    return Calibration(ece=expected_calibration_error(confidence, correct, bins), **per_group,
+                       reliability=reliability_bins(confidence, correct, bins))
+
+
+
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, steps: int = 50, chunk_rows: int = 8192) -> float:
+    """Temperature scaling (Guo et al. 2017): the T > 0 minimizing the NLL of softmax(logits / T) on `labels`.
+
+    The NLL is convex in beta = 1/T: its derivative is mean(E_p[z] - z_y) and its second derivative
+    mean(Var_p[z]) >= 0. So a safeguarded Newton iteration on beta converges in a few passes over the logits,
+    each computed a chunk of rows at a time (L-BFGS with a line search took seconds at ImageNet-LT shape).
+    """
+    import torch
+
+    logits = logits.detach().float()
+    target = logits.gather(1, labels.detach()[:, None])[:, 0].double()
+    low, high, beta = 0.0, math.inf, 1.0  # the minimizer lies in (low, high)
+    for _ in range(steps):
+        first = second = 0.0
+        for chunk in logits.split(chunk_rows):
+            p = torch.softmax(chunk * beta, dim=1)
+            mean = (p * chunk).sum(1)
+            first += mean.double().sum().item()
+            second += ((p * chunk * chunk).sum(1) - mean * mean).double().sum().item()
+        first = (first - target.sum().item()) / len(labels)
+        second /= len(labels)
+        if first > 0:
+            high = beta
+        else:
+            low = beta
+        step = beta - first / second if second > 0 else math.nan
+        beta = step if low < step < high else (2 * beta if math.isinf(high) else (low + high) / 2)
+        if abs(first) < 1e-7 or (high - low) < 1e-9 * max(high, 1.0):
+            break
+    if not math.isfinite(beta) or beta <= 0:
+        return 1.0
+    return float(1.0 / beta)

@@ -1,0 +1,81 @@
+"""The one evaluator: a head's logits on test become an `Evaluation`, a typed result with accuracy and groups,
+calibration raw and after temperature scaling, bootstrap intervals and accuracy under shifted priors. Reports and
+the command line read its fields; `as_row()` is its flat form in results.json."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
+
+from ltcache.metrics.accuracy import GroupAccuracy, ShotThresholds, bootstrap_intervals, per_class_accuracy, summarize
+from ltcache.metrics.calibration import Calibration, calibration, fit_temperature
+from ltcache.metrics.priors import shifted_prior_accuracy
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """What test says of one head. `temperature` is fitted on the selection split (never on test), and
+    `calibrated` is the calibration after dividing the logits by it. `intervals` holds 95% percentile bootstrap
+    intervals of each accuracy key (None without bootstrap)."""
+
+    accuracy: GroupAccuracy
+    calibration: Calibration
+    temperature: float
+    calibrated: Calibration
+    shifted_priors: dict[str, float]
+    intervals: dict[str, tuple[float, float]] | None = None
+
+    # The accuracy keys, read directly: evaluation.all, evaluation.few, ...
+    @property
+    def all(self) -> float:
+        return self.accuracy.all
+
+    @property
+    def mean_per_class(self) -> float:
+        return self.accuracy.mean_per_class
+
+    @property
+    def many(self) -> float:
+        return self.accuracy.many
+
+    @property
+    def medium(self) -> float:
+        return self.accuracy.medium
+
+    @property
+    def few(self) -> float:
+        return self.accuracy.few
+
+    def as_row(self) -> dict:
+        """The flat keys of a results.json row (the schema of ltcache 0.1)."""
+        raw = asdict(self.calibration)
+        scaled = {f"{key}_ts": value for key, value in asdict(self.calibrated).items() if key != "reliability"}
+        row = {**self.accuracy.as_dict(), **raw, "shifted_priors": dict(self.shifted_priors),
+               "temperature": self.temperature, **scaled}
+        if self.intervals is not None:
+            row["ci95"] = {key: list(bounds) for key, bounds in self.intervals.items()}
+        return row
+
+
+def evaluate_logits(logits: torch.Tensor, labels: torch.Tensor, class_counts, *, selection_logits: torch.Tensor,
+                    selection_labels: torch.Tensor, thresholds: ShotThresholds = ShotThresholds(),
+                    bootstrap: int = 0, seed: int = 0) -> Evaluation:
+    """Everything test says of one head, from its test logits, in one pass over them. The temperature is fitted on
+    the selection split's logits; with bootstrap > 0, that many test resamples give the 95% intervals."""
+    predictions = logits.argmax(1)
+    class_accuracy = per_class_accuracy(predictions, labels, len(class_counts))
+    overall = 100.0 * (predictions == labels).double().mean().item()
+    accuracy = GroupAccuracy(**summarize(class_accuracy, overall, class_counts, thresholds))
+    temperature = fit_temperature(selection_logits, selection_labels)
+    scaled = calibration(logits, labels, class_counts, thresholds, temperature=temperature)
+    intervals = None
+    if bootstrap:
+        intervals = {key: tuple(bounds) for key, bounds in
+                     bootstrap_intervals(predictions, labels, class_counts, thresholds, resamples=bootstrap,
+                                         seed=seed).items()}
+    return Evaluation(accuracy=accuracy, calibration=calibration(logits, labels, class_counts, thresholds),
+                      temperature=temperature, calibrated=scaled,
+                      shifted_priors=shifted_prior_accuracy(class_accuracy, class_counts), intervals=intervals)

@@ -1,0 +1,89 @@
+"""Class priors: forward / backward long-tailed test priors, accuracy under a prior, and target-prior specs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ltcache.errors import LtcacheError
+
+SHIFT_FACTORS = (2, 5, 10, 25, 50)
+
+
+def long_tailed_prior(class_counts, factor: float, direction: str) -> np.ndarray:
+    """A test prior pi_c ∝ factor^(-rank_c / (C - 1)), summing to 1. "forward" keeps the train order (frequent train
+    classes stay frequent), "backward" reverses it; factor 1 is uniform."""
+    order = np.argsort(-np.asarray(class_counts), kind="stable")
+    rank = np.empty(len(order), dtype=np.float64)
+    rank[order] = np.arange(len(order))
+    if direction == "backward":
+        rank = rank.max() - rank
+    elif direction != "forward":
+        raise LtcacheError(f"a shifted prior's direction is forward or backward, got {direction!r}")
+    prior = float(factor) ** (-rank / max(rank.max(), 1))
+    return prior / prior.sum()
+
+
+def shifted_priors(class_counts, imbalance_factors=SHIFT_FACTORS) -> dict[str, np.ndarray]:
+    """forward_F and backward_F long-tailed test priors for every imbalance factor F."""
+    return {f"{direction}_{factor}": long_tailed_prior(class_counts, factor, direction)
+            for factor in imbalance_factors for direction in ("forward", "backward")}
+
+
+def prior_accuracy(class_accuracy: np.ndarray, prior: np.ndarray) -> float:
+    """sum_c pi_c * acc_c: the accuracy on a test set whose classes follow `prior`. Exact for a balanced test set
+    reweighted per class."""
+    return float((np.asarray(prior) * np.nan_to_num(class_accuracy, nan=0.0)).sum())
+
+
+def shifted_prior_accuracy(class_accuracy: np.ndarray, class_counts, imbalance_factors=SHIFT_FACTORS) -> dict:
+    """Accuracy if test followed a forward or backward long-tailed prior instead of a balanced one."""
+    return {name: prior_accuracy(class_accuracy, prior)
+            for name, prior in shifted_priors(class_counts, imbalance_factors).items()}
+
+
+def parse_prior(spec, class_counts) -> np.ndarray:
+    """A target class prior from its spec: uniform, train, forward:F, backward:F, a path to a .npy / .json / .txt
+    file of one non-negative weight per class, or an array. Returned normalized to sum 1."""
+    counts = np.asarray(class_counts, dtype=np.float64)
+    if not isinstance(spec, str):
+        prior = np.asarray(spec, dtype=np.float64)
+    elif spec == "uniform":
+        prior = np.ones(len(counts))
+    elif spec == "train":
+        prior = counts.copy()
+    elif spec.split(":")[0] in ("forward", "backward") and spec.count(":") == 1:
+        direction, factor = spec.split(":")
+        try:
+            value = float(factor)
+        except ValueError:
+            value = 0.0
+        if not value >= 1:
+            raise LtcacheError(f"target prior {spec!r}: the imbalance factor must be a number >= 1, e.g. "
+                               f"{direction}:10")
+        return long_tailed_prior(counts, value, direction)
+    else:
+        prior = _read_prior_file(spec)
+    if prior.shape != counts.shape or not np.all(np.isfinite(prior)) or (prior < 0).any() or prior.sum() <= 0:
+        raise LtcacheError(f"target prior {spec if isinstance(spec, str) else 'array'} must hold {len(counts)} "
+                           "finite non-negative weights, one per class, not all zero")
+    return prior / prior.sum()
+
+
+def _read_prior_file(spec: str) -> np.ndarray:
+    path = Path(spec)
+    if not path.is_file():
+        raise LtcacheError(f"target prior {spec!r} is neither uniform, train, forward:F, backward:F nor an existing "
+                           ".npy / .json / .txt file")
+    try:
+        if path.suffix == ".npy":
+            return np.load(path, allow_pickle=False).astype(np.float64).ravel()
+        if path.suffix == ".json":
+            return np.asarray(json.loads(path.read_text()), dtype=np.float64).ravel()
+        return np.loadtxt(path, dtype=np.float64, ndmin=1).ravel()
+    except (ValueError, TypeError, OSError) as exc:
+        raise LtcacheError(f"target prior file {path} is unreadable ({exc}); write one number per class") from None
+
+

@@ -1,0 +1,129 @@
+"""The torch modules that stage-2 heads are trained as. Imported by the fit functions when they run, never at
+registration, so listing methods needs no torch."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ltcache.heads import adjust_disalign
+
+
+class BalancedSoftmax(nn.Module):
+    """Balanced Softmax (Ren et al. 2020): CE(z + log pi), pi the train class prior."""
+
+    def __init__(self, class_counts):
+        super().__init__()
+        counts = torch.tensor(list(class_counts), dtype=torch.float32)
+        self.register_buffer("adjustment", torch.log(counts / counts.sum()))
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float() + self.adjustment, targets)
+
+
+class SmoothedCrossEntropy(nn.Module):
+    """(1 - eps_y) * CE + eps_y * mean_j(-log p_j): label smoothing with a per-class eps."""
+
+    def __init__(self, epsilon: torch.Tensor):
+        super().__init__()
+        self.register_buffer("epsilon", epsilon)
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        log_p = torch.log_softmax(logits, dim=1)
+        eps = self.epsilon[targets]
+        nll = -log_p.gather(1, targets[:, None]).squeeze(1)
+        return ((1 - eps) * nll - eps * log_p.mean(1)).mean()
+
+
+class CosineClassifier(nn.Module):
+    """s * cos(f, w_j) with a learned scale s (Gidaris & Komodakis 2018; paper Table 12)."""
+
+    def __init__(self, feature_dim: int, num_classes: int, scale: float, device):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(num_classes, feature_dim, device=device) * 0.01)
+        self.scale = nn.Parameter(torch.tensor(scale, device=device))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.scale * F.normalize(features, dim=1) @ F.normalize(self.weight, dim=1).T
+
+
+class ScaledCrossEntropy(torch.autograd.Function):
+    """CE(raw * scales, labels) with its gradient for `scales` only, written out: one exp pass gives both the loss
+    (log-sum-exp, exact) and the softmax p; then d/ds_j = mean_i (p_ij - [y_i = j]) raw_ij. Autograd's generic
+    path over the same ops took about 2.5x as long on a 512 x 1000 batch, and LWS and learned tau spend their
+    whole fit here."""
+
+    @staticmethod
+    def forward(ctx, raw: torch.Tensor, scales: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits = raw * scales
+        peak = logits.amax(1, keepdim=True)
+        p = logits.sub_(peak).exp_()  # exp(z - max), in place
+        total = p.sum(1, keepdim=True)
+        rows = torch.arange(len(labels), device=labels.device)
+        # -log p_y = log sum_j exp(z_j - max) - (z_y - max), with z_y - max read back from the unexponentiated value
+        target = (raw[rows, labels] * scales[labels] - peak[:, 0])
+        loss = (total[:, 0].log() - target).mean()
+        ctx.save_for_backward(raw, p.div_(total), labels)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        raw, p, labels = ctx.saved_tensors
+        grad = p.clone()  # the saved p stays intact for a repeated backward
+        grad[torch.arange(len(labels), device=labels.device), labels] -= 1
+        return None, grad.mul_(raw).sum(0) * (grad_output / len(labels)), None
+
+
+class ScaleLogits(nn.Module):
+    """Eq. 4 on cached logits: (F @ W.T) * f = F @ (f * W).T, so no GEMM is needed per step.
+    With the bias (as the official code does): (F @ W.T + b) * f."""
+
+    def __init__(self, num_classes: int, device):
+        super().__init__()
+        self.scales = nn.Parameter(torch.ones(num_classes, device=device))
+
+    def forward(self, raw_logits: torch.Tensor) -> torch.Tensor:
+        return raw_logits * self.scales
+
+    def loss(self, raw_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return ScaledCrossEntropy.apply(raw_logits, self.scales, labels)
+
+
+class LearnedTau(nn.Module):
+    """Appendix B.5: tau as the one parameter of the tau-normalized classifier, on cached raw logits."""
+
+    def __init__(self, log_norms: torch.Tensor):
+        super().__init__()
+        self.log_norms = log_norms
+        self.tau = nn.Parameter(torch.zeros((), device=log_norms.device))
+
+    def forward(self, raw_logits: torch.Tensor) -> torch.Tensor:
+        return raw_logits * torch.exp(-self.tau * self.log_norms)
+
+    def loss(self, raw_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return ScaledCrossEntropy.apply(raw_logits, torch.exp(-self.tau * self.log_norms), labels)
+
+
+class DisAlign(nn.Module):
+    """Adaptive calibration of the frozen joint logits z: per-class magnitude alpha (init 1) and margin beta
+    (init 0), mixed with z by a confidence gate sigma(f . v + c) computed from the feature f."""
+
+    def __init__(self, feature_dim: int, num_classes: int, device):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.ones(num_classes, device=device))
+        self.beta = nn.Parameter(torch.zeros(num_classes, device=device))
+        self.confidence = nn.Linear(feature_dim, 1).to(device)
+
+    def forward(self, features: torch.Tensor, joint_logits: torch.Tensor) -> torch.Tensor:
+        return adjust_disalign(joint_logits, features, self.alpha, self.beta, self.confidence.weight[0],
+                               self.confidence.bias[0])
+
+
+class MLP(nn.Sequential):
+    def __init__(self, sizes: list[int], device):
+        layers: list[nn.Module] = []
+        for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+            layers += [nn.Linear(n_in, n_out)] + ([nn.ReLU()] if i < len(sizes) - 2 else [])
+        super().__init__(*layers)
+        self.to(device)

@@ -1,0 +1,159 @@
+"""The trainer every stage-2 head that learns shares: SGD with momentum, a cosine lr to 0, and batches drawn by
+Eq. 1 (class-balanced by default), over cached features or cached logits. cRT's schedule (Sec. 5.1) is declared
+once here (TRAINING), and methods re-declare only what differs (with_defaults).
+
+torch is imported inside the functions, so the method modules that import this one stay cheap to import.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import sys
+import time
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ltcache.errors import LtcacheError
+from ltcache.params import Param
+from ltcache.runtime import cosine_schedule, scaled_lr
+from ltcache.sampling import class_probabilities, sample_weights
+from ltcache.stage2.core import LabData, method
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from ltcache.heads import LinearHead
+
+# Every method trained with SGD from a seed: compare --seeds N refits it N times.
+trained_method = functools.partial(method, stochastic=True)
+
+TRAINING = (
+    Param("epochs", int, 10, "Epochs of len(train) draws.", low=1, high=100_000),
+    Param("batch_size", int, 512, "Batch size.", low=1),
+    Param("lr", float, None, "Peak lr, cosine to 0 (default 0.2 x batch / 512).", above=0, optional=True),
+    Param("weight_decay", float, 5e-4, "SGD weight decay.", low=0),
+    Param("momentum", float, 0.9, "SGD momentum.", low=0, below=1),
+    Param("min_steps", int, 500, "Lengthen epochs on tiny data to reach this many steps in all.", low=0),
+)
+BALANCED_DEFAULTS = {param.name: param.default for param in TRAINING if param.name != "epochs"}
+PROGRESS_AFTER_SECONDS = 5.0  # an epoch loop that takes longer than this shows a progress line per epoch
+
+
+def train_on_features(module: nn.Module, inputs: torch.Tensor | tuple[torch.Tensor, ...], labels: torch.Tensor, *,
+                      epochs: int, batch_size: int, lr: float | None, weight_decay: float, momentum: float,
+                      min_steps: int, seed: int, sampling_q: float = 0.0, criterion=None, after_step=None,
+                      epoch_rows: int | None = None, on_epoch=None) -> dict:
+    """Fit `module` (inputs -> logits) with SGD and a cosine lr to 0, drawing batches by Eq. 1.
+
+    `inputs` is one tensor or a tuple of row-aligned tensors, passed to the module as separate arguments.
+    sampling_q 0 (default) is class-balanced sampling, 1 instance-balanced. `criterion` defaults to CE;
+    `after_step(module)` runs after every optimizer step (e.g. a norm projection). An epoch is `epoch_rows`
+    draws (default len(labels)), as in the paper; `min_steps` lengthens epochs on tiny datasets, where 10 epochs
+    of a few batches would not converge (at ImageNet-LT scale it is inactive). `on_epoch(epoch, module)` runs
+    after every epoch (progress, learning curves). Returns the hyperparameters used.
+    """
+    import torch
+    from torch import nn
+
+    if epochs < 1 or batch_size < 1:
+        raise LtcacheError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
+    inputs = inputs if isinstance(inputs, tuple) else (inputs,)
+    lr = scaled_lr(batch_size) if lr is None else lr
+    rows = len(labels) if epoch_rows is None else epoch_rows
+    steps_per_epoch = max(math.ceil(rows / batch_size), math.ceil(min_steps / epochs))
+    labels_np = labels.cpu().numpy()
+    probs = class_probabilities(np.bincount(labels_np, minlength=int(labels_np.max()) + 1), sampling_q)
+    weights = torch.as_tensor(sample_weights(labels_np, probs))
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = _sgd(module, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    scheduler = cosine_schedule(optimizer, epochs * steps_per_epoch)
+    own_loss = criterion is None and hasattr(module, "loss")
+    criterion = criterion or nn.CrossEntropyLoss()
+    # Batches are gathered into buffers allocated once: a fresh [batch, d] tensor per step costs page faults
+    # that, at ImageNet-LT shape on a CPU, took longer than the gather itself.
+    batch_inputs = [t.new_empty((batch_size, *t.shape[1:])) for t in inputs]
+    batch_labels = labels.new_empty(batch_size)
+    reporter = EpochProgress(epochs)
+    for epoch in range(epochs):
+        draws = torch.multinomial(weights, steps_per_epoch * batch_size, replacement=True, generator=generator)
+        finite = torch.ones((), dtype=torch.bool, device=labels.device)
+        for batch in draws.to(labels.device).view(steps_per_epoch, batch_size):
+            for tensor, buffer in zip(inputs, batch_inputs, strict=True):
+                torch.index_select(tensor, 0, batch, out=buffer)
+            torch.index_select(labels, 0, batch, out=batch_labels)
+            if own_loss:  # the module computes CE itself, faster than criterion(module(...)) (ScaledCrossEntropy)
+                loss = module.loss(*batch_inputs, batch_labels)
+            else:
+                loss = criterion(module(*batch_inputs), batch_labels)
+            finite &= torch.isfinite(loss.detach())  # checked once an epoch: no device sync per step
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            if after_step is not None:
+                after_step(module)
+        if not finite.item():
+            raise LtcacheError(f"the stage-2 loss stopped being finite in epoch {epoch + 1}; lower the lr")
+        if on_epoch is not None:
+            on_epoch(epoch + 1, module)
+        reporter.epoch_done(epoch + 1)
+    return {"epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
+            "momentum": momentum, "steps": epochs * steps_per_epoch}
+
+
+def _sgd(module: nn.Module, **options) -> torch.optim.SGD:
+    """SGD with momentum; the fused kernel where this torch has it for the device (3x faster steps on CPU)."""
+    import torch
+
+    try:
+        return torch.optim.SGD(module.parameters(), fused=True, **options)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.SGD(module.parameters(), **options)
+
+
+def fit_on_train(module: nn.Module, data: LabData, inputs=None, **hyperparameters) -> dict:
+    """train_on_features over the rows trained heads fit on (data.fitting): the train features, or their K
+    augmented views when the cache has them (an epoch stays len(train) draws). `inputs` defaults to the
+    features of those rows; pass row-aligned tensors (e.g. their cached logits) to train on something else."""
+    split = data.split(data.fitting)
+    used = train_on_features(module, split.features if inputs is None else inputs, split.labels, seed=data.seed,
+                             epoch_rows=len(data.train), **hyperparameters)
+    return {**used, "train_views": data.views} if data.fitting == "train_views" else used
+
+
+def retrain_linear(data: LabData, **hyperparameters) -> tuple[nn.Linear, dict]:
+    """A freshly initialized linear classifier trained on the frozen train features."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(data.seed)
+    linear = nn.Linear(data.train.features.shape[1], data.num_classes).to(data.train.features.device)
+    return linear, fit_on_train(linear, data, **hyperparameters)
+
+
+def linear_head(linear: nn.Linear) -> LinearHead:
+    """A trained nn.Linear as a LinearHead (detached copies)."""
+    from ltcache.heads import LinearHead
+
+    return LinearHead(linear.weight.detach().clone(), linear.bias.detach().clone())
+
+
+
+
+class EpochProgress:
+    """One line per epoch on stderr once an epoch loop has run longer than PROGRESS_AFTER_SECONDS, so a long fit
+    (cRT at ImageNet-LT scale on a CPU) is never silent; a short one prints nothing."""
+
+    def __init__(self, epochs: int):
+        self.epochs, self.start, self.shown = epochs, time.perf_counter(), False
+
+    def epoch_done(self, epoch: int) -> None:
+        elapsed = time.perf_counter() - self.start
+        if elapsed < PROGRESS_AFTER_SECONDS and not self.shown:
+            return
+        self.shown = True
+        left = elapsed / epoch * (self.epochs - epoch)
+        print(f"  epoch {epoch}/{self.epochs}  {elapsed:.0f} s, about {left:.0f} s left", file=sys.stderr, flush=True)
