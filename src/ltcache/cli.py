@@ -185,8 +185,6 @@ def extract_cmd(*, checkpoint: Path, out: Path, **options):
 @command("sweep-tau", options.SWEEP_TAU, arguments=[_CACHE])
 def sweep_tau_cmd(*, cache: Path, taus, select: str, as_json: bool, device: str | None, many: int, few: int):
     """Tau-normalization: Many/Medium/Few/All for every tau on the selection split, then test at the chosen tau."""
-    from types import SimpleNamespace
-
     from ltcache.lab import Curve
     from ltcache.report import accuracy_table, curve_table
     from ltcache.stage2.methods.weight_norms import sweep_tau
@@ -194,14 +192,14 @@ def sweep_tau_cmd(*, cache: Path, taus, select: str, as_json: bool, device: str 
     result = _run(lambda: sweep_tau(cache, taus=taus, select=select, device=device,
                                     thresholds=_thresholds(many, few)))
     if as_json:
-        _echo_json(result)
+        _echo_json(result.as_dict())
         return
-    test = result["test"]
+    test = result.test
     typer.echo(f"tau sweep on {select} (* = chosen by mean per-class accuracy)\n")
-    typer.echo(curve_table(Curve("tau", "", result["curve"], result["best_tau"])))
-    groups = {g: test[f"n_{g}"] for g in ("many", "medium", "few")}
-    typer.echo(f"\nchosen tau = {result['best_tau']:g}; test, scored once:\n")
-    typer.echo(accuracy_table(groups, [(result["method"], SimpleNamespace(**test), {"tau": result["best_tau"]})]))
+    typer.echo(curve_table(Curve("tau", "", result.curve, result.best_tau)))
+    groups = {"many": test.n_many, "medium": test.n_medium, "few": test.n_few}
+    typer.echo(f"\nchosen tau = {result.best_tau:g}; test, scored once:\n")
+    typer.echo(accuracy_table(groups, [(result.method, test, {"tau": result.best_tau})]))
 
 
 def load_plugins(plugins: list[str]) -> None:

@@ -4,12 +4,13 @@ sweep-tau study. Each grid point costs an O(N*C) rescale or shift of cached logi
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ltcache.heads import LinearHead
-from ltcache.metrics.accuracy import per_class_accuracy
+from ltcache.metrics.accuracy import GroupAccuracy, per_class_accuracy
 from ltcache.metrics.priors import parse_prior, prior_accuracy, shifted_priors
 from ltcache.params import GRID, Param
 from ltcache.stage2.core import Figure, Fitted, LabData, method
@@ -203,20 +204,30 @@ def fit_tau_norm_logit_adjustment(data: LabData, *, taus, la_taus) -> Fitted:
     return Fitted(head, chosen_on_grid(data, best, "tau", "la_tau"), curve)
 
 
-def sweep_tau(cache_path, *, taus=DEFAULT_TAUS, select: str = "val", device: str | None = None,
-              thresholds=None) -> dict:
-    """`ltcache sweep-tau`: the tau curve on the selection split, the best mean per-class accuracy chosen, test
-    scored once at that tau.
+@dataclass(frozen=True)
+class TauSweep:
+    """What `ltcache sweep-tau` found: the curve on the selection split, the chosen tau and its test accuracy."""
 
-    Returns {"method", "best_tau", "best_score", "selected_on", "curve": [...per tau...], "test": {...}}.
-    """
+    method: str
+    best_tau: float
+    best_score: float
+    selected_on: str
+    curve: list[dict]
+    test: GroupAccuracy
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "test": self.test.as_dict()}
+
+
+def sweep_tau(cache_path, *, taus=DEFAULT_TAUS, select: str = "val", device: str | None = None,
+              thresholds=None) -> TauSweep:
+    """`ltcache sweep-tau`: the tau curve on the selection split, the best mean per-class accuracy chosen, test
+    scored once at that tau."""
     from ltcache.lab import open_lab
     from ltcache.metrics.accuracy import ShotThresholds
 
     taus = validate_taus(taus)  # before loading anything: a bad grid fails at once
     lab = open_lab(cache_path, select=select, device=device, thresholds=thresholds or ShotThresholds())
     fitted = lab.fit("tau_norm", taus=taus)
-    test = lab.score_accuracy(fitted.head)
-    return {"method": "tau_norm", "best_tau": fitted.chosen["tau"],
-            "best_score": best_on_curve(fitted.curve)["mean_per_class"], "selected_on": select, "curve": fitted.curve,
-            "test": test.as_dict()}
+    return TauSweep("tau_norm", fitted.chosen["tau"], best_on_curve(fitted.curve)["mean_per_class"], select,
+                    fitted.curve, lab.score_accuracy(fitted.head))

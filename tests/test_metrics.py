@@ -1,4 +1,5 @@
-"""Calibration (ECE) and bootstrap intervals, by hand and through compare."""
+"""metrics/: calibration (ECE, temperature), bootstrap intervals and shifted or target priors, by hand and through
+compare."""
 
 import json
 

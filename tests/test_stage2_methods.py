@@ -1,4 +1,4 @@
-"""Hand-computed cases for the classifier-lab methods beyond the paper's five, and selection honesty."""
+"""stage2/methods: hand-computed cases for the methods beyond the paper's five, and selection honesty."""
 
 import json
 import math
