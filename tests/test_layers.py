@@ -40,12 +40,16 @@ def test_help_info_methods_and_argument_errors_import_no_torch(tmp_path):
     for args in (["--help"], ["compare", "--help"], ["methods"], ["methods", "--json"], ["info", str(cache)],
                  ["compare", str(cache), "--bootstrap", "-1"], ["compare", str(cache), "--methods", "nope"],
                  ["compare", str(cache), "--set", "crt.lr=zero"], ["sweep-tau", str(cache), "--taus", "0:1e9:1e-9"],
-                 ["train-backbone", "--out", str(tmp_path / "r"), "--epochs", "0"]):
+                 ["train-backbone", "--out", str(tmp_path / "r"), "--epochs", "0"],
+                 ["train-backbone", "--out", str(tmp_path / "r"), "--dataset", "nope"],
+                 ["train-backbone", "--out", str(tmp_path / "r"), "--sampler", "nope"],
+                 ["train-backbone", "--out", str(tmp_path / "r"), "--loss", "focal", "--loss-param", "beta=0.9"]):
         result = subprocess.run([sys.executable, "-X", "importtime", "-m", "ltcache", *args], capture_output=True,
                                 text=True)
         imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if "|" in line}
         assert result.returncode in (0, 2), (args, result.stderr[-500:])
         assert "torch" not in imported, args
+    assert not (tmp_path / "r").exists()
 
 
 def test_no_method_is_named_in_lab_report_or_cli():

@@ -148,8 +148,6 @@ _CACHE = Param("cache", Path, None, "Cache folder.")
 def train_backbone(ctx: typer.Context, *, resume: Path | None, config: Path | None, **values):
     """Stage 1: train a backbone and its linear classifier with a sampling strategy (CE, SGD, cosine lr)."""
     from ltcache.config import train_config_from
-    from ltcache.train import fit
-    from ltcache.train import resume as resume_run
 
     # Compared by name: the enum lives in click or in typer's vendored copy of it, depending on the version.
     explicit = {name for name in ctx.params
@@ -159,10 +157,14 @@ def train_backbone(ctx: typer.Context, *, resume: Path | None, config: Path | No
         if others:
             _run(_raise, f"--resume continues {resume} with its own config; drop --{others[0].replace('_', '-')} "
                          "(only --device and --workers may change)")
+        from ltcache.train import resume as resume_run
+
         run_dir = _run(resume_run, resume, device=values["device"],
                        workers=values["workers"] if "workers" in explicit else None)
     else:
-        cfg = _run(train_config_from, values, explicit=explicit, recipe=config)
+        cfg = _run(train_config_from, values, explicit=explicit, recipe=config)  # no torch until the options hold
+        from ltcache.train import fit
+
         run_dir = _run(fit, cfg, inputs=[config])
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one line from rank 0 only
         typer.echo(f"checkpoint: {run_dir / 'checkpoint.pt'}")

@@ -35,7 +35,7 @@ def _datasets():
 
 
 def _samplers():
-    from ltcache.data.samplers import SAMPLERS
+    from ltcache.sampling import SAMPLERS
 
     return SAMPLERS
 

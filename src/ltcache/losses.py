@@ -8,23 +8,23 @@ class-balanced weights of Cui et al. (2019) from it on; `set_epoch` is called by
 from __future__ import annotations
 
 from collections.abc import Callable
-
-import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import nn
+from typing import TYPE_CHECKING
 
 from ltcache.errors import LtcacheError
 from ltcache.params import Param
 from ltcache.registry import Registry
 
-# name -> (factory(class_counts, **params), declared parameters)
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+# name -> (factory(class_counts, **params) -> nn.Module, declared parameters). Names and parameters need no torch;
+# the factories import the modules (loss_modules.py) when a loss is built.
 LOSSES: Registry[tuple[Callable[..., nn.Module], tuple[Param, ...]]] = Registry("loss")
 
 
 def loss(name: str, *params: Param):
-    """Register factory(class_counts, **params) -> nn.Module as loss `name` with its declared parameters (one
-    class may be registered under several names, with other parameters)."""
+    """Register factory(class_counts, **params) -> nn.Module as loss `name` with its declared parameters."""
     return LOSSES.register(name, lambda factory: (factory, params))
 
 
@@ -33,98 +33,69 @@ _BETA = Param("beta", float, 0.9999, "Class-balanced beta: the effective number 
 _DRW = Param("drw_epoch", int, None, "Deferred re-weighting from this epoch on (LDAM-DRW).", low=0, optional=True)
 _TAU = Param("tau", float, 1.0, "Logit-adjustment strength (Menon et al. 2021).", low=0)
 
+
 def class_balanced_weights(class_counts, beta: float) -> torch.Tensor:
-    """Cui et al. 2019, "Class-Balanced Loss Based on Effective Number of Samples": w_c ∝ (1-β) / (1-β^n_c),
-    normalized to sum to the number of classes."""
-    counts = np.asarray(class_counts, dtype=np.float64)
-    weights = (1.0 - beta) / (1.0 - np.power(beta, counts))
-    return torch.tensor(weights / weights.sum() * len(counts), dtype=torch.float32)
+    """Cui et al. 2019: w_c ∝ (1-β) / (1-β^n_c), normalized to sum to the number of classes."""
+    from ltcache.loss_modules import class_balanced_weights as weights
+
+    return weights(class_counts, beta)
 
 
-class WeightedLoss(nn.Module):
-    """Base: optional per-class weights, fixed (`beta`) or deferred until `drw_epoch` (DRW)."""
+@loss("ce", _DRW)
+def cross_entropy(class_counts, **params) -> nn.Module:
+    """Softmax cross-entropy (with drw_epoch: deferred re-weighting)."""
+    from ltcache.loss_modules import CrossEntropy
 
-    def __init__(self, class_counts, *, beta: float | None = None, drw_epoch: int | None = None,
-                 drw_beta: float = 0.9999):
-        super().__init__()
-        self.class_counts = list(class_counts)
-        self.drw_epoch = drw_epoch
-        fixed = class_balanced_weights(class_counts, beta) if beta is not None else None
-        self.deferred = class_balanced_weights(class_counts, drw_beta) if drw_epoch is not None else None
-        self.register_buffer("weight", fixed if fixed is not None else torch.ones(len(self.class_counts)))
-        self.uniform = fixed is None
+    return CrossEntropy(class_counts, **params)
 
-    def set_epoch(self, epoch: int) -> None:
-        if self.deferred is not None:
-            self.weight.copy_(self.deferred if epoch >= self.drw_epoch else torch.ones_like(self.deferred))
-            self.uniform = epoch < self.drw_epoch
 
-    def class_weight(self) -> torch.Tensor | None:
-        return None if self.uniform else self.weight
+@loss("focal", _GAMMA, _DRW)
+def focal(class_counts, **params) -> nn.Module:
+    """Focal loss (Lin et al. 2017)."""
+    from ltcache.loss_modules import Focal
+
+    return Focal(class_counts, **params)
 
 
 @loss("cb_ce", _BETA)
-@loss("ce", _DRW)
-class CrossEntropy(WeightedLoss):
-    """Softmax cross-entropy; with `beta`, the class-balanced CE of Cui et al. 2019."""
+def class_balanced_cross_entropy(class_counts, **params) -> nn.Module:
+    """Class-balanced CE (Cui et al. 2019)."""
+    from ltcache.loss_modules import CrossEntropy
 
-    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits, targets, weight=self.class_weight())
+    return CrossEntropy(class_counts, **params)
 
 
 @loss("cb_focal", _GAMMA, _BETA)
-@loss("focal", _GAMMA, _DRW)
-class Focal(WeightedLoss):
-    """Lin et al. 2017, "Focal Loss for Dense Object Detection": -(1 - p_t)^γ log p_t (softmax form); with `beta`,
-    each sample is weighted by its class's class-balanced weight (CB focal, Cui et al. 2019)."""
+def class_balanced_focal(class_counts, **params) -> nn.Module:
+    """Class-balanced focal loss (Cui et al. 2019)."""
+    from ltcache.loss_modules import Focal
 
-    def __init__(self, class_counts, *, gamma: float = 1.0, **kwargs):
-        super().__init__(class_counts, **kwargs)
-        self.gamma = gamma
-
-    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        log_p = F.log_softmax(logits.float(), dim=1).gather(1, targets[:, None]).squeeze(1)
-        loss = -((1 - log_p.exp()) ** self.gamma) * log_p
-        weight = self.class_weight()
-        if weight is not None:
-            w = weight[targets]
-            return (w * loss).sum() / w.sum()
-        return loss.mean()
+    return Focal(class_counts, **params)
 
 
 @loss("ldam", Param("max_margin", float, 0.5, "Largest class margin (Cao et al. 2019).", above=0),
       Param("s", float, 1.0, "Logit scale.", above=0), _DRW)
-class LDAM(WeightedLoss):
-    """Cao et al. 2019, "Learning Imbalanced Datasets with Label-Distribution-Aware Margin Loss":
-    CE(s * (z - Δ_y e_y)) with Δ_j ∝ n_j^(-1/4), the largest margin `max_margin`.
+def ldam(class_counts, **params) -> nn.Module:
+    """LDAM (Cao et al. 2019); with drw_epoch, LDAM-DRW."""
+    from ltcache.loss_modules import LDAM
 
-    The LDAM code uses s = 30 on a normalized (cosine) classifier; ltcache's stage-1 head is linear, so s
-    defaults to 1 (margins in logit units). Use with drw_epoch for LDAM-DRW."""
+    return LDAM(class_counts, **params)
 
-    def __init__(self, class_counts, *, max_margin: float = 0.5, s: float = 1.0, **kwargs):
-        super().__init__(class_counts, **kwargs)
-        margins = 1.0 / np.power(np.asarray(class_counts, dtype=np.float64), 0.25)
-        self.register_buffer("margins", torch.tensor(margins * (max_margin / margins.max()), dtype=torch.float32))
-        self.s = s
 
-    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        shifted = logits.float() - F.one_hot(targets, logits.shape[1]) * self.margins[targets][:, None]
-        return F.cross_entropy(self.s * shifted, targets, weight=self.class_weight())
+@loss("balanced_softmax")
+def balanced_softmax(class_counts, **params) -> nn.Module:
+    """Balanced Softmax (Ren et al. 2020): logit adjustment with tau fixed at 1."""
+    from ltcache.loss_modules import LogitAdjusted
+
+    return LogitAdjusted(class_counts, **params)
 
 
 @loss("logit_adjusted", _TAU)
-@loss("balanced_softmax")  # logit adjustment with tau fixed at 1 (Ren et al. 2020)
-class LogitAdjusted(nn.Module):
-    """Menon et al. 2021, "Long-tail learning via logit adjustment": CE(z + τ log π), π the train class prior.
-    With τ = 1 this is Balanced Softmax (Ren et al. 2020, "Balanced Meta-Softmax")."""
+def logit_adjusted(class_counts, **params) -> nn.Module:
+    """Logit-adjusted CE (Menon et al. 2021)."""
+    from ltcache.loss_modules import LogitAdjusted
 
-    def __init__(self, class_counts, *, tau: float = 1.0):
-        super().__init__()
-        counts = torch.tensor(class_counts, dtype=torch.float32)
-        self.register_buffer("adjustment", tau * torch.log(counts / counts.sum()))
-
-    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits.float() + self.adjustment, targets)
+    return LogitAdjusted(class_counts, **params)
 
 
 def loss_params(name: str) -> dict[str, Param]:

@@ -7,8 +7,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import torch
-from torchvision.transforms import v2
 
 from ltcache.data.datasets import DatasetSpec, _from_arrays, register_dataset
 from ltcache.data.profiles import exponential_profile
@@ -26,6 +24,9 @@ CIFAR = {
 
 def cifar_transforms():
     """(train, test): random 32x32 crop with 4 px padding and a horizontal flip; normalization only."""
+    import torch
+    from torchvision.transforms import v2
+
     to_float = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(CIFAR_MEAN, CIFAR_STD)]
     return v2.Compose([v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip(), *to_float]), v2.Compose(to_float)
 

@@ -2,22 +2,22 @@
 
 from __future__ import annotations
 
-import copy
 import gzip
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from torch.utils.data import Dataset
-from torchvision.transforms import v2
 
 from ltcache.config import DatasetSpec
 from ltcache.data.profiles import carve_splits, exponential_profile
 from ltcache.errors import LtcacheError
 from ltcache.registry import Registry
+
+if TYPE_CHECKING:
+    from torch.utils.data import Dataset
 
 SPLITS = ("train", "val", "test")
 
@@ -62,36 +62,11 @@ class LongTailData:
         }
 
 
-class SplitDataset(Dataset):
-    """One split: int64 `labels`, a `transform`; items are (transformed image, label, row index in the split)."""
-
-    labels: torch.Tensor
-    transform: Callable
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def with_transform(self, transform) -> SplitDataset:
-        """The same rows with another transform (extract uses the test-time one on train)."""
-        clone = copy.copy(self)
-        clone.transform = transform
-        return clone
-
-
-class ArrayImageDataset(SplitDataset):
-    """In-memory uint8 images [N, C, H, W]."""
-
-    def __init__(self, images: torch.Tensor, labels: np.ndarray, transform: Callable[[torch.Tensor], torch.Tensor]):
-        self.images = images
-        self.labels = torch.as_tensor(labels, dtype=torch.int64)
-        self.transform = transform
-
-    def __getitem__(self, i: int):
-        return self.transform(self.images[i]), self.labels[i], i
-
-
 def small_image_transforms(mean: float, std: float, size: int, *, padding: int, flip: bool):
     """(train, test) transforms for small grayscale images: shift by up to `padding` px, optional flip."""
+    import torch
+    from torchvision.transforms import v2
+
     to_float = [v2.ToDtype(torch.float32, scale=True), v2.Normalize([mean], [std])]
     augment = [v2.RandomCrop(size, padding=padding)] + ([v2.RandomHorizontalFlip()] if flip else [])
     return v2.Compose(augment + to_float), v2.Compose(to_float)
@@ -121,6 +96,10 @@ def build_dataset(spec: DatasetSpec, *, train_augment: bool = True) -> LongTailD
 
 def _from_arrays(spec, class_names, pools: dict[str, tuple[np.ndarray, np.ndarray]], splits, transforms, **extra):
     """Assemble LongTailData from source arrays: `splits` maps split name -> (pool name, positions in that pool)."""
+    import torch
+
+    from ltcache.data.images import ArrayImageDataset
+
     train_tf, test_tf = transforms
     datasets, labels, source = {}, {}, {}
     for split, (pool_name, positions) in splits.items():
@@ -233,6 +212,9 @@ def build_synthetic_lt(spec: DatasetSpec) -> LongTailData:
 
     10 classes; default 224 px, n_max 200, imbalance factor 10; val 8 and test 16 per class.
     """
+    import torch
+    from torchvision.transforms import v2
+
     spec = replace(spec, imbalance_factor=spec.imbalance_factor or 10.0, n_max=spec.n_max or 200,
                    image_size=spec.image_size or 224, val_per_class=_default(spec.val_per_class, 8),
                    profile="exponential")

@@ -8,11 +8,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import torch
-from PIL import Image
-from torchvision.transforms import v2
 
-from ltcache.data.datasets import DatasetSpec, LongTailData, SplitDataset, register_dataset
+from ltcache.data.datasets import DatasetSpec, LongTailData, register_dataset
 from ltcache.data.profiles import PROFILES, carve_splits
 from ltcache.errors import LtcacheError, unknown_name
 
@@ -24,29 +21,14 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 def imagenet_transforms(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, *, jitter: bool = True):
     """(train, test): RandomResizedCrop + flip (+ the official colour jitter, which the official code uses for
     ImageNet-LT and Places-LT but not for iNaturalist); Resize(256/224 * size) + CenterCrop."""
+    import torch
+    from torchvision.transforms import v2
+
     to_tensor = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
     colour = [v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0)] if jitter else []
     train = v2.Compose([v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip(), *colour, *to_tensor])
     test = v2.Compose([v2.Resize(round(size * 256 / 224), antialias=True), v2.CenterCrop(size), *to_tensor])
     return train, test
-
-
-class FileImageDataset(SplitDataset):
-    """Image files decoded with PIL as RGB."""
-
-    def __init__(self, paths: list[str], labels: np.ndarray, transform):
-        self.paths = paths
-        self.labels = torch.as_tensor(labels, dtype=torch.int64)
-        self.transform = transform
-
-    def __getitem__(self, i: int):
-        try:
-            with Image.open(self.paths[i]) as image:
-                rgb = image.convert("RGB")
-        except (OSError, ValueError, Image.DecompressionBombError) as exc:
-            raise LtcacheError(f"cannot decode image {self.paths[i]} ({type(exc).__name__}); replace the file "
-                               "or drop its line from the split file") from None
-        return self.transform(rgb), self.labels[i], i
 
 
 def read_split_file(path: Path, root: Path) -> tuple[list[str], np.ndarray]:
@@ -116,6 +98,8 @@ def _root(spec: DatasetSpec) -> Path:
 
 
 def _assemble(spec, class_names, paths, labels, source_index, transforms, **extra) -> LongTailData:
+    from ltcache.data.images import FileImageDataset
+
     train_tf, test_tf = transforms
     splits = {split: FileImageDataset(paths[split], labels[split], train_tf if split == "train" else test_tf)
               for split in paths}

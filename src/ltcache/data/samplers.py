@@ -1,6 +1,5 @@
-"""Sampling strategies of Sec. 3: instance-, class-, square-root- and progressively-balanced (Eq. 1-2), and the
-official class-aware sampler. Each is registered in SAMPLERS as fn(class_counts, epoch, total_epochs) -> the class
-probabilities of that epoch (None: the class-aware order)."""
+"""The epoch sampler of stage 1: draws each epoch's order by a registered strategy (sampling.py: instance-, class-,
+square-root- and progressively-balanced, Eq. 1-2, and the official class-aware sampler)."""
 
 from __future__ import annotations
 
@@ -11,10 +10,14 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
-from ltcache.registry import Registry
-from ltcache.sampling import class_probabilities, sample_weights  # noqa: F401  (Eq. 1, shared with stage 2)
-
-SAMPLERS: Registry = Registry("sampler")
+from ltcache.sampling import (  # noqa: F401  (the strategies and Eq. 1 live in the torch-free sampling.py)
+    SAMPLERS,
+    class_probabilities,
+    epoch_class_probabilities,
+    parse_sampler,
+    progressive_probabilities,
+    sample_weights,
+)
 
 
 class SamplerName(str, Enum):
@@ -25,48 +28,6 @@ class SamplerName(str, Enum):
     sqrt = "sqrt"
     progressive = "progressive"
     class_aware = "class-aware"
-
-
-def parse_sampler(name: str) -> str:
-    """A registered sampler's name (an unknown one is a one-line error listing them)."""
-    SAMPLERS.get(str(name))
-    return str(name)
-
-
-@SAMPLERS.register("instance")
-def instance_balanced(class_counts, epoch: int, total_epochs: int) -> np.ndarray:
-    """Eq. 1 with q = 1: every image equally likely."""
-    return class_probabilities(class_counts, 1.0)
-
-
-@SAMPLERS.register("class")
-def class_balanced(class_counts, epoch: int, total_epochs: int) -> np.ndarray:
-    """Eq. 1 with q = 0: every class equally likely."""
-    return class_probabilities(class_counts, 0.0)
-
-
-@SAMPLERS.register("sqrt")
-def square_root(class_counts, epoch: int, total_epochs: int) -> np.ndarray:
-    """Eq. 1 with q = 1/2."""
-    return class_probabilities(class_counts, 0.5)
-
-
-@SAMPLERS.register("class-aware")
-def class_aware(class_counts, epoch: int, total_epochs: int) -> None:
-    """The official class-aware sampler: no probabilities, an order (class_aware_order)."""
-    return None
-
-
-@SAMPLERS.register("progressive")
-def progressive_probabilities(class_counts, epoch: int, total_epochs: int) -> np.ndarray:
-    """Eq. 2: p_j(t) = (1 - t/T) p_j^IB + (t/T) p_j^CB, with t the 0-based epoch and T the number of epochs."""
-    ratio = epoch / total_epochs
-    return (1 - ratio) * class_probabilities(class_counts, 1.0) + ratio * class_probabilities(class_counts, 0.0)
-
-
-def epoch_class_probabilities(name: str, class_counts, epoch: int, total_epochs: int) -> np.ndarray | None:
-    """The class probabilities of sampler `name` in this epoch."""
-    return SAMPLERS[str(name.value if isinstance(name, SamplerName) else name)](class_counts, epoch, total_epochs)
 
 
 def class_aware_order(labels: np.ndarray, n: int, samples_per_class: int, generator: torch.Generator) -> torch.Tensor:

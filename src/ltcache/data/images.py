@@ -1,0 +1,60 @@
+"""The torch Datasets behind every registered dataset: in-memory arrays and image files. Imported when a dataset is
+built, never when the registry is listed or a name is checked."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from ltcache.errors import LtcacheError
+
+
+class SplitDataset(Dataset):
+    """One split: int64 `labels`, a `transform`; items are (transformed image, label, row index in the split)."""
+
+    labels: torch.Tensor
+    transform: Callable
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def with_transform(self, transform) -> SplitDataset:
+        """The same rows with another transform (extract uses the test-time one on train)."""
+        clone = copy.copy(self)
+        clone.transform = transform
+        return clone
+
+
+class ArrayImageDataset(SplitDataset):
+    """In-memory uint8 images [N, C, H, W]."""
+
+    def __init__(self, images: torch.Tensor, labels: np.ndarray, transform: Callable[[torch.Tensor], torch.Tensor]):
+        self.images = images
+        self.labels = torch.as_tensor(labels, dtype=torch.int64)
+        self.transform = transform
+
+    def __getitem__(self, i: int):
+        return self.transform(self.images[i]), self.labels[i], i
+
+
+class FileImageDataset(SplitDataset):
+    """Image files decoded with PIL as RGB."""
+
+    def __init__(self, paths: list[str], labels: np.ndarray, transform):
+        self.paths = paths
+        self.labels = torch.as_tensor(labels, dtype=torch.int64)
+        self.transform = transform
+
+    def __getitem__(self, i: int):
+        try:
+            with Image.open(self.paths[i]) as image:
+                rgb = image.convert("RGB")
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            raise LtcacheError(f"cannot decode image {self.paths[i]} ({type(exc).__name__}); replace the file "
+                               "or drop its line from the split file") from None
+        return self.transform(rgb), self.labels[i], i
