@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_clean_error, invoke
+from conftest import assert_clean_error, invoke, lab_data
 from ltcache.cache import Split
 from ltcache.metrics import bootstrap_intervals, calibration, evaluate, expected_calibration_error
 
@@ -154,13 +154,13 @@ def test_logit_adjustment_toward_a_target_prior():
     """Joint logits calibrated to a 9:1 train prior. Aimed at the train prior with tau = 1, logit adjustment
     gives the joint head back; aimed at a backward prior, it beats the balance-aimed head under that prior."""
     from ltcache.metrics import parse_prior, per_class_accuracy, prior_accuracy
-    from ltcache.stage2 import LabData, LinearHead, fit_method
+    from ltcache.stage2 import LinearHead, fit_method
 
     train = _two_gaussians(5000, [0.9, 0.1], seed=0)
     # log N(x; mu_c, 1) = x mu_c - mu_c^2 / 2 + const: W = mu, b = -mu^2/2 + log(train prior)
     joint = LinearHead(torch.tensor([[-1.0], [1.0]]), torch.tensor([-0.5 + np.log(0.9), -0.5 + np.log(0.1)]))
-    data = LabData(train=train, val=_two_gaussians(20000, [0.5, 0.5], seed=1), joint=joint,
-                   class_counts=np.array([9000, 1000]))
+    data = lab_data(joint.weight, joint.bias, train.features, train.labels, [9000, 1000],
+                    val=_two_gaussians(20000, [0.5, 0.5], seed=1))
     aimed_at_train = fit_method("logit_adj", data, {"taus": (1.0,), "target": "train"}).head
     test = _two_gaussians(20000, [0.5, 0.5], seed=2)
     torch.testing.assert_close(aimed_at_train.logits(test.features), joint.logits(test.features))
