@@ -147,3 +147,30 @@ def test_score_reads_test_once_and_fit_never(tmp_path):
     with pytest.raises(ltcache.LtcacheError, match="has no hyperparameter 'learning_rate'"):
         lab.fit("crt", learning_rate=0.1)
     subprocess.run([sys.executable, "-c", "import ltcache; print(ltcache.__version__)"], check=True)
+
+
+def test_redefining_a_method_replaces_it_and_a_foreign_head_is_refused(tmp_path):
+    import ltcache
+    from ltcache.stage2 import METHODS
+
+    lab = ltcache.open_lab(write_toy_cache(tmp_path / "c"))
+    try:
+        for scale in (1.0, 2.0):  # a notebook cell run twice: the second definition replaces the first
+            @ltcache.method("cell_method", summary="the stage-1 head, scaled")
+            def cell_method(data, scale=scale):
+                return ltcache.Fitted(ltcache.LinearHead(data.joint.weight * scale, None), {"scale": scale})
+        assert lab.fit("cell_method").chosen == {"scale": 2.0}
+
+        class Bare(ltcache.Head):  # not a dataclass, not registered: it could not be saved or reloaded
+            def chunk_logits(self, features, out):
+                out.zero_()
+
+        @ltcache.method("bare_head", summary="returns an unregistered head")
+        def bare_head(data):
+            return ltcache.Fitted(Bare(), {})
+
+        with pytest.raises(ltcache.LtcacheError, match="not a registered head kind"):
+            lab.fit("bare_head")
+    finally:
+        METHODS.remove("cell_method")
+        METHODS.remove("bare_head")

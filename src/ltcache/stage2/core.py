@@ -169,11 +169,19 @@ def method(name: str, *params: Param, summary: str, paper: int | None = None, st
 
     METHODS.load()  # the built-ins first (a no-op while they register): a clash with one of them is refused here
 
-    def make(fit: Callable[..., Fitted]) -> Method:
-        return Method(name, fit, tuple(params), summary, paper, stochastic, weight_norms, tuple(figures),
-                      dict(analyses or {}), check)
+    def wrap(fit: Callable[..., Fitted]) -> Callable[..., Fitted]:
+        # The same function defined again (a notebook cell run twice, a reloaded module) replaces its old self.
+        existing = METHODS.entries.get(name)
+        again = existing is not None and _origin(existing.fit) == _origin(fit) != (None, None)
+        METHODS.add(name, Method(name, fit, tuple(params), summary, paper, stochastic, weight_norms, tuple(figures),
+                                 dict(analyses or {}), check), replace=replace or again)
+        return fit
 
-    return METHODS.register(name, make, replace=replace)
+    return wrap
+
+
+def _origin(fn: Callable) -> tuple[str | None, str | None]:
+    return getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)
 
 
 def with_defaults(params: tuple[Param, ...], **defaults) -> tuple[Param, ...]:
@@ -234,7 +242,9 @@ def fit_method(name: str, data: LabData, overrides: dict | None = None) -> Fitte
 def run_fit(name: str, data: LabData, params: dict) -> Fitted:
     """Call method `name`'s fit with resolved `params` and check what it returns: a Fitted holding a Head and a
     dict of what it chose (a user method that returns something else is a one-line error naming it)."""
-    from ltcache.heads import Head
+    import dataclasses
+
+    from ltcache.heads import HEAD_KINDS, Head
 
     fitted = METHODS[name].fit(data, **params)
     if not isinstance(fitted, Fitted):
@@ -242,5 +252,9 @@ def run_fit(name: str, data: LabData, params: dict) -> Fitted:
     if not isinstance(fitted.head, Head) or not isinstance(fitted.chosen, dict):
         raise LtcacheError(f"method {name} returned Fitted({type(fitted.head).__name__}, "
                            f"{type(fitted.chosen).__name__}); it needs an ltcache.Head and a dict")
+    kind = getattr(type(fitted.head), "kind", None)
+    if not dataclasses.is_dataclass(fitted.head) or kind not in HEAD_KINDS or HEAD_KINDS[kind] is not type(fitted.head):
+        raise LtcacheError(f"method {name} returned a {type(fitted.head).__name__}, which is not a registered head "
+                           "kind; return an ltcache.LinearHead, or make the head a dataclass with @ltcache.head_kind")
     fitted.method = name
     return fitted
