@@ -85,3 +85,28 @@ def test_cli_grid_and_ablation(tmp_path):
     assert (cache / "reports" / "ablation.md").is_file()
     bad = invoke("compare", str(cache), "--methods", "crt", "--set", "crt.lr=0.05,zero")
     assert bad.exit_code == 2 and "crt.lr" in bad.output
+
+
+def test_protocol_audit_reports_test_chosen_numbers_and_changes_nothing(tmp_path):
+    cache = write_toy_cache(tmp_path / "c", seed=4)
+    lab = open_lab(cache)
+    methods = ["joint", "crt", "tau_norm", "logit_adj"]
+    params = {"crt": {"min_steps": "30", "lr": "0.05,0.5"}}
+    plain = lab.compare(methods, params=params, bootstrap=50)
+    audited = lab.compare(methods, params=params, bootstrap=50, audit=True)
+    for a, b in zip(plain.rows, audited.rows, strict=True):
+        first, second = a.as_dict(), b.as_dict()
+        audit = second.pop("protocol_audit")
+        for row in (first, second):
+            row.pop("fit_seconds")
+        assert json.dumps(first, sort_keys=True) == json.dumps(second, sort_keys=True)  # the audit fed back nothing
+        honest = b.evaluation.accuracy.mean_per_class
+        assert audit["optimism_mean_per_class"] == pytest.approx(
+            audit["test_if_chosen_on_test"]["mean_per_class"] - honest)
+        if b.method == "joint":  # nothing to choose: choosing on test changes nothing
+            assert audit["optimism_mean_per_class"] == 0
+        if b.method == "tau_norm":  # the same tau grid, chosen on test: never worse on test
+            assert audit["optimism_mean_per_class"] >= 0
+    result = invoke("compare", str(cache), "--methods", "joint,tau_norm", "--protocol-audit", "--bootstrap", "0")
+    assert result.exit_code == 0, result.output
+    assert "if chosen on test" in result.output and "optimism" in (cache / "reports" / "results.md").read_text()

@@ -196,3 +196,17 @@ def test_max_softmax_in_chunks_equals_the_softmax_maximum():
         expected, expected_predictions = torch.softmax(logits / temperature, 1).max(1)
         torch.testing.assert_close(confidence, expected)
         assert torch.equal(predictions, expected_predictions)
+
+
+def test_harmonic_geometric_means_and_top5_by_hand():
+    from ltcache.metrics import ShotThresholds, summarize
+    from ltcache.metrics.evaluation import top_k_accuracy
+
+    result = summarize(np.array([50.0, 100.0, np.nan]), 70.0, [200, 50, 5], ShotThresholds())
+    assert result["harmonic_mean"] == pytest.approx(2 / (1 / 50 + 1 / 100))  # the class with no samples is left out
+    assert result["geometric_mean"] == pytest.approx((50 * 100) ** 0.5)
+    assert summarize(np.array([0.0, 100.0]), 50.0, [200, 5], ShotThresholds())["harmonic_mean"] == 0.0
+    logits = torch.tensor([[5.0, 4, 3, 2, 1, 0], [0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 4, 5]])
+    labels = torch.tensor([4, 0, 1])  # rank 5, rank 6 (out), rank 5
+    assert top_k_accuracy(logits, labels, 5) == pytest.approx(200 / 3)
+    assert top_k_accuracy(logits[:, :3], torch.tensor([2, 0, 1]), 5) == 100.0  # k capped at the class count

@@ -72,6 +72,7 @@ class Row:
     analyses: dict[str, Any] = field(default_factory=dict)
     seeds: dict | None = None
     grid: list[GridPoint] | None = None
+    audit: dict | None = None  # compare --protocol-audit: what choosing on test would have reported
 
     def as_dict(self) -> dict:
         """The row as results.json stores it."""
@@ -81,6 +82,8 @@ class Row:
             row["seeds"] = self.seeds
         if self.grid is not None:
             row["grid_points"] = len(self.grid)
+        if self.audit is not None:
+            row["protocol_audit"] = self.audit
         return row
 
 
@@ -180,9 +183,12 @@ class Lab:
                                seed=self.data.seed if seed is None else seed)
 
     def score_accuracy(self, head: Head) -> GroupAccuracy:
-        """Test accuracy and shot groups only (no calibration or intervals)."""
-        return group_accuracy(head.predict(self.test.features), self.test.labels, self.data.class_counts,
-                              self.data.thresholds)
+        """Test accuracy, shot groups and top-5 only (no calibration or intervals)."""
+        from ltcache.metrics.evaluation import top_k_accuracy
+
+        logits = head.logits(self.test.features)
+        accuracy = group_accuracy(logits.argmax(1), self.test.labels, self.data.class_counts, self.data.thresholds)
+        return replace(accuracy, top5=top_k_accuracy(logits, self.test.labels, 5))
 
     def check(self, method: str, params: dict) -> None:
         """The values only this cache can judge (a target prior's length, ...), before any fit."""
@@ -193,7 +199,7 @@ class Lab:
     # ------------------------------------------------------------------------------------------ many methods
 
     def compare(self, methods: list[str] | str | None = None, *, params: dict[str, dict] | None = None,
-                bootstrap: int = 1000, seeds: int = 1, ablation: bool = False,
+                bootstrap: int = 1000, seeds: int = 1, ablation: bool = False, audit: bool = False,
                 log: Callable[[str], None] | None = None) -> Comparison:
         """Fit every method on train, choose on the selection split, score test once per method.
 
@@ -202,7 +208,9 @@ class Lab:
         fitted, the one with the best mean per-class accuracy on the selection split is chosen (ties: the first),
         and only it is scored on test as the row. With `ablation`, every point's test accuracy is also recorded
         (after the choice, so it cannot influence it). With seeds > 1, every stochastic method is refitted with
-        seeds seed .. seed+N-1 and the row gains the mean and a 95% t-interval. `log` receives progress lines."""
+        seeds seed .. seed+N-1 and the row gains the mean and a 95% t-interval. With `audit`, each row also gets
+        what the method would report if its choices were made on test (the protocol audit; see `audit`): computed
+        after the row is final, it feeds back into nothing. `log` receives progress lines."""
         check_all(COMPARE, {"bootstrap": bootstrap, "seeds": seeds})
         names = resolve_method_list(methods)
         grids = expand_grids(names, params)
@@ -228,6 +236,8 @@ class Lab:
                       grid=points)
             if seeds > 1 and entry.stochastic:
                 row.seeds = self._seed_statistics(name, chosen_params, evaluation, seeds=seeds)
+            if audit:
+                row.audit = self.audit(name, grids[name], evaluation.accuracy)
             self.data.clear_cached_logits()
             rows.append(row)
             fitted[name] = result
@@ -239,19 +249,34 @@ class Lab:
             train_views=self.data.views, groups=group_sizes(self.data.class_counts, self.data.thresholds), rows=rows,
             curves=self._curves(rows, fitted), class_counts=np.asarray(self.data.class_counts), fitted=fitted)
 
-    def _fit_grid(self, name: str, grid: list[dict], *, ablation: bool) -> tuple[Fitted, dict, list[GridPoint] | None]:
+    def audit(self, name: str, grid: list[dict], honest: GroupAccuracy) -> dict:
+        """The protocol audit of one method: refit it with test in the place of the selection split, so that every
+        choice it makes (a tau, a grid point, a norm cap) is made on test, as the official tau sweep script and several
+        stage-2 "best epoch" loops effectively do, and score that on test. `optimism` is how much the test-chosen
+        number exceeds the honest one (`honest`, chosen on the selection split). Read only for the report."""
+        oracle = replace(self.data, val=self.test, select="val", _raw_logits={})  # test, named as the selection split
+        result, _, _ = self._fit_grid(name, grid, ablation=False, data=oracle)
+        chosen = self.score_accuracy(result.head)
+        return {"chosen_on_test": {k: v for k, v in result.chosen.items() if k != "selected_on"},
+                "test_if_chosen_on_test": chosen.as_dict(),
+                "optimism_mean_per_class": chosen.mean_per_class - honest.mean_per_class,
+                "optimism_all": chosen.all - honest.all}
+
+    def _fit_grid(self, name: str, grid: list[dict], *, ablation: bool,
+                  data: LabData | None = None) -> tuple[Fitted, dict, list[GridPoint] | None]:
         """Fit every point; choose on the selection split only. Test is read only after the choice (ablation)."""
+        data = data if data is not None else self.data
         if len(grid) == 1:
-            return run_fit(name, self.data, grid[0]), grid[0], None
+            return run_fit(name, data, grid[0]), grid[0], None
         results, points = [], []
         varying = [key for key in grid[0] if any(point[key] != grid[0][key] for point in grid)]
         for values in grid:
             start = time.perf_counter()
-            result = run_fit(name, self.data, values)
-            score = self.data.selection_score(result.head)
+            result = run_fit(name, data, values)
+            score = data.selection_score(result.head)
             points.append(GridPoint({key: values[key] for key in varying}, score, time.perf_counter() - start))
             results.append(result)
-            self.data.clear_cached_logits()
+            data.clear_cached_logits()
         best = max(range(len(points)), key=lambda i: (points[i].selection, -i))
         points[best].selected = True
         if ablation:  # after the choice: these numbers cannot influence it
@@ -259,7 +284,7 @@ class Lab:
                 point.test = self.score_accuracy(result.head)
         chosen = results[best]
         chosen.chosen = {**chosen.chosen, "grid": {**points[best].params, "points": len(points),
-                                                   "selected_on": self.data.select,
+                                                   "selected_on": data.select,
                                                    "selection_mean_per_class": round(points[best].selection, 4)}}
         return chosen, grid[best], points
 
@@ -387,7 +412,7 @@ def compare(cache_path: Path, *, methods: list[str] | str | None = None, select:
             params: dict[str, dict] | None = None, seed: int = 0, device: str | None = None,
             thresholds: ShotThresholds = ShotThresholds(), bootstrap: int = 1000, seeds: int = 1,
             write_reports: bool = True, train_views: bool = True, out: Path | None = None, ablation: bool = False,
-            log: Callable[[str], None] | None = None) -> Comparison:
+            protocol_audit: bool = False, log: Callable[[str], None] | None = None) -> Comparison:
     """`ltcache compare`: open the cache, `Lab.compare`, and write heads and reports to `out` (default: into the
     cache) once every method has been scored, only if the cache was not replaced meanwhile.
 
@@ -403,7 +428,8 @@ def compare(cache_path: Path, *, methods: list[str] | str | None = None, select:
         check_results_folder(results, cache_path)
     lab = open_lab(cache_path, select=select, seed=seed, device=device, thresholds=thresholds,
                    train_views=train_views)
-    comparison = lab.compare(names, params=params, bootstrap=bootstrap, seeds=seeds, ablation=ablation, log=log)
+    comparison = lab.compare(names, params=params, bootstrap=bootstrap, seeds=seeds, ablation=ablation,
+                             audit=protocol_audit, log=log)
     if write_reports:
         lab.save(comparison, out, ablation=ablation)
     return comparison

@@ -40,6 +40,9 @@ COMPARE = (
           optional=True),
     Param("ablation", bool, False, "Also write reports/ablation.{md,csv,json}: every grid point's selection and "
           "test numbers, the selected point marked.", option="--ablation"),
+    Param("protocol_audit", bool, False, "Beside each row, what the method would report if its choices were made "
+          "on test (as some official stage-2 code does), and the optimism; read only, never used.",
+          option="--protocol-audit"),
     PLUGIN,
     Param("config", Path, None, "TOML recipe whose [compare] table gives methods, select, set, seeds, ...; flags "
           "given on the command line win.", optional=True),
@@ -94,8 +97,8 @@ def load_toml(path: Path) -> dict:
         raise LtcacheError(f"recipe {path} is not valid TOML ({str(exc).splitlines()[0]})") from None
 
 
-COMPARE_RECIPE_KEYS = ("methods", "select", "set", "seed", "seeds", "bootstrap", "train_views", "ablation", "plugin",
-                       "many", "few")
+COMPARE_RECIPE_KEYS = ("methods", "select", "set", "seed", "seeds", "bootstrap", "train_views", "ablation",
+                       "protocol_audit", "plugin", "many", "few")
 
 
 def compare_recipe(path: Path) -> dict:

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from ltcache.lab import Comparison, Curve, Row
 
 COLUMNS = ("many", "medium", "few", "all", "mean_per_class")
+MORE = ("harmonic_mean", "geometric_mean", "top5")  # the per-class means that punish a class left behind, top-5
 CALIBRATION = ("ece", "ece_many", "ece_medium", "ece_few")
 INTERVAL_KEYS = ("all", "mean_per_class", "many", "medium", "few")
 
@@ -54,19 +55,25 @@ def accuracy_table(groups: Mapping[str, int], entries: Iterable[tuple[str, objec
 
 
 def markdown_table(comparison: Comparison) -> str:
-    """One row per method: Many / Medium / Few / All / mean per class, the All interval, ECE, and the mean over
-    seeds when the rows carry them."""
+    """One row per method: Many / Medium / Few / All / mean per class, its harmonic and geometric means, top-5,
+    the All interval, ECE, the mean over seeds when the rows carry them, and with the protocol audit the mean per
+    class had the method chosen on test, and that optimism."""
     rows = comparison.rows
     groups = comparison.groups
     intervals = any(row.evaluation.intervals for row in rows)
     seeded = any(row.seeds for row in rows)
+    audited = any(row.audit for row in rows)
     header = (f"| method | Many ({groups['many']}) | Medium ({groups['medium']}) | Few ({groups['few']}) "
-              "| All | mean/class | All 95% CI | ECE |")
+              "| All | mean/class | HM | GM | top-5 | All 95% CI | ECE |")
     header += " All over seeds |" if seeded else ""
-    lines = [header + " chosen |", "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if seeded else "") + "---|"]
+    header += " mean/class if chosen on test | optimism |" if audited else ""
+    lines = [header + " chosen |", "|---|" + "---:|" * 10 + ("---:|" if seeded else "")
+             + ("---:|---:|" if audited else "") + "---|"]
     for row in rows:
         evaluation = row.evaluation
         cells = " | ".join(_pct(getattr(evaluation, c)) for c in COLUMNS)
+        more = [getattr(evaluation.accuracy, c) for c in MORE]
+        cells += " | " + " | ".join("-" if v is None else _pct(v) for v in more)
         ci = (evaluation.intervals or {}).get("all")
         extra = f" | {_pct(ci[0])}–{_pct(ci[1])}" if ci and intervals else " | -"
         extra += f" | {_pct(evaluation.calibration.ece)}"
@@ -74,6 +81,10 @@ def markdown_table(comparison: Comparison) -> str:
             stats = (row.seeds or {}).get("all")
             extra += (f" | {stats['mean']:.2f} ± {stats['ci95'][1] - stats['mean']:.2f} (n={row.seeds['n']})"
                       if stats else " | -")
+        if audited:
+            audit = row.audit or {}
+            extra += (f" | {_pct(audit['test_if_chosen_on_test']['mean_per_class'])} | "
+                      f"{audit['optimism_mean_per_class']:+.2f}" if audit else " | - | -")
         lines.append(f"| {row.method} | {cells}{extra} | {format_chosen(row.chosen)} |")
     return "\n".join(lines)
 
@@ -122,16 +133,19 @@ def _csv_text(rows: list[Row]) -> str:
     writer = csv.writer(buffer)
     intervals = [f"{key}_ci95_{end}" for key in INTERVAL_KEYS for end in ("low", "high")]
     calibration = (*CALIBRATION, "temperature", *(f"{key}_ts" for key in CALIBRATION))
-    writer.writerow(["method", *COLUMNS, *calibration, *intervals, "chosen", "fit_seconds"])
+    audit = ["mean_per_class_if_chosen_on_test", "optimism_mean_per_class"]
+    writer.writerow(["method", *COLUMNS, *MORE, *calibration, *intervals, *audit, "chosen", "fit_seconds"])
     for row in rows:
         evaluation = row.evaluation
         ci = evaluation.intervals
         bounds = [round(v, 4) for key in INTERVAL_KEYS for v in ci[key]] if ci else [""] * len(intervals)
-        values = [getattr(evaluation, c) for c in COLUMNS]
+        values = [getattr(evaluation, c) for c in COLUMNS] + [getattr(evaluation.accuracy, c) for c in MORE]
         values += [getattr(evaluation.calibration, c) for c in CALIBRATION] + [evaluation.temperature]
         values += [getattr(evaluation.calibrated, c) for c in CALIBRATION]
-        writer.writerow([row.method, *(round(v, 4) for v in values), *bounds, format_chosen(row.chosen),
-                         round(row.fit_seconds, 3)])
+        audited = ([round(row.audit["test_if_chosen_on_test"]["mean_per_class"], 4),
+                    round(row.audit["optimism_mean_per_class"], 4)] if row.audit else ["", ""])
+        writer.writerow([row.method, *("" if v is None else round(v, 4) for v in values), *bounds, *audited,
+                         format_chosen(row.chosen), round(row.fit_seconds, 3)])
     return buffer.getvalue()
 
 

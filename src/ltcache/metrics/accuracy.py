@@ -44,8 +44,12 @@ def per_class_accuracy(predictions, labels, num_classes: int) -> np.ndarray:
 
 
 def summarize(class_accuracy: np.ndarray, overall: float, class_counts, thresholds: ShotThresholds) -> dict:
+    """All, mean per class, the harmonic and geometric means of the per-class accuracies (classes with test
+    samples; 0 when a class scores 0), and Many / Medium / Few with their class counts."""
     groups = shot_groups(class_counts, thresholds)
-    result = {"all": float(overall), "mean_per_class": float(np.nanmean(class_accuracy))}
+    present = class_accuracy[~np.isnan(class_accuracy)]
+    result = {"all": float(overall), "mean_per_class": float(np.nanmean(class_accuracy)),
+              "harmonic_mean": _harmonic(present), "geometric_mean": _geometric(present)}
     for group in GROUPS:
         members = class_accuracy[groups == group]
         members = members[~np.isnan(members)]
@@ -54,10 +58,23 @@ def summarize(class_accuracy: np.ndarray, overall: float, class_counts, threshol
     return result
 
 
+def _harmonic(values: np.ndarray) -> float:
+    if not len(values):
+        return float("nan")
+    return 0.0 if (values <= 0).any() else float(len(values) / np.sum(1.0 / values))
+
+
+def _geometric(values: np.ndarray) -> float:
+    if not len(values):
+        return float("nan")
+    return 0.0 if (values <= 0).any() else float(np.exp(np.mean(np.log(values))))
+
+
 @dataclass(frozen=True)
 class GroupAccuracy:
-    """Test (or selection) accuracy in percent: top-1 over samples, mean per class, and the mean per class within
-    each shot group, with the number of classes in each group."""
+    """Test (or selection) accuracy in percent: top-1 over samples, mean per class, the harmonic and geometric
+    means of the per-class accuracies (which punish a class left behind), the mean per class within each shot
+    group with the number of classes in each group, and top-5 over samples when logits were scored."""
 
     all: float
     mean_per_class: float
@@ -67,6 +84,9 @@ class GroupAccuracy:
     n_many: int
     n_medium: int
     n_few: int
+    harmonic_mean: float = float("nan")
+    geometric_mean: float = float("nan")
+    top5: float | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -60,6 +60,16 @@ class Evaluation:
         return row
 
 
+def top_k_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int, chunk_rows: int = 16384) -> float:
+    """Percent of rows whose label is among the k largest logits (all of them when there are at most k classes)."""
+    if len(labels) == 0:
+        return float("nan")
+    k = min(k, logits.shape[1])
+    hits = sum(int((chunk.topk(k, dim=1).indices == chunk_labels[:, None]).any(1).sum())
+               for chunk, chunk_labels in zip(logits.split(chunk_rows), labels.split(chunk_rows), strict=True))
+    return 100.0 * hits / len(labels)
+
+
 def evaluate_logits(logits: torch.Tensor, labels: torch.Tensor, class_counts, *, selection_logits: torch.Tensor,
                     selection_labels: torch.Tensor, thresholds: ShotThresholds = ShotThresholds(),
                     bootstrap: int = 0, seed: int = 0) -> Evaluation:
@@ -68,7 +78,8 @@ def evaluate_logits(logits: torch.Tensor, labels: torch.Tensor, class_counts, *,
     predictions = logits.argmax(1)
     class_accuracy = per_class_accuracy(predictions, labels, len(class_counts))
     overall = 100.0 * (predictions == labels).double().mean().item()
-    accuracy = GroupAccuracy(**summarize(class_accuracy, overall, class_counts, thresholds))
+    accuracy = GroupAccuracy(**summarize(class_accuracy, overall, class_counts, thresholds),
+                             top5=top_k_accuracy(logits, labels, 5))
     temperature = fit_temperature(selection_logits, selection_labels)
     scaled = calibration(logits, labels, class_counts, thresholds, temperature=temperature)
     intervals = None
