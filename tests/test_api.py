@@ -112,7 +112,9 @@ def test_compare_config_reads_the_recipe_compare_table(tmp_path):
     for bad, fragment in [('[compare]\nseeds = "two"\n', "compare.seeds must be"),
                           ('[compare]\nlr = 1\n', "unknown key 'lr'"), ('[train]\nepochs = 1\n', "no [compare] table")]:
         recipe.write_text(bad)
+        before = checksum(tmp_path)
         assert_one_line_error(run_ltcache(["compare", str(cache), "--config", str(recipe)], cwd=tmp_path), [fragment])
+        assert checksum(tmp_path) == before
 
 
 def test_every_shipped_recipe_compare_table_resolves():

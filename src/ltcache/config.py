@@ -106,8 +106,6 @@ class TrainConfig:
     lr_rule: str | None = None  # how lr was set, stated in the resolved config (not a recipe key)
 
     def __post_init__(self):
-        if isinstance(self.data, dict):  # from a saved config.json
-            object.__setattr__(self, "data", DatasetSpec.from_dict(self.data))
         if self.data.seed != self.seed:  # one seed: the split's is the run's
             object.__setattr__(self, "data", replace(self.data, seed=self.seed))
 

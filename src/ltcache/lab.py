@@ -38,7 +38,6 @@ from ltcache.stage2.core import (
     Fitted,
     LabData,
     Method,
-    fit_method,
     resolve_method_list,
     resolve_params,
     run_fit,
@@ -166,8 +165,9 @@ class Lab:
     def fit(self, method: str, /, **hyperparameters) -> Fitted:
         """Fit registered method `method` with its defaults updated by `hyperparameters` (each checked against
         its declaration). Test is never seen."""
-        self.check(method, resolve_params(method, hyperparameters))
-        return fit_method(method, self.data, hyperparameters)
+        params = resolve_params(method, hyperparameters)
+        self.check(method, params)
+        return run_fit(method, self.data, params)
 
     def score(self, fitted: Fitted | Head, *, bootstrap: int = 0, seed: int | None = None) -> Evaluation:
         """Evaluate a fitted method (or a bare head) on test, once: accuracy and shot groups, calibration raw and

@@ -93,10 +93,6 @@ class Registry(Generic[T]):
         self.load()
         return list(self.entries.items())
 
-    def values(self) -> list[T]:
-        self.load()
-        return list(self.entries.values())
-
 
 def load_plugin(spec: str) -> str:
     """Import user code that registers entries: a path to a .py file or a dotted module name. Returns the module's
