@@ -51,7 +51,7 @@ def test_missing_checkpoint(tmp_path):
 def test_foreign_checkpoints(tmp_path):
     torch.save({"state_dict": {}}, tmp_path / "other.pt")
     assert_clean_error(invoke("extract", tmp_path / "other.pt", "--out", tmp_path / "c"),
-                       "is not an ltcache checkpoint")
+                       "neither an ltcache checkpoint nor a classifier-balancing one")
     (tmp_path / "junk.pt").write_bytes(b"\x00garbage")
     assert_clean_error(invoke("extract", tmp_path / "junk.pt", "--out", tmp_path / "c"), "not a readable")
     assert not (tmp_path / "c").exists()

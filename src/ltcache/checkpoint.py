@@ -103,3 +103,90 @@ def load_model_state(model: torch.nn.Module, weights: dict, path: Path, arch: st
         detail = f" ({mismatch[0][:160]})" if mismatch else ""
         raise LtcacheError(f"the weights in {path} do not fit a {arch} for this dataset: {first.rstrip(':.')}"
                            f"{detail}; the checkpoint was written for another architecture or class count") from None
+
+
+# ------------------------------------------------------------------ starting weights: ltcache or official checkpoints
+
+OFFICIAL = "classifier-balancing"
+_OFFICIAL_PARTS = {"feat_model": "backbone.", "classifier": ""}  # the official networks -> ltcache's Classifier
+
+
+def _load_any(path: Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise LtcacheError(f"checkpoint {path} not found; pass an ltcache checkpoint.pt or a classifier-balancing "
+                           "final_model_checkpoint.pth")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickled objects beyond tensors, or a damaged file
+        raise LtcacheError(f"{path} is not a readable checkpoint ({type(exc).__name__}: a damaged file, or pickled "
+                           "objects beyond tensors, which ltcache never unpickles); pass an ltcache checkpoint.pt or "
+                           "a classifier-balancing final_model_checkpoint.pth") from None
+    if not isinstance(state, dict):
+        raise LtcacheError(f"{path} holds a {type(state).__name__}, not a checkpoint dictionary")
+    return state
+
+
+def official_weights(networks: dict, path: Path) -> dict:
+    """Map a classifier-balancing `state_dict_best` ({'feat_model': ..., 'classifier': ...}, keys prefixed by
+    nn.DataParallel's `module.`) onto ltcache's Classifier names: feat_model's `conv1.weight` ->
+    `backbone.conv1.weight`, the DotProduct classifier's `fc.weight` -> `fc.weight`. A network or key that does not
+    map is an error naming it."""
+    missing = [part for part in _OFFICIAL_PARTS if not isinstance(networks.get(part), dict)]
+    if missing:
+        raise LtcacheError(f"{path}: state_dict_best has no {missing[0]!r} network (it has "
+                           f"{', '.join(map(str, networks)) or 'none'}); ltcache reads the official feat_model + "
+                           "DotProduct classifier checkpoints")
+    extra = sorted(set(networks) - set(_OFFICIAL_PARTS))
+    if extra:
+        raise LtcacheError(f"{path}: state_dict_best holds network {extra[0]!r}, which ltcache cannot map (only "
+                           "feat_model and a DotProduct classifier); cache its features with its own code and "
+                           "ltcache import-features")
+    weights = {}
+    for part, prefix in _OFFICIAL_PARTS.items():
+        for key, tensor in networks[part].items():
+            name = key.removeprefix("module.")
+            if part == "classifier" and name not in ("fc.weight", "fc.bias"):
+                raise LtcacheError(f"{path}: classifier key {key!r} does not map onto a linear classifier (fc.weight, "
+                                   "fc.bias); only the DotProduct classifier is supported")
+            if not isinstance(tensor, torch.Tensor):
+                raise LtcacheError(f"{path}: {part} key {key!r} is not a tensor")
+            weights[prefix + name] = tensor
+    return weights
+
+
+def read_weights(path: Path) -> tuple[dict, dict]:
+    """Model weights in ltcache's names from an ltcache checkpoint or an official classifier-balancing one, and what
+    is known of them: {'format', 'arch' (None for official checkpoints: they do not record it), 'epoch'}."""
+    path = Path(path)
+    state = _load_any(path)
+    if state.get("format") == CHECKPOINT_FORMAT:
+        state = load_checkpoint(path)
+        return state["model"], {"format": CHECKPOINT_FORMAT, "arch": state["config"]["backbone"],
+                                "epoch": state["epoch"], "dataset": state["dataset"], "config": state["config"]}
+    networks = state.get("state_dict_best", state.get("state_dict"))
+    if not isinstance(networks, dict) or not {"feat_model", "classifier"} & set(networks):
+        raise LtcacheError(f"{path} is neither an ltcache checkpoint nor a classifier-balancing one (no "
+                           "'state_dict_best'); pass checkpoint.pt from ltcache train-backbone or the official "
+                           "final_model_checkpoint.pth")
+    epoch = state.get("best_epoch", state.get("epoch"))
+    return official_weights(networks, path), {"format": OFFICIAL, "arch": None,
+                                              "epoch": int(epoch) if isinstance(epoch, int) else None}
+
+
+def load_weights_into(model: torch.nn.Module, weights: dict, path: Path, arch: str) -> None:
+    """Like load_model_state, but a key the model lacks, or one it has that the checkpoint lacks, is named."""
+    own = model.state_dict()
+    unknown = [key for key in weights if key not in own]
+    if unknown:
+        raise LtcacheError(f"{path}: key {unknown[0]!r} has no place in a {arch} (the checkpoint is another "
+                           "architecture, or one with extra layers); pass --backbone matching the checkpoint")
+    absent = [key for key in own if key not in weights and not key.endswith("num_batches_tracked")]
+    if absent:
+        raise LtcacheError(f"{path} has no weights for {absent[0]!r} of a {arch}; pass --backbone matching the "
+                           "checkpoint")
+    for key, tensor in weights.items():
+        if tuple(tensor.shape) != tuple(own[key].shape):
+            raise LtcacheError(f"{path}: {key!r} has shape {tuple(tensor.shape)}, a {arch} for this dataset needs "
+                               f"{tuple(own[key].shape)}; the checkpoint is another architecture or class count")
+    model.load_state_dict(weights, strict=False)

@@ -111,7 +111,8 @@ def command(name: str, params: Iterable[Param], *, arguments: Iterable[Param] = 
         if context:
             signature.append(inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context))
         for param in arguments:
-            signature.append(inspect.Parameter(param.name, inspect.Parameter.KEYWORD_ONLY, annotation=param.type,
+            annotation = list[str] if param.type is list else param.type
+            signature.append(inspect.Parameter(param.name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
                                                default=_typer_default(param, argument=True)))
         for param in params:
             signature.append(inspect.Parameter(param.name, inspect.Parameter.KEYWORD_ONLY,
@@ -122,6 +123,8 @@ def command(name: str, params: Iterable[Param], *, arguments: Iterable[Param] = 
         ordered = sorted((*arguments, *params), key=lambda p: callable(p.choices))
 
         def run(**values):
+            _record(name, arguments, params, values)
+
             def checked():
                 for param in ordered:
                     value = values[param.name]
@@ -138,6 +141,39 @@ def command(name: str, params: Iterable[Param], *, arguments: Iterable[Param] = 
         return body
 
     return wrap
+
+
+def _record(name: str, arguments: tuple[Param, ...], params: tuple[Param, ...], values: dict) -> None:
+    """Record `ltcache NAME ARG... --option value ...` with every option given on the command line (provenance)."""
+    try:
+        from typer._click.globals import get_current_context
+    except ImportError:  # typer releases that use click itself
+        from click import get_current_context
+    from ltcache.runtime import record_command
+
+    ctx = get_current_context(silent=True)
+
+    def given(key: str) -> bool:
+        return ctx is None or getattr(ctx.get_parameter_source(key), "name", "") == "COMMANDLINE"
+
+    argv = ["ltcache", *(["--debug"] if _state["debug"] else []), name]
+    for param in arguments:
+        value = values.get(param.name)
+        argv += [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
+    for param in (*params, *(p for p in config.TRAIN_EXTRA if name == "train-backbone")):
+        value = values.get(param.name)
+        if param.name not in values or not given(param.name) or value is None:
+            continue
+        if param.type is bool and not param.option:
+            argv.append(param.flag if value else f"--no-{param.flag[2:]}")
+        elif param.type is bool:
+            argv += [param.flag] if value else []
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                argv += [param.flag, str(item)]
+        else:
+            argv += [param.flag, str(value)]
+    record_command(argv)
 
 
 _CACHE = Param("cache", Path, None, "Cache folder.")
@@ -243,6 +279,18 @@ def compare_cmd(ctx: typer.Context, *, cache: Path, config: Path | None, as_json
         return
     typer.echo(markdown_table(comparison))
     typer.echo(f"\nselected on {options['select']}; reports in {Path(comparison.reports['results.md']).parent}")
+
+
+@command("report", options.REPORT,
+         arguments=[Param("inputs", list, None, "Caches (or compare --out folders) that ltcache compare wrote.")])
+def report_cmd(*, inputs: list[str], out: Path, by: str | None, title: str | None, overwrite: bool):
+    """One self-contained HTML page (and merged results.md / results.csv) for one or many compared caches: the
+    methods x inputs table with 95% intervals, per-class accuracy against train count, weight norms, tau curves,
+    reliability, shifted priors and provenance. Inputs that differ by stage-1 sampler (or --by) are grouped."""
+    from ltcache.htmlreport import build_report
+
+    paths = _run(build_report, inputs, out, by=by, title=title, overwrite=overwrite)
+    typer.echo(f"report: {paths['index.html']}")
 
 
 @command("methods", options.METHODS_LIST)

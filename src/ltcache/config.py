@@ -88,6 +88,8 @@ class TrainConfig:
     seed: int = declared(0, "Seeds the split, the sampler and the initialization.", low=0, high=MAX_SEED)
     backbone: str | None = declared(None, "smallresnet8/14, resnet10/32, any torchvision model name.")
     pretrained: bool = declared(False, "Start from torchvision's ImageNet weights (downloads them).")
+    init: str | None = declared(None, "Start from these weights and fine-tune (Table 1): an ltcache checkpoint.pt or a "
+                                "classifier-balancing final_model_checkpoint.pth; optimizer and schedule start fresh.")
     trainable: str | None = declared(None, "Train only these parameter groups, e.g. layer4,fc.")
     compile: bool = declared(False, "torch.compile the model (CUDA).")
     sampler: str = declared("instance", "Sampling strategy (Eq. 1-2) or the official class-aware sampler.",
@@ -159,6 +161,8 @@ class TrainConfig:
             raise LtcacheError("no run folder: pass --out (or set out = ... in the recipe)")
         if self.backbone is not None:
             check_backbone(self.backbone, pretrained=self.pretrained)
+        if self.init is not None and self.pretrained:
+            raise LtcacheError("--init and --pretrained both give starting weights; pass one of them")
         if self.loss_params is not None:
             check_loss_params(self.loss, self.loss_params, where="loss_params")
         build_loss(self.loss, [2, 1], self.loss_params)  # a bad loss parameter fails before any work
@@ -178,7 +182,12 @@ TRAIN_EXTRA = (
 
 EXTRACT = (
     Param("out", Path, None, "Cache folder to create."),
-    Param("root", str, None, "Dataset folder, if it moved since training.", optional=True),
+    Param("dataset", str, None, "Only for a classifier-balancing checkpoint (which records neither): the dataset "
+          "whose splits to extract.", optional=True, choices=_datasets),
+    Param("backbone", str, None, "Only for a classifier-balancing checkpoint: resnet10, resnext50_32x4d or "
+          "resnext152_32x4d.", optional=True),
+    Param("root", str, None, "Dataset folder, if it moved since training (always, for a classifier-balancing "
+          "checkpoint).", optional=True),
     Param("split_dir", str, None, "Split-file folder, if it moved since training.", optional=True),
     DTYPE,
     Param("batch_size", int, 512, "Images per forward pass.", low=1),

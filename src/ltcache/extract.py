@@ -8,21 +8,22 @@ import torch
 from torch.utils.data import DataLoader
 
 from ltcache.cache import CacheWriter
-from ltcache.checkpoint import load_checkpoint, load_model_state
+from ltcache.checkpoint import CHECKPOINT_FORMAT, OFFICIAL, load_model_state, load_weights_into, read_weights
 from ltcache.config import EXTRACT
 from ltcache.console import log, progress
 from ltcache.data import SPLITS, DatasetSpec, build_dataset
 from ltcache.errors import LtcacheError
 from ltcache.fsutil import sha256_file
-from ltcache.models import build_model
+from ltcache.models import build_model, check_backbone
 from ltcache.params import checked
-from ltcache.runtime import resolve_device
+from ltcache.runtime import command_line, resolve_device
 from ltcache.train import images_to
 
 
 @checked(*EXTRACT)
-def extract(checkpoint: Path, out: Path, *, root: str | None = None, split_dir: str | None = None,
-            dtype: str = "float32", batch_size: int = 512, workers: int = 0, device: str | None = None,
+def extract(checkpoint: Path, out: Path, *, dataset: str | None = None, backbone: str | None = None,
+            root: str | None = None, split_dir: str | None = None, dtype: str = "float32", batch_size: int = 512,
+            workers: int = 0, device: str | None = None,
             shard_rows: int = 65536, overwrite: bool = False, train_views: int = 0) -> Path:
     """Write penultimate features, labels and sample indices of every split, plus the joint head, to `out`.
 
@@ -31,8 +32,21 @@ def extract(checkpoint: Path, out: Path, *, root: str | None = None, split_dir: 
     """
     if train_views < 0:
         raise LtcacheError(f"--train-views must be >= 0, got {train_views}")
-    state = load_checkpoint(checkpoint)
-    config, described = state["config"], state["dataset"]
+    weights, about = read_weights(checkpoint)
+    if about["format"] == CHECKPOINT_FORMAT:
+        for name, value in (("--dataset", dataset), ("--backbone", backbone)):
+            if value is not None:
+                raise LtcacheError(f"{checkpoint} is an ltcache checkpoint, which records its own dataset and "
+                                   f"backbone; drop {name}")
+        config, described = about["config"], about["dataset"]
+    else:
+        if dataset is None or backbone is None:
+            raise LtcacheError(f"{checkpoint} is a {OFFICIAL} checkpoint, which records neither its dataset nor its "
+                               "architecture; pass --dataset, --backbone and --root (e.g. --dataset imagenet-lt "
+                               "--backbone resnext50_32x4d --root /data/imagenet)")
+        check_backbone(backbone)
+        config = {"backbone": backbone, "seed": 0, "source": OFFICIAL}
+        described = {"name": dataset}
     spec = DatasetSpec.from_dict(described, root=root, split_dir=split_dir)
     inputs = [checkpoint, spec.root, spec.split_dir]  # the cache folder may not hold what it is made from
     writer_args = {"dtype": dtype, "shard_rows": shard_rows, "overwrite": overwrite, "inputs": inputs}
@@ -40,12 +54,15 @@ def extract(checkpoint: Path, out: Path, *, root: str | None = None, split_dir: 
     data = build_dataset(spec)
     augmented_train = data.splits["train"]
     data.splits["train"] = augmented_train.with_transform(data.splits["test"].transform)  # test-time transform
-    if data.class_counts != described["train_class_counts"]:
+    if "train_class_counts" in described and data.class_counts != described["train_class_counts"]:
         raise LtcacheError(f"the dataset under {spec.root} gives train class counts {data.class_counts[:5]}... "
                            f"but the checkpoint was trained on {described['train_class_counts'][:5]}...; "
                            "pass the --root the backbone was trained on")
     model = build_model(config["backbone"], data.num_classes, data.in_channels)
-    load_model_state(model, state["model"], checkpoint, config["backbone"])
+    if about["format"] == CHECKPOINT_FORMAT:
+        load_model_state(model, weights, checkpoint, config["backbone"])
+    else:  # names the first key that does not map
+        load_weights_into(model, weights, checkpoint, config["backbone"])
     run_device = resolve_device(device)
     model.to(run_device).eval()
     if run_device.type == "cuda":
@@ -79,7 +96,8 @@ def extract(checkpoint: Path, out: Path, *, root: str | None = None, split_dir: 
         writer.write_joint_head(model.fc.weight, model.fc.bias)
         writer.write_membership(data.source_index)
         backbone = {"arch": config["backbone"], "checkpoint": str(Path(checkpoint).resolve()),
-                    "checkpoint_sha256": sha256_file(Path(checkpoint)), "epoch": state["epoch"],
+                    "checkpoint_sha256": sha256_file(Path(checkpoint)), "epoch": about["epoch"],
+                    "checkpoint_format": about["format"], "command": command_line(),
                     "resolved_config": config}
         return writer.commit(dataset=data.describe(), backbone=backbone)
     except BaseException:

@@ -113,6 +113,7 @@ class Comparison:
     class_counts: np.ndarray = field(repr=False)
     fitted: dict[str, Fitted] = field(default_factory=dict, repr=False)
     reports: dict[str, str] | None = None
+    provenance: dict = field(default_factory=dict, repr=False)  # the cache's dataset, backbone and commands
 
     def row(self, method: str) -> Row:
         """The row of `method`."""
@@ -133,6 +134,13 @@ class Comparison:
                    "train_views": self.train_views,  # augmented views per train image the trained heads used
                    "groups": self.groups, "rows": [row.as_dict() for row in self.rows]}
         summary.update({name: curve.entries for name, curve in self.curves.items()})
+        # What `ltcache report` draws without reopening the cache: train counts, weight norms, curves, provenance.
+        summary["class_counts"] = [int(n) for n in self.class_counts]
+        summary["weight_norms"] = {name: [round(float(v), 6) for v in norms]
+                                   for name, norms in self.weight_norms().items()}
+        summary["curves"] = {name: {"param": curve.param, "title": curve.title, "chosen": curve.chosen,
+                                    "entries": curve.entries} for name, curve in self.curves.items()}
+        summary["provenance"] = self.provenance
         if self.reports is not None:
             summary["reports"] = self.reports
         return summary
@@ -247,7 +255,8 @@ class Lab:
             cache=str(self.cache.path), cache_generation=self.cache.generation, selected_on=self.data.select,
             seed=self.data.seed, thresholds=self.data.thresholds, bootstrap_resamples=bootstrap,
             train_views=self.data.views, groups=group_sizes(self.data.class_counts, self.data.thresholds), rows=rows,
-            curves=self._curves(rows, fitted), class_counts=np.asarray(self.data.class_counts), fitted=fitted)
+            curves=self._curves(rows, fitted), class_counts=np.asarray(self.data.class_counts), fitted=fitted,
+            provenance=provenance(self.cache))
 
     def audit(self, name: str, grid: list[dict], honest: GroupAccuracy) -> dict:
         """The protocol audit of one method: refit it with test in the place of the selection split, so that every
@@ -335,6 +344,25 @@ class Lab:
 
 
 SEED_KEYS = ("all", "mean_per_class", "many", "medium", "few")
+
+
+def provenance(cache: FeatureCache) -> dict:
+    """Where a comparison's numbers come from: the cache's dataset, class counts, backbone (checkpoint sha256, its
+    training config and command line), the extract command and versions, and this process's command line."""
+    from ltcache import __version__
+    from ltcache.runtime import command_line
+
+    manifest = cache.manifest
+    backbone = manifest.get("backbone", {})
+    config = backbone.get("resolved_config") or {}
+    return {"dataset": manifest.get("dataset", {}).get("name"), "class_names": manifest.get("class_names"),
+            "class_counts": manifest.get("class_counts"), "backbone": backbone.get("arch"),
+            "checkpoint_sha256": backbone.get("checkpoint_sha256"), "checkpoint_format": backbone.get(
+                "checkpoint_format", "ltcache-checkpoint"), "stage1_sampler": config.get("sampler"),
+            "stage1_seed": config.get("seed"), "stage1_epochs": config.get("epochs"),
+            "train_command": config.get("command"), "extract_command": backbone.get("command"),
+            "cache_ltcache_version": manifest.get("ltcache_version"), "cache_created": manifest.get("created"),
+            "ltcache_version": __version__, "compare_command": command_line()}
 
 
 def group_sizes(class_counts, thresholds: ShotThresholds) -> dict[str, int]:

@@ -131,3 +131,13 @@ def compare_recipe(path: Path) -> dict:
             continue
         values[key] = declared[key].check(value, label)
     return values
+
+
+REPORT = (
+    Param("out", Path, None, "Folder for index.html, results.md, results.csv (made new; see --overwrite)."),
+    Param("by", str, None, "Label inputs by these provenance fields, comma-separated dotted paths, e.g. "
+          "backbone.resolved_config.sampler (default: the fields in which the inputs differ). Inputs with the same "
+          "label are seeds: their mean and 95% t-interval are shown.", optional=True),
+    Param("title", str, None, "Page title.", optional=True),
+    Param("overwrite", bool, False, "Replace an earlier ltcache report folder at --out, once the new one is complete."),
+)

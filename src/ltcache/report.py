@@ -134,7 +134,8 @@ def _csv_text(rows: list[Row]) -> str:
     intervals = [f"{key}_ci95_{end}" for key in INTERVAL_KEYS for end in ("low", "high")]
     calibration = (*CALIBRATION, "temperature", *(f"{key}_ts" for key in CALIBRATION))
     audit = ["mean_per_class_if_chosen_on_test", "optimism_mean_per_class"]
-    writer.writerow(["method", *COLUMNS, *MORE, *calibration, *intervals, *audit, "chosen", "fit_seconds"])
+    sizes = ["n_many", "n_medium", "n_few"]  # the classes in each shot group
+    writer.writerow(["method", *COLUMNS, *MORE, *calibration, *intervals, *audit, "chosen", "fit_seconds", *sizes])
     for row in rows:
         evaluation = row.evaluation
         ci = evaluation.intervals
@@ -145,7 +146,8 @@ def _csv_text(rows: list[Row]) -> str:
         audited = ([round(row.audit["test_if_chosen_on_test"]["mean_per_class"], 4),
                     round(row.audit["optimism_mean_per_class"], 4)] if row.audit else ["", ""])
         writer.writerow([row.method, *("" if v is None else round(v, 4) for v in values), *bounds, *audited,
-                         format_chosen(row.chosen), round(row.fit_seconds, 3)])
+                         format_chosen(row.chosen), round(row.fit_seconds, 3),
+                         *(getattr(evaluation.accuracy, size) for size in sizes)])
     return buffer.getvalue()
 
 
@@ -226,11 +228,12 @@ def write_reports(folder: Path, comparison: Comparison, *, ablation: bool = Fals
     ablation.{json,csv,md} of every grid point; returns their paths."""
     folder.mkdir(parents=True, exist_ok=True)
     names = ["results.json", "results.csv", "results.md", "weight_norms.png",
-             *(f"{name}.png" for name in comparison.curves), "reliability.png"]
+             *(f"{name}.png" for name in comparison.curves), "reliability.png", "index.html"]
     if ablation:
         names += ["ablation.json", "ablation.csv", "ablation.md"]
     paths = {name: folder / name for name in names}
-    write_json(paths["results.json"], comparison.as_dict())
+    summary = comparison.as_dict()
+    write_json(paths["results.json"], summary)
     atomic_write(paths["results.csv"], lambda tmp: tmp.write_text(_csv_text(comparison.rows)))
     markdown = (f"Selected on **{comparison.selected_on}**; test scored once per method.\n\n"
                 f"{markdown_table(comparison)}\n")
@@ -247,6 +250,11 @@ def write_reports(folder: Path, comparison: Comparison, *, ablation: bool = Fals
     for name, curve in comparison.curves.items():
         plot_curve(paths[f"{name}.png"], curve, comparison.selected_on)
     plot_reliability(paths["reliability.png"], comparison.rows)
+    from ltcache.htmlreport import Result, render_page
+
+    page = render_page([Result(folder.parent, summary, label=Path(comparison.cache).name)],
+                       title=f"ltcache compare: {Path(comparison.cache).name}")
+    atomic_write(paths["index.html"], lambda tmp: tmp.write_text(page, encoding="utf-8"))
     if ablation:
         write_json(paths["ablation.json"], {"selected_on": comparison.selected_on, "points": comparison.ablation()})
         atomic_write(paths["ablation.csv"], lambda tmp: tmp.write_text(_ablation_csv(comparison)))

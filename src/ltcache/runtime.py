@@ -55,3 +55,20 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int) -> torch
     import torch
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total_steps)))
+
+
+_COMMAND: list[str] = []  # the ltcache command line being run, as the CLI parsed it (empty when called from Python)
+
+
+def record_command(argv: list[str]) -> None:
+    """Remember the command line this process runs (the CLI calls this before a command starts)."""
+    _COMMAND[:] = [str(part) for part in argv]
+
+
+def command_line() -> str:
+    """How the current work was started, for provenance: the ltcache command line with every option the user gave,
+    or, called from Python, `python` and the interpreter's argv."""
+    import shlex
+    import sys
+
+    return shlex.join(_COMMAND) if _COMMAND else "python " + shlex.join(sys.argv)

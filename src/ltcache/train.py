@@ -15,7 +15,15 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ltcache import __version__
-from ltcache.checkpoint import load_checkpoint, load_model_state, rng_state, save_checkpoint, set_rng_state
+from ltcache.checkpoint import (
+    load_checkpoint,
+    load_model_state,
+    load_weights_into,
+    read_weights,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from ltcache.config import TrainConfig
 from ltcache.console import log, progress
 from ltcache.data import build_dataset
@@ -23,11 +31,11 @@ from ltcache.data.samplers import EpochSampler, parse_sampler
 from ltcache.distributed import barrier, get_rank, get_world_size, is_main_process
 from ltcache.errors import LtcacheError
 from ltcache.folders import RUN, StagedFolder, check_target, hold_exclusive, is_locked, made_by_ltcache, recover
-from ltcache.fsutil import append_jsonl, atomic_write, write_json
+from ltcache.fsutil import append_jsonl, atomic_write, sha256_file, write_json
 from ltcache.losses import build_loss
 from ltcache.metrics import evaluate
 from ltcache.models import build_model, select_trainable
-from ltcache.runtime import cosine_schedule, resolve_device, seed_everything
+from ltcache.runtime import command_line, cosine_schedule, resolve_device, seed_everything
 
 
 def autocast_for(device: torch.device):
@@ -93,10 +101,21 @@ def fit(cfg: TrainConfig, *, inputs=()) -> Path:
     with `overwrite`, an existing run is swapped out only then. A run that fails or is killed before its first
     checkpoint leaves nothing at `cfg.out`. `inputs` (the recipe file) may not lie inside `cfg.out`.
     """
+    init = None
+    if cfg.init is not None:  # read first: an ltcache checkpoint names the backbone the run must use
+        weights, about = read_weights(Path(cfg.init))
+        if cfg.backbone is None and about["arch"] is None:
+            raise LtcacheError(f"--init {cfg.init} is a {about['format']} checkpoint, which does not record its "
+                               "architecture; pass --backbone (resnet10, resnext50_32x4d or resnext152_32x4d)")
+        if cfg.backbone is not None and about["arch"] not in (None, cfg.backbone):
+            raise LtcacheError(f"--init {cfg.init} holds a {about['arch']}, not the --backbone {cfg.backbone}; drop "
+                               "--backbone or pass the matching one")
+        cfg = replace(cfg, backbone=cfg.backbone or about["arch"])
+        init = {"weights": weights, "format": about["format"], "sha256": sha256_file(Path(cfg.init))}
     cfg = cfg.resolved()
     cfg.validate()
     out = Path(cfg.out)
-    inputs = [*inputs, cfg.data.root, cfg.data.split_dir]
+    inputs = [*inputs, cfg.data.root, cfg.data.split_dir, cfg.init]
     device = resolve_device(cfg.device)
     init_distributed(device)
     try:
@@ -107,7 +126,7 @@ def fit(cfg: TrainConfig, *, inputs=()) -> Path:
         if is_main_process():
             staged = StagedFolder(out, kind=RUN, overwrite=cfg.overwrite, inputs=inputs)
         try:
-            return _train(cfg, data, RunFolder(staged, out), device)
+            return _train(cfg, data, RunFolder(staged, out), device, init=init)
         except BaseException:
             if staged is not None:
                 staged.abort()  # removes the staging folder unless the run was already published
@@ -176,11 +195,16 @@ class RunFolder:
         self.published = True
 
 
-def _train(cfg: TrainConfig, data, folder: RunFolder, device: torch.device, *, start: dict | None = None) -> Path:
-    """The training loop. `start` is a loaded checkpoint to continue from (resume)."""
+def _train(cfg: TrainConfig, data, folder: RunFolder, device: torch.device, *, start: dict | None = None,
+           init: dict | None = None) -> Path:
+    """The training loop. `start` is a loaded checkpoint to continue from (resume); `init` the starting weights of a
+    fine-tuning run (--init: weights, format, sha256)."""
     rank, world = get_rank(), get_world_size()
     seed_everything(cfg.seed)  # the same initial weights on every rank
-    model = build_model(cfg.backbone, data.num_classes, data.in_channels, pretrained=cfg.pretrained).to(device)
+    model = build_model(cfg.backbone, data.num_classes, data.in_channels, pretrained=cfg.pretrained)
+    if init is not None:
+        load_weights_into(model, init["weights"], Path(cfg.init), cfg.backbone)
+    model = model.to(device)
     trainable = select_trainable(model, cfg.trainable)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -218,7 +242,10 @@ def _train(cfg: TrainConfig, data, folder: RunFolder, device: torch.device, *, s
     autocast = autocast_for(device)
     criterion = build_loss(cfg.loss, data.class_counts, cfg.loss_params).to(device)
 
-    resolved = {**cfg.to_dict(), "world_size": world, "device": str(device), "ltcache_version": __version__}
+    resolved = {**cfg.to_dict(), "world_size": world, "device": str(device), "ltcache_version": __version__,
+                "command": command_line()}
+    if init is not None:
+        resolved.update(init_format=init["format"], init_sha256=init["sha256"])
     if start is not None:
         resolved = {**start["config"], "device": str(device), "workers": cfg.workers}
     dataset = data.describe()

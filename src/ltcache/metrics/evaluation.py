@@ -27,6 +27,7 @@ class Evaluation:
     calibrated: Calibration
     shifted_priors: dict[str, float]
     intervals: dict[str, tuple[float, float]] | None = None
+    per_class: tuple[float, ...] | None = None  # test accuracy of each class in percent (NaN: no test sample)
 
     # The accuracy keys, read directly: evaluation.all, evaluation.few, ...
     @property
@@ -57,6 +58,8 @@ class Evaluation:
                "temperature": self.temperature, **scaled}
         if self.intervals is not None:
             row["ci95"] = {key: list(bounds) for key, bounds in self.intervals.items()}
+        if self.per_class is not None:
+            row["per_class"] = [None if v != v else round(v, 4) for v in self.per_class]  # JSON has no NaN
         return row
 
 
@@ -89,4 +92,5 @@ def evaluate_logits(logits: torch.Tensor, labels: torch.Tensor, class_counts, *,
                                          seed=seed).items()}
     return Evaluation(accuracy=accuracy, calibration=calibration(logits, labels, class_counts, thresholds),
                       temperature=temperature, calibrated=scaled,
-                      shifted_priors=shifted_prior_accuracy(class_accuracy, class_counts), intervals=intervals)
+                      shifted_priors=shifted_prior_accuracy(class_accuracy, class_counts), intervals=intervals,
+                      per_class=tuple(float(v) for v in class_accuracy))

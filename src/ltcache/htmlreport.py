@@ -1,0 +1,705 @@
+"""`ltcache report`: one self-contained HTML page, and merged results.md / results.csv, for one or many comparisons.
+
+Each input is what `ltcache compare` wrote (a cache, or a compare --out folder, holding reports/results.json). Inputs
+are labelled by a provenance field (`--by backbone.resolved_config.sampler`; found automatically when the inputs
+differ in stage-1 sampler, loss, backbone, dataset or selection split), and inputs that share a label are replicate
+seeds: the page shows their mean with a 95% t-interval. A single input shows its own bootstrap interval.
+
+The page has no script and loads nothing: every figure is an inline PNG and a Content-Security-Policy forbids any
+request, so it opens from disk anywhere. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+import math
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ltcache.errors import LtcacheError
+from ltcache.folders import FolderKind, StagedFolder
+
+REPORT = FolderKind("report folder", "report.json", "index.html", ("report_version", "sources"))
+REPORT_VERSION = 1
+KEYS = ("many", "medium", "few", "all", "mean_per_class", "harmonic_mean", "geometric_mean", "top5", "ece")
+HEADINGS = {"many": "Many", "medium": "Medium", "few": "Few", "all": "All", "mean_per_class": "mean/class",
+            "harmonic_mean": "HM", "geometric_mean": "GM", "top5": "top-5", "ece": "ECE"}
+LOWER_IS_BETTER = {"ece"}
+# Provenance fields that, when they differ between inputs, label them (the first that differ, joined).
+AUTO_BY = ("backbone.resolved_config.sampler", "backbone.resolved_config.loss", "backbone.arch", "dataset.name",
+           "selected_on")
+MAX_PANELS = 6
+
+
+@dataclass
+class Result:
+    """One comparison: the folder given, its results.json, the cache manifest when it can still be read, its label."""
+
+    path: Path
+    results: dict
+    manifest: dict = field(default_factory=dict)
+    label: str = ""
+
+    @property
+    def rows(self) -> list[dict]:
+        return self.results["rows"]
+
+    @property
+    def provenance(self) -> dict:
+        return self.results.get("provenance") or {}
+
+    @property
+    def seed(self):
+        stage1 = self.provenance.get("stage1_seed")
+        return stage1 if stage1 is not None else self.results.get("seed")
+
+    def lookup(self, dotted: str):
+        """A dotted field of results.json, or of the cache manifest (backbone.resolved_config.sampler, dataset.name)."""
+        parts = dotted.split(".")
+        if parts[:2] == ["backbone", "config"]:
+            parts[1] = "resolved_config"
+        for source in (self.results, self.manifest, {"provenance": self.provenance}):
+            value, found = source, True
+            for part in parts:
+                if isinstance(value, dict) and part in value:
+                    value = value[part]
+                else:
+                    found = False
+                    break
+            if found:
+                return value
+        known = sorted({*self.results, *self.manifest} - {"rows"})
+        raise LtcacheError(f"--by {dotted}: {self.path} has no such field; fields start with one of "
+                           f"{', '.join(known)} (e.g. backbone.resolved_config.sampler)")
+
+
+def results_file(path: Path) -> Path:
+    """The results.json of an input: a cache or compare --out folder, its reports/ folder, or the file itself."""
+    path = Path(path)
+    for candidate in (path / "reports" / "results.json", path / "results.json", path):
+        if candidate.is_file() and candidate.name == "results.json":
+            return candidate
+    if not path.exists():
+        raise LtcacheError(f"{path} does not exist; pass a cache (or compare --out folder) that ltcache compare wrote")
+    raise LtcacheError(f"{path} has no reports/results.json; run ltcache compare {path} first")
+
+
+def _read(path: Path) -> tuple[dict, dict]:
+    file = results_file(path)
+    try:
+        results = json.loads(file.read_text())
+    except (OSError, ValueError) as exc:
+        raise LtcacheError(f"{file} is not readable JSON ({type(exc).__name__}); re-run ltcache compare") from None
+    rows = results.get("rows") if isinstance(results, dict) else None
+    if not isinstance(rows, list) or not rows or not all(_is_row(row) for row in rows):
+        raise LtcacheError(f"{file} is not an ltcache results.json (no rows with method, many, medium, few, all); "
+                           "re-run ltcache compare")
+    manifest = {}
+    cache = Path(str(results.get("cache", "")))
+    if results.get("cache") and (cache / "manifest.json").is_file():
+        try:
+            manifest = json.loads((cache / "manifest.json").read_text())
+        except (OSError, ValueError):
+            raise LtcacheError(f"the manifest of cache {cache} (behind {file}) is damaged; run ltcache info "
+                               f"{cache} --verify") from None
+        if manifest.get("generation") != results.get("cache_generation"):
+            raise LtcacheError(f"{file} was computed on an earlier version of cache {cache} (it was extracted again "
+                               f"since); re-run ltcache compare {cache}")
+    return results, manifest
+
+
+def _is_row(row) -> bool:
+    """A results.json row: a method name and the four accuracies (null where a group has no class)."""
+    return isinstance(row, dict) and isinstance(row.get("method"), str) and all(
+        key in row and (row[key] is None or isinstance(row[key], (int, float)) and not isinstance(row[key], bool))
+        for key in ("many", "medium", "few", "all"))
+
+
+def load_results(paths: Iterable[Path | str], *, by: str | None = None,
+                 labels: Sequence[str] | None = None) -> list[Result]:
+    """Read every input's results.json (an error names the first that is missing, damaged or stale) and label it:
+    with `labels` (one per input), else by the `by` fields (comma-separated dotted paths; an input that lacks one
+    shows '-' there), else by the provenance fields in which the inputs differ, else by folder name."""
+    paths = [Path(p) for p in paths]
+    if labels is not None and len(labels) != len(paths):
+        raise LtcacheError(f"{len(labels)} labels for {len(paths)} inputs; give one label per input")
+    if not paths:
+        raise LtcacheError("no inputs; pass one or more caches (or compare --out folders)")
+    seen = {}
+    for path in paths:
+        key = results_file(path).resolve()
+        if key in seen:
+            raise LtcacheError(f"{path} is given twice (also as {seen[key]}); pass each input once")
+        seen[key] = path
+    loaded = [Result(path, *_read(path)) for path in paths]
+    if labels is not None:
+        for result, label in zip(loaded, labels, strict=True):
+            result.label = str(label)
+        return loaded
+    fields = [f.strip() for f in by.split(",") if f.strip()] if by else _auto_by(loaded)
+    values = {}
+    for dotted in fields:
+        found = []
+        for result in loaded:
+            try:
+                found.append(_short(result.lookup(dotted)))
+            except LtcacheError as exc:
+                found.append(exc)
+        if all(isinstance(v, LtcacheError) for v in found):
+            raise found[0]  # no input has it: a misspelt field
+        values[dotted] = ["-" if isinstance(v, LtcacheError) else v for v in found]
+    for index, result in enumerate(loaded):
+        result.label = (" / ".join(values[f][index] for f in fields) if fields else _folder_name(result.path))
+    return loaded
+
+
+def _auto_by(results: list[Result]) -> list[str]:
+    if len(results) < 2:
+        return []
+    differing = []
+    for dotted in AUTO_BY:
+        try:
+            values = {json.dumps(r.lookup(dotted), sort_keys=True, default=str) for r in results}
+        except LtcacheError:
+            continue
+        if len(values) > 1:
+            differing.append(dotted)
+    return differing
+
+
+def _folder_name(path: Path) -> str:
+    path = Path(path).resolve()
+    if path.name == "results.json":
+        path = path.parent
+    if path.name == "reports":
+        path = path.parent
+    return path.name
+
+
+def _short(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+# ------------------------------------------------------------------------------------------------ statistics
+
+
+def mean_interval(values: Sequence[float]) -> tuple[float, tuple[float, float] | None]:
+    """Mean and 95% t-interval (None for a single value)."""
+    values = np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=np.float64)
+    if not len(values):
+        return float("nan"), None
+    mean = float(values.mean())
+    if len(values) < 2:
+        return mean, None
+    from scipy import stats
+
+    half = float(stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values)))
+    return mean, (mean - half, mean + half)
+
+
+def aggregate_rows(results: list[Result], *, label: str | None = None) -> dict[str, dict[str, dict]]:
+    """{label: {method: {key: {mean, ci95, interval, n, values}, groups, seeds}}}: for each label (`label` puts every
+    input under one), the mean of each metric over its inputs with a 95% t-interval over them (`interval` "seeds"),
+    or for a single input its bootstrap interval from results.json (`interval` "bootstrap")."""
+    grouped: dict[str, list[Result]] = {}
+    for result in results:
+        grouped.setdefault(label if label is not None else result.label, []).append(result)
+    table: dict[str, dict[str, dict]] = {}
+    for name, members in grouped.items():
+        methods: dict[str, list[tuple[Result, dict]]] = {}
+        for result in members:
+            for row in result.rows:
+                methods.setdefault(row["method"], []).append((result, row))
+        table[name] = {}
+        for method, entries in methods.items():
+            stats = {}
+            for key in KEYS:
+                values = [row.get(key) for _, row in entries]
+                values = [float(v) for v in values if isinstance(v, (int, float))]
+                mean, interval = mean_interval(values)
+                kind = "seeds" if interval else None
+                if interval is None and len(entries) == 1:
+                    bootstrap = (entries[0][1].get("ci95") or {}).get(key)
+                    if bootstrap and None not in bootstrap:
+                        interval, kind = (float(bootstrap[0]), float(bootstrap[1])), "bootstrap"
+                stats[key] = {"mean": mean, "ci95": list(interval) if interval else None, "interval": kind,
+                              "n": len(values), "values": values}
+            first = entries[0][1]
+            stats["groups"] = {g: first.get(f"n_{g}") for g in ("many", "medium", "few")}
+            stats["seeds"] = [result.seed for result, _ in entries]
+            table[name][method] = stats
+    return table
+
+
+def _classes(count: int) -> str:
+    return f"{count} class" if count == 1 else f"{count} classes"
+
+
+def _cell(stat: dict) -> str:
+    mean = stat["mean"]
+    if mean != mean:
+        return "-"
+    if not stat["ci95"]:
+        return f"{mean:.2f}"
+    low, high = stat["ci95"]
+    if stat["interval"] == "seeds":
+        return f"{mean:.2f} ± {(high - low) / 2:.2f}"
+    return f"{mean:.2f} [{low:.2f}, {high:.2f}]"
+
+
+def summary_table(table: dict[str, dict[str, dict]], *, label: str = "input", flat: bool = False,
+                  extra: str | None = None) -> str:
+    """A Markdown table of `aggregate_rows` output: mean ± half-width of the 95% t-interval over seeds (or the
+    bootstrap interval in brackets for a single input), Many / Medium / Few headed by their class counts. `flat`:
+    one label column (the inner keys); `extra`: a key of each entry shown as a last column."""
+    entries = [(outer, inner, stats) for outer, methods in table.items() for inner, stats in methods.items()]
+    if not entries:
+        return ""
+    groups = shared_groups(table) or {}
+    keys = ("many", "medium", "few", "all", "mean_per_class", "harmonic_mean")
+    heads = [f"{HEADINGS[k]} ({_classes(groups[k])})" if groups.get(k) is not None else HEADINGS[k] for k in keys]
+    if not groups:
+        extra_sizes = True
+        heads.append("classes Many / Medium / Few")
+    else:
+        extra_sizes = False
+    first = [label] if flat else [label, "method"]
+    lines = ["| " + " | ".join([*first, *heads, "n", *([extra] if extra else [])]) + " |",
+             "|" + "---|" * len(first) + "---:|" * (len(heads) + 1) + ("---|" if extra else "")]
+    for outer, inner, stats in entries:
+        cells = [inner] if flat else [outer, inner]
+        cells += [_cell(stats[k]) for k in keys]
+        if extra_sizes:
+            cells.append(" / ".join(str(stats["groups"].get(g)) for g in ("many", "medium", "few")))
+        cells.append(str(stats["all"]["n"]))
+        if extra:
+            cells.append(", ".join(_short(v) for v in stats.get(extra, [])))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ figures
+
+
+def _png(fig) -> tuple[str, int, int]:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png", dpi=100)
+    width, height = (int(v) for v in fig.get_size_inches() * 100)
+    plt.close(fig)
+    return base64.b64encode(buffer.getvalue()).decode("ascii"), width, height
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _panels(count: int, width: float = 4.6, height: float = 3.4):
+    plt = _pyplot()
+    columns = min(count, 3)
+    rows = math.ceil(count / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(width * columns, height * rows), squeeze=False)
+    flat = list(axes.flat)
+    for extra in flat[count:]:
+        extra.set_visible(False)
+    return fig, flat[:count]
+
+
+def _by_label(results: list[Result]) -> dict[str, list[Result]]:
+    grouped: dict[str, list[Result]] = {}
+    for result in results:
+        grouped.setdefault(result.label, []).append(result)
+    return dict(list(grouped.items())[:MAX_PANELS])
+
+
+def figure_groups(table: dict[str, dict[str, dict]]):
+    """Figure 1 style: Many / Medium / Few / All against the label (e.g. the stage-1 sampler), a line per method,
+    95% intervals as error bars."""
+    labels = list(table)
+    methods = list(dict.fromkeys(m for methods in table.values() for m in methods))
+    fig, axes = _panels(4, 4.2, 3.4)
+    x = np.arange(len(labels))
+    for ax, key in zip(axes, ("many", "medium", "few", "all"), strict=True):
+        for offset, method in enumerate(methods):
+            means, low, high = [], [], []
+            for label in labels:
+                stat = table[label].get(method, {}).get(key)
+                mean = stat["mean"] if stat else float("nan")
+                ci = stat["ci95"] if stat and stat["ci95"] else (mean, mean)
+                means.append(mean)
+                low.append(mean - ci[0])
+                high.append(ci[1] - mean)
+            shift = (offset - (len(methods) - 1) / 2) * 0.06
+            ax.errorbar(x + shift, means, yerr=[low, high], marker="o", markersize=4, capsize=2, label=method)
+        ax.set_xticks(x, labels, rotation=20, fontsize=8)
+        ax.set_title(HEADINGS[key])
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    return fig
+
+
+def figure_per_class(results: list[Result]):
+    """Per-class test accuracy against the class's train count (log x), a series per method, a panel per label."""
+    grouped = _by_label(results)
+    fig, axes = _panels(len(grouped))
+    for ax, (label, members) in zip(axes, grouped.items(), strict=True):
+        counts = np.asarray(members[0].results.get("class_counts") or [], dtype=np.float64)
+        for method in dict.fromkeys(row["method"] for row in members[0].rows):
+            series = [row.get("per_class") for result in members for row in result.rows
+                      if row["method"] == method and row.get("per_class")]
+            if not series or not len(counts):
+                continue
+            values = np.nanmean(np.array([[np.nan if v is None else v for v in s] for s in series], dtype=float), 0)
+            order = np.argsort(counts)
+            ax.plot(counts[order], values[order], marker="o", markersize=3, linewidth=1, label=method)
+        ax.set_xscale("log")
+        ax.set_xlabel("train images of the class (log)")
+        ax.set_ylabel("test accuracy of the class (%)")
+        ax.set_title(label, fontsize=9)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7)
+    return fig
+
+
+def figure_weight_norms(results: list[Result]):
+    """Fig. 2 (left): per-class weight norms, classes sorted by train count, a panel per label (its first input)."""
+    grouped = _by_label(results)
+    fig, axes = _panels(len(grouped))
+    for ax, (label, members) in zip(axes, grouped.items(), strict=True):
+        result = members[0]
+        counts = np.asarray(result.results.get("class_counts") or [], dtype=np.float64)
+        order = np.argsort(-counts, kind="stable")
+        for method, norms in (result.results.get("weight_norms") or {}).items():
+            ax.plot(np.asarray(norms)[order], marker="o", markersize=3, linewidth=1, label=method)
+        ax.set_xlabel("classes by train count (descending)")
+        ax.set_ylabel("||w_j||")
+        ax.set_title(label, fontsize=9)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7)
+    return fig
+
+
+def figure_curves(results: list[Result], name: str):
+    """A selection curve (Fig. 2 right for tau): accuracy per group on the selection split, a panel per label."""
+    grouped = {label: members for label, members in _by_label(results).items()
+               if name in (members[0].results.get("curves") or {})}
+    fig, axes = _panels(len(grouped))
+    for ax, (label, members) in zip(axes, grouped.items(), strict=True):
+        curve = members[0].results["curves"][name]
+        values = [entry[curve["param"]] for entry in curve["entries"]]
+        for key in ("many", "medium", "few", "all"):
+            ax.plot(values, [entry[key] for entry in curve["entries"]], marker="o", markersize=3, label=HEADINGS[key])
+        if curve.get("chosen") is not None:
+            ax.axvline(curve["chosen"], color="black", linestyle="--", linewidth=1,
+                       label=f"chosen {curve['param']} = {curve['chosen']:g}")
+        ax.set_xlabel(curve["param"])
+        ax.set_ylabel(f"accuracy on {members[0].results.get('selected_on')} (%)")
+        ax.set_title(label, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return fig
+
+
+def figure_reliability(results: list[Result]):
+    """Reliability diagrams: accuracy against confidence, a line per method, a panel per label (its first input)."""
+    grouped = _by_label(results)
+    fig, axes = _panels(len(grouped), 4.2, 4.0)
+    for ax, (label, members) in zip(axes, grouped.items(), strict=True):
+        ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1)
+        for row in members[0].rows:
+            bins = row.get("reliability") or []
+            if bins:
+                ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], marker="o", markersize=3,
+                        linewidth=1, label=f"{row['method']} (ECE {row.get('ece', float('nan')):.1f})")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("confidence")
+        ax.set_ylabel("accuracy")
+        ax.set_title(label, fontsize=9)
+        if len(ax.lines) > 1:
+            ax.legend(fontsize=7)
+    return fig
+
+
+def _prior_axis(keys: Iterable[str]) -> list[tuple[str, float]]:
+    """Shifted-prior keys on one axis: backward_F at -log10(F), uniform at 0, forward_F at +log10(F)."""
+    placed = []
+    for key in keys:
+        direction, _, factor = key.partition("_")
+        try:
+            value = math.log10(float(factor))
+        except ValueError:
+            continue
+        placed.append((key, -value if direction == "backward" else value))
+    return sorted(placed, key=lambda item: item[1])
+
+
+def figure_shifted_priors(results: list[Result]):
+    """Test accuracy if the test classes followed a long-tailed prior, forward (train order) or backward, against
+    the prior's imbalance; a line per method, a panel per label (mean over its inputs)."""
+    grouped = _by_label(results)
+    fig, axes = _panels(len(grouped))
+    for ax, (label, members) in zip(axes, grouped.items(), strict=True):
+        for method in dict.fromkeys(row["method"] for row in members[0].rows):
+            rows = [row for result in members for row in result.rows if row["method"] == method]
+            axis = _prior_axis(rows[0].get("shifted_priors") or {})
+            if not axis:
+                continue
+            values = [float(np.mean([row["shifted_priors"][key] for row in rows])) for key, _ in axis]
+            ax.plot([x for _, x in axis], values, marker="o", markersize=3, linewidth=1, label=method)
+        ticks = _prior_axis(members[0].rows[0].get("shifted_priors") or {})
+        ax.set_xticks([x for _, x in ticks], [key.replace("ward_", " ") for key, _ in ticks], rotation=45, fontsize=7)
+        ax.set_xlabel("test prior: backward ← uniform → forward (imbalance)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(label, fontsize=9)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7)
+    return fig
+
+
+def plot_sampling_weights(path: Path, class_counts, *, epochs: int) -> dict:
+    """Figure 3: each sampler's class probabilities p_j (classes by decreasing n_j), and progressive sampling's at
+    several epochs, from the samplers' own functions. Writes the PNG; returns the values drawn."""
+    from ltcache.fsutil import atomic_write
+    from ltcache.sampling import SAMPLERS
+
+    counts = sorted((int(n) for n in class_counts), reverse=True)
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    values = {}
+    for name in ("instance", "class", "sqrt"):
+        values[name] = [float(v) for v in SAMPLERS[name](counts, 0, epochs)]
+        left.plot(values[name], marker="o", markersize=3, label=name)
+    for epoch in sorted({0, epochs // 4, epochs // 2, 3 * epochs // 4, epochs - 1}):
+        column = f"progressive epoch {epoch + 1}/{epochs}"
+        values[column] = [float(v) for v in SAMPLERS["progressive"](counts, epoch, epochs)]
+        right.plot(values[column], marker="o", markersize=3, label=f"epoch {epoch + 1}")
+    for ax, title in ((left, "instance-, class-balanced and square-root"), (right, "progressively balanced")):
+        ax.set_xlabel("classes by decreasing n_j")
+        ax.set_ylabel("p_j")
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+    return {"columns": list(values), "values": values}
+
+
+# ------------------------------------------------------------------------------------------------ the page
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1400px; color: #222; padding: 0 1rem; }
+h1 { font-size: 1.5rem; } h2 { font-size: 1.2rem; margin-top: 2rem; border-bottom: 1px solid #ddd; }
+table { border-collapse: collapse; font-size: 0.85rem; margin: 0.5rem 0; }
+th, td { border: 1px solid #ccc; padding: 0.25rem 0.5rem; } th { background: #f3f3f3; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+td.best { background: #e3f4e1; font-weight: bold; } td.best .v::after { content: " \\2605"; color: #2a7a1f; }
+.ci { color: #666; font-size: 0.8em; margin-left: 0.3em; }
+figure { margin: 1rem 0; } figcaption { font-size: 0.85rem; color: #444; max-width: 70rem; }
+img { max-width: 100%; height: auto; border: 1px solid #eee; }
+code { background: #f5f5f5; padding: 0 0.2em; font-size: 0.85em; word-break: break-all; }
+.note { color: #555; font-size: 0.9rem; }
+"""
+
+
+def _best(table: dict[str, dict[str, dict]], key: str) -> float | None:
+    means = [stats[key]["mean"] for methods in table.values() for stats in methods.values()
+             if stats[key]["mean"] == stats[key]["mean"]]
+    if not means:
+        return None
+    return min(means) if key in LOWER_IS_BETTER else max(means)
+
+
+def shared_groups(table: dict[str, dict[str, dict]]) -> dict | None:
+    """The Many / Medium / Few class counts when every entry has the same ones (else None: each row shows its own)."""
+    sizes = {json.dumps(stats["groups"], sort_keys=True) for methods in table.values() for stats in methods.values()}
+    return json.loads(sizes.pop()) if len(sizes) == 1 else None
+
+
+def _html_table(table: dict[str, dict[str, dict]]) -> str:
+    keys = KEYS
+    groups = shared_groups(table) or {}
+    heads = "".join(f"<th>{HEADINGS[k]}" + (f" ({_classes(groups[k])})" if groups.get(k) is not None else "")
+                    + "</th>" for k in keys)
+    own = "" if groups else "<th>classes Many / Medium / Few</th>"
+    lines = [f'<table id="results"><thead><tr><th>input</th><th>method</th>{heads}<th>n</th>{own}</tr></thead>'
+             "<tbody>"]
+    best = {key: _best(table, key) for key in keys}
+    for label, methods in table.items():
+        for method, stats in methods.items():
+            cells = []
+            for key in keys:
+                stat = stats[key]
+                mean = stat["mean"]
+                marked = best[key] is not None and mean == mean and round(mean, 2) == round(best[key], 2)
+                value = "-" if mean != mean else f"{mean:.2f}"
+                ci = ""
+                if stat["ci95"]:
+                    low, high = stat["ci95"]
+                    ci = (f"± {(high - low) / 2:.2f}" if stat["interval"] == "seeds" else f"[{low:.2f}, {high:.2f}]")
+                cells.append(f'<td class="num{" best" if marked else ""}" data-label="{html.escape(label)}" '
+                             f'data-method="{html.escape(method)}" data-key="{key}"><span class="v">{value}</span>'
+                             + (f'<span class="ci">{ci}</span>' if ci else "") + "</td>")
+            sizes = "" if groups else ("<td class=\"num\">" + " / ".join(str(stats["groups"].get(g)) for g in
+                                                               ("many", "medium", "few")) + "</td>")
+            lines.append(f"<tr><td>{html.escape(label)}</td><td>{html.escape(method)}</td>{''.join(cells)}"
+                         f"<td class=\"num\">{stats['all']['n']}</td>{sizes}</tr>")
+    lines.append("</tbody></table>")
+    return "\n".join(lines)
+
+
+def _provenance_html(results: list[Result]) -> str:
+    fields = ("dataset", "class_counts", "backbone", "checkpoint_sha256", "checkpoint_format", "stage1_sampler",
+              "stage1_seed", "stage1_epochs", "cache_ltcache_version", "ltcache_version", "train_command",
+              "extract_command", "compare_command")
+    head = "".join(f"<th>{f.replace('_', ' ')}</th>" for f in ("input", "label", "selected on", *fields))
+    lines = [f'<table id="provenance"><thead><tr>{head}</tr></thead><tbody>']
+    for result in results:
+        prov = result.provenance
+        cells = [html.escape(str(result.path)), html.escape(result.label),
+                 html.escape(str(result.results.get("selected_on")))]
+        for key in fields:
+            value = prov.get(key)
+            if key == "class_counts" and value is None:
+                value = result.results.get("class_counts")
+            text = "-" if value is None else (", ".join(map(str, value)) if isinstance(value, list) else str(value))
+            cells.append(f"<code>{html.escape(text)}</code>" if key.endswith(("command", "sha256")) else
+                         html.escape(text))
+        lines.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    lines.append("</tbody></table>")
+    return "\n".join(lines)
+
+
+def render_page(results: list[Result], *, title: str | None = None) -> str:
+    """The self-contained HTML page for `results` (labelled already)."""
+    table = aggregate_rows(results)
+    figures = []
+    if len(table) > 1:
+        figures.append(("groups", figure_groups(table), "Many / Medium / Few / All test accuracy for each input "
+                        "label (Figure 1 style), a line per classifier; bars are 95% intervals (t over seeds when a "
+                        "label has several inputs, else the test bootstrap)."))
+    figures.append(("per-class", figure_per_class(results), "Per-class test accuracy against the class's number of "
+                    "train images (log scale), a series per method (mean over a label's inputs)."))
+    if any(r.results.get("weight_norms") for r in results):
+        figures.append(("weight-norms", figure_weight_norms(results), "Classifier weight norms ||w_j|| with classes "
+                        "sorted by train count (paper Fig. 2, left), for the methods that define per-class weights."))
+    curve_names = list(dict.fromkeys(n for r in results for n in (r.results.get("curves") or {})))
+    for name in curve_names:
+        figures.append((f"curve-{name}", figure_curves(results, name), f"Selection curve {name}: accuracy per "
+                        "group on the selection split against the hyperparameter (paper Fig. 2, right); the dashed "
+                        "line is the chosen value."))
+    figures.append(("reliability", figure_reliability(results), "Reliability diagrams: test accuracy against "
+                    "confidence per bin; the diagonal is perfect calibration."))
+    if any(row.get("shifted_priors") for r in results for row in r.rows):
+        figures.append(("shifted-priors", figure_shifted_priors(results), "Test accuracy if the test classes followed "
+                        "a long-tailed prior: forward keeps the train order, backward reverses it, at each "
+                        "imbalance factor."))
+    groups = shared_groups(table)
+    sizes = (f"({groups['many']} / {groups['medium']} / {groups['few']} classes)" if groups else
+             "(the class counts of each input in the table's last column)")
+    selected = sorted({str(r.results.get("selected_on")) for r in results})
+    title = title or ("ltcache report: " + ", ".join(dict.fromkeys(r.label for r in results)))
+    parts = [
+        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+        "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; img-src data:; "
+        "style-src 'unsafe-inline'\">",
+        f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+        f'<p class="note">{len(results)} comparison(s) in {len(table)} group(s); hyperparameters chosen on '
+        f"{', '.join(selected)}, test scored once per method. Many / Medium / Few: classes with more than 100, 20 to "
+        f"100 and fewer than 20 train images {sizes}. "
+        "Values are the mean over a group's inputs ± half the 95% t-interval, or a single input's test bootstrap "
+        "interval in brackets; ★ marks the best in each column across every input (lowest for ECE).</p>",
+        "<h2>Results</h2>", _html_table(table)]
+    for name, fig, caption in figures:
+        data, width, height = _png(fig)
+        parts.append(f'<figure id="fig-{name}"><img alt="{html.escape(caption)}" width="{width}" height="{height}" '
+                     f'src="data:image/png;base64,{data}"><figcaption>{html.escape(caption)}</figcaption></figure>')
+    parts += ["<h2>Provenance</h2>", _provenance_html(results),
+              f'<p class="note">Written by ltcache report at {time.strftime("%Y-%m-%d %H:%M:%S")}.</p>',
+              "</body></html>"]
+    return "\n".join(parts)
+
+
+def csv_text(results: list[Result]) -> str:
+    """One line per (input, method): every metric, the bootstrap interval of All, the input's label, seed, path."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    sizes = ("n_many", "n_medium", "n_few")
+    writer.writerow(["label", "seed", "input", "method", *KEYS, "all_ci95_low", "all_ci95_high", "selected_on",
+                     *sizes])
+    for result in results:
+        for row in result.rows:
+            ci = (row.get("ci95") or {}).get("all") or ["", ""]
+            writer.writerow([result.label, result.seed, str(result.path), row["method"],
+                             *("" if not isinstance(row.get(k), (int, float)) else round(row[k], 4) for k in KEYS),
+                             *ci, result.results.get("selected_on"), *(row.get(size) for size in sizes)])
+    return buffer.getvalue()
+
+
+def build_report(inputs: Iterable[Path | str], out: Path | str, *, by: str | None = None, title: str | None = None,
+                 overwrite: bool = False, labels: Sequence[str] | None = None) -> dict[str, str]:
+    """`ltcache report`: read every input's results.json, label it (`labels`, one per input, or see `load_results`),
+    write OUT/index.html (self-contained), results.md and
+    results.csv (merged over inputs) and report.json (what was read). OUT is built beside its place and moved in
+    whole; with `overwrite` it replaces an earlier report folder, and nothing else, once the new one is complete."""
+    from ltcache.fsutil import atomic_write, write_json
+
+    inputs = [Path(p) for p in inputs]
+    results = load_results(inputs, by=by, labels=labels)
+    target = Path(out).resolve()
+    for result in results:
+        folder = results_file(result.path).resolve().parent
+        folder = folder.parent if folder.name == "reports" else folder
+        if target == folder or folder in target.parents:
+            raise LtcacheError(f"--out {out} lies inside the input {result.path}; pass a folder outside the caches "
+                               "and compare folders it reads")
+    staged = StagedFolder(Path(out), kind=REPORT, overwrite=overwrite, inputs=inputs)
+    try:
+        page = render_page(results, title=title)
+        table = aggregate_rows(results)
+        markdown = (f"# {title or 'ltcache report'}\n\nInputs: " + ", ".join(f"`{r.path}`" for r in results)
+                    + "\n\n" + summary_table(table, label="input") + "\n")
+        atomic_write(staged.path / "index.html", lambda tmp: tmp.write_text(page, encoding="utf-8"))
+        atomic_write(staged.path / "results.md", lambda tmp: tmp.write_text(markdown))
+        atomic_write(staged.path / "results.csv", lambda tmp: tmp.write_text(csv_text(results)))
+        write_json(staged.path / "report.json", {
+            "report_version": REPORT_VERSION, "by": by, "title": title,
+            "sources": [{"input": str(r.path), "results": str(results_file(r.path).resolve()), "label": r.label,
+                         "cache_generation": r.results.get("cache_generation")} for r in results],
+            "table": table})
+        folder = staged.publish()
+    except BaseException:
+        staged.abort()
+        raise
+    finally:
+        staged.close()
+    return {name: str(folder / name) for name in ("index.html", "results.md", "results.csv", "report.json")}
+
+
+__all__ = ["Result", "aggregate_rows", "build_report", "load_results", "mean_interval", "plot_sampling_weights",
+           "render_page", "summary_table"]

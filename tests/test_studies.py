@@ -1,0 +1,61 @@
+"""experiments/studies.py runs every one of the paper's studies end to end (train, extract, compare, report) at a toy
+budget on digits-lt, and a second run skips everything that exists."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+STUDIES = ROOT / "experiments" / "studies.py"
+
+
+def run_studies(out: Path, *extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    recipe = ROOT / "experiments" / "digits_lt.toml"
+    return subprocess.run([sys.executable, str(STUDIES), "all", "--recipe", str(recipe), "--out", str(out),
+                           "--seeds", "0,1", "--epochs", "2", "--finetune-epochs", "1", "--bootstrap", "20", *extra],
+                          capture_output=True, text=True, timeout=900, env=env, cwd=out.parent)
+
+
+def test_every_study_runs_end_to_end_and_reruns_skip_what_exists(tmp_path):
+    out = tmp_path / "studies"
+    first = run_studies(out)
+    assert first.returncode == 0, first.stderr[-3000:]
+    samplers = json.loads((out / "samplers.json").read_text())["rows"]
+    assert set(samplers) == {"instance", "class", "sqrt", "progressive"}  # labelled by the runs' own sampler
+    for methods in samplers.values():
+        assert set(methods) == {"joint", "ncm", "crt", "tau_norm", "lws"}
+        for stats in methods.values():
+            assert stats["all"]["n"] == 2 and stats["all"]["interval"] == "seeds"
+            low, high = stats["all"]["ci95"]
+            assert low <= stats["all"]["mean"] <= high
+    finetune = json.loads((out / "finetune.json").read_text())["rows"]
+    assert list(finetune) == ["Joint", "C (cRT)", "B+C", "B+C (0.1x lr)", "LB+C"]
+    tuned = json.loads((out / "runs" / "ft-lbc-seed0" / "config.json").read_text())["config"]
+    assert tuned["init"].endswith("instance-seed0/checkpoint.pt") and tuned["sampler"] == "class"
+    assert tuned["trainable"] == "stages.2,fc" and tuned["epochs"] == 1
+    slow = json.loads((out / "runs" / "ft-bc-lr0.1-seed1" / "config.json").read_text())["config"]
+    base = json.loads((out / "runs" / "instance-seed1" / "config.json").read_text())["config"]
+    assert slow["lr"] == base["lr"] * 0.1
+    tau = json.loads((out / "tau.json").read_text())["rows"]
+    assert list(tau) == ["val", "train", "train, learned"] and all(len(entry["tau"]) == 2 for entry in tau.values())
+    mlp = json.loads((out / "mlp.json").read_text())["rows"]
+    assert set(next(iter(mlp.values()))) == {"crt", "mlp2", "mlp3"}
+    weights = json.loads((out / "sampling-weights.json").read_text())
+    assert abs(sum(weights["values"]["class"]) - 1) < 1e-9 and weights["values"]["class"][0] < weights["values"][
+        "instance"][0]
+    for study in ("samplers", "finetune", "tau", "mlp"):
+        page = (out / "reports" / study / "index.html").read_text()
+        assert page.count("<img ") >= 3, study
+        assert "±" in (out / f"{study}.md").read_text(), study
+    assert (out / "reports" / "sampling-weights" / "sampling_weights.png").stat().st_size > 5000
+
+    again = run_studies(out)
+    assert again.returncode == 0, again.stderr[-3000:]
+    for step in ("training ", "extracting ", "comparing "):
+        assert step not in again.stderr, again.stderr[-3000:]
+    assert json.loads((out / "samplers.json").read_text())["rows"] == samplers  # the same numbers, re-read
