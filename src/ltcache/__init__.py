@@ -8,6 +8,7 @@ The Python API (each name is imported on first use, so `import ltcache` stays ch
     fitted = lab.fit("crt", lr=0.1)
     result = lab.score(fitted)              # an Evaluation: result.all, result.few, result.calibration.ece, ...
     comparison = lab.compare(["joint", "crt", "my_head"], params={"crt": {"lr": [0.05, 0.1]}})
+    ltcache.build_report(["CACHE_A", "CACHE_B"], "REPORT_DIR")   # one HTML page over compared caches
 
     @ltcache.method("my_head", ltcache.Param("scale", float, 1.0, "Logit scale.", above=0), summary="...")
     def my_head(data: ltcache.LabData, *, scale: float) -> ltcache.Fitted:
@@ -35,12 +36,14 @@ _API = {
     "Param": "ltcache.params", "GRID": "ltcache.params",
     "Registry": "ltcache.registry", "LtcacheError": "ltcache.errors",
     "FeatureCache": "ltcache.cache", "extract": "ltcache.extract", "import_features": "ltcache.import_features",
+    "build_report": "ltcache.htmlreport", "load_results": "ltcache.htmlreport",
 }
 
 __all__ = ["Calibration", "Comparison", "Curve", "Evaluation", "FeatureCache", "Figure", "Fitted", "GRID",
            "GridPoint", "GroupAccuracy", "Head", "Lab", "LabData", "LinearHead", "LtcacheError", "METHODS", "Method",
-           "Param", "Registry", "Row", "ShotThresholds", "TRAINING", "compare", "extract", "head_kind",
-           "import_features", "info", "method", "method_names", "open_lab", "train_on_features", "with_defaults"]
+           "Param", "Registry", "Row", "ShotThresholds", "TRAINING", "build_report", "compare", "extract", "head_kind",
+           "import_features", "info", "load_results", "method", "method_names", "open_lab", "train_on_features",
+           "with_defaults"]
 
 
 def __getattr__(name: str) -> Any:
@@ -61,6 +64,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from ltcache.errors import LtcacheError
     from ltcache.extract import extract
     from ltcache.heads import Head, LinearHead, head_kind
+    from ltcache.htmlreport import build_report, load_results
     from ltcache.import_features import import_features
     from ltcache.lab import Comparison, Curve, GridPoint, Lab, Row, compare, info, open_lab
     from ltcache.metrics import Calibration, Evaluation, GroupAccuracy, ShotThresholds
