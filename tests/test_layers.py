@@ -52,11 +52,24 @@ def test_help_info_methods_and_argument_errors_import_no_torch(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+def test_report_page_is_built_without_torch(tmp_path):
+    from ltcache.lab import compare
+
+    cache = write_toy_cache(tmp_path / "c")
+    compare(cache, methods=["joint", "tau_norm"], bootstrap=0)
+    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "ltcache", "report", str(cache), "--out",
+                             str(tmp_path / "page")], capture_output=True, text=True)
+    imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if "|" in line}
+    assert result.returncode == 0, result.stderr[-500:]
+    assert "matplotlib" in imported and "torch" not in imported
+    assert (tmp_path / "page" / "index.html").is_file()
+
+
 def test_no_method_is_named_in_lab_report_or_cli():
     """`grep -w NAME` finds no registered method's name in these files, in code or in prose."""
     from ltcache.stage2 import method_names
 
-    for path in (SRC / "lab.py", SRC / "report.py", SRC / "cli.py"):
+    for path in (SRC / "lab.py", SRC / "report.py", SRC / "htmlreport.py", SRC / "cli.py"):
         text = path.read_text()
         named = [name for name in method_names() if re.search(rf"(?<!\w){re.escape(name)}(?!\w)", text)]
         assert named == [], f"{path.name} names {named}"
