@@ -234,8 +234,8 @@ def sweep_tau_cmd(*, cache: Path, taus, select: str, as_json: bool, device: str 
         return
     test = result.test
     typer.echo(f"tau sweep on {select} (* = chosen by mean per-class accuracy)\n")
-    typer.echo(curve_table(Curve("tau", "", result.curve, result.best_tau)))
     groups = {"many": test.n_many, "medium": test.n_medium, "few": test.n_few}
+    typer.echo(curve_table(Curve("tau", "", result.curve, result.best_tau), groups))
     typer.echo(f"\nchosen tau = {result.best_tau:g}; test, scored once:\n")
     typer.echo(accuracy_table(groups, [(result.method, test, {"tau": result.best_tau})]))
 

@@ -40,14 +40,21 @@ def format_chosen(chosen: Mapping) -> str:
     return ", ".join(keep) or "-"
 
 
+def group_headers(groups: Mapping[str, int] | None) -> str:
+    """'Many (5 classes) | Medium (2 classes) | Few (3 classes)': every table states the size of each shot group."""
+    if not groups:
+        return "Many | Medium | Few"
+    return " | ".join(f"{name} ({groups[key]} class{'' if groups[key] == 1 else 'es'})"
+                      for key, name in (("many", "Many"), ("medium", "Medium"), ("few", "Few")))
+
+
 def _pct(value: float) -> str:
     return "-" if value != value else f"{value:.2f}"  # NaN when a group has no test samples
 
 
 def accuracy_table(groups: Mapping[str, int], entries: Iterable[tuple[str, object, Mapping]]) -> str:
     """A Markdown table of (label, accuracy, chosen) entries; accuracy has the attributes many ... mean_per_class."""
-    lines = [f"| method | Many ({groups['many']}) | Medium ({groups['medium']}) | Few ({groups['few']}) | All "
-             "| mean/class | chosen |", "|---|---:|---:|---:|---:|---:|---|"]
+    lines = [f"| method | {group_headers(groups)} | All | mean/class | chosen |", "|---|---:|---:|---:|---:|---:|---|"]
     for label, accuracy, chosen in entries:
         cells = " | ".join(_pct(getattr(accuracy, c)) for c in COLUMNS)
         lines.append(f"| {label} | {cells} | {format_chosen(chosen)} |")
@@ -63,8 +70,7 @@ def markdown_table(comparison: Comparison) -> str:
     intervals = any(row.evaluation.intervals for row in rows)
     seeded = any(row.seeds for row in rows)
     audited = any(row.audit for row in rows)
-    header = (f"| method | Many ({groups['many']}) | Medium ({groups['medium']}) | Few ({groups['few']}) "
-              "| All | mean/class | HM | GM | top-5 | All 95% CI | ECE |")
+    header = f"| method | {group_headers(groups)} | All | mean/class | HM | GM | top-5 | All 95% CI | ECE |"
     header += " All over seeds |" if seeded else ""
     header += " mean/class if chosen on test | optimism |" if audited else ""
     lines = [header + " chosen |", "|---|" + "---:|" * 10 + ("---:|" if seeded else "")
@@ -105,9 +111,9 @@ def shifted_prior_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def curve_table(curve: Curve) -> str:
+def curve_table(curve: Curve, groups: Mapping[str, int] | None = None) -> str:
     """A selection curve: every grid value with its accuracies on the selection split, the chosen one starred."""
-    lines = [f"| {curve.param} | Many | Medium | Few | All | mean/class |", "|---:|---:|---:|---:|---:|---:|"]
+    lines = [f"| {curve.param} | {group_headers(groups)} | All | mean/class |", "|---:|---:|---:|---:|---:|---:|"]
     for entry in curve.entries:
         mark = " *" if curve.chosen is not None and entry[curve.param] == curve.chosen else ""
         lines.append(f"| {entry[curve.param]:g}{mark} | " + " | ".join(_pct(entry[c]) for c in COLUMNS) + " |")
@@ -117,8 +123,10 @@ def curve_table(curve: Curve) -> str:
 def ablation_table(comparison: Comparison) -> str:
     """Every grid point: its values, selection score and test accuracy, the selected point marked. The test
     numbers are for reading only; the choice was made on the selection split before they were computed."""
-    lines = [f"| method | point | selection ({comparison.selected_on}) mean/class | test Many | test Medium "
-             "| test Few | test All | test mean/class | selected |", "|---|---|---:|---:|---:|---:|---:|---:|:---:|"]
+    sizes = group_headers(comparison.groups).replace("Many", "test Many").replace("Medium", "test Medium").replace(
+        "Few", "test Few")
+    lines = [f"| method | point | selection ({comparison.selected_on}) mean/class | {sizes} | test All "
+             "| test mean/class | selected |", "|---|---|---:|---:|---:|---:|---:|---:|:---:|"]
     for row in comparison.rows:
         for point in row.grid or []:
             values = ", ".join(f"{k}={v}" for k, v in point.params.items()) or "-"
@@ -238,7 +246,8 @@ def write_reports(folder: Path, comparison: Comparison, *, ablation: bool = Fals
     markdown = (f"Selected on **{comparison.selected_on}**; test scored once per method.\n\n"
                 f"{markdown_table(comparison)}\n")
     for curve in comparison.curves.values():
-        markdown += f"\n### {curve.param} sweep on {comparison.selected_on}\n\n{curve_table(curve)}\n"
+        markdown += (f"\n### {curve.param} sweep on {comparison.selected_on}\n\n"
+                     f"{curve_table(curve, comparison.groups)}\n")
     shifted = shifted_prior_table(comparison.rows)
     if shifted:
         markdown += ("\n### Shifted test priors\n\nTest accuracy if its classes followed a forward (train order) or "
