@@ -110,7 +110,7 @@ def fit(cfg: TrainConfig, *, inputs=()) -> Path:
         if cfg.backbone is not None and about["arch"] not in (None, cfg.backbone):
             raise LtcacheError(f"--init {cfg.init} holds a {about['arch']}, not the --backbone {cfg.backbone}; drop "
                                "--backbone or pass the matching one")
-        cfg = replace(cfg, backbone=cfg.backbone or about["arch"])
+        cfg = replace(cfg, backbone=cfg.backbone or about["arch"], init=str(Path(cfg.init).resolve()))
         init = {"weights": weights, "format": about["format"], "sha256": sha256_file(Path(cfg.init))}
     cfg = cfg.resolved()
     cfg.validate()
