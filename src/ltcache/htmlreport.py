@@ -622,6 +622,8 @@ def render_page(results: list[Result], *, title: str | None = None) -> str:
     sizes = (f"({groups['many']} / {groups['medium']} / {groups['few']} classes)" if groups else
              "(the class counts of each input in the table's last column)")
     selected = sorted({str(r.results.get("selected_on")) for r in results})
+    thresholds = {json.dumps(r.results.get("thresholds") or {"many": 100, "few": 20}, sort_keys=True) for r in results}
+    many, few = ("/".join(str(json.loads(t)[key]) for t in sorted(thresholds)) for key in ("many", "few"))
     title = title or ("ltcache report: " + ", ".join(dict.fromkeys(r.label for r in results)))
     parts = [
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
@@ -630,8 +632,8 @@ def render_page(results: list[Result], *, title: str | None = None) -> str:
         f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>",
         f"<h1>{html.escape(title)}</h1>",
         f'<p class="note">{len(results)} comparison(s) in {len(table)} group(s); hyperparameters chosen on '
-        f"{', '.join(selected)}, test scored once per method. Many / Medium / Few: classes with more than 100, 20 to "
-        f"100 and fewer than 20 train images {sizes}. "
+        f"{', '.join(selected)}, test scored once per method. Many / Medium / Few: classes with more than {many}, "
+        f"{few} to {many} and fewer than {few} train images {sizes}. "
         "Values are the mean over a group's inputs ± half the 95% t-interval, or a single input's test bootstrap "
         "interval in brackets; ★ marks the best in each column across every input (lowest for ECE).</p>",
         "<h2>Results</h2>", _html_table(table)]
