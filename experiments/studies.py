@@ -62,6 +62,15 @@ class Study:
         cfg = train_config_from(values, explicit=set(values), recipe=Path(self.args.recipe))
         if (folder / "checkpoint.pt").is_file():
             state = load_checkpoint(folder / "checkpoint.pt")
+            wanted, saved = cfg.resolved(), state["config"]
+            for key in ("sampler", "seed", "epochs", "backbone", "batch_size", "lr", "trainable", "init"):
+                if key in ("init",) and saved.get(key) and getattr(wanted, key):
+                    same = Path(saved[key]).resolve() == Path(getattr(wanted, key)).resolve()
+                else:
+                    same = saved.get(key) == getattr(wanted, key)
+                if not same:
+                    raise SystemExit(f"error: {folder} was trained with {key} = {saved.get(key)!r}, this study asks "
+                                     f"for {getattr(wanted, key)!r}; pass another --out, or remove that run")
             if state["epoch"] >= cfg.epochs:
                 return folder
             log(f"resuming {folder} at epoch {state['epoch'] + 1}")
