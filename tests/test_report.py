@@ -30,12 +30,15 @@ def rows_of(cache: Path) -> dict[str, dict]:
     return {row["method"]: row for row in json.loads((cache / "reports" / "results.json").read_text())["rows"]}
 
 
-def test_compare_writes_its_own_page(digits_run):
+def test_compare_writes_its_own_page(digits_run, tmp_path):
     page = digits_run["cache"] / "reports" / "index.html"
     text = page.read_text()
     assert text.startswith("<!DOCTYPE html>") and "Content-Security-Policy" in text
     assert "http://" not in text and "https://" not in text  # nothing to fetch
     summary = digits_run["summary"]
+    toy = compared_toy(tmp_path / "toy")  # from Python, after CLI commands ran in this process
+    assert rows_of(toy) and json.loads((toy / "reports" / "results.json").read_text())["provenance"][
+        "compare_command"].startswith("python ")
     assert len(summary["class_counts"]) == 10 and set(summary["weight_norms"]) >= {"joint", "tau_norm", "crt", "lws"}
     assert summary["provenance"]["train_command"].startswith("ltcache demo")
     assert all(len(row["per_class"]) == 10 for row in summary["rows"])

@@ -130,8 +130,13 @@ def command(name: str, params: Iterable[Param], *, arguments: Iterable[Param] = 
                     value = values[param.name]
                     values[param.name] = param.parse(value) if param.type == GRID else param.check(value)
 
-            _run(checked)
-            return body(**values)
+            try:
+                _run(checked)
+                return body(**values)
+            finally:  # a later call from Python (a notebook, a test) is not labelled with this command
+                from ltcache.runtime import record_command
+
+                record_command([])
 
         run.__signature__ = inspect.Signature(signature)
         run.__annotations__ = {p.name: p.annotation for p in signature}
