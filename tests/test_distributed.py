@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import torch.distributed as dist
 
 from ltcache.checkpoint import load_checkpoint
@@ -26,3 +27,32 @@ def test_torchrun_two_processes_train_and_write_once(tmp_path):
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
     state = load_checkpoint(out / "checkpoint.pt")
     assert state["epoch"] == 2 and not any(key.startswith("module.") for key in state["model"])
+
+
+def test_torchrun_extraction_equals_one_process(digits_run, tmp_path):
+    """Two gloo processes each extract a contiguous slice into their own shards, gathering no features; rank 0
+    writes the manifest. The cache reads back the same rows per sample index as a single process's."""
+    from ltcache.cache import FeatureCache
+
+    checkpoint = digits_run["run"] / "checkpoint.pt"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "ltcache", "extract", str(checkpoint), "--out", str(tmp_path / "two"), "--shard-rows", "64"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("cache:") == 1
+    one, two = FeatureCache(digits_run["cache"]), FeatureCache(tmp_path / "two")
+    shards = [shard["file"] for shard in two.manifest["splits"]["train"]["shards"]]
+    assert any("/r000-" in name for name in shards) and any("/r001-" in name for name in shards)
+    assert two.manifest["class_counts"] == one.manifest["class_counts"]
+    assert not list(tmp_path.glob(".two.staging-*"))  # the staging folder became the cache
+    for split in ("train", "val", "test"):
+        a, b = one.load_split(split), two.load_split(split)
+        assert torch.equal(a.labels, b.labels), split
+        assert torch.allclose(a.features, b.features, atol=1e-5), split
+    weight_one, bias_one = one.joint_head()
+    weight_two, bias_two = two.joint_head()
+    assert torch.equal(weight_one, weight_two) and torch.equal(bias_one, bias_two)
+    views = [*command[:command.index("--out")], "--out", str(tmp_path / "views"), "--train-views", "2"]
+    refused = subprocess.run(views, capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and "not supported under torchrun yet" in refused.stderr
+    assert not (tmp_path / "views").exists()

@@ -74,10 +74,11 @@ def check_finite(features: np.ndarray, where: str) -> None:
 class SplitWriter:
     """Buffers rows of one split and flushes a shard every `shard_rows` rows."""
 
-    def __init__(self, root: Path, name: str, *, feature_dim: int, dtype: str, shard_rows: int):
+    def __init__(self, root: Path, name: str, *, feature_dim: int, dtype: str, shard_rows: int, prefix: str = ""):
         self.folder = root / name
         self.folder.mkdir(parents=True, exist_ok=True)
         self.name, self.feature_dim, self.dtype, self.shard_rows = name, feature_dim, dtype, shard_rows
+        self.prefix = prefix  # r001- under torchrun: each rank names its own shards
         self.buffer: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self.buffered = 0
         self.shards: list[dict] = []
@@ -107,7 +108,7 @@ class SplitWriter:
         features, labels, index = (np.concatenate(parts) for parts in zip(*self.buffer, strict=True))
         self.buffer = [(features[rows:], labels[rows:], index[rows:])] if len(features) > rows else []
         self.buffered = len(features) - rows
-        path = self.folder / f"{len(self.shards):05d}.h5"
+        path = self.folder / f"{self.prefix}{len(self.shards):05d}.h5"
 
         def write(tmp: Path) -> None:
             # Page-aligned data blocks, so a reader can memory-map the features (mapping.py).
@@ -120,12 +121,13 @@ class SplitWriter:
         self.seen_index.append(index[:rows])
         self.shards.append({"file": f"{self.name}/{path.name}", "rows": rows, "sha256": sha256_file(path)})
 
-    def close(self, expected_rows: int) -> dict:
-        """Flush the remainder and check that every sample index 0..expected_rows-1 appears exactly once."""
+    def close(self, expected_rows: int, *, first: int = 0) -> dict:
+        """Flush the remainder and check that every sample index first..first+expected_rows-1 appears exactly once
+        (under torchrun a rank writes the contiguous slice starting at `first`)."""
         if self.buffered:
             self._flush(self.buffered)
         seen = np.sort(np.concatenate(self.seen_index)) if self.seen_index else np.empty(0, np.int64)
-        if len(seen) != expected_rows or not np.array_equal(seen, np.arange(expected_rows)):
+        if len(seen) != expected_rows or not np.array_equal(seen, np.arange(first, first + expected_rows)):
             raise LtcacheError(f"split {self.name}: extracted {len(seen)} rows but expected each of "
                                f"{expected_rows} sample indices exactly once")
         return {"rows": expected_rows, "shards": self.shards}
@@ -143,11 +145,13 @@ class CacheWriter:
     """
 
     def __init__(self, path: Path, *, feature_dim: int, dtype: str = "float32", shard_rows: int = 65536,
-                 overwrite: bool = False, inputs=()):
+                 overwrite: bool = False, inputs=(), staging: Path | None = None):
         check_writer_options(dtype=dtype, shard_rows=shard_rows)
         self.path = Path(path)
-        self.folder = StagedFolder(self.path, kind=CACHE, overwrite=overwrite, inputs=inputs)
-        self.staging = self.folder.path
+        # `staging`: another process's staging folder (torchrun rank > 0 writes its shards into rank 0's).
+        self.folder = StagedFolder(self.path, kind=CACHE, overwrite=overwrite, inputs=inputs) if staging is None \
+            else None
+        self.staging = self.folder.path if self.folder is not None else Path(staging)
         self.feature_dim, self.dtype, self.shard_rows = feature_dim, dtype, shard_rows
         self.splits: dict[str, dict] = {}
         self.label_counts: dict[str, np.ndarray] = {}
@@ -158,14 +162,20 @@ class CacheWriter:
         check_writer_options(dtype=dtype, shard_rows=shard_rows)
         check_target(Path(path), kind=CACHE, overwrite=overwrite, inputs=inputs)
 
-    def split(self, name: str) -> SplitWriter:
+    def split(self, name: str, *, prefix: str = "") -> SplitWriter:
         return SplitWriter(self.staging, name, feature_dim=self.feature_dim, dtype=self.dtype,
-                           shard_rows=self.shard_rows)
+                           shard_rows=self.shard_rows, prefix=prefix)
 
     def finish_split(self, writer: SplitWriter, expected_rows: int, **about) -> None:
         """Close a split; `about` (e.g. views=K, of="train") is recorded beside its rows in the manifest."""
         self.splits[writer.name] = {**writer.close(expected_rows), **about}
         self.label_counts[writer.name] = writer.label_counts
+
+    def add_finished(self, name: str, entry: dict, label_counts: np.ndarray) -> None:
+        """Record a split whose shards other processes wrote and checked (torchrun): its manifest entry, its label
+        counts (summed over the processes)."""
+        self.splits[name] = entry
+        self.label_counts[name] = np.asarray(label_counts, dtype=np.int64)
 
     def write_joint_head(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
         weight = weight.detach().cpu().float().numpy()
@@ -230,7 +240,8 @@ class CacheWriter:
         return path
 
     def abort(self) -> None:
-        self.folder.abort()
+        if self.folder is not None:  # only the process that made the staging folder removes it
+            self.folder.abort()
 
 
 def _damaged(where: str, what: str) -> LtcacheError:

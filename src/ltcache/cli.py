@@ -222,7 +222,8 @@ def extract_cmd(*, checkpoint: Path, out: Path, **options):
     from ltcache.extract import extract
 
     cache = _run(extract, checkpoint, out, **options)
-    typer.echo(f"cache: {cache}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one line from rank 0 only
+        typer.echo(f"cache: {cache}")
 
 
 @command("sweep-tau", options.SWEEP_TAU, arguments=[_CACHE])
