@@ -324,6 +324,17 @@ def _panels(count: int, width: float = 4.6, height: float = 3.4):
     return fig, flat[:count]
 
 
+def _finish(ax, title: str, xlabel: str, ylabel: str, *, grid: bool = True, legend_from: int = 1) -> None:
+    """A panel's labels, title, grid, and a legend once it has `legend_from` lines or more."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    if grid:
+        ax.grid(alpha=0.3)
+    if len(ax.lines) >= legend_from:
+        ax.legend(fontsize=7)
+
+
 def _by_label(results: list[Result]) -> dict[str, list[Result]]:
     grouped: dict[str, list[Result]] = {}
     for result in results:
@@ -373,12 +384,7 @@ def figure_per_class(results: list[Result]):
             order = np.argsort(counts)
             ax.plot(counts[order], values[order], marker="o", markersize=3, linewidth=1, label=method)
         ax.set_xscale("log")
-        ax.set_xlabel("train images of the class (log)")
-        ax.set_ylabel("test accuracy of the class (%)")
-        ax.set_title(label, fontsize=9)
-        ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=7)
+        _finish(ax, label, "train images of the class (log)", "test accuracy of the class (%)")
     return fig
 
 
@@ -392,12 +398,7 @@ def figure_weight_norms(results: list[Result]):
         order = np.argsort(-counts, kind="stable")
         for method, norms in (result.results.get("weight_norms") or {}).items():
             ax.plot(np.asarray(norms)[order], marker="o", markersize=3, linewidth=1, label=method)
-        ax.set_xlabel("classes by train count (descending)")
-        ax.set_ylabel("||w_j||")
-        ax.set_title(label, fontsize=9)
-        ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=7)
+        _finish(ax, label, "classes by train count (descending)", "||w_j||")
     return fig
 
 
@@ -414,11 +415,7 @@ def figure_curves(results: list[Result], name: str):
         if curve.get("chosen") is not None:
             ax.axvline(curve["chosen"], color="black", linestyle="--", linewidth=1,
                        label=f"chosen {curve['param']} = {curve['chosen']:g}")
-        ax.set_xlabel(curve["param"])
-        ax.set_ylabel(f"accuracy on {members[0].results.get('selected_on')} (%)")
-        ax.set_title(label, fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _finish(ax, label, curve["param"], f"accuracy on {members[0].results.get('selected_on')} (%)")
     return fig
 
 
@@ -435,11 +432,7 @@ def figure_reliability(results: list[Result]):
                         linewidth=1, label=f"{row['method']} (ECE {row.get('ece', float('nan')):.1f})")
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
-        ax.set_xlabel("confidence")
-        ax.set_ylabel("accuracy")
-        ax.set_title(label, fontsize=9)
-        if len(ax.lines) > 1:
-            ax.legend(fontsize=7)
+        _finish(ax, label, "confidence", "accuracy", grid=False, legend_from=2)  # the diagonal is not a method
     return fig
 
 
@@ -471,12 +464,7 @@ def figure_shifted_priors(results: list[Result]):
             ax.plot([x for _, x in axis], values, marker="o", markersize=3, linewidth=1, label=method)
         ticks = _prior_axis(members[0].rows[0].get("shifted_priors") or {})
         ax.set_xticks([x for _, x in ticks], [key.replace("ward_", " ") for key, _ in ticks], rotation=45, fontsize=7)
-        ax.set_xlabel("test prior: backward ← uniform → forward (imbalance)")
-        ax.set_ylabel("test accuracy (%)")
-        ax.set_title(label, fontsize=9)
-        ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=7)
+        _finish(ax, label, "test prior: backward ← uniform → forward (imbalance)", "test accuracy (%)")
     return fig
 
 
