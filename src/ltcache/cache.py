@@ -27,7 +27,7 @@ import numpy as np
 from ltcache import __version__
 from ltcache.errors import LtcacheError
 from ltcache.folders import CACHE, StagedFolder, check_target, recover
-from ltcache.fsutil import atomic_write, canonical_sha256, mismatched_files, sha256_file, write_json
+from ltcache.fsutil import append_jsonl, atomic_write, canonical_sha256, mismatched_files, sha256_file, write_json
 from ltcache.heads import HEAD_KINDS, Head
 from ltcache.mapping import PAGE, map_float32
 from ltcache.options import DTYPE, SHARD_ROWS
@@ -74,11 +74,16 @@ def check_finite(features: np.ndarray, where: str) -> None:
 class SplitWriter:
     """Buffers rows of one split and flushes a shard every `shard_rows` rows."""
 
-    def __init__(self, root: Path, name: str, *, feature_dim: int, dtype: str, shard_rows: int, prefix: str = ""):
+    def __init__(self, root: Path, name: str, *, feature_dim: int, dtype: str, shard_rows: int,
+                 shard_ids: list[int] | None = None, journal: Path | None = None):
         self.folder = root / name
         self.folder.mkdir(parents=True, exist_ok=True)
         self.name, self.feature_dim, self.dtype, self.shard_rows = name, feature_dim, dtype, shard_rows
-        self.prefix = prefix  # r001- under torchrun: each rank names its own shards
+        # Shard k holds sample indices [k * shard_rows, (k + 1) * shard_rows) when the rows arrive as whole shards in
+        # index order (extract): `shard_ids` names the shards in the order they are written, whatever process
+        # writes them, and each finished shard gets a line in `journal`, so an interrupted extract resumes.
+        self.shard_ids = list(shard_ids) if shard_ids is not None else None
+        self.journal = journal
         self.buffer: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self.buffered = 0
         self.shards: list[dict] = []
@@ -108,7 +113,8 @@ class SplitWriter:
         features, labels, index = (np.concatenate(parts) for parts in zip(*self.buffer, strict=True))
         self.buffer = [(features[rows:], labels[rows:], index[rows:])] if len(features) > rows else []
         self.buffered = len(features) - rows
-        path = self.folder / f"{self.prefix}{len(self.shards):05d}.h5"
+        number = self.shard_ids[len(self.shards)] if self.shard_ids is not None else len(self.shards)
+        path = self.folder / f"{number:05d}.h5"
 
         def write(tmp: Path) -> None:
             # Page-aligned data blocks, so a reader can memory-map the features (mapping.py).
@@ -120,16 +126,20 @@ class SplitWriter:
         atomic_write(path, write)
         self.seen_index.append(index[:rows])
         self.shards.append({"file": f"{self.name}/{path.name}", "rows": rows, "sha256": sha256_file(path)})
+        if self.journal is not None:
+            append_jsonl(self.journal, {"split": self.name, "shard": number, "labels": np.bincount(
+                labels[:rows], minlength=1).tolist(), **self.shards[-1]})
 
-    def close(self, expected_rows: int, *, first: int = 0) -> dict:
-        """Flush the remainder and check that every sample index first..first+expected_rows-1 appears exactly once
-        (under torchrun a rank writes the contiguous slice starting at `first`)."""
+    def close(self, expected_rows: int, *, expected_index: np.ndarray | None = None) -> dict:
+        """Flush the remainder and check that every expected sample index (0..expected_rows-1, or `expected_index`:
+        the rows this process wrote) appears exactly once."""
         if self.buffered:
             self._flush(self.buffered)
         seen = np.sort(np.concatenate(self.seen_index)) if self.seen_index else np.empty(0, np.int64)
-        if len(seen) != expected_rows or not np.array_equal(seen, np.arange(first, first + expected_rows)):
+        expected = np.arange(expected_rows) if expected_index is None else np.sort(expected_index)
+        if len(seen) != len(expected) or not np.array_equal(seen, expected):
             raise LtcacheError(f"split {self.name}: extracted {len(seen)} rows but expected each of "
-                               f"{expected_rows} sample indices exactly once")
+                               f"{len(expected)} sample indices exactly once")
         return {"rows": expected_rows, "shards": self.shards}
 
 
@@ -145,12 +155,13 @@ class CacheWriter:
     """
 
     def __init__(self, path: Path, *, feature_dim: int, dtype: str = "float32", shard_rows: int = 65536,
-                 overwrite: bool = False, inputs=(), staging: Path | None = None):
+                 overwrite: bool = False, inputs=(), staging: Path | None = None, adopt: Path | None = None):
         check_writer_options(dtype=dtype, shard_rows=shard_rows)
         self.path = Path(path)
-        # `staging`: another process's staging folder (torchrun rank > 0 writes its shards into rank 0's).
-        self.folder = StagedFolder(self.path, kind=CACHE, overwrite=overwrite, inputs=inputs) if staging is None \
-            else None
+        # `staging`: another process's staging folder (torchrun rank > 0 writes its shards into rank 0's);
+        # `adopt`: a killed extract's staging folder, continued (extract --resume).
+        self.folder = StagedFolder(self.path, kind=CACHE, overwrite=overwrite, inputs=inputs, adopt=adopt) \
+            if staging is None else None
         self.staging = self.folder.path if self.folder is not None else Path(staging)
         self.feature_dim, self.dtype, self.shard_rows = feature_dim, dtype, shard_rows
         self.splits: dict[str, dict] = {}
@@ -162,9 +173,9 @@ class CacheWriter:
         check_writer_options(dtype=dtype, shard_rows=shard_rows)
         check_target(Path(path), kind=CACHE, overwrite=overwrite, inputs=inputs)
 
-    def split(self, name: str, *, prefix: str = "") -> SplitWriter:
+    def split(self, name: str, *, shard_ids: list[int] | None = None, journal: Path | None = None) -> SplitWriter:
         return SplitWriter(self.staging, name, feature_dim=self.feature_dim, dtype=self.dtype,
-                           shard_rows=self.shard_rows, prefix=prefix)
+                           shard_rows=self.shard_rows, shard_ids=shard_ids, journal=journal)
 
     def finish_split(self, writer: SplitWriter, expected_rows: int, **about) -> None:
         """Close a split; `about` (e.g. views=K, of="train") is recorded beside its rows in the manifest."""

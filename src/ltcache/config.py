@@ -197,6 +197,8 @@ EXTRACT = (
     Param("overwrite", bool, False, "Replace an existing cache (only once the new one is complete)."),
     Param("train_views", int, 0, "Also store K augmented views of every train image; cRT, LWS, DisAlign and the "
           "other trained heads then sample among them.", low=0, high=1000),
+    Param("resume", bool, False, "Continue a killed extract of the same checkpoint and options into --out: the "
+          "finished shards (sha256-checked) are kept, only the rest is extracted, under any number of processes."),
 )
 
 IMPORT_FEATURES = (

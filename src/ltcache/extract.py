@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
 from ltcache.cache import CacheWriter
 from ltcache.checkpoint import CHECKPOINT_FORMAT, OFFICIAL, load_model_state, load_weights_into, read_weights
@@ -16,7 +17,8 @@ from ltcache.console import log, progress
 from ltcache.data import SPLITS, DatasetSpec, build_dataset
 from ltcache.distributed import barrier, get_rank, get_world_size
 from ltcache.errors import LtcacheError
-from ltcache.fsutil import sha256_file
+from ltcache.folders import dead_staging
+from ltcache.fsutil import sha256_file, write_json
 from ltcache.models import build_model, check_backbone
 from ltcache.params import checked
 from ltcache.runtime import command_line, resolve_device
@@ -27,11 +29,16 @@ from ltcache.train import images_to, init_distributed
 def extract(checkpoint: Path, out: Path, *, dataset: str | None = None, backbone: str | None = None,
             root: str | None = None, split_dir: str | None = None, dtype: str = "float32", batch_size: int = 512,
             workers: int = 0, device: str | None = None,
-            shard_rows: int = 65536, overwrite: bool = False, train_views: int = 0) -> Path:
+            shard_rows: int = 65536, overwrite: bool = False, train_views: int = 0, resume: bool = False) -> Path:
     """Write penultimate features, labels and sample indices of every split, plus the joint head, to `out`.
 
     With train_views K > 0, also a `train_views` split of K augmented views of every train image (the stage-1
     train transform, seeded by the run's seed and the view number): row k * len(train) + i is view k of image i.
+
+    Shard k of a split holds sample indices [k * shard_rows, (k + 1) * shard_rows), whichever process writes it, so
+    the cache is the same under any number of torchrun processes. Each finished shard is journalled in the staging
+    folder; with `resume`, a killed extract's staging folder is continued: the shards whose journal line and sha256
+    agree are kept and only the others are extracted.
     """
     if train_views < 0:
         raise LtcacheError(f"--train-views must be >= 0, got {train_views}")
@@ -54,6 +61,9 @@ def extract(checkpoint: Path, out: Path, *, dataset: str | None = None, backbone
     inputs = [checkpoint, spec.root, spec.split_dir]  # the cache folder may not hold what it is made from
     writer_args = {"dtype": dtype, "shard_rows": shard_rows, "overwrite": overwrite, "inputs": inputs}
     CacheWriter.check_target(Path(out), **writer_args)
+    plan = {"checkpoint_sha256": sha256_file(Path(checkpoint)), "dtype": dtype, "shard_rows": shard_rows,
+            "train_views": train_views, "dataset": spec.to_dict()}
+    adopt = find_interrupted(Path(out), plan) if resume else None
     data = build_dataset(spec)
     augmented_train = data.splits["train"]
     data.splits["train"] = augmented_train.with_transform(data.splits["test"].transform)  # test-time transform
@@ -68,39 +78,48 @@ def extract(checkpoint: Path, out: Path, *, dataset: str | None = None, backbone
         load_weights_into(model, weights, checkpoint, config["backbone"])
     run_device = resolve_device(device)
     init_distributed(run_device)  # under torchrun: one process group, every rank extracts its own slice
-    if get_world_size() > 1 and train_views:
-        raise LtcacheError("--train-views is not supported under torchrun yet (the views' random augmentations "
-                           "would differ from a single process); extract them in one process")
+    if (get_world_size() > 1 or resume) and train_views:
+        raise LtcacheError("--train-views is not supported under torchrun or with --resume yet (the views' random "
+                           "augmentations would differ from one uninterrupted process); extract them in one process")
     model.to(run_device).eval()
     if run_device.type == "cuda":
         model.to(memory_format=torch.channels_last)
 
-    writer = open_writer(Path(out), model.feature_dim, writer_args)
+    writer = open_writer(Path(out), model.feature_dim, writer_args, adopt=adopt)
     rank, world = get_rank(), get_world_size()
     loader_args = {"batch_size": batch_size, "shuffle": False, "num_workers": workers,
                    "pin_memory": run_device.type == "cuda"}
 
-    def write_rows(split_writer, dataset, label: str, offset: int = 0) -> None:
-        loader = DataLoader(dataset, generator=torch.Generator().manual_seed(torch.initial_seed()), **loader_args)
+    def write_rows(split_writer, dataset, label: str, offset: int = 0, batches: list[list[int]] | None = None) -> None:
+        if batches is None:
+            loader = DataLoader(dataset, generator=torch.Generator().manual_seed(torch.initial_seed()), **loader_args)
+        else:  # batches that never cross a shard: each shard's rows are computed alike in any run, resumed or split
+            loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers,
+                                pin_memory=run_device.type == "cuda")
         with torch.inference_mode():
             for images, labels, index in progress(loader, label=label, length=len(loader)):
                 features = model.backbone(images_to(images, run_device)).float()
                 split_writer.add(features.cpu().numpy(), labels.numpy(), index.numpy() + offset)
 
     try:
+        done = journalled_shards(writer.staging, plan)  # {} for a new extract, which records its plan
         for split in (name for name in SPLITS if name in data.splits):
             dataset = data.splits[split]
-            if world == 1:
-                split_writer = writer.split(split)
-                write_rows(split_writer, dataset, f"extract {split}")
-                writer.finish_split(split_writer, len(dataset))
-            else:  # a contiguous slice per rank, its own shards; rank 0 lists them all in the manifest
-                first, count = rank_slice(len(dataset), rank, world)
-                split_writer = writer.split(split, prefix=f"r{rank:03d}-")
-                write_rows(split_writer, Subset(dataset, range(first, first + count)), f"extract {split}")
-                merge_split(writer, split, split_writer.close(count, first=first), split_writer.label_counts,
-                            len(dataset))
-            log(f"extracted {split}: {len(dataset)} rows x {model.feature_dim}")
+            shards = -(-len(dataset) // shard_rows)
+            first, count = rank_slice(shards, rank, world)  # whole shards per rank: the same cache for any N
+            finished = done.get(split, {})
+            todo = [k for k in range(first, first + count) if k not in finished]
+            batches = [list(range(start, min(start + batch_size, k * shard_rows + shard_rows, len(dataset))))
+                       for k in todo for start in range(k * shard_rows, min((k + 1) * shard_rows, len(dataset)),
+                                                        batch_size)]
+            rows = np.asarray([i for batch in batches for i in batch], dtype=np.int64)
+            split_writer = writer.split(split, shard_ids=todo, journal=writer.staging / f"journal-r{rank:03d}.jsonl")
+            if batches:
+                write_rows(split_writer, dataset, f"extract {split}", batches=batches)
+            entry = split_writer.close(len(dataset), expected_index=rows)
+            merge_split(writer, split, entry, split_writer.label_counts, finished, len(dataset), shards)
+            log(f"extracted {split}: {len(dataset)} rows x {model.feature_dim}"
+                + (f" ({len(finished)} of {shards} shards kept from the interrupted run)" if finished else ""))
         if train_views:
             rows = len(augmented_train)
             views_writer = writer.split("train_views")
@@ -112,6 +131,8 @@ def extract(checkpoint: Path, out: Path, *, dataset: str | None = None, backbone
         if rank != 0:
             barrier()  # rank 0 commits; the cache exists when every rank returns
             return Path(out)
+        for bookkeeping in [writer.staging / PLAN, *writer.staging.glob("journal-r*.jsonl")]:
+            bookkeeping.unlink()  # the manifest is the cache's record from here on
         writer.write_joint_head(model.fc.weight, model.fc.bias)
         writer.write_membership(data.source_index)
         backbone = {"arch": config["backbone"], "checkpoint": str(Path(checkpoint).resolve()),
@@ -121,6 +142,12 @@ def extract(checkpoint: Path, out: Path, *, dataset: str | None = None, backbone
         path = writer.commit(dataset=data.describe(), backbone=backbone)
         barrier()
         return path
+    except KeyboardInterrupt:  # the finished shards stay for --resume (as after a kill); nothing is published
+        if writer.folder is not None:
+            writer.folder.close()
+            log(f"interrupted: the finished shards are kept in {writer.staging}; continue with the same command "
+                "and --resume")
+        raise
     except BaseException:
         writer.abort()
         raise
@@ -136,17 +163,17 @@ def rank_slice(rows: int, rank: int, world: int) -> tuple[int, int]:
     return first, base + (1 if rank < extra else 0)
 
 
-def open_writer(out: Path, feature_dim: int, writer_args: dict) -> CacheWriter:
+def open_writer(out: Path, feature_dim: int, writer_args: dict, *, adopt: Path | None = None) -> CacheWriter:
     """Rank 0 makes the staging folder; under torchrun the other ranks write their shards into it (its path is
     broadcast, or rank 0's error, so that no rank waits on a folder that was never made)."""
     if get_world_size() == 1:
-        return CacheWriter(out, feature_dim=feature_dim, **writer_args)
+        return CacheWriter(out, feature_dim=feature_dim, adopt=adopt, **writer_args)
     message: list = [None]
     writer = None
     barrier()  # every rank has checked the target (check_target refuses a live staging folder) before it exists
     if get_rank() == 0:
         try:
-            writer = CacheWriter(out, feature_dim=feature_dim, **writer_args)
+            writer = CacheWriter(out, feature_dim=feature_dim, adopt=adopt, **writer_args)
             message = [("ok", str(writer.staging))]
         except LtcacheError as exc:
             message = [("error", str(exc))]
@@ -158,15 +185,83 @@ def open_writer(out: Path, feature_dim: int, writer_args: dict) -> CacheWriter:
                                                          **writer_args)
 
 
-def merge_split(writer: CacheWriter, split: str, entry: dict, label_counts: np.ndarray, rows: int) -> None:
-    """Every rank's shard list and label counts (metadata, never features) to rank 0, which records the split."""
+def merge_split(writer: CacheWriter, split: str, entry: dict, label_counts: np.ndarray, finished: dict, rows: int,
+                shards: int) -> None:
+    """Every process's new shards and label counts (metadata, never features), and the shards kept from an
+    interrupted run, become the split's manifest entry on rank 0: shards in index order, every one present."""
     parts: list = [None] * get_world_size()
-    dist.all_gather_object(parts, (entry["rows"], entry["shards"], np.asarray(label_counts, dtype=np.int64)))
+    mine = (entry["shards"], np.asarray(label_counts, dtype=np.int64))
+    if get_world_size() > 1:
+        dist.all_gather_object(parts, mine)
+    else:
+        parts = [mine]
     if get_rank() != 0:
         return
-    if sum(part[0] for part in parts) != rows:
-        raise LtcacheError(f"split {split}: the processes extracted {sum(p[0] for p in parts)} rows, expected {rows}")
-    counts = np.zeros(max(len(part[2]) for part in parts), dtype=np.int64)
+    listed = [shard for part in parts for shard in part[0]] + [kept["entry"] for kept in finished.values()]
+    by_number = {int(Path(shard["file"]).stem): shard for shard in listed}
+    if sorted(by_number) != list(range(shards)) or len(listed) != shards:
+        raise LtcacheError(f"split {split}: the shards written are {sorted(by_number)[:5]}..., expected each of "
+                           f"0..{shards - 1} once; re-run extract without --resume")
+    counts = np.zeros(max([len(part[1]) for part in parts] + [len(k["labels"]) for k in finished.values()] + [1]),
+                      dtype=np.int64)
     for part in parts:
-        counts[: len(part[2])] += part[2]
-    writer.add_finished(split, {"rows": rows, "shards": [shard for part in parts for shard in part[1]]}, counts)
+        counts[: len(part[1])] += part[1]
+    for kept in finished.values():
+        counts[: len(kept["labels"])] += np.asarray(kept["labels"], dtype=np.int64)
+    entry = {"rows": rows, "shards": [by_number[k] for k in range(shards)]}
+    if sum(shard["rows"] for shard in entry["shards"]) != rows:
+        raise LtcacheError(f"split {split}: the shards hold {sum(s['rows'] for s in entry['shards'])} rows, "
+                           f"expected {rows}; re-run extract without --resume")
+    writer.add_finished(split, entry, counts)
+
+
+PLAN = "extract.json"  # in the staging folder: what is being extracted, so that --resume continues only that
+
+
+def find_interrupted(out: Path, plan: dict) -> Path:
+    """The staging folder a killed extract of the same checkpoint and options left beside `out`."""
+    candidates = dead_staging(out)
+    for folder in candidates:
+        try:
+            saved = json.loads((folder / PLAN).read_text())
+        except (OSError, ValueError):
+            continue
+        for key, value in plan.items():
+            if saved.get(key) != value:
+                raise LtcacheError(f"the interrupted extract in {folder.name} was run with another {key} "
+                                   f"({saved.get(key)!r}, now {value!r}); run with the same options, or without "
+                                   "--resume to start again")
+        return folder
+    raise LtcacheError(f"no interrupted extract of {out} to resume (no staging folder of a finished process beside "
+                       "it); run without --resume")
+
+
+def journalled_shards(staging: Path, plan: dict) -> dict[str, dict[int, dict]]:
+    """Rank 0: record the plan (a new extract) or read the journals of an interrupted one, keeping each shard whose
+    file still has the sha256 its journal line gives and removing every other shard file; broadcast to all ranks."""
+    result: list = [None]
+    if get_rank() == 0:
+        kept: dict[str, dict[int, dict]] = {}
+        if (staging / PLAN).is_file():
+            for journal in sorted(staging.glob("journal-r*.jsonl")):
+                for line in journal.read_text().splitlines():
+                    try:
+                        item = json.loads(line)
+                        split, number, file = item["split"], int(item["shard"]), staging / item["file"]
+                    except (ValueError, KeyError, TypeError):
+                        continue  # a line cut short by the kill
+                    if file.is_file() and sha256_file(file) == item["sha256"]:
+                        kept.setdefault(split, {})[number] = {
+                            "entry": {"file": item["file"], "rows": item["rows"], "sha256": item["sha256"]},
+                            "labels": item["labels"]}
+            for folder in (path for path in staging.iterdir() if path.is_dir()):
+                for shard in folder.iterdir():  # unjournalled or damaged shards, temporary files: redone
+                    if shard.name.endswith(".h5") and shard.stem.isdigit() and int(shard.stem) in kept.get(
+                            folder.name, {}):
+                        continue
+                    shard.unlink()
+        write_json(staging / PLAN, plan)
+        result = [kept]
+    if get_world_size() > 1:
+        dist.broadcast_object_list(result, src=0)
+    return result[0]

@@ -215,6 +215,12 @@ def folder_lock(path: Path, *, shared: bool, what: str) -> Iterator[int | None]:
 # ------------------------------------------------------------------------------------------ staged folders
 
 
+def dead_staging(target: Path) -> list[Path]:
+    """The staging folders beside `target` whose writer is gone (killed before it finished), newest first."""
+    dead = [folder for folder in _siblings(Path(target), "staging") if not _is_live(folder)]
+    return sorted(dead, key=lambda folder: folder.stat().st_mtime, reverse=True)
+
+
 def _siblings(target: Path, role: str) -> list[Path]:
     target = Path(target)
     parent = target.parent if str(target.parent) else Path(".")
@@ -270,17 +276,22 @@ class StagedFolder:
     """
 
     def __init__(self, target: Path, *, kind: FolderKind, overwrite: bool, inputs: Iterable = (),
-                 option: str = "--out"):
+                 option: str = "--out", adopt: Path | None = None):
         self.target, self.kind, self.overwrite = Path(target), kind, overwrite
         inputs = list(inputs)
         check_target(self.target, kind=kind, overwrite=overwrite, inputs=inputs, option=option)
+        self.path = self.target.with_name(f".{self.target.name}.staging-{os.getpid()}")
+        if adopt is not None:  # a dead writer's staging folder, continued (extract --resume): made ours first
+            if _is_live(Path(adopt)):
+                raise LtcacheError(f"{adopt} belongs to a running ltcache process; wait for it to finish")
+            os.rename(adopt, self.path)
         if recover(self.target, kind) is not None:  # a dead writer's complete folder is now at the target
             check_target(self.target, kind=kind, overwrite=overwrite, inputs=inputs, option=option)
         self.created = _make_parents(self.target.parent)
-        self.path = self.target.with_name(f".{self.target.name}.staging-{os.getpid()}")
-        shutil.rmtree(self.path, ignore_errors=True)
+        if adopt is None:
+            shutil.rmtree(self.path, ignore_errors=True)
         try:
-            self.path.mkdir()
+            self.path.mkdir(exist_ok=adopt is not None)
         except OSError as exc:
             self._remove_parents()
             raise LtcacheError(f"cannot create {kind.label} next to {self.target}: {exc.strerror}; pass a writable "
