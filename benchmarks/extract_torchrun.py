@@ -36,6 +36,7 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=96)
     parser.add_argument("--backbone", default="resnet18")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--shard-rows", type=int, default=1024, help="ranks take whole shards: keep shards < rows / N")
     parser.add_argument("--results", type=Path, default=Path(__file__).with_name("RESULTS.md"))
     args = parser.parse_args()
     import torch
@@ -51,10 +52,11 @@ def main() -> None:
                "1", "--batch-size", "32", "--device", args.device, "--out", str(folder / "run")], env)
         checkpoint = str(folder / "run" / "checkpoint.pt")
         one = timed([sys.executable, "-m", "ltcache", "extract", checkpoint, "--out", str(folder / "one"),
-                     "--device", args.device, "--batch-size", "64"], {**env, "OMP_NUM_THREADS": str(cores)})
+                     "--device", args.device, "--batch-size", "64", "--shard-rows", str(args.shard_rows)],
+                    {**env, "OMP_NUM_THREADS": str(cores)})
         many = timed([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                       str(args.nproc), "-m", "ltcache", "extract", checkpoint, "--out", str(folder / "many"),
-                      "--device", args.device, "--batch-size", "64"],
+                      "--device", args.device, "--batch-size", "64", "--shard-rows", str(args.shard_rows)],
                      {**env, "OMP_NUM_THREADS": str(max(1, cores // args.nproc))})
         a, b = FeatureCache(folder / "one"), FeatureCache(folder / "many")
         rows = {split: len(a.load_split(split)) for split in ("train", "val", "test")}
@@ -62,7 +64,8 @@ def main() -> None:
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [f"\n## Extraction, one process against torchrun ({when})\n",
              f"`python benchmarks/extract_torchrun.py --nproc {args.nproc} --n-max {args.n_max} --image-size "
-             f"{args.image_size}`: {args.backbone} on synthetic-lt ({sum(rows.values())} images at "
+             f"{args.image_size} --shard-rows {args.shard_rows}`: {args.backbone} on synthetic-lt "
+             f"({sum(rows.values())} images at "
              f"{args.image_size} px: {rows}), device {args.device}, {cores} cores; each command timed whole "
              "(start-up, torch import and dataset included). Same features in both caches: "
              f"{'yes' if same else 'NO'} (atol 1e-4).\n",

@@ -107,6 +107,9 @@ def extract(checkpoint: Path, out: Path, *, dataset: str | None = None, backbone
             dataset = data.splits[split]
             shards = -(-len(dataset) // shard_rows)
             first, count = rank_slice(shards, rank, world)  # whole shards per rank: the same cache for any N
+            if world > 1 and shards < 2 * world and len(dataset) >= 2 * world * 64:
+                log(f"note: {split} has {shards} shard(s) of --shard-rows {shard_rows} for {world} processes, which "
+                    "take whole shards; a smaller --shard-rows spreads the work")
             finished = done.get(split, {})
             todo = [k for k in range(first, first + count) if k not in finished]
             batches = [list(range(start, min(start + batch_size, k * shard_rows + shard_rows, len(dataset))))
