@@ -159,9 +159,10 @@ def extract(checkpoint: Path, out: Path, *, dataset: str | None = None, backbone
             dist.destroy_process_group()
 
 
-def rank_slice(rows: int, rank: int, world: int) -> tuple[int, int]:
-    """The contiguous rows [first, first + count) that `rank` of `world` extracts (sizes differ by at most one)."""
-    base, extra = divmod(rows, world)
+def rank_slice(items: int, rank: int, world: int) -> tuple[int, int]:
+    """The contiguous items (shard numbers) [first, first + count) that `rank` of `world` takes (counts differ by at
+    most one)."""
+    base, extra = divmod(items, world)
     first = rank * base + min(rank, extra)
     return first, base + (1 if rank < extra else 0)
 
