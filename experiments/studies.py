@@ -64,7 +64,7 @@ class Study:
             state = load_checkpoint(folder / "checkpoint.pt")
             wanted, saved = cfg.resolved(), state["config"]
             for key in ("sampler", "seed", "epochs", "backbone", "batch_size", "lr", "trainable", "init"):
-                if key in ("init",) and saved.get(key) and getattr(wanted, key):
+                if key == "init" and saved.get(key) and getattr(wanted, key):
                     same = Path(saved[key]).resolve() == Path(getattr(wanted, key)).resolve()
                 else:
                     same = saved.get(key) == getattr(wanted, key)

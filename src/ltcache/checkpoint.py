@@ -81,6 +81,11 @@ def load_checkpoint(path: Path) -> dict:
         raise LtcacheError(f"{path} is not a readable ltcache checkpoint ({type(exc).__name__}); {_NOT_OURS}") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise LtcacheError(f"{path} is not an ltcache checkpoint; {_NOT_OURS}")
+    return checked_state(state, path)
+
+
+def checked_state(state: dict, path: Path) -> dict:
+    """The structure of a loaded ltcache checkpoint (version, required keys, a named backbone), checked."""
     if state.get("version") != CHECKPOINT_VERSION:
         raise LtcacheError(f"{path} has checkpoint version {state.get('version')}, this ltcache reads "
                            f"version {CHECKPOINT_VERSION}; re-train or use a matching ltcache")
@@ -161,7 +166,7 @@ def read_weights(path: Path) -> tuple[dict, dict]:
     path = Path(path)
     state = _load_any(path)
     if state.get("format") == CHECKPOINT_FORMAT:
-        state = load_checkpoint(path)
+        state = checked_state(state, path)  # loaded once: a large checkpoint is not read twice
         return state["model"], {"format": CHECKPOINT_FORMAT, "arch": state["config"]["backbone"],
                                 "epoch": state["epoch"], "dataset": state["dataset"], "config": state["config"]}
     networks = state.get("state_dict_best", state.get("state_dict"))

@@ -139,7 +139,7 @@ def extract(checkpoint: Path, out: Path, *, dataset: str | None = None, backbone
         writer.write_joint_head(model.fc.weight, model.fc.bias)
         writer.write_membership(data.source_index)
         backbone = {"arch": config["backbone"], "checkpoint": str(Path(checkpoint).resolve()),
-                    "checkpoint_sha256": sha256_file(Path(checkpoint)), "epoch": about["epoch"],
+                    "checkpoint_sha256": plan["checkpoint_sha256"], "epoch": about["epoch"],
                     "checkpoint_format": about["format"], "command": command_line(),
                     "resolved_config": config}
         path = writer.commit(dataset=data.describe(), backbone=backbone)
