@@ -46,7 +46,7 @@ def assert_clean_error(result, *fragments):
 
 
 def write_toy_cache(path: Path, *, class_counts=(30, 12, 3), feature_dim=4, seed=0, shard_rows=16,
-                    overwrite=False) -> Path:
+                    overwrite=False, dtype="float32", noise=0.5) -> Path:
     """A small cache of Gaussian blobs (one per class) with a joint head biased toward class 0."""
     generator = torch.Generator().manual_seed(seed)
     num_classes = len(class_counts)
@@ -54,9 +54,9 @@ def write_toy_cache(path: Path, *, class_counts=(30, 12, 3), feature_dim=4, seed
 
     def blob(counts):
         labels = torch.cat([torch.full((n,), c) for c, n in enumerate(counts)])
-        return centers[labels] + 0.5 * torch.randn(len(labels), feature_dim, generator=generator), labels
+        return centers[labels] + noise * torch.randn(len(labels), feature_dim, generator=generator), labels
 
-    writer = CacheWriter(path, feature_dim=feature_dim, shard_rows=shard_rows, overwrite=overwrite)
+    writer = CacheWriter(path, feature_dim=feature_dim, shard_rows=shard_rows, overwrite=overwrite, dtype=dtype)
     splits = {"train": blob(class_counts), "val": blob([10] * num_classes), "test": blob([20] * num_classes)}
     for name, (features, labels) in splits.items():
         split = writer.split(name)

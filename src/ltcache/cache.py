@@ -29,7 +29,7 @@ from ltcache.errors import LtcacheError
 from ltcache.folders import CACHE, StagedFolder, check_target, recover
 from ltcache.fsutil import append_jsonl, atomic_write, canonical_sha256, mismatched_files, sha256_file, write_json
 from ltcache.heads import HEAD_KINDS, Head
-from ltcache.mapping import PAGE, map_float32
+from ltcache.mapping import PAGE, map_rows
 from ltcache.options import DTYPE, SHARD_ROWS
 from ltcache.params import check_all
 
@@ -47,7 +47,8 @@ _HEX = set("0123456789abcdef")
 
 @dataclass
 class Split:
-    """One split in memory: features [n, d] float32 and labels [n] int64, ordered by sample index."""
+    """One split in memory: features [n, d] (float32, or float16 from a float16 cache) and labels [n] int64, ordered
+    by sample index."""
 
     features: torch.Tensor
     labels: torch.Tensor
@@ -418,10 +419,11 @@ class FeatureCache:
         self._verify({name: recorded[name]} if name in recorded else {})
 
     def load_split(self, name: str) -> Split:
-        """All rows of a split as float32 features and int64 labels, ordered by sample index, checked on the way.
+        """All rows of a split as features in the cache's dtype (float32, or float16: stage 2 upcasts a block at a
+        time) and int64 labels, ordered by sample index, checked on the way.
 
-        When the shards hold float32 rows in index order, page-aligned (as CacheWriter writes them), the features
-        are memory-mapped (mapping.py): no read, no copy. Otherwise they are read into memory.
+        When the shards hold rows of the cache's dtype in index order, page-aligned (as CacheWriter writes them), the
+        features are memory-mapped (mapping.py): no read, no copy. Otherwise they are read into memory.
         """
         if name not in self.manifest["splits"]:
             raise LtcacheError(f"cache {self.path} has no split {name!r}; it has {', '.join(self.split_names())}")
@@ -452,7 +454,10 @@ class FeatureCache:
         self._check_labels(name, entry, labels)
         mapped = None
         if in_order and all(offset is not None for _, _, offset in shards):
-            mapped = map_float32([(path, offset, len(index) * dim * 4) for path, index, offset in shards], (rows, dim))
+            # float16 stays float16 in memory (half the RAM); stage 2 upcasts it a block at a time (logits.py).
+            dtype = np.dtype(self.manifest["dtype"])
+            mapped = map_rows([(path, offset, len(index) * dim * dtype.itemsize) for path, index, offset in shards],
+                              (rows, dim), dtype)
         features = mapped if mapped is not None else self._read_features(shards, rows)
         check_finite(features, f"split {name} of cache {self.path}")
         import torch
@@ -461,7 +466,7 @@ class FeatureCache:
 
     def _read_shard(self, path: Path, rows: int, dim: int) -> tuple[np.ndarray, np.ndarray, int | None]:
         """A shard's index and labels, checked against the manifest's shape; the byte offset of its features when
-        they can be mapped (contiguous little-endian float32)."""
+        they can be mapped (contiguous, little-endian, of the cache's dtype)."""
         with h5py.File(path, "r") as f:
             shapes = {k: f[k].shape for k in ("features", "labels", "index")}
             if shapes["features"] != (rows, dim) or shapes["labels"] != (rows,) or shapes["index"] != (rows,):
@@ -472,7 +477,8 @@ class FeatureCache:
                 raise _damaged(f"shard {path.relative_to(self.path)}", "its arrays have the wrong types")
             index, labels = f["index"][:].astype(np.int64), f["labels"][:].astype(np.int64)
             features = f["features"]
-            offset = features.id.get_offset() if features.dtype == np.dtype("<f4") else None
+            mappable = features.dtype == np.dtype(self.manifest["dtype"]).newbyteorder("<")
+            offset = features.id.get_offset() if mappable else None
         return index, labels, offset
 
     def _check_labels(self, name: str, entry: dict, labels: np.ndarray) -> None:
@@ -489,7 +495,7 @@ class FeatureCache:
                                                      f"disagree with the {name} labels {counts.tolist()[:5]}...")
 
     def _read_features(self, shards: list, rows: int) -> np.ndarray:
-        features = np.empty((rows, self.feature_dim), dtype=np.float32)
+        features = np.empty((rows, self.feature_dim), dtype=np.dtype(self.manifest["dtype"]))
         for path, index, _ in shards:
             with h5py.File(path, "r") as f:
                 first = int(index[0]) if len(index) else 0

@@ -227,14 +227,15 @@ def extract_cmd(*, checkpoint: Path, out: Path, **options):
 
 
 @command("sweep-tau", options.SWEEP_TAU, arguments=[_CACHE])
-def sweep_tau_cmd(*, cache: Path, taus, select: str, as_json: bool, device: str | None, many: int, few: int):
+def sweep_tau_cmd(*, cache: Path, taus, select: str, as_json: bool, device: str | None, many: int, few: int,
+                  memory_budget: str | None):
     """Tau-normalization: Many/Medium/Few/All for every tau on the selection split, then test at the chosen tau."""
     from ltcache.lab import Curve
     from ltcache.report import accuracy_table, curve_table
     from ltcache.stage2.methods.weight_norms import sweep_tau
 
     result = _run(lambda: sweep_tau(cache, taus=taus, select=select, device=device,
-                                    thresholds=_thresholds(many, few)))
+                                    thresholds=_thresholds(many, few), memory_budget=memory_budget))
     if as_json:
         _echo_json(result.as_dict())
         return

@@ -45,18 +45,26 @@ class Head:
         raise NotImplementedError
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
-        """Logits [N, C], written chunk by chunk into one preallocated result (no concatenation copy)."""
+        """Logits [N, C], written chunk by chunk into one preallocated result (no concatenation copy). float16
+        features (a float16 cache) are upcast a chunk at a time."""
         import torch
 
         head = self.to(features.device)
         out = features.new_empty((len(features), self.num_classes), dtype=torch.float32)
         for start in range(0, len(features), LOGIT_CHUNK_ROWS):
             rows = slice(start, start + LOGIT_CHUNK_ROWS)
-            head.chunk_logits(features[rows], out[rows])
+            chunk = features[rows]
+            head.chunk_logits(chunk if chunk.dtype == torch.float32 else chunk.float(), out[rows])
         return out
 
     def predict(self, features: torch.Tensor) -> torch.Tensor:
-        return self.logits(features).argmax(1)
+        """argmax of the logits, a chunk of rows at a time: no [N, C] matrix is held."""
+        import torch
+
+        head = self.to(features.device)
+        parts = [head.logits(features[start : start + LOGIT_CHUNK_ROWS]).argmax(1)
+                 for start in range(0, len(features), LOGIT_CHUNK_ROWS)]
+        return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64, device=features.device)
 
     def to(self, device) -> Head:
         """The same head with every tensor on `device`."""

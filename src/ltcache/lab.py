@@ -30,6 +30,7 @@ from ltcache.cache import MANIFEST, FeatureCache, Split
 from ltcache.errors import LtcacheError
 from ltcache.folders import folder_lock
 from ltcache.heads import Head
+from ltcache.logits import resolve_budget
 from ltcache.metrics import Evaluation, GroupAccuracy, ShotThresholds, evaluate_logits, group_accuracy, shot_groups
 from ltcache.options import COMPARE, check_thresholds
 from ltcache.params import GRID, MAX_GRID_POINTS, check_all
@@ -185,8 +186,9 @@ class Lab:
         if not isinstance(head, Head):
             raise LtcacheError(f"score needs a Fitted or a Head, got {type(fitted).__name__}")
         selection = self.data.selection
-        return evaluate_logits(head.logits(self.test.features), self.test.labels, self.data.class_counts,
-                               selection_logits=head.logits(selection.features), selection_labels=selection.labels,
+        return evaluate_logits(self.data.logits(head, self.test.features), self.test.labels, self.data.class_counts,
+                               selection_logits=self.data.logits(head, selection.features),
+                               selection_labels=selection.labels,
                                thresholds=self.data.thresholds, bootstrap=bootstrap,
                                seed=self.data.seed if seed is None else seed)
 
@@ -194,8 +196,11 @@ class Lab:
         """Test accuracy, shot groups and top-5 only (no calibration or intervals)."""
         from ltcache.metrics.evaluation import top_k_accuracy
 
-        logits = head.logits(self.test.features)
-        accuracy = group_accuracy(logits.argmax(1), self.test.labels, self.data.class_counts, self.data.thresholds)
+        from ltcache.logits import argmax_rows
+
+        logits = self.data.logits(head, self.test.features)
+        accuracy = group_accuracy(argmax_rows(logits), self.test.labels, self.data.class_counts,
+                                  self.data.thresholds)
         return replace(accuracy, top5=top_k_accuracy(logits, self.test.labels, 5))
 
     def check(self, method: str, params: dict) -> None:
@@ -411,9 +416,13 @@ def expand_grids(methods: list[str], params: dict[str, dict] | None) -> dict[str
 
 
 def open_lab(cache_path: Path | str, *, select: str = "val", seed: int = 0, device: str | None = None,
-             thresholds: ShotThresholds = ShotThresholds(), train_views: bool = True) -> Lab:
+             thresholds: ShotThresholds = ShotThresholds(), train_views: bool = True,
+             memory_budget: str | int | None = None) -> Lab:
     """Load train / val / test features (and the augmented train views, if any and wanted) and the stage-1
     classifier onto `device` (CUDA when present), every file checked against its sha256 on the way.
+
+    `memory_budget` ('2G', bytes, or None for a quarter of the machine's RAM) is the most one split's logits may
+    take whole; beyond it methods and scoring compute them in row blocks (logits.py).
 
     The cache is read under a shared lock: a writer replacing it (extract --overwrite) waits, so the lab never
     holds a mix of two caches. Memory-mapped shards stay valid after a later swap deletes them."""
@@ -422,6 +431,7 @@ def open_lab(cache_path: Path | str, *, select: str = "val", seed: int = 0, devi
 
     check_all(COMPARE, {"select": select, "seed": seed, "many": thresholds.many, "few": thresholds.few})
     check_thresholds(thresholds.many, thresholds.few)
+    budget = resolve_budget(memory_budget)
     run_device = resolve_device(device)
     with folder_lock(Path(cache_path), shared=True, what="cache"):
         cache = FeatureCache(cache_path)
@@ -432,7 +442,8 @@ def open_lab(cache_path: Path | str, *, select: str = "val", seed: int = 0, devi
 
         stage1 = LinearHead(weight.to(run_device), bias.to(run_device))
         data = LabData(load("train"), load("val"), stage1, cache.class_counts, select=select, seed=seed,
-                       thresholds=thresholds, train_views=load("train_views") if train_views else None)
+                       thresholds=thresholds, train_views=load("train_views") if train_views else None,
+                       memory_budget=budget)
         return Lab(cache, data, cache.load_split("test").to(run_device))
 
 
@@ -440,7 +451,8 @@ def compare(cache_path: Path, *, methods: list[str] | str | None = None, select:
             params: dict[str, dict] | None = None, seed: int = 0, device: str | None = None,
             thresholds: ShotThresholds = ShotThresholds(), bootstrap: int = 1000, seeds: int = 1,
             write_reports: bool = True, train_views: bool = True, out: Path | None = None, ablation: bool = False,
-            protocol_audit: bool = False, log: Callable[[str], None] | None = None) -> Comparison:
+            protocol_audit: bool = False, memory_budget: str | int | None = None,
+            log: Callable[[str], None] | None = None) -> Comparison:
     """`ltcache compare`: open the cache, `Lab.compare`, and write heads and reports to `out` (default: into the
     cache) once every method has been scored, only if the cache was not replaced meanwhile.
 
@@ -451,11 +463,12 @@ def compare(cache_path: Path, *, methods: list[str] | str | None = None, select:
     check_thresholds(thresholds.many, thresholds.few)
     names = resolve_method_list(methods)
     expand_grids(names, params)  # a bad name, value or grid fails before anything is loaded
+    resolve_budget(memory_budget)
     results = Path(out) if out is not None else Path(cache_path)
     if write_reports:
         check_results_folder(results, cache_path)
     lab = open_lab(cache_path, select=select, seed=seed, device=device, thresholds=thresholds,
-                   train_views=train_views)
+                   train_views=train_views, memory_budget=memory_budget)
     comparison = lab.compare(names, params=params, bootstrap=bootstrap, seeds=seeds, ablation=ablation,
                              audit=protocol_audit, log=log)
     if write_reports:

@@ -1,4 +1,4 @@
-"""Map a split's shards into one contiguous, copy-on-write float32 array without reading them.
+"""Map a split's shards into one contiguous, copy-on-write float32 (or float16) array without reading them.
 
 Opening a cache by reading it costs a page fault per 4 KiB of fresh memory plus a copy; on virtual machines the
 faults alone take seconds per GiB. Instead the feature block of every shard (contiguous, uncompressed, page
@@ -38,21 +38,23 @@ class _Mapping:
     """Owns one reserved address range; numpy keeps it alive as the base of the array (__array_interface__), and
     it is unmapped when the last array or tensor over it is freed."""
 
-    def __init__(self, libc, address: int, length: int, shape: tuple[int, int]):
+    def __init__(self, libc, address: int, length: int, shape: tuple[int, int], typestr: str):
         self._libc, self.address, self.length = libc, address, length
-        self.__array_interface__ = {"data": (address, False), "shape": shape, "typestr": "<f4", "version": 3}
+        self.__array_interface__ = {"data": (address, False), "shape": shape, "typestr": typestr, "version": 3}
 
     def __del__(self):
         self._libc.munmap(self.address, self.length)
 
 
-def map_float32(pieces: list[tuple[Path, int, int]], shape: tuple[int, int]) -> np.ndarray | None:
-    """One writable [rows, dim] float32 array over `pieces` = (file, byte offset, byte length) in row order, or
-    None when the platform or the layout does not allow it (the caller then reads the shards)."""
+def map_rows(pieces: list[tuple[Path, int, int]], shape: tuple[int, int], dtype=np.float32) -> np.ndarray | None:
+    """One writable [rows, dim] array of little-endian `dtype` (float32 or float16) over `pieces` = (file, byte
+    offset, byte length) in row order, or None when the platform or the layout does not allow it (the caller then
+    reads the shards)."""
+    dtype = np.dtype(dtype).newbyteorder("<")
     if sys.platform != "linux" or not pieces:
         return None
     total = sum(length for _, _, length in pieces)
-    if total != shape[0] * shape[1] * 4 or total == 0:
+    if total != shape[0] * shape[1] * dtype.itemsize or total == 0:
         return None
     # Every piece must start on a page in its file and (all but the last) end on one, to sit back to back.
     if any(offset % PAGE for _, offset, _ in pieces) or any(length % PAGE for _, _, length in pieces[:-1]):
@@ -62,7 +64,7 @@ def map_float32(pieces: list[tuple[Path, int, int]], shape: tuple[int, int]) -> 
     base = libc.mmap(None, reserved, PROT_NONE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
     if base in (None, _FAILED):
         return None
-    owner = _Mapping(libc, base, reserved, shape)  # from here on, failure unmaps everything via __del__
+    owner = _Mapping(libc, base, reserved, shape, dtype.str)  # from here on, failure unmaps everything via __del__
     position = 0
     for path, offset, length in pieces:
         try:

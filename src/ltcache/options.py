@@ -25,6 +25,8 @@ DTYPE = Param("dtype", str, "float32", "Feature dtype in the cache.", choices=("
 PLUGIN = Param("plugin", list, [], "A .py file or module that registers methods with @ltcache.method "
                "(repeatable).", option="--plugin")
 SHARD_ROWS = Param("shard_rows", int, 65536, "Rows per HDF5 shard.", low=1)
+MEMORY_BUDGET = Param("memory_budget", str, None, "Most memory one split's logits may take whole, e.g. 2G; beyond it "
+                      "they are computed in row blocks (default: a quarter of the machine's RAM).", optional=True)
 
 COMPARE = (
     Param("methods", str, None, "Comma-separated list, or 'all' (default: the paper's five).", optional=True),
@@ -46,12 +48,12 @@ COMPARE = (
     PLUGIN,
     Param("config", Path, None, "TOML recipe whose [compare] table gives methods, select, set, seeds, ...; flags "
           "given on the command line win.", optional=True),
-    AS_JSON, DEVICE, MANY, FEW,
+    AS_JSON, DEVICE, MANY, FEW, MEMORY_BUDGET,
 )
 
 SWEEP_TAU = (
     Param("taus", GRID, "0:2:0.1", "Grid: 0,0.5,1 or start:stop:step.", low=0),
-    SELECT, AS_JSON, DEVICE, MANY, FEW,
+    SELECT, AS_JSON, DEVICE, MANY, FEW, MEMORY_BUDGET,
 )
 
 INFO = (

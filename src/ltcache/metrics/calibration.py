@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ltcache.logits import row_blocks
 from ltcache.metrics.accuracy import GROUPS, ShotThresholds, shot_groups
 
 if TYPE_CHECKING:
@@ -48,22 +49,22 @@ def reliability_bins(confidence: np.ndarray, correct: np.ndarray, bins: int = 15
              "count": int((which == b).sum())} for b in range(bins) if (which == b).any()]
 
 
-def max_softmax(logits: torch.Tensor, temperature: float = 1.0, chunk_rows: int = 8192):
+def max_softmax(logits, temperature: float = 1.0, chunk_rows: int = 8192):
     """Confidence (the largest softmax probability of logits / T) and prediction of each row, a chunk of rows at
     a time: no probability matrix the size of the logits is ever held."""
     import torch
 
     confidence, predictions = [], []
-    for chunk in logits.float().split(chunk_rows):
+    for chunk in row_blocks(logits, chunk_rows):
         peak, index = chunk.max(1)
         confidence.append(1.0 / (chunk - peak[:, None]).div_(temperature).exp_().sum(1))
         predictions.append(index)
     if not confidence:
-        return logits.new_empty(0), torch.empty(0, dtype=torch.int64)
+        return torch.empty(0), torch.empty(0, dtype=torch.int64)
     return torch.cat(confidence), torch.cat(predictions)
 
 
-def calibration(logits: torch.Tensor, labels: torch.Tensor, class_counts,
+def calibration(logits, labels: torch.Tensor, class_counts,
                 thresholds: ShotThresholds = ShotThresholds(), bins: int = 15,
                 temperature: float = 1.0) -> Calibration:
     """ECE overall and over the test samples of each shot group, from softmax(logits / temperature)."""
@@ -79,7 +80,7 @@ def calibration(logits: torch.Tensor, labels: torch.Tensor, class_counts,
 
 
 
-def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, steps: int = 50, chunk_rows: int = 8192) -> float:
+def fit_temperature(logits, labels: torch.Tensor, steps: int = 50, chunk_rows: int = 8192) -> float:
     """Temperature scaling (Guo et al. 2017): the T > 0 minimizing the NLL of softmax(logits / T) on `labels`.
 
     The NLL is convex in beta = 1/T: its derivative is mean(E_p[z] - z_y) and its second derivative
@@ -88,17 +89,22 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, steps: int = 50,
     """
     import torch
 
-    logits = logits.detach().float()
-    target = logits.gather(1, labels.detach()[:, None])[:, 0].double()
+    from ltcache.logits import BlockLogits
+
+    if not isinstance(logits, BlockLogits):
+        logits = logits.detach().float()
+    labels = labels.detach()
+    target = sum(chunk.gather(1, chunk_labels[:, None]).double().sum().item()
+                 for chunk, chunk_labels in zip(row_blocks(logits, chunk_rows), labels.split(chunk_rows), strict=True))
     low, high, beta = 0.0, math.inf, 1.0  # the minimizer lies in (low, high)
     for _ in range(steps):
         first = second = 0.0
-        for chunk in logits.split(chunk_rows):
+        for chunk in row_blocks(logits, chunk_rows):
             p = torch.softmax(chunk * beta, dim=1)
             mean = (p * chunk).sum(1)
             first += mean.double().sum().item()
             second += ((p * chunk * chunk).sum(1) - mean * mean).double().sum().item()
-        first = (first - target.sum().item()) / len(labels)
+        first = (first - target) / len(labels)
         second /= len(labels)
         if first > 0:
             high = beta

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
+from ltcache.logits import argmax_rows, row_blocks
 from ltcache.metrics.accuracy import GroupAccuracy, ShotThresholds, bootstrap_intervals, per_class_accuracy, summarize
 from ltcache.metrics.calibration import Calibration, calibration, fit_temperature
 from ltcache.metrics.priors import shifted_prior_accuracy
@@ -63,22 +64,24 @@ class Evaluation:
         return row
 
 
-def top_k_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int, chunk_rows: int = 16384) -> float:
-    """Percent of rows whose label is among the k largest logits (all of them when there are at most k classes)."""
+def top_k_accuracy(logits, labels: torch.Tensor, k: int, chunk_rows: int = 16384) -> float:
+    """Percent of rows whose label is among the k largest logits (all of them when there are at most k classes).
+    `logits` is a tensor or a BlockLogits (read block by block)."""
     if len(labels) == 0:
         return float("nan")
     k = min(k, logits.shape[1])
     hits = sum(int((chunk.topk(k, dim=1).indices == chunk_labels[:, None]).any(1).sum())
-               for chunk, chunk_labels in zip(logits.split(chunk_rows), labels.split(chunk_rows), strict=True))
+               for chunk, chunk_labels in zip(row_blocks(logits, chunk_rows), labels.split(chunk_rows), strict=True))
     return 100.0 * hits / len(labels)
 
 
-def evaluate_logits(logits: torch.Tensor, labels: torch.Tensor, class_counts, *, selection_logits: torch.Tensor,
+def evaluate_logits(logits, labels: torch.Tensor, class_counts, *, selection_logits,
                     selection_labels: torch.Tensor, thresholds: ShotThresholds = ShotThresholds(),
                     bootstrap: int = 0, seed: int = 0) -> Evaluation:
-    """Everything test says of one head, from its test logits, in one pass over them. The temperature is fitted on
-    the selection split's logits; with bootstrap > 0, that many test resamples give the 95% intervals."""
-    predictions = logits.argmax(1)
+    """Everything test says of one head, from its test logits. The temperature is fitted on the selection split's
+    logits; with bootstrap > 0, that many test resamples give the 95% intervals. Either logits may be a tensor or a
+    BlockLogits (beyond the memory budget: computed block by block on every pass, never held whole)."""
+    predictions = argmax_rows(logits)
     class_accuracy = per_class_accuracy(predictions, labels, len(class_counts))
     overall = 100.0 * (predictions == labels).double().mean().item()
     accuracy = GroupAccuracy(**summarize(class_accuracy, overall, class_counts, thresholds),

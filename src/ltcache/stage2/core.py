@@ -40,6 +40,7 @@ class LabData:
     seed: int = 0
     thresholds: ShotThresholds = field(default_factory=ShotThresholds)
     train_views: Split | None = None  # K augmented views per train image: row k * len(train) + i
+    memory_budget: int | None = None  # bytes a split's logits may take whole (logits.py); None: the default
     _raw_logits: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -64,13 +65,35 @@ class LabData:
     def views(self) -> int:
         return 0 if self.train_views is None else len(self.train_views) // len(self.train)
 
-    def raw_logits(self, name: str) -> torch.Tensor:
-        """F @ W_joint.T without bias, computed once per split and shared by the methods that rescale or shift it."""
+    @property
+    def budget(self) -> int:
+        """The memory budget in bytes: what one split's logits may take whole."""
+        from ltcache.logits import resolve_budget
+
+        if self.memory_budget is None:
+            self.memory_budget = resolve_budget(None)
+        return self.memory_budget
+
+    def logits(self, head: Head, features: torch.Tensor):
+        """The logits of `head` over `features`: a tensor when they fit the memory budget, else a BlockLogits
+        that computes them block by block (logits.py; read either with row_blocks)."""
+        from ltcache.logits import logits_within
+
+        return logits_within(head, features, self.budget)
+
+    def raw_logits(self, name: str, bias: torch.Tensor | None = None):
+        """F @ W_joint.T (+ `bias`) of split `name`. When it fits the memory budget, the bias-free product is
+        computed once per split and shared by the methods that rescale or shift it; otherwise it is a BlockLogits,
+        computed block by block (or batch by batch, when a trainer gathers rows) each time it is read."""
         from ltcache.heads import LinearHead
+        from ltcache.logits import BlockLogits
 
         if name not in self._raw_logits:
-            self._raw_logits[name] = LinearHead(self.joint.weight).logits(self.split(name).features)
-        return self._raw_logits[name]
+            self._raw_logits[name] = self.logits(LinearHead(self.joint.weight), self.split(name).features)
+        raw = self._raw_logits[name]
+        if bias is None:
+            return raw
+        return raw.with_bias(bias) if isinstance(raw, BlockLogits) else raw + bias
 
     def clear_cached_logits(self) -> None:
         self._raw_logits.clear()

@@ -74,15 +74,16 @@ def train_on_features(module: nn.Module, inputs: torch.Tensor | tuple[torch.Tens
     criterion = criterion or nn.CrossEntropyLoss()
     # Batches are gathered into buffers allocated once: a fresh [batch, d] tensor per step costs page faults
     # that, at ImageNet-LT shape on a CPU, took longer than the gather itself.
-    batch_inputs = [t.new_empty((batch_size, *t.shape[1:])) for t in inputs]
+    gathers = [_gatherer(t, batch_size) for t in inputs]
+    batch_inputs = [buffer for buffer, _ in gathers]
     batch_labels = labels.new_empty(batch_size)
     reporter = EpochProgress(epochs)
     for epoch in range(epochs):
         draws = torch.multinomial(weights, steps_per_epoch * batch_size, replacement=True, generator=generator)
         finite = torch.ones((), dtype=torch.bool, device=labels.device)
         for batch in draws.to(labels.device).view(steps_per_epoch, batch_size):
-            for tensor, buffer in zip(inputs, batch_inputs, strict=True):
-                torch.index_select(tensor, 0, batch, out=buffer)
+            for _, gather in gathers:
+                gather(batch)
             torch.index_select(labels, 0, batch, out=batch_labels)
             if own_loss:  # the module computes CE itself, faster than criterion(module(...)) (ScaledCrossEntropy)
                 loss = module.loss(*batch_inputs, batch_labels)
@@ -102,6 +103,26 @@ def train_on_features(module: nn.Module, inputs: torch.Tensor | tuple[torch.Tens
         reporter.epoch_done(epoch + 1)
     return {"epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
             "momentum": momentum, "steps": epochs * steps_per_epoch}
+
+
+def _gatherer(source, batch_size: int):
+    """(buffer, gather): `gather(index)` fills `buffer` with the rows `index` of `source`, in float32. `source` is a
+    tensor (float16 rows are upcast) or a BlockLogits (logits beyond the memory budget, computed per batch)."""
+    import torch
+
+    from ltcache.logits import BlockLogits
+
+    if isinstance(source, BlockLogits):
+        features = source.features
+        feature_buffer = torch.empty((batch_size, features.shape[1]), dtype=torch.float32, device=features.device)
+        buffer = torch.empty((batch_size, source.shape[1]), dtype=torch.float32, device=features.device)
+        return buffer, lambda index: source.gather(index, buffer, feature_buffer)
+    if source.is_floating_point() and source.dtype != torch.float32:
+        buffer = source.new_empty((batch_size, *source.shape[1:]), dtype=torch.float32)
+        staging = source.new_empty((batch_size, *source.shape[1:]))
+        return buffer, lambda index: buffer.copy_(torch.index_select(source, 0, index, out=staging))
+    buffer = source.new_empty((batch_size, *source.shape[1:]))
+    return buffer, lambda index: torch.index_select(source, 0, index, out=buffer)
 
 
 def _sgd(module: nn.Module, **options) -> torch.optim.SGD:

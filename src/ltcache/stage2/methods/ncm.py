@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ltcache.heads import LOGIT_CHUNK_ROWS, LinearHead
+from ltcache.logits import as_float32
 from ltcache.params import Param
 from ltcache.stage2.core import Fitted, LabData, method
 
@@ -19,10 +20,11 @@ def class_means(features: torch.Tensor, labels: torch.Tensor, num_classes: int, 
     """Mean of transform(f) per class, a chunk of rows at a time: no transformed copy of the whole split."""
     import torch
 
-    sums = torch.zeros(num_classes, features.shape[1], dtype=features.dtype, device=features.device)
+    sums = torch.zeros(num_classes, features.shape[1], dtype=torch.float32, device=features.device)
     for chunk, chunk_labels in zip(features.split(LOGIT_CHUNK_ROWS), labels.split(LOGIT_CHUNK_ROWS), strict=True):
+        chunk = as_float32(chunk)  # a float16 cache's rows, upcast a chunk at a time
         sums.index_add_(0, chunk_labels, chunk if transform is None else transform(chunk))
-    counts = torch.bincount(labels, minlength=num_classes).clamp_min(1).to(features.dtype)
+    counts = torch.bincount(labels, minlength=num_classes).clamp_min(1).to(torch.float32)
     return sums / counts[:, None]
 
 
@@ -31,9 +33,10 @@ def class_means(features: torch.Tensor, labels: torch.Tensor, num_classes: int, 
                 choices=NCM_FEATURES),
         summary="nearest class mean: un / l2n / cl2n train features, cosine or euclidean (Sec. 4)", paper=2)
 def fit_ncm(data: LabData, *, metric: str, features: str) -> Fitted:
+    import torch
     import torch.nn.functional as F
 
-    center = data.train.features.mean(0) if features == "cl2n" else None
+    center = data.train.features.mean(0, dtype=torch.float32) if features == "cl2n" else None
     normalize = features != "un"
 
     def transform(chunk: torch.Tensor) -> torch.Tensor:

@@ -37,7 +37,8 @@ def fit_disalign(data: LabData, *, exp_scale: float, **hyperparameters) -> Fitte
     torch.manual_seed(data.seed)
     split = data.split(data.fitting)
     bias = data.joint.bias if data.joint.bias is not None else torch.zeros(data.num_classes)
-    joint_logits = data.raw_logits(data.fitting) + bias.to(split.features.device)  # one GEMM, then per-batch rows
+    # One GEMM, then per-batch rows; per batch from the features when the logits would not fit the memory budget.
+    joint_logits = data.raw_logits(data.fitting, bias.to(split.features.device))
     module = DisAlign(split.features.shape[1], data.num_classes, split.features.device)
     weights = generalized_reweighting(data.class_counts, exp_scale).to(split.features.device)
     # The loss re-weights toward the balanced reference distribution, so batches follow the data (q = 1).

@@ -35,7 +35,9 @@ def fit_crt_lbfgs(data: LabData, *, steps: int, weight_decay: float) -> Fitted:
     from torch import nn
 
     torch.manual_seed(data.seed)
-    features, labels = data.train.features, data.train.labels
+    from ltcache.logits import as_float32
+
+    features, labels = as_float32(data.train.features), data.train.labels  # full-batch: float16 rows upcast once
     linear = nn.Linear(features.shape[1], data.num_classes).to(features.device)
     counts = torch.bincount(labels, minlength=data.num_classes).clamp_min(1).to(features.dtype)
     class_weight = (1.0 / counts) / (1.0 / counts).mean()
@@ -148,10 +150,10 @@ def fit_cosine_classifier(data: LabData, *, scale: float, **hyperparameters) -> 
 def fit_lws(data: LabData, *, with_bias: bool, **hyperparameters) -> Fitted:
     from ltcache.stage2.modules import ScaleLogits
 
-    raw = data.raw_logits(data.fitting)
     bias = data.joint.bias if with_bias and data.joint.bias is not None else None
+    raw = data.raw_logits(data.fitting, bias)  # whole when it fits the memory budget, else per batch
     scaling = ScaleLogits(data.num_classes, raw.device)
-    used = fit_on_train(scaling, data, raw + bias if bias is not None else raw, **hyperparameters)
+    used = fit_on_train(scaling, data, raw, **hyperparameters)
     scales = scaling.scales.detach().clone().to(data.joint.weight.device)
     head = LinearHead(data.joint.weight * scales[:, None], bias * scales if bias is not None else None)
     scale_range = {"scale_min": round(scales.min().item(), 4), "scale_max": round(scales.max().item(), 4)}

@@ -90,7 +90,15 @@ def grid_curve(data: LabData, split: str, grid: list[dict], *, scales=None, shif
     raw = F @ W.T is computed once per split; the points cost an O(N*C) rescale or shift each (affine_argmax),
     never a GEMM. With a class `prior`, each entry also has its target_accuracy, sum_c prior_c acc_c.
     """
-    predictions = affine_argmax(data.raw_logits(split), scales, shifts)
+    import torch
+
+    from ltcache.logits import BlockLogits
+
+    raw = data.raw_logits(split)
+    if isinstance(raw, BlockLogits):  # beyond the memory budget: every point scored on each block in turn
+        predictions = torch.cat([affine_argmax(block, scales, shifts) for block in raw.blocks()], dim=1)
+    else:
+        predictions = affine_argmax(raw, scales, shifts)
     return [{**point, **data.score(predictions[p], split, prior)} for p, point in enumerate(grid)]
 
 
@@ -106,7 +114,7 @@ def tau_curve(data: LabData, split: str, taus) -> list[dict]:
     """Metrics of the tau-normalized head (Eq. 3) for every tau on `split`: column j scaled by ||w_j||^-tau."""
     import torch
 
-    norms = weight_norms(data.joint.weight).to(data.raw_logits(split).device)
+    norms = weight_norms(data.joint.weight).to(data.split(split).features.device)
     taus = validate_taus(taus)
     return grid_curve(data, split, [{"tau": tau} for tau in taus], scales=torch.stack([norms.pow(-t) for t in taus]))
 
@@ -150,11 +158,15 @@ def fit_tau_norm(data: LabData, *, taus) -> Fitted:
 def adapted_to_shifted_priors(data: LabData, test: Split, params: dict) -> dict:
     """Logit adjustment aimed at each shifted test prior (tau chosen on the selection split reweighted to that
     prior): its accuracy under the prior, beside `shifted_priors`, where every head stays aimed at balance."""
-    raw_test = LinearHead(data.joint.weight).logits(test.features)  # one GEMM; each prior shifts it
+    import torch
+
+    from ltcache.logits import row_blocks
+
+    raw_test = data.logits(LinearHead(data.joint.weight), test.features)  # one GEMM (or blocks); each prior shifts it
     result = {}
     for name, prior in shifted_priors(data.class_counts).items():
         head = fit_logit_adjustment(data, **{**params, "target": prior}).head
-        predictions = (raw_test + head.bias).argmax(1)
+        predictions = torch.cat([(block + head.bias).argmax(1) for block in row_blocks(raw_test, 16384)])
         result[name] = prior_accuracy(per_class_accuracy(predictions, test.labels, data.num_classes), prior)
     return result
 
@@ -220,14 +232,15 @@ class TauSweep:
 
 
 def sweep_tau(cache_path, *, taus=DEFAULT_TAUS, select: str = "val", device: str | None = None,
-              thresholds=None) -> TauSweep:
+              thresholds=None, memory_budget: str | int | None = None) -> TauSweep:
     """`ltcache sweep-tau`: the tau curve on the selection split, the best mean per-class accuracy chosen, test
     scored once at that tau."""
     from ltcache.lab import open_lab
     from ltcache.metrics.accuracy import ShotThresholds
 
     taus = validate_taus(taus)  # before loading anything: a bad grid fails at once
-    lab = open_lab(cache_path, select=select, device=device, thresholds=thresholds or ShotThresholds())
+    lab = open_lab(cache_path, select=select, device=device, thresholds=thresholds or ShotThresholds(),
+                   memory_budget=memory_budget)
     fitted = lab.fit("tau_norm", taus=taus)
     return TauSweep("tau_norm", fitted.chosen["tau"], best_on_curve(fitted.curve)["mean_per_class"], select,
                     fitted.curve, lab.score_accuracy(fitted.head))

@@ -1,0 +1,161 @@
+"""Logits under a memory budget: a split's N x C logits are held whole only when they fit the budget, and are
+otherwise produced in row blocks each time they are read, so that no stage-2 method needs an N x C matrix.
+
+At iNaturalist 2018 shape the train logits are 437,513 x 8,142 x 4 B = 14.2 GB; under the default budget (a
+quarter of the machine's RAM, `--memory-budget`) they are never materialized: LWS, learned tau and DisAlign
+compute each batch's rows from the features (one [batch, d] x [d, C] product, the same work as cRT's forward
+pass), and the tau / logit-adjustment grids, scoring, calibration and temperature scaling read them block by
+block. At ImageNet-LT shape (115,846 x 1,000: 0.46 GB) they fit, and nothing changes.
+
+Features may be float16 (a float16 cache, memory-mapped as is): every block is upcast to float32 on its way in.
+torch is imported inside the functions.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from ltcache.errors import LtcacheError
+
+if TYPE_CHECKING:
+    import torch
+
+    from ltcache.heads import Head
+
+MIN_BLOCK_ROWS = 1024  # below this a block's GEMM is inefficient; a budget that small still gets 1024-row blocks
+FALLBACK_BUDGET = 4 << 30  # where the machine's RAM cannot be read
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str | int, label: str = "--memory-budget") -> int:
+    """'512M', '4G', '1.5G', '8GiB' or a plain byte count, as bytes (binary units); at least 1 KiB."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        value = text
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*", str(text), flags=re.IGNORECASE)
+        if match is None:
+            raise LtcacheError(f"{label} {text!r} is not a size; give bytes with a unit, e.g. 512M or 4G")
+        value = int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+    if value < (1 << 10):
+        raise LtcacheError(f"{label} {text!r} is below 1 KiB; give a larger size, e.g. 512M or 4G")
+    return value
+
+
+def machine_memory() -> int | None:
+    """Physical RAM in bytes, or None where it cannot be read."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def default_budget() -> int:
+    """A quarter of the machine's RAM (4 GiB where it cannot be read): room for the cache beside it."""
+    total = machine_memory()
+    return total // 4 if total else FALLBACK_BUDGET
+
+
+def resolve_budget(budget: str | int | None) -> int:
+    """The budget in bytes: `budget` parsed, or the default."""
+    return default_budget() if budget is None else parse_size(budget)
+
+
+def fits(rows: int, columns: int, budget: int) -> bool:
+    """Whether a float32 [rows, columns] matrix fits in `budget` bytes."""
+    return rows * columns * 4 <= budget
+
+
+def block_rows(columns: int, budget: int) -> int:
+    """Rows of a float32 [rows, columns] block within `budget` (at least MIN_BLOCK_ROWS)."""
+    return max(MIN_BLOCK_ROWS, budget // max(1, 4 * columns))
+
+
+def as_float32(features: torch.Tensor) -> torch.Tensor:
+    """`features` in float32 (a float16 cache's rows upcast; float32 rows returned as they are)."""
+    import torch
+
+    return features if features.dtype == torch.float32 else features.float()
+
+
+@dataclass
+class BlockLogits:
+    """The logits of `head` over `features`, never held whole: `blocks()` computes `block_rows` rows at a time, and
+    `gather(index, out)` the rows of a batch. What a method gets from LabData.raw_logits (and the lab from
+    Lab.logits) when the full matrix would not fit the memory budget; read it through `row_blocks`."""
+
+    head: Head
+    features: torch.Tensor
+    block_rows: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (len(self.features), self.head.num_classes)
+
+    @property
+    def device(self):
+        return self.features.device
+
+    @property
+    def dtype(self):
+        import torch
+
+        return torch.float32
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def blocks(self) -> Iterator[torch.Tensor]:
+        """The logits, `block_rows` rows at a time, in row order."""
+        for start in range(0, len(self.features), self.block_rows):
+            yield self.head.logits(self.features[start : start + self.block_rows])
+
+    def gather(self, index: torch.Tensor, out: torch.Tensor, feature_buffer: torch.Tensor) -> None:
+        """Write the logits of rows `index` into `out`, through `feature_buffer` ([len(index), d] float32)."""
+        import torch
+
+        if self.features.dtype == feature_buffer.dtype:
+            torch.index_select(self.features, 0, index, out=feature_buffer)
+        else:
+            feature_buffer.copy_(self.features.index_select(0, index))
+        self.head.to(out.device).chunk_logits(feature_buffer, out)
+
+    def with_bias(self, bias: torch.Tensor | None) -> BlockLogits:
+        """These logits plus `bias` (a LinearHead without bias gains it)."""
+        from dataclasses import replace
+
+        from ltcache.heads import LinearHead
+
+        if bias is None:
+            return self
+        if not isinstance(self.head, LinearHead) or self.head.bias is not None:
+            raise TypeError("with_bias needs the bias-free logits of a LinearHead")
+        return BlockLogits(replace(self.head, bias=bias), self.features, self.block_rows)
+
+
+def logits_within(head: Head, features: torch.Tensor, budget: int):
+    """The logits of `head` over `features`: one tensor when they fit `budget`, else a BlockLogits."""
+    if fits(len(features), head.num_classes, budget):
+        return head.logits(features)
+    return BlockLogits(head, features, block_rows(head.num_classes, budget))
+
+
+def row_blocks(logits, rows: int) -> Iterator[torch.Tensor]:
+    """`logits` (a tensor or a BlockLogits) as consecutive blocks of at most `rows` rows, in row order; at most one
+    computed block is alive at a time."""
+    if isinstance(logits, BlockLogits):
+        for block in logits.blocks():
+            yield from block.split(rows)
+    else:
+        yield from logits.split(rows)
+
+
+def argmax_rows(logits, rows: int = 16384) -> torch.Tensor:
+    """argmax over classes of every row (a tensor or a BlockLogits), block by block."""
+    import torch
+
+    parts = [block.argmax(1) for block in row_blocks(logits, rows)]
+    return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
