@@ -57,3 +57,33 @@ def test_torchrun_extraction_equals_one_process(digits_run, tmp_path):
     refused = subprocess.run(views, capture_output=True, text=True, timeout=300)
     assert refused.returncode != 0 and "not supported under torchrun or with --resume yet" in refused.stderr
     assert not (tmp_path / "views").exists()
+
+
+def test_torchrun_compare_equals_one_process(digits_run, tmp_path):
+    """Stage 2 under torchrun: two gloo processes draw the same batches, each computes its own rows, gradients are
+    summed; scoring splits test and val across them. Each method's test accuracy must match one process's within
+    0.5 points (deterministic ones exactly), and rank 0 alone writes the same report format."""
+    cache = digits_run["cache"]
+    one = subprocess.run([sys.executable, "-m", "ltcache", "compare", str(cache), "--out", str(tmp_path / "one"),
+                          "--bootstrap", "0", "--json"], capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "ltcache", "compare", str(cache), "--out", str(tmp_path / "two"), "--bootstrap", "0", "--json"]
+    two = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    single, double = json.loads(one.stdout), json.loads(two.stdout)  # one JSON document: rank 0 alone prints
+    assert single["provenance"]["processes"] == 1 and double["provenance"]["processes"] == 2
+    assert [r["method"] for r in single["rows"]] == [r["method"] for r in double["rows"]] == \
+        ["joint", "ncm", "crt", "tau_norm", "lws"]
+    for a, b in zip(single["rows"], double["rows"], strict=True):
+        assert set(a) == set(b), a["method"]
+        for key in ("all", "mean_per_class", "many", "medium", "few"):
+            if a["method"] in ("joint", "ncm", "tau_norm"):
+                assert a[key] == b[key], (a["method"], key)
+            else:
+                assert abs(a[key] - b[key]) <= 0.5, (a["method"], key, a[key], b[key])
+        assert abs(a["temperature"] - b["temperature"]) <= 1e-4 * a["temperature"], a["method"]
+    files = {p.name for p in (tmp_path / "one" / "reports").iterdir()}
+    assert files == {p.name for p in (tmp_path / "two" / "reports").iterdir()} and "results.json" in files
+    assert sorted(p.name for p in (tmp_path / "two" / "heads").iterdir()) == \
+        sorted(p.name for p in (tmp_path / "one" / "heads").iterdir())

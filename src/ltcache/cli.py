@@ -281,6 +281,8 @@ def compare_cmd(ctx: typer.Context, *, cache: Path, config: Path | None, as_json
     params = _run(parse_params, options.pop("set_"), later_wins=config is not None)
     comparison = _run(lambda: compare(cache, params=params, thresholds=_thresholds(many, few), log=log,
                                       **options))
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, the tables and paths come from rank 0 only
+        return
     if as_json:
         _echo_json(comparison.as_dict())
         return

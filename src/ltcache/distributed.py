@@ -1,8 +1,15 @@
-"""Rank and world helpers that do nothing in a single process."""
+"""Rank and world helpers that do nothing in a single process, and the few collectives stage 2 uses under torchrun:
+a rank's contiguous share of rows, sums across ranks, and rows gathered back in order."""
 
 from __future__ import annotations
 
+import os
+from typing import TYPE_CHECKING
+
 import torch.distributed as dist
+
+if TYPE_CHECKING:
+    import torch
 
 
 def is_distributed() -> bool:
@@ -24,3 +31,53 @@ def is_main_process() -> bool:
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
+
+
+def init_distributed(device: torch.device) -> bool:
+    """Join the torchrun process group when launched with WORLD_SIZE > 1 (NCCL on GPU, gloo on CPU). Returns whether
+    this call created it (the caller then destroys it when done)."""
+    import torch
+
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        return True
+    return False
+
+
+def local_rows(rows: int, rank: int | None = None, world: int | None = None) -> slice:
+    """The contiguous share of `rows` rows that `rank` (default: this process) takes: rank r of W takes
+    [rows * r // W, rows * (r + 1) // W). The shares cover every row once, in order."""
+    rank = get_rank() if rank is None else rank
+    world = get_world_size() if world is None else world
+    return slice(rows * rank // world, rows * (rank + 1) // world)
+
+
+def all_reduce_sum(values: list[float], device=None) -> list[float]:
+    """The element-wise sum of `values` over all ranks (float64); `values` itself in a single process."""
+    if not is_distributed():
+        return list(values)
+    import torch
+
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def gather_rows(local: torch.Tensor, rows: int) -> torch.Tensor:
+    """Every rank's `local` rows (its `local_rows(rows)` share) concatenated in rank order: the whole [rows, ...]
+    tensor, on every rank. Shares differ by at most one row, so each is padded to the largest for all_gather."""
+    if not is_distributed():
+        return local
+    import torch
+
+    world = get_world_size()
+    sizes = [len(range(rows)[local_rows(rows, r, world)]) for r in range(world)]
+    flag = local.dtype == torch.bool  # gloo gathers no bool: as uint8 and back
+    padded = local.new_zeros((max(sizes), *local.shape[1:]), dtype=torch.uint8 if flag else local.dtype)
+    padded[: len(local)] = local
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    gathered = torch.cat([part[:size] for part, size in zip(parts, sizes, strict=True)])
+    return gathered.bool() if flag else gathered

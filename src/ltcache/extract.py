@@ -15,14 +15,14 @@ from ltcache.checkpoint import CHECKPOINT_FORMAT, OFFICIAL, load_model_state, lo
 from ltcache.config import EXTRACT
 from ltcache.console import log, progress
 from ltcache.data import SPLITS, DatasetSpec, build_dataset
-from ltcache.distributed import barrier, get_rank, get_world_size
+from ltcache.distributed import barrier, get_rank, get_world_size, init_distributed
 from ltcache.errors import LtcacheError
 from ltcache.folders import dead_staging
 from ltcache.fsutil import sha256_file, write_json
 from ltcache.models import build_model, check_backbone
 from ltcache.params import checked
 from ltcache.runtime import command_line, resolve_device
-from ltcache.train import images_to, init_distributed
+from ltcache.train import images_to
 
 
 @checked(*EXTRACT)

@@ -31,7 +31,7 @@ from ltcache.errors import LtcacheError
 from ltcache.folders import folder_lock
 from ltcache.heads import Head
 from ltcache.logits import resolve_budget
-from ltcache.metrics import Evaluation, GroupAccuracy, ShotThresholds, evaluate_logits, group_accuracy, shot_groups
+from ltcache.metrics import Evaluation, GroupAccuracy, ShotThresholds, group_accuracy, shot_groups
 from ltcache.options import COMPARE, check_thresholds
 from ltcache.params import GRID, MAX_GRID_POINTS, check_all
 from ltcache.stage2.core import (
@@ -185,12 +185,21 @@ class Lab:
         head = fitted.head if isinstance(fitted, Fitted) else fitted
         if not isinstance(head, Head):
             raise LtcacheError(f"score needs a Fitted or a Head, got {type(fitted).__name__}")
-        selection = self.data.selection
-        return evaluate_logits(self.data.logits(head, self.test.features), self.test.labels, self.data.class_counts,
-                               selection_logits=self.data.logits(head, selection.features),
-                               selection_labels=selection.labels,
-                               thresholds=self.data.thresholds, bootstrap=bootstrap,
-                               seed=self.data.seed if seed is None else seed)
+        from ltcache.distributed import all_reduce_sum, local_rows
+        from ltcache.metrics.calibration import fit_temperature
+        from ltcache.metrics.evaluation import evaluate_rows, row_statistics
+
+        # One logit matrix alive at a time: the selection split's (for T), then test's. Under torchrun each rank
+        # takes its contiguous share of both, T comes from sums over ranks and the row statistics are gathered.
+        selection, test = self.data.selection, self.test
+        part = local_rows(len(selection))
+        temperature = fit_temperature(self.data.logits(head, selection.features[part]), selection.labels[part],
+                                      reduce=lambda values: all_reduce_sum(values, test.labels.device))
+        part = local_rows(len(test))
+        rows = row_statistics(self.data.logits(head, test.features[part]), test.labels[part], temperature)
+        return evaluate_rows(rows.gathered(len(test)), test.labels, self.data.class_counts, temperature=temperature,
+                             thresholds=self.data.thresholds, bootstrap=bootstrap,
+                             seed=self.data.seed if seed is None else seed)
 
     def score_accuracy(self, head: Head) -> GroupAccuracy:
         """Test accuracy, shot groups and top-5 only (no calibration or intervals)."""
@@ -367,7 +376,14 @@ def provenance(cache: FeatureCache) -> dict:
             "stage1_seed": config.get("seed"), "stage1_epochs": config.get("epochs"),
             "train_command": config.get("command"), "extract_command": backbone.get("command"),
             "cache_ltcache_version": manifest.get("ltcache_version"), "cache_created": manifest.get("created"),
-            "ltcache_version": __version__, "compare_command": command_line()}
+            "ltcache_version": __version__, "compare_command": command_line(), "processes": _processes()}
+
+
+def _processes() -> int:
+    """How many torchrun processes shared the stage-2 work (1 without torchrun)."""
+    from ltcache.distributed import get_world_size
+
+    return get_world_size()
 
 
 def group_sizes(class_counts, thresholds: ShotThresholds) -> dict[str, int]:
@@ -467,12 +483,25 @@ def compare(cache_path: Path, *, methods: list[str] | str | None = None, select:
     results = Path(out) if out is not None else Path(cache_path)
     if write_reports:
         check_results_folder(results, cache_path)
-    lab = open_lab(cache_path, select=select, seed=seed, device=device, thresholds=thresholds,
-                   train_views=train_views, memory_budget=memory_budget)
-    comparison = lab.compare(names, params=params, bootstrap=bootstrap, seeds=seeds, ablation=ablation,
-                             audit=protocol_audit, log=log)
-    if write_reports:
-        lab.save(comparison, out, ablation=ablation)
+    from ltcache.distributed import barrier, init_distributed, is_main_process
+    from ltcache.runtime import resolve_device
+
+    # Under torchrun: trained heads draw the same batches on every rank, each rank computing its own rows, and
+    # scoring splits test and the selection split across ranks (see training.py and Lab.score); rank 0 writes.
+    created = init_distributed(resolve_device(device))
+    try:
+        lab = open_lab(cache_path, select=select, seed=seed, device=device, thresholds=thresholds,
+                       train_views=train_views, memory_budget=memory_budget)
+        comparison = lab.compare(names, params=params, bootstrap=bootstrap, seeds=seeds, ablation=ablation,
+                                 audit=protocol_audit, log=log if is_main_process() else None)
+        if write_reports and is_main_process():
+            lab.save(comparison, out, ablation=ablation)
+        barrier()
+    finally:
+        if created:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
     return comparison
 
 

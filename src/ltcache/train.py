@@ -28,7 +28,7 @@ from ltcache.config import TrainConfig
 from ltcache.console import log, progress
 from ltcache.data import build_dataset
 from ltcache.data.samplers import EpochSampler, parse_sampler
-from ltcache.distributed import barrier, get_rank, get_world_size, is_main_process
+from ltcache.distributed import barrier, get_rank, get_world_size, init_distributed, is_main_process
 from ltcache.errors import LtcacheError
 from ltcache.folders import RUN, StagedFolder, check_target, hold_exclusive, is_locked, made_by_ltcache, recover
 from ltcache.fsutil import append_jsonl, atomic_write, sha256_file, write_json
@@ -50,14 +50,6 @@ def images_to(images: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type == "cuda":
         return images.to(device, non_blocking=True, memory_format=torch.channels_last)
     return images.to(device)
-
-
-def init_distributed(device: torch.device) -> None:
-    """Join the torchrun process group when launched with WORLD_SIZE > 1 (NCCL on GPU, gloo on CPU)."""
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
 
 @torch.no_grad()

@@ -69,7 +69,13 @@ def calibration(logits, labels: torch.Tensor, class_counts,
                 temperature: float = 1.0) -> Calibration:
     """ECE overall and over the test samples of each shot group, from softmax(logits / temperature)."""
     confidence, predictions = max_softmax(logits, temperature)
-    confidence, labels_np = confidence.cpu().numpy(), labels.cpu().numpy()
+    return calibration_from(confidence, predictions, labels, class_counts, thresholds, bins)
+
+
+def calibration_from(confidence, predictions, labels, class_counts, thresholds: ShotThresholds = ShotThresholds(),
+                     bins: int = 15) -> Calibration:
+    """ECE overall and per shot group, and the reliability bins, from each row's confidence and prediction."""
+    confidence, labels_np = np.asarray(confidence.cpu().numpy(), dtype=np.float32), labels.cpu().numpy()
     correct = (predictions.cpu().numpy() == labels_np).astype(np.float64)
     groups = shot_groups(class_counts, thresholds)[labels_np]
     per_group = {f"ece_{group}": expected_calibration_error(confidence[groups == group], correct[groups == group], bins)
@@ -78,24 +84,28 @@ def calibration(logits, labels: torch.Tensor, class_counts,
                        reliability=reliability_bins(confidence, correct, bins))
 
 
-
-
-def fit_temperature(logits, labels: torch.Tensor, steps: int = 50, chunk_rows: int = 8192) -> float:
+def fit_temperature(logits, labels: torch.Tensor, steps: int = 50, chunk_rows: int = 8192, reduce=None) -> float:
     """Temperature scaling (Guo et al. 2017): the T > 0 minimizing the NLL of softmax(logits / T) on `labels`.
 
     The NLL is convex in beta = 1/T: its derivative is mean(E_p[z] - z_y) and its second derivative
     mean(Var_p[z]) >= 0. So a safeguarded Newton iteration on beta converges in a few passes over the logits,
     each computed a chunk of rows at a time (L-BFGS with a line search took seconds at ImageNet-LT shape).
+    `reduce(list of floats) -> their sums over processes` (distributed.all_reduce_sum): under torchrun each rank
+    passes its share of the rows and every rank gets the same T.
     """
     import torch
 
     from ltcache.logits import BlockLogits
 
+    reduce = reduce or list
     if not isinstance(logits, BlockLogits):
         logits = logits.detach().float()
     labels = labels.detach()
     target = sum(chunk.gather(1, chunk_labels[:, None]).double().sum().item()
                  for chunk, chunk_labels in zip(row_blocks(logits, chunk_rows), labels.split(chunk_rows), strict=True))
+    target, rows = reduce([target, float(len(labels))])
+    if rows == 0:
+        return 1.0
     low, high, beta = 0.0, math.inf, 1.0  # the minimizer lies in (low, high)
     for _ in range(steps):
         first = second = 0.0
@@ -104,8 +114,9 @@ def fit_temperature(logits, labels: torch.Tensor, steps: int = 50, chunk_rows: i
             mean = (p * chunk).sum(1)
             first += mean.double().sum().item()
             second += ((p * chunk * chunk).sum(1) - mean * mean).double().sum().item()
-        first = (first - target) / len(labels)
-        second /= len(labels)
+        first, second = reduce([first, second])
+        first = (first - target) / rows
+        second /= rows
         if first > 0:
             high = beta
         else:

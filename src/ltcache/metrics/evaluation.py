@@ -4,12 +4,12 @@ the command line read its fields; `as_row()` is its flat form in results.json.""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING
 
-from ltcache.logits import argmax_rows, row_blocks
+from ltcache.logits import row_blocks
 from ltcache.metrics.accuracy import GroupAccuracy, ShotThresholds, bootstrap_intervals, per_class_accuracy, summarize
-from ltcache.metrics.calibration import Calibration, calibration, fit_temperature
+from ltcache.metrics.calibration import Calibration, calibration_from, fit_temperature
 from ltcache.metrics.priors import shifted_prior_accuracy
 
 if TYPE_CHECKING:
@@ -75,25 +75,72 @@ def top_k_accuracy(logits, labels: torch.Tensor, k: int, chunk_rows: int = 16384
     return 100.0 * hits / len(labels)
 
 
+@dataclass(frozen=True)
+class RowStatistics:
+    """What scoring needs of each test row, taken in one pass over its logits: the prediction, whether the label
+    is among the top 5, and the confidence (largest softmax probability) raw and at the fitted temperature. Under
+    torchrun each rank computes its share of the rows and they are gathered; the metrics come from these alone."""
+
+    predictions: torch.Tensor
+    top5: torch.Tensor
+    confidence: torch.Tensor
+    scaled_confidence: torch.Tensor
+
+    def gathered(self, rows: int) -> RowStatistics:
+        """Every rank's rows, in order (distributed.gather_rows); itself in a single process."""
+        from ltcache.distributed import gather_rows
+
+        return RowStatistics(*(gather_rows(getattr(self, f.name), rows) for f in fields(self)))
+
+
+def row_statistics(logits, labels: torch.Tensor, temperature: float, chunk_rows: int = 8192) -> RowStatistics:
+    """One pass over `logits` (a tensor or a BlockLogits), a chunk of rows at a time: no probability matrix."""
+    import torch
+
+    parts: list[tuple] = []
+    for chunk, chunk_labels in zip(row_blocks(logits, chunk_rows), labels.split(chunk_rows), strict=True):
+        peak, index = chunk.max(1)
+        shifted = chunk - peak[:, None]
+        k = min(5, chunk.shape[1])
+        top = (chunk.topk(k, dim=1).indices == chunk_labels[:, None]).any(1)
+        raw = 1.0 / shifted.exp().sum(1)
+        scaled = 1.0 / shifted.div_(temperature).exp_().sum(1)
+        parts.append((index, top, raw, scaled))
+    if not parts:
+        empty = torch.empty(0)
+        return RowStatistics(torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.bool), empty, empty)
+    return RowStatistics(*(torch.cat(column) for column in zip(*parts, strict=True)))
+
+
 def evaluate_logits(logits, labels: torch.Tensor, class_counts, *, selection_logits,
                     selection_labels: torch.Tensor, thresholds: ShotThresholds = ShotThresholds(),
                     bootstrap: int = 0, seed: int = 0) -> Evaluation:
     """Everything test says of one head, from its test logits. The temperature is fitted on the selection split's
     logits; with bootstrap > 0, that many test resamples give the 95% intervals. Either logits may be a tensor or a
     BlockLogits (beyond the memory budget: computed block by block on every pass, never held whole)."""
-    predictions = argmax_rows(logits)
-    class_accuracy = per_class_accuracy(predictions, labels, len(class_counts))
-    overall = 100.0 * (predictions == labels).double().mean().item()
-    accuracy = GroupAccuracy(**summarize(class_accuracy, overall, class_counts, thresholds),
-                             top5=top_k_accuracy(logits, labels, 5))
     temperature = fit_temperature(selection_logits, selection_labels)
-    scaled = calibration(logits, labels, class_counts, thresholds, temperature=temperature)
+    return evaluate_rows(row_statistics(logits, labels, temperature), labels, class_counts, temperature=temperature,
+                         thresholds=thresholds, bootstrap=bootstrap, seed=seed)
+
+
+def evaluate_rows(rows: RowStatistics, labels: torch.Tensor, class_counts, *, temperature: float,
+                  thresholds: ShotThresholds = ShotThresholds(), bootstrap: int = 0, seed: int = 0) -> Evaluation:
+    """The Evaluation from every test row's statistics (row_statistics) and the temperature fitted on the
+    selection split."""
+    predictions = rows.predictions
+    class_accuracy = per_class_accuracy(predictions, labels, len(class_counts))
+    overall = 100.0 * (predictions == labels).double().mean().item() if len(labels) else float("nan")
+    top5 = 100.0 * rows.top5.double().mean().item() if len(labels) else float("nan")
+    accuracy = GroupAccuracy(**summarize(class_accuracy, overall, class_counts, thresholds), top5=top5)
     intervals = None
     if bootstrap:
         intervals = {key: tuple(bounds) for key, bounds in
                      bootstrap_intervals(predictions, labels, class_counts, thresholds, resamples=bootstrap,
                                          seed=seed).items()}
-    return Evaluation(accuracy=accuracy, calibration=calibration(logits, labels, class_counts, thresholds),
-                      temperature=temperature, calibrated=scaled,
+    return Evaluation(accuracy=accuracy,
+                      calibration=calibration_from(rows.confidence, predictions, labels, class_counts, thresholds),
+                      temperature=temperature,
+                      calibrated=calibration_from(rows.scaled_confidence, predictions, labels, class_counts,
+                                                  thresholds),
                       shifted_priors=shifted_prior_accuracy(class_accuracy, class_counts), intervals=intervals,
                       per_class=tuple(float(v) for v in class_accuracy))

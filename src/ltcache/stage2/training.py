@@ -58,6 +58,8 @@ def train_on_features(module: nn.Module, inputs: torch.Tensor | tuple[torch.Tens
     import torch
     from torch import nn
 
+    from ltcache.distributed import get_world_size, local_rows
+
     if epochs < 1 or batch_size < 1:
         raise LtcacheError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
     inputs = inputs if isinstance(inputs, tuple) else (inputs,)
@@ -75,23 +77,31 @@ def train_on_features(module: nn.Module, inputs: torch.Tensor | tuple[torch.Tens
     # Batches are gathered into buffers allocated once: a fresh [batch, d] tensor per step costs page faults
     # that, at ImageNet-LT shape on a CPU, took longer than the gather itself.
     gathers = [_gatherer(t, batch_size) for t in inputs]
-    batch_inputs = [buffer for buffer, _ in gathers]
-    batch_labels = labels.new_empty(batch_size)
+    label_buffer = labels.new_empty(batch_size)
+    # Under torchrun every rank draws the same global batches (same generator) and computes the rows of its own
+    # contiguous share of the data; the loss is scaled by its rows / batch and the gradients summed over ranks, so
+    # each step is the single-process step (for a mean-reduced loss), whatever the number of processes.
+    share = local_rows(len(labels)) if get_world_size() > 1 else None
+    parameters = [p for p in module.parameters() if p.requires_grad]
     reporter = EpochProgress(epochs)
     for epoch in range(epochs):
         draws = torch.multinomial(weights, steps_per_epoch * batch_size, replacement=True, generator=generator)
         finite = torch.ones((), dtype=torch.bool, device=labels.device)
         for batch in draws.to(labels.device).view(steps_per_epoch, batch_size):
-            for _, gather in gathers:
-                gather(batch)
-            torch.index_select(labels, 0, batch, out=batch_labels)
-            if own_loss:  # the module computes CE itself, faster than criterion(module(...)) (ScaledCrossEntropy)
-                loss = module.loss(*batch_inputs, batch_labels)
-            else:
-                loss = criterion(module(*batch_inputs), batch_labels)
-            finite &= torch.isfinite(loss.detach())  # checked once an epoch: no device sync per step
+            if share is not None:
+                batch = batch[(batch >= share.start) & (batch < share.stop)]
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if len(batch):
+                batch_inputs = [gather(batch) for gather in gathers]
+                batch_labels = torch.index_select(labels, 0, batch, out=label_buffer[: len(batch)])
+                if own_loss:  # the module computes CE itself, faster than criterion(module(...)) (ScaledCrossEntropy)
+                    loss = module.loss(*batch_inputs, batch_labels)
+                else:
+                    loss = criterion(module(*batch_inputs), batch_labels)
+                finite &= torch.isfinite(loss.detach())  # checked once an epoch: no device sync per step
+                (loss * (len(batch) / batch_size) if share is not None else loss).backward()
+            if share is not None:
+                sum_gradients(parameters)
             optimizer.step()
             scheduler.step()
             if after_step is not None:
@@ -106,8 +116,9 @@ def train_on_features(module: nn.Module, inputs: torch.Tensor | tuple[torch.Tens
 
 
 def _gatherer(source, batch_size: int):
-    """(buffer, gather): `gather(index)` fills `buffer` with the rows `index` of `source`, in float32. `source` is a
-    tensor (float16 rows are upcast) or a BlockLogits (logits beyond the memory budget, computed per batch)."""
+    """`gather(index)`: the rows `index` (at most batch_size) of `source` in float32, written into a buffer
+    allocated once. `source` is a tensor (float16 rows are upcast) or a BlockLogits (logits beyond the memory
+    budget, computed per batch from the features)."""
     import torch
 
     from ltcache.logits import BlockLogits
@@ -116,13 +127,34 @@ def _gatherer(source, batch_size: int):
         features = source.features
         feature_buffer = torch.empty((batch_size, features.shape[1]), dtype=torch.float32, device=features.device)
         buffer = torch.empty((batch_size, source.shape[1]), dtype=torch.float32, device=features.device)
-        return buffer, lambda index: source.gather(index, buffer, feature_buffer)
+
+        def gather_logits(index):
+            out = buffer[: len(index)]
+            source.gather(index, out, feature_buffer[: len(index)])
+            return out
+
+        return gather_logits
     if source.is_floating_point() and source.dtype != torch.float32:
         buffer = source.new_empty((batch_size, *source.shape[1:]), dtype=torch.float32)
         staging = source.new_empty((batch_size, *source.shape[1:]))
-        return buffer, lambda index: buffer.copy_(torch.index_select(source, 0, index, out=staging))
+        return lambda index: buffer[: len(index)].copy_(torch.index_select(source, 0, index,
+                                                                            out=staging[: len(index)]))
     buffer = source.new_empty((batch_size, *source.shape[1:]))
-    return buffer, lambda index: torch.index_select(source, 0, index, out=buffer)
+    return lambda index: torch.index_select(source, 0, index, out=buffer[: len(index)])
+
+
+def sum_gradients(parameters: list) -> None:
+    """Sum every parameter's gradient over the torchrun ranks (a rank whose share of the batch was empty adds
+    zeros), in one all-reduce of one flat buffer."""
+    import torch
+    import torch.distributed as dist
+
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in parameters])
+    dist.all_reduce(flat)
+    offset = 0
+    for p in parameters:
+        p.grad = flat[offset : offset + p.numel()].view_as(p)
+        offset += p.numel()
 
 
 def _sgd(module: nn.Module, **options) -> torch.optim.SGD:
