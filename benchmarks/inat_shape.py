@@ -105,13 +105,12 @@ def write_cache(path: Path, *, scale: float, dim: int, dtype: str, seed: int = 0
 def step(name: str, cache: Path, budget: str | None) -> dict:
     """One measured step, in this (child) process. Returns seconds, peak memory and what the step adds."""
     import torch
+    import torch._dynamo  # noqa: F401  (the first optimizer step of a process imports it: ~1 s, not an epoch's)
 
     from ltcache.lab import open_lab
     from ltcache.logits import block_rows, fits, resolve_budget
     from ltcache.stage2 import fit_method
     from ltcache.stage2.training import BALANCED_DEFAULTS, retrain_linear
-
-    import torch._dynamo  # noqa: F401  (the first optimizer step of a process imports it: ~1 s, not an epoch's)
 
     if name == "runtime":  # the baseline: a process with torch and the lab imported, nothing opened
         return {"seconds": 0.0, "open_seconds": 0.0, "block_bytes": 0, "peak": peak_bytes()}

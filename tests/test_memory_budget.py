@@ -4,8 +4,8 @@ and every method gives what it gives with the logits held whole; float16 caches 
 import numpy as np
 import pytest
 import torch
-from conftest import assert_clean_error, invoke, write_toy_cache
 
+from conftest import assert_clean_error, invoke, write_toy_cache
 from ltcache.heads import Head
 from ltcache.lab import open_lab
 from ltcache.logits import BlockLogits, parse_size

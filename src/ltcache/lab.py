@@ -203,9 +203,8 @@ class Lab:
 
     def score_accuracy(self, head: Head) -> GroupAccuracy:
         """Test accuracy, shot groups and top-5 only (no calibration or intervals)."""
-        from ltcache.metrics.evaluation import top_k_accuracy
-
         from ltcache.logits import argmax_rows
+        from ltcache.metrics.evaluation import top_k_accuracy
 
         logits = self.data.logits(head, self.test.features)
         accuracy = group_accuracy(argmax_rows(logits), self.test.labels, self.data.class_counts,
