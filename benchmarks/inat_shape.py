@@ -198,6 +198,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=("float32", "float16"))
     parser.add_argument("--memory-budget", default=None)
     parser.add_argument("--workdir", type=Path, default=None, help="where the cache is written (default: a temp dir)")
+    parser.add_argument("--keep-cache", type=Path, default=None,
+                        help="write the cache here and keep it; a later run with the same path reuses it")
     parser.add_argument("--skip-compare", action="store_true")
     parser.add_argument("--results", type=Path, default=HERE.with_name("RESULTS.md"))
     parser.add_argument("--child", default=None)
@@ -213,14 +215,18 @@ def main() -> None:
 
     rows: list[tuple[str, str, str]] = []
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
-        cache = Path(tmp) / "cache"
-        start = time.perf_counter()
-        shape = write_cache(cache, scale=args.scale, dim=args.dim, dtype=args.dtype)
-        write_s = time.perf_counter() - start
-        disk = sum(f.stat().st_size for f in cache.rglob("*") if f.is_file())
+        cache = args.keep_cache or Path(tmp) / "cache"
         gib = 2**30
-        rows.append(("write the cache (through CacheWriter)", f"{write_s:.0f} s",
-                     f"{disk / gib:.2f} GiB on disk ({args.dtype})"))
+        if (cache / "manifest.json").is_file():
+            manifest = json.loads((cache / "manifest.json").read_text())
+            shape = {"classes": len(manifest["class_names"]), "train": manifest["splits"]["train"]["rows"]}
+            written = "reused (written by an earlier run of this script)"
+        else:
+            start = time.perf_counter()
+            shape = write_cache(cache, scale=args.scale, dim=args.dim, dtype=args.dtype)
+            written = f"{time.perf_counter() - start:.0f} s"
+        disk = sum(f.stat().st_size for f in cache.rglob("*") if f.is_file())
+        rows.append(("write the cache (through CacheWriter)", written, f"{disk / gib:.2f} GiB on disk ({args.dtype})"))
         logits_gib = shape["train"] * shape["classes"] * 4 / gib
         rows.append(("train logits if materialized", f"{logits_gib:.1f} GiB", "never held: the budget is "
                      f"{resolve_budget(args.memory_budget) / gib:.1f} GiB"))

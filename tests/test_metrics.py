@@ -106,7 +106,7 @@ def test_temperature_is_the_minimizer_of_the_nll_on_a_fine_grid():
     grid = torch.linspace(0.5, 40.0, 7901, dtype=torch.float64)
     nll = torch.stack([torch.nn.functional.cross_entropy(logits.double() / t, labels) for t in grid])
     best = grid[nll.argmin()].item()
-    found = fit_temperature(logits, labels, chunk_rows=500)
+    found = fit_temperature(logits, labels, rows=500)
     assert 5.0 < best < 39.0 and abs(found - best) < 0.01
 
 
@@ -192,7 +192,7 @@ def test_max_softmax_in_chunks_equals_the_softmax_maximum():
 
     logits = torch.randn(101, 9, generator=torch.Generator().manual_seed(0)) * 5
     for temperature in (1.0, 0.3, 4.0):
-        confidence, predictions = max_softmax(logits, temperature, chunk_rows=16)
+        confidence, predictions = max_softmax(logits, temperature, rows=16)
         expected, expected_predictions = torch.softmax(logits / temperature, 1).max(1)
         torch.testing.assert_close(confidence, expected)
         assert torch.equal(predictions, expected_predictions)

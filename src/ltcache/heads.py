@@ -61,9 +61,10 @@ class Head:
         """argmax of the logits, a chunk of rows at a time: no [N, C] matrix is held."""
         import torch
 
-        head = self.to(features.device)
-        parts = [head.logits(features[start : start + LOGIT_CHUNK_ROWS]).argmax(1)
-                 for start in range(0, len(features), LOGIT_CHUNK_ROWS)]
+        from ltcache.logits import chunk_rows
+
+        head, rows = self.to(features.device), max(1024, chunk_rows(self.num_classes))
+        parts = [head.logits(features[start : start + rows]).argmax(1) for start in range(0, len(features), rows)]
         return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64, device=features.device)
 
     def to(self, device) -> Head:

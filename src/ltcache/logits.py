@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
     from ltcache.heads import Head
 
+CHUNK_ELEMENTS = 1 << 22  # 16 MiB of float32: the temporaries of a softmax or top-k over a chunk stay this small
 MIN_BLOCK_ROWS = 1024  # below this a block's GEMM is inefficient; a budget that small still gets 1024-row blocks
 FALLBACK_BUDGET = 4 << 30  # where the machine's RAM cannot be read
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -67,6 +68,11 @@ def resolve_budget(budget: str | int | None) -> int:
 def fits(rows: int, columns: int, budget: int) -> bool:
     """Whether a float32 [rows, columns] matrix fits in `budget` bytes."""
     return rows * columns * 4 <= budget
+
+
+def chunk_rows(columns: int) -> int:
+    """Rows of a chunk whose per-element temporaries (softmax, exp, top-k) stay near CHUNK_ELEMENTS floats."""
+    return max(64, CHUNK_ELEMENTS // max(1, columns))
 
 
 def block_rows(columns: int, budget: int) -> int:

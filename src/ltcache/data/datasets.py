@@ -77,8 +77,10 @@ def _default(value, default):
 
 
 DatasetBuilder = Callable[[DatasetSpec], LongTailData]
-# The builders here register on import; cifar.py and files.py register theirs when the registry is first used.
-DATASETS: Registry[DatasetBuilder] = Registry("dataset", builtins=("ltcache.data.cifar", "ltcache.data.files"))
+# The builders here register on import; cifar.py, files.py and tars.py register theirs when the registry is first
+# used.
+DATASETS: Registry[DatasetBuilder] = Registry("dataset", builtins=("ltcache.data.cifar", "ltcache.data.files",
+                                                                           "ltcache.data.tars"))
 
 
 def register_dataset(name: str):

@@ -1,9 +1,11 @@
-"""The torch Datasets behind every registered dataset: in-memory arrays and image files. Imported when a dataset is
-built, never when the registry is listed or a name is checked."""
+"""The torch Datasets behind every registered dataset: in-memory arrays, image files and images in tar shards.
+Imported when a dataset is built, never when the registry is listed or a name is checked."""
 
 from __future__ import annotations
 
 import copy
+import io
+import os
 from collections.abc import Callable
 
 import numpy as np
@@ -57,4 +59,37 @@ class FileImageDataset(SplitDataset):
         except (OSError, ValueError, Image.DecompressionBombError) as exc:
             raise LtcacheError(f"cannot decode image {self.paths[i]} ({type(exc).__name__}); replace the file "
                                "or drop its line from the split file") from None
+        return self.transform(rgb), self.labels[i], i
+
+
+class TarImageDataset(SplitDataset):
+    """Images read from tar shards at their member offsets and decoded with PIL as RGB. Items are (image, label,
+    row index), like the other split datasets."""
+
+    def __init__(self, shards: list[str], members: list[tuple[int, int, int, str]], labels: np.ndarray, transform):
+        self.shards, self.members = shards, members  # members: (shard number, offset, size, name)
+        self.labels = torch.as_tensor(labels, dtype=torch.int64)
+        self.transform = transform
+        self._files: dict[int, int] = {}  # opened per process (DataLoader workers each open their own)
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def __getstate__(self):  # a worker opens its own files
+        return {**self.__dict__, "_files": {}}
+
+    def __getitem__(self, i: int):
+        shard, offset, size, name = self.members[i]
+        fd = self._files.get(shard)
+        if fd is None:
+            fd = self._files[shard] = os.open(self.shards[shard], os.O_RDONLY)  # kept open for the next reads
+        data = os.pread(fd, size, offset)  # no shared file position: safe in forked DataLoader workers
+        try:
+            if len(data) != size:
+                raise OSError("the shard is shorter than its index")
+            with Image.open(io.BytesIO(data)) as image:
+                rgb = image.convert("RGB")
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            raise LtcacheError(f"cannot decode {name} in {self.shards[shard]} ({type(exc).__name__}); replace the "
+                               "shard") from None
         return self.transform(rgb), self.labels[i], i

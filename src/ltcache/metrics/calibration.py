@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ltcache.logits import row_blocks
+from ltcache.logits import chunk_rows, row_blocks
 from ltcache.metrics.accuracy import GROUPS, ShotThresholds, shot_groups
 
 if TYPE_CHECKING:
@@ -49,13 +49,13 @@ def reliability_bins(confidence: np.ndarray, correct: np.ndarray, bins: int = 15
              "count": int((which == b).sum())} for b in range(bins) if (which == b).any()]
 
 
-def max_softmax(logits, temperature: float = 1.0, chunk_rows: int = 8192):
+def max_softmax(logits, temperature: float = 1.0, rows: int | None = None):
     """Confidence (the largest softmax probability of logits / T) and prediction of each row, a chunk of rows at
     a time: no probability matrix the size of the logits is ever held."""
     import torch
 
     confidence, predictions = [], []
-    for chunk in row_blocks(logits, chunk_rows):
+    for chunk in row_blocks(logits, rows or chunk_rows(logits.shape[1])):
         peak, index = chunk.max(1)
         confidence.append(1.0 / (chunk - peak[:, None]).div_(temperature).exp_().sum(1))
         predictions.append(index)
@@ -84,7 +84,7 @@ def calibration_from(confidence, predictions, labels, class_counts, thresholds: 
                        reliability=reliability_bins(confidence, correct, bins))
 
 
-def fit_temperature(logits, labels: torch.Tensor, steps: int = 50, chunk_rows: int = 8192, reduce=None) -> float:
+def fit_temperature(logits, labels: torch.Tensor, steps: int = 50, rows: int | None = None, reduce=None) -> float:
     """Temperature scaling (Guo et al. 2017): the T > 0 minimizing the NLL of softmax(logits / T) on `labels`.
 
     The NLL is convex in beta = 1/T: its derivative is mean(E_p[z] - z_y) and its second derivative
@@ -98,25 +98,26 @@ def fit_temperature(logits, labels: torch.Tensor, steps: int = 50, chunk_rows: i
     from ltcache.logits import BlockLogits
 
     reduce = reduce or list
+    rows = rows or chunk_rows(logits.shape[1])
     if not isinstance(logits, BlockLogits):
         logits = logits.detach().float()
     labels = labels.detach()
     target = sum(chunk.gather(1, chunk_labels[:, None]).double().sum().item()
-                 for chunk, chunk_labels in zip(row_blocks(logits, chunk_rows), labels.split(chunk_rows), strict=True))
-    target, rows = reduce([target, float(len(labels))])
-    if rows == 0:
+                 for chunk, chunk_labels in zip(row_blocks(logits, rows), labels.split(rows), strict=True))
+    target, count = reduce([target, float(len(labels))])
+    if count == 0:
         return 1.0
     low, high, beta = 0.0, math.inf, 1.0  # the minimizer lies in (low, high)
     for _ in range(steps):
         first = second = 0.0
-        for chunk in row_blocks(logits, chunk_rows):
+        for chunk in row_blocks(logits, rows):
             p = torch.softmax(chunk * beta, dim=1)
             mean = (p * chunk).sum(1)
             first += mean.double().sum().item()
             second += ((p * chunk * chunk).sum(1) - mean * mean).double().sum().item()
         first, second = reduce([first, second])
-        first = (first - target) / rows
-        second /= rows
+        first = (first - target) / count
+        second /= count
         if first > 0:
             high = beta
         else:

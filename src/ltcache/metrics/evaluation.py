@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING
 
-from ltcache.logits import row_blocks
+from ltcache.logits import chunk_rows, row_blocks
 from ltcache.metrics.accuracy import GroupAccuracy, ShotThresholds, bootstrap_intervals, per_class_accuracy, summarize
 from ltcache.metrics.calibration import Calibration, calibration_from, fit_temperature
 from ltcache.metrics.priors import shifted_prior_accuracy
@@ -93,12 +93,13 @@ class RowStatistics:
         return RowStatistics(*(gather_rows(getattr(self, f.name), rows) for f in fields(self)))
 
 
-def row_statistics(logits, labels: torch.Tensor, temperature: float, chunk_rows: int = 8192) -> RowStatistics:
+def row_statistics(logits, labels: torch.Tensor, temperature: float, rows: int | None = None) -> RowStatistics:
     """One pass over `logits` (a tensor or a BlockLogits), a chunk of rows at a time: no probability matrix."""
     import torch
 
     parts: list[tuple] = []
-    for chunk, chunk_labels in zip(row_blocks(logits, chunk_rows), labels.split(chunk_rows), strict=True):
+    rows = rows or chunk_rows(logits.shape[1])
+    for chunk, chunk_labels in zip(row_blocks(logits, rows), labels.split(rows), strict=True):
         peak, index = chunk.max(1)
         shifted = chunk - peak[:, None]
         k = min(5, chunk.shape[1])

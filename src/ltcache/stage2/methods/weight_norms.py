@@ -160,13 +160,14 @@ def adapted_to_shifted_priors(data: LabData, test: Split, params: dict) -> dict:
     prior): its accuracy under the prior, beside `shifted_priors`, where every head stays aimed at balance."""
     import torch
 
-    from ltcache.logits import row_blocks
+    from ltcache.logits import chunk_rows, row_blocks
 
     raw_test = data.logits(LinearHead(data.joint.weight), test.features)  # one GEMM (or blocks); each prior shifts it
     result = {}
     for name, prior in shifted_priors(data.class_counts).items():
         head = fit_logit_adjustment(data, **{**params, "target": prior}).head
-        predictions = torch.cat([(block + head.bias).argmax(1) for block in row_blocks(raw_test, 16384)])
+        predictions = torch.cat([(block + head.bias).argmax(1)
+                                 for block in row_blocks(raw_test, chunk_rows(data.num_classes))])
         result[name] = prior_accuracy(per_class_accuracy(predictions, test.labels, data.num_classes), prior)
     return result
 
