@@ -102,20 +102,26 @@ def write_cache(path: Path, *, scale: float, dim: int, dtype: str, seed: int = 0
 # ------------------------------------------------------------------------------------------------ child steps
 
 
-def step(name: str, cache: Path, budget: str | None) -> dict:
+def step(name: str, cache: Path, budget: str | None, device: str = "cpu") -> dict:
     """One measured step, in this (child) process. Returns seconds, peak memory and what the step adds."""
     import torch
-    import torch._dynamo  # noqa: F401  (the first optimizer step of a process imports it: ~1 s, not an epoch's)
 
     from ltcache.lab import open_lab
     from ltcache.logits import block_rows, fits, resolve_budget
     from ltcache.stage2 import fit_method
     from ltcache.stage2.training import BALANCED_DEFAULTS, retrain_linear
 
+    if name in ("crt_epoch", "lws_epoch"):
+        import torch._dynamo  # noqa: F401  (a process's first optimizer step imports it: ~1 s, not an epoch's)
     if name == "runtime":  # the baseline: a process with torch and the lab imported, nothing opened
         return {"seconds": 0.0, "open_seconds": 0.0, "block_bytes": 0, "peak": peak_bytes()}
+
+    def sync() -> None:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
     start = time.perf_counter()
-    lab = open_lab(cache, memory_budget=budget)
+    lab = open_lab(cache, memory_budget=budget, device=device)
     opened = time.perf_counter() - start
     data = lab.data
     classes, dim = data.num_classes, data.train.features.shape[1]
@@ -137,19 +143,22 @@ def step(name: str, cache: Path, budget: str | None) -> dict:
     elif name == "floor":
         # The GEMMs of one epoch at batch 512, timed alone over 40 batches and scaled to an epoch's steps.
         batch, steps = 512, math.ceil(len(data.train) / 512)
-        features = torch.randn(batch, dim)
-        weight = torch.randn(classes, dim)
-        grad = torch.randn(batch, classes)
-        out, wgrad = torch.empty(batch, classes), torch.empty(classes, dim)
+        features = torch.randn(batch, dim, device=device)
+        weight = torch.randn(classes, dim, device=device)
+        grad = torch.randn(batch, classes, device=device)
+        out, wgrad = torch.empty(batch, classes, device=device), torch.empty(classes, dim, device=device)
         for _ in range(3):
             torch.mm(features, weight.T, out=out)
             torch.mm(grad.T, features, out=wgrad)
         timings = {"forward": 0.0, "weight_grad": 0.0}
         for _ in range(40):
+            sync()
             t0 = time.perf_counter()
             torch.mm(features, weight.T, out=out)
+            sync()
             t1 = time.perf_counter()
             torch.mm(grad.T, features, out=wgrad)
+            sync()
             timings["forward"] += t1 - t0
             timings["weight_grad"] += time.perf_counter() - t1
         result.update(steps=steps, forward_epoch=timings["forward"] / 40 * steps,
@@ -163,13 +172,14 @@ def step(name: str, cache: Path, budget: str | None) -> dict:
         result.update(per_batch=not fits(len(data.train), classes, limit), block_bytes=0)
     else:
         raise SystemExit(f"unknown step {name}")
+    sync()
     result["seconds"] = time.perf_counter() - start
     result["peak"] = peak_bytes()
     return result
 
 
-def run_child(name: str, cache: Path, budget: str | None) -> dict:
-    command = [sys.executable, str(HERE), "--child", name, "--cache", str(cache)]
+def run_child(name: str, cache: Path, budget: str | None, device: str = "cpu") -> dict:
+    command = [sys.executable, str(HERE), "--child", name, "--cache", str(cache), "--device", device]
     if budget:
         command += ["--memory-budget", budget]
     start = time.perf_counter()
@@ -178,6 +188,21 @@ def run_child(name: str, cache: Path, budget: str | None) -> dict:
     result["wall"] = time.perf_counter() - start
     print(f"  {name}: {result}", file=sys.stderr, flush=True)
     return result
+
+
+def epoch_rows(rows: list, floor: dict, crt: dict, lws: dict) -> None:
+    """The rows of the epoch steps: the matrix-product floor, one cRT epoch and one LWS epoch against it."""
+    gib = 2**30
+    crt_floor = floor["forward_epoch"] + floor["weight_grad_epoch"]
+    rows.append(("matrix-product floor of one epoch (batch 512)",
+                 f"forward {floor['forward_epoch']:.0f} s, weight gradient {floor['weight_grad_epoch']:.0f} s",
+                 f"{floor['steps']} steps, timed on 40 and scaled"))
+    rows.append(("one cRT epoch (SGD, batch 512, class-balanced)", f"{crt['seconds']:.0f} s; peak "
+                 f"{crt['peak'] / gib:.2f} GiB", f"{crt['seconds'] / crt_floor:.2f}x its floor of "
+                 f"{crt_floor:.0f} s (target <= 1.3x)"))
+    rows.append(("one LWS epoch (logits per batch from the features)", f"{lws['seconds']:.0f} s; peak "
+                 f"{lws['peak'] / gib:.2f} GiB", f"{lws['seconds'] / floor['forward_epoch']:.2f}x its floor of "
+                 f"{floor['forward_epoch']:.0f} s (target <= 1.3x)"))
 
 
 PEAK_REPORTING_CLI = """
@@ -197,6 +222,9 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=2048)
     parser.add_argument("--dtype", default="float32", choices=("float32", "float16"))
     parser.add_argument("--memory-budget", default=None)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--steps", default="memory,epochs,compare",
+                        help="which groups to run: memory (open, NCM, tau, LA), epochs (cRT, LWS), compare")
     parser.add_argument("--workdir", type=Path, default=None, help="where the cache is written (default: a temp dir)")
     parser.add_argument("--keep-cache", type=Path, default=None,
                         help="write the cache here and keep it; a later run with the same path reuses it")
@@ -206,7 +234,7 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=None)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(step(args.child, args.cache, args.memory_budget)))
+        print(json.dumps(step(args.child, args.cache, args.memory_budget, args.device)))
         return
 
     import torch
@@ -231,13 +259,15 @@ def main() -> None:
         rows.append(("train logits if materialized", f"{logits_gib:.1f} GiB", "never held: the budget is "
                      f"{resolve_budget(args.memory_budget) / gib:.1f} GiB"))
 
-        runtime = run_child("runtime", cache, args.memory_budget)["peak"]
+        runtime = run_child("runtime", cache, args.memory_budget, args.device)["peak"]
         rows.append(("a process with torch and ltcache imported, nothing opened", f"peak {runtime / gib:.2f} GiB",
                      "baseline, inside every peak below"))
-        for name, label in (("open", "open the cache (every file hashed)"), ("ncm", "NCM: fit, choose, score"),
-                            ("tau_norm", "tau sweep (21 values on val), then score"),
-                            ("logit_adj", "logit adjustment (21 values on val), then score")):
-            r = run_child(name, cache, args.memory_budget)
+        groups = set(args.steps.split(","))
+        memory_steps = (("open", "open the cache (every file hashed)"), ("ncm", "NCM: fit, choose, score"),
+                        ("tau_norm", "tau sweep (21 values on val), then score"),
+                        ("logit_adj", "logit adjustment (21 values on val), then score"))
+        for name, label in memory_steps if "memory" in groups else ():
+            r = run_child(name, cache, args.memory_budget, args.device)
             bound = 1.3 * (disk + r["block_bytes"])
             seconds = r["open_seconds"] if name == "open" else r["seconds"]
             rows.append((label, f"{seconds:.1f} s; peak {r['peak'] / gib:.2f} GiB",
@@ -245,24 +275,16 @@ def main() -> None:
                          f"{r['block_bytes'] / gib:.2f} GiB; target <= 1.3x, {bound / gib:.2f} GiB)"
                          + (f"; test mean/class {r['test_mean_per_class']:.2f}" if "test_mean_per_class" in r else "")))
 
-        floor = run_child("floor", cache, args.memory_budget)
-        crt = run_child("crt_epoch", cache, args.memory_budget)
-        lws = run_child("lws_epoch", cache, args.memory_budget)
-        crt_floor = floor["forward_epoch"] + floor["weight_grad_epoch"]
-        rows.append(("matrix-product floor of one epoch (batch 512)",
-                     f"forward {floor['forward_epoch']:.0f} s, weight gradient {floor['weight_grad_epoch']:.0f} s",
-                     f"{floor['steps']} steps, timed on 40 and scaled"))
-        rows.append(("one cRT epoch (SGD, batch 512, class-balanced)", f"{crt['seconds']:.0f} s; peak "
-                     f"{crt['peak'] / gib:.2f} GiB", f"{crt['seconds'] / crt_floor:.2f}x its floor of "
-                     f"{crt_floor:.0f} s (target <= 1.3x)"))
-        rows.append(("one LWS epoch (logits per batch from the features)", f"{lws['seconds']:.0f} s; peak "
-                     f"{lws['peak'] / gib:.2f} GiB", f"{lws['seconds'] / floor['forward_epoch']:.2f}x its floor of "
-                     f"{floor['forward_epoch']:.0f} s (target <= 1.3x)"))
+        if "epochs" in groups or "compare" in groups:
+            floor = run_child("floor", cache, args.memory_budget, args.device)
+            crt = run_child("crt_epoch", cache, args.memory_budget, args.device)
+            lws = run_child("lws_epoch", cache, args.memory_budget, args.device)
+            epoch_rows(rows, floor, crt, lws)
 
-        if not args.skip_compare:
+        if "compare" in groups and not args.skip_compare:
             command = [sys.executable, "-c", PEAK_REPORTING_CLI.format(here=str(HERE.parent)), "compare", str(cache),
-                       "--bootstrap", "0", "--set", "crt.epochs=1", "--set", "lws.epochs=1", "--out",
-                       str(Path(tmp) / "compared")]
+                       "--bootstrap", "0", "--device", args.device, "--set", "crt.epochs=1", "--set",
+                       "lws.epochs=1", "--out", str(Path(tmp) / "compared")]
             if args.memory_budget:
                 command += ["--memory-budget", args.memory_budget]
             start = time.perf_counter()
@@ -280,17 +302,19 @@ def main() -> None:
                          "measured epoch time"))
 
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({platform.machine()})"
     lines = [f"\n## Stage 2 at iNaturalist 2018 shape — {stamp}\n",
              f"{shape['train']} train x {args.dim}-d, {shape['classes']} classes ({shape['classes'] * 3} val, "
-             f"{shape['classes'] * 3} test), {args.dtype} cache; CPU ({platform.machine()}), "
+             f"{shape['classes'] * 3} test), {args.dtype} cache; {where}, "
              f"{torch.get_num_threads()} torch threads, torch {torch.__version__}. One run; every step in its own "
              "process, peak = its VmHWM.\n",
              "| step | measured | ratio or target |", "|---|---|---|"]
     lines += [f"| {what} | {measured} | {target} |" for what, measured, target in rows]
     flags = "".join(f" --{k.replace('_', '-')} {v}" for k, v in (("scale", args.scale), ("dim", args.dim),
                                                                  ("dtype", args.dtype),
-                                                                 ("memory_budget", args.memory_budget))
-                    if v is not None and str(v) not in ("1.0", "2048", "float32"))
+                                                                 ("memory_budget", args.memory_budget),
+                                                                 ("device", args.device), ("steps", args.steps))
+                    if v is not None and str(v) not in ("1.0", "2048", "float32", "cpu", "memory,epochs,compare"))
     lines.append(f"\nCommand: `python benchmarks/inat_shape.py{flags}`\n")
     text = "\n".join(lines)
     print(text)

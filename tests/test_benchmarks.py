@@ -17,11 +17,23 @@ def run_script(*args):
 
 def test_gpu_smoke_runs_on_cpu():
     out = run_script("benchmarks/gpu_smoke.py", "--device", "cpu", "--backbone", "resnet10", "--image-size", "32",
-                     "--epochs", "1", "--workers", "0")
+                     "--epochs", "1", "--workers", "0", "--torchrun", "2")
     report = json.loads(out)
     assert report["extract_rows"] == 1052  # synthetic-lt: 812 train (200 -> 20) + 80 val + 160 test
     assert report["train_images_per_second"] > 0 and report["stage2_seconds"] > 0
     assert set(report["test_all"]) == {"joint", "ncm", "crt", "tau_norm", "lws"}
+    torchrun = report["torchrun"]  # the torchrun mode, here 2 gloo processes
+    assert torchrun["processes"] == 2 and torchrun["extract_same_features"] is True
+    assert set(torchrun["compare_test_all"]) == set(report["test_all"]) and torchrun["compare_max_difference"] <= 0.5
+
+
+def test_inat_shape_benchmark_runs_at_a_small_scale(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    out = run_script("benchmarks/inat_shape.py", "--scale", "0.01", "--dim", "64", "--results", results)
+    for step in ("train logits if materialized", "open the cache", "NCM", "tau sweep", "logit adjustment",
+                 "matrix-product floor", "one cRT epoch", "one LWS epoch", "`ltcache compare`", "extrapolated"):
+        assert step in out, step
+    assert "Stage 2 at iNaturalist 2018 shape" in results.read_text()
 
 
 def test_tau_sweep_benchmark_runs(tmp_path):

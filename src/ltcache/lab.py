@@ -436,8 +436,8 @@ def open_lab(cache_path: Path | str, *, select: str = "val", seed: int = 0, devi
     """Load train / val / test features (and the augmented train views, if any and wanted) and the stage-1
     classifier onto `device` (CUDA when present), every file checked against its sha256 on the way.
 
-    `memory_budget` ('2G', bytes, or None for a quarter of the machine's RAM) is the most one split's logits may
-    take whole; beyond it methods and scoring compute them in row blocks (logits.py).
+    `memory_budget` ('2G', bytes, or None for a quarter of the machine's RAM, or of the GPU's memory on CUDA) is
+    the most one split's logits may take whole; beyond it methods and scoring compute them in row blocks (logits.py).
 
     The cache is read under a shared lock: a writer replacing it (extract --overwrite) waits, so the lab never
     holds a mix of two caches. Memory-mapped shards stay valid after a later swap deletes them."""
@@ -446,8 +446,8 @@ def open_lab(cache_path: Path | str, *, select: str = "val", seed: int = 0, devi
 
     check_all(COMPARE, {"select": select, "seed": seed, "many": thresholds.many, "few": thresholds.few})
     check_thresholds(thresholds.many, thresholds.few)
-    budget = resolve_budget(memory_budget)
     run_device = resolve_device(device)
+    budget = resolve_budget(memory_budget, run_device)
     with folder_lock(Path(cache_path), shared=True, what="cache"):
         cache = FeatureCache(cache_path)
         weight, bias = cache.joint_head()

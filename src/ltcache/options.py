@@ -26,7 +26,8 @@ PLUGIN = Param("plugin", list, [], "A .py file or module that registers methods 
                "(repeatable).", option="--plugin")
 SHARD_ROWS = Param("shard_rows", int, 65536, "Rows per HDF5 shard.", low=1)
 MEMORY_BUDGET = Param("memory_budget", str, None, "Most memory one split's logits may take whole, e.g. 2G; beyond it "
-                      "they are computed in row blocks (default: a quarter of the machine's RAM).", optional=True)
+                      "they are computed in row blocks (default: a quarter of the RAM, or of the GPU's memory).",
+                      optional=True)
 
 COMPARE = (
     Param("methods", str, None, "Comma-separated list, or 'all' (default: the paper's five).", optional=True),

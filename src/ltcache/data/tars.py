@@ -50,8 +50,12 @@ def index_shard(path: Path) -> tuple[list[tuple[int, int, str]], list[int]]:
     """(image members as (offset, size, name), labels), one per sample in tar order. Reads headers and the small
     label members only."""
     try:
+        size = path.stat().st_size
         with tarfile.open(path, "r:") as tar:
             members = [m for m in tar.getmembers() if m.isfile()]
+            short = next((m for m in members if m.offset_data + m.size > size), None)
+            if short is not None:
+                raise tarfile.ReadError(f"{short.name} runs past the end of the file (truncated)")
             samples: dict[str, dict] = {}
             for member in members:
                 base = member.name.rsplit("/", 1)[-1]
@@ -71,7 +75,7 @@ def index_shard(path: Path) -> tuple[list[tuple[int, int, str]], list[int]]:
     images, labels = [], []
     for key, entry in samples.items():
         if "image" not in entry or "label" not in entry:
-            missing = "an image (.jpg, .png, ...)" if "image" not in entry else "a label (.cls or .json)"
+            missing = "image (.jpg, .png, ...)" if "image" not in entry else "label (.cls or .json)"
             raise LtcacheError(f"sample {key!r} in {path} has no {missing}; every key needs both")
         images.append(entry["image"])
         labels.append(_label(*entry["label"], key, path))

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ltcache.logits import chunk_rows, row_blocks
+from ltcache.logits import chunk_rows, exp_shifted_, row_blocks
 from ltcache.metrics.accuracy import GROUPS, ShotThresholds, shot_groups
 
 if TYPE_CHECKING:
@@ -57,7 +57,7 @@ def max_softmax(logits, temperature: float = 1.0, rows: int | None = None):
     confidence, predictions = [], []
     for chunk in row_blocks(logits, rows or chunk_rows(logits.shape[1])):
         peak, index = chunk.max(1)
-        confidence.append(1.0 / (chunk - peak[:, None]).div_(temperature).exp_().sum(1))
+        confidence.append(1.0 / exp_shifted_((chunk - peak[:, None]).div_(temperature)).sum(1))
         predictions.append(index)
     if not confidence:
         return torch.empty(0), torch.empty(0, dtype=torch.int64)
@@ -93,7 +93,6 @@ def fit_temperature(logits, labels: torch.Tensor, steps: int = 50, rows: int | N
     `reduce(list of floats) -> their sums over processes` (distributed.all_reduce_sum): under torchrun each rank
     passes its share of the rows and every rank gets the same T.
     """
-    import torch
 
     from ltcache.logits import BlockLogits
 
@@ -111,7 +110,9 @@ def fit_temperature(logits, labels: torch.Tensor, steps: int = 50, rows: int | N
     for _ in range(steps):
         first = second = 0.0
         for chunk in row_blocks(logits, rows):
-            p = torch.softmax(chunk * beta, dim=1)
+            p = chunk * beta  # softmax, written out so that no exp is a subnormal float (exp_shifted_)
+            p = exp_shifted_(p.sub_(p.amax(1, keepdim=True)))
+            p.div_(p.sum(1, keepdim=True))
             mean = (p * chunk).sum(1)
             first += mean.double().sum().item()
             second += ((p * chunk * chunk).sum(1) - mean * mean).double().sum().item()

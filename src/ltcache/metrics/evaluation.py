@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING
 
-from ltcache.logits import chunk_rows, row_blocks
+from ltcache.logits import chunk_rows, exp_shifted_, row_blocks
 from ltcache.metrics.accuracy import GroupAccuracy, ShotThresholds, bootstrap_intervals, per_class_accuracy, summarize
 from ltcache.metrics.calibration import Calibration, calibration_from, fit_temperature
 from ltcache.metrics.priors import shifted_prior_accuracy
@@ -104,8 +104,8 @@ def row_statistics(logits, labels: torch.Tensor, temperature: float, rows: int |
         shifted = chunk - peak[:, None]
         k = min(5, chunk.shape[1])
         top = (chunk.topk(k, dim=1).indices == chunk_labels[:, None]).any(1)
-        raw = 1.0 / shifted.exp().sum(1)
-        scaled = 1.0 / shifted.div_(temperature).exp_().sum(1)
+        raw = 1.0 / exp_shifted_(shifted.clone()).sum(1)
+        scaled = 1.0 / exp_shifted_(shifted.div_(temperature)).sum(1)
         parts.append((index, top, raw, scaled))
     if not parts:
         empty = torch.empty(0)

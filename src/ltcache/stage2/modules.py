@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ltcache.heads import adjust_disalign
+from ltcache.logits import exp_shifted_
 
 
 class BalancedSoftmax(nn.Module):
@@ -58,7 +59,7 @@ class ScaledCrossEntropy(torch.autograd.Function):
     def forward(ctx, raw: torch.Tensor, scales: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         logits = raw * scales
         peak = logits.amax(1, keepdim=True)
-        p = logits.sub_(peak).exp_()  # exp(z - max), in place
+        p = exp_shifted_(logits.sub_(peak))  # exp(z - max), in place, without subnormal floats (logits.py)
         total = p.sum(1, keepdim=True)
         rows = torch.arange(len(labels), device=labels.device)
         # -log p_y = log sum_j exp(z_j - max) - (z_y - max), with z_y - max read back from the unexponentiated value
