@@ -50,7 +50,8 @@ def peak_bytes() -> int:
 def inat_counts(scale: float = 1.0) -> list[int]:
     """iNaturalist 2018's shape: 842 Many classes (1000 -> 101), 4,076 Medium (100 -> 20), 3,224 Few (19 -> 2),
     437,513 images. Medium and Few fall linearly; the Many curve 101 + 899 (1 - x)^p has p solved for the total.
-    `scale` < 1 shrinks every class count group (a quick run), keeping the profile."""
+    `scale` < 1 shrinks every class count group (a quick run), keeping the profile; below about 0.02 the groups
+    are too small for the head curve to reach the total."""
     from scipy.optimize import brentq
 
     many, medium, few = (max(2, round(n * scale)) for n in GROUPS.values())

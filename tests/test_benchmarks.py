@@ -29,7 +29,7 @@ def test_gpu_smoke_runs_on_cpu():
 
 def test_inat_shape_benchmark_runs_at_a_small_scale(tmp_path):
     results = tmp_path / "RESULTS.md"
-    out = run_script("benchmarks/inat_shape.py", "--scale", "0.01", "--dim", "64", "--results", results)
+    out = run_script("benchmarks/inat_shape.py", "--scale", "0.02", "--dim", "64", "--results", results)
     for step in ("train logits if materialized", "open the cache", "NCM", "tau sweep", "logit adjustment",
                  "matrix-product floor", "one cRT epoch", "one LWS epoch", "`ltcache compare`", "extrapolated"):
         assert step in out, step

@@ -108,7 +108,7 @@ def _tar(path, members):
 
 @pytest.mark.parametrize("case, message", [
     ("no-train", "has no train shards"),
-    ("no-label", "has no a label (.cls or .json)"),
+    ("no-label", "has no label (.cls or .json)"),
     ("bad-label", "is not an integer >= 0"),
     ("compressed", "decompress the shards first"),
     ("truncated", "cannot read tar shard"),

@@ -122,7 +122,7 @@ def build_webdataset(spec: DatasetSpec) -> LongTailData:
         del members["val"], labels["val"], positions["val"]
         spec = replace(spec, val_per_class=1 if spec.val_per_class is None else spec.val_per_class)
         counts = np.bincount(labels["train"])
-        if spec.val_per_class and counts.min(initial=0) <= spec.val_per_class:
+        if spec.val_per_class and counts.min() <= spec.val_per_class:
             raise LtcacheError(f"--val-per-class {spec.val_per_class} would leave a class with no training image "
                                f"(smallest class: {counts.min()}); lower it, or add val shards")
         carved = carve_splits(labels["train"], train_counts=(counts - spec.val_per_class).tolist(),
