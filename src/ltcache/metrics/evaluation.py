@@ -107,9 +107,11 @@ def row_statistics(logits, labels: torch.Tensor, temperature: float, rows: int |
         raw = 1.0 / exp_shifted_(shifted.clone()).sum(1)
         scaled = 1.0 / exp_shifted_(shifted.div_(temperature)).sum(1)
         parts.append((index, top, raw, scaled))
-    if not parts:
-        empty = torch.empty(0)
-        return RowStatistics(torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.bool), empty, empty)
+    if not parts:  # no rows (under torchrun, a rank whose share is empty): on the rows' device, for the gather
+        device = labels.device
+        empty = torch.empty(0, device=device)
+        return RowStatistics(torch.empty(0, dtype=torch.int64, device=device),
+                             torch.empty(0, dtype=torch.bool, device=device), empty, empty)
     return RowStatistics(*(torch.cat(column) for column in zip(*parts, strict=True)))
 
 
