@@ -12,12 +12,13 @@ from ltcache.logits import exp_shifted_
 
 
 class BalancedSoftmax(nn.Module):
-    """Balanced Softmax (Ren et al. 2020): CE(z + log pi), pi the train class prior."""
+    """Balanced Softmax (Ren et al. 2020): CE(z + log pi), pi the train class prior; with `tau`, the logit-adjusted
+    loss CE(z + tau log pi) of Menon et al. 2021 (tau = 1 is Balanced Softmax)."""
 
-    def __init__(self, class_counts):
+    def __init__(self, class_counts, tau: float = 1.0):
         super().__init__()
-        counts = torch.tensor(list(class_counts), dtype=torch.float32)
-        self.register_buffer("adjustment", torch.log(counts / counts.sum()))
+        counts = torch.tensor(list(class_counts), dtype=torch.float32).clamp_min(1)
+        self.register_buffer("adjustment", tau * torch.log(counts / counts.sum()))
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.float() + self.adjustment, targets)
@@ -40,10 +41,15 @@ class SmoothedCrossEntropy(nn.Module):
 class CosineClassifier(nn.Module):
     """s * cos(f, w_j) with a learned scale s (Gidaris & Komodakis 2018; paper Table 12)."""
 
-    def __init__(self, feature_dim: int, num_classes: int, scale: float, device):
+    def __init__(self, feature_dim: int, num_classes: int, scale: float, device, *, learn_scale: bool = True,
+                 weight: torch.Tensor | None = None):
         super().__init__()
-        self.weight = nn.Parameter(torch.randn(num_classes, feature_dim, device=device) * 0.01)
-        self.scale = nn.Parameter(torch.tensor(scale, device=device))
+        initial = torch.randn(num_classes, feature_dim, device=device) * 0.01 if weight is None else weight.clone()
+        self.weight = nn.Parameter(initial.to(device=device, dtype=torch.float32))
+        if learn_scale:
+            self.scale = nn.Parameter(torch.tensor(scale, device=device))
+        else:  # a fixed scale, as LIFT's classifier
+            self.register_buffer("scale", torch.tensor(scale, device=device))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.scale * F.normalize(features, dim=1) @ F.normalize(self.weight, dim=1).T
