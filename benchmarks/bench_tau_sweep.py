@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from publish import publish
 
 from ltcache.heads import LinearHead
 from ltcache.stage2.methods.weight_norms import DEFAULT_TAUS, tau_normalize, weight_norms
@@ -84,11 +85,7 @@ def main() -> None:
         "Command: `python benchmarks/bench_tau_sweep.py`\n",
     ]
     text = "\n".join(lines)
-    print(text)
-    if not args.results.exists():
-        args.results.write_text("# Benchmarks\n\nSpeed is reported as ratios measured in one run on one machine.\n")
-    with open(args.results, "a") as f:
-        f.write(text)
+    publish([text], args.results)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+from publish import publish
 
 HERE = Path(__file__).resolve()
 CLASSES, TRAIN = 8142, 437_513
@@ -317,10 +318,7 @@ def main() -> None:
                                                                  ("device", args.device), ("steps", args.steps))
                     if v is not None and str(v) not in ("1.0", "2048", "float32", "cpu", "memory,epochs,compare"))
     lines.append(f"\nCommand: `python benchmarks/inat_shape.py{flags}`\n")
-    text = "\n".join(lines)
-    print(text)
-    with open(args.results, "a") as f:
-        f.write(text)
+    publish(lines, args.results)
 
 
 if __name__ == "__main__":

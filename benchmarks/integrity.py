@@ -28,6 +28,7 @@ from ltcache.fsutil import mismatched_files
 from ltcache.lab import open_lab
 
 sys.path.insert(0, str(Path(__file__).parent))
+from publish import publish
 from stage2 import timed, write_cache  # noqa: E402  (the same synthetic ImageNet-LT-shaped cache)
 
 
@@ -100,10 +101,7 @@ def main() -> None:
     lines.append(f"\nCommand: `python benchmarks/integrity.py --classes {args.classes} --n-max {args.n_max} "
                  f"--imbalance {args.imbalance:g} --dim {args.dim} --device {args.device}"
                  f"{' --no-compare' if args.no_compare else ''}`\n")
-    text = "\n".join(lines)
-    print(text)
-    with open(args.results, "a") as f:
-        f.write(text)
+    publish(lines, args.results)
 
 
 if __name__ == "__main__":

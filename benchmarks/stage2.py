@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from publish import publish
 
 from ltcache.cache import CacheWriter, FeatureCache
 from ltcache.data.profiles import exponential_profile
@@ -267,10 +268,7 @@ def main() -> None:
     lines += [f"| {what} | {measured} | {target} |" for what, measured, target in rows]
     lines.append(f"\nCommand: `python benchmarks/stage2.py --classes {args.classes} --n-max {args.n_max} "
                  f"--imbalance {args.imbalance:g} --dim {args.dim} --device {args.device}`\n")
-    text = "\n".join(lines)
-    print(text)
-    with open(args.results, "a") as f:
-        f.write(text)
+    publish(lines, args.results)
 
 
 if __name__ == "__main__":

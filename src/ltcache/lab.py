@@ -363,6 +363,7 @@ def provenance(cache: FeatureCache) -> dict:
     """Where a comparison's numbers come from: the cache's dataset, class counts, backbone (checkpoint sha256, its
     training config and command line), the extract command and versions, and this process's command line."""
     from ltcache import __version__
+    from ltcache.distributed import get_world_size
     from ltcache.runtime import command_line
 
     manifest = cache.manifest
@@ -375,14 +376,8 @@ def provenance(cache: FeatureCache) -> dict:
             "stage1_seed": config.get("seed"), "stage1_epochs": config.get("epochs"),
             "train_command": config.get("command"), "extract_command": backbone.get("command"),
             "cache_ltcache_version": manifest.get("ltcache_version"), "cache_created": manifest.get("created"),
-            "ltcache_version": __version__, "compare_command": command_line(), "processes": _processes()}
-
-
-def _processes() -> int:
-    """How many torchrun processes shared the stage-2 work (1 without torchrun)."""
-    from ltcache.distributed import get_world_size
-
-    return get_world_size()
+            "ltcache_version": __version__, "compare_command": command_line(),
+            "processes": get_world_size()}  # torchrun processes that shared the stage-2 work
 
 
 def group_sizes(class_counts, thresholds: ShotThresholds) -> dict[str, int]:

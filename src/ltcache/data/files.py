@@ -88,6 +88,26 @@ SPLIT_FILE_DATASETS = {
 }
 
 
+def carve_val(spec: DatasetSpec, items: dict[str, list], labels: dict[str, np.ndarray],
+              positions: dict[str, np.ndarray]) -> DatasetSpec:
+    """Carve a balanced selection split from train (--val-per-class, default 1), so that tau and every other choice
+    never see the reporting split: `items` (image paths, tar members, ...), `labels` and `positions` gain "val" (unless
+    --val-per-class 0) and train loses those rows. Returns the spec with val_per_class resolved."""
+    spec = replace(spec, val_per_class=1 if spec.val_per_class is None else spec.val_per_class)
+    counts = np.bincount(labels["train"], minlength=int(labels["train"].max()) + 1)
+    if spec.val_per_class and counts.min() <= spec.val_per_class:
+        raise LtcacheError(f"--val-per-class {spec.val_per_class} would leave a class of {spec.name} with no "
+                           f"training image (smallest class: {counts.min()}); lower it")
+    carved = carve_splits(labels["train"], train_counts=(counts - spec.val_per_class).tolist(),
+                          val_per_class=spec.val_per_class, test_per_class=0, seed=spec.seed)
+    train_items, train_labels = items["train"], labels["train"]
+    for split, where in carved.items():  # "train" and (unless --val-per-class 0) "val"
+        items[split] = [train_items[i] for i in where]
+        labels[split] = train_labels[where]
+        positions[split] = where
+    return spec
+
+
 def _root(spec: DatasetSpec) -> Path:
     if not spec.root:
         raise LtcacheError(f"{spec.name} needs --root, the folder its image paths are relative to")
@@ -128,20 +148,7 @@ def build_split_file_dataset(spec: DatasetSpec) -> LongTailData:
     positions = {split: np.arange(len(labels[split])) for split in labels}
     extra = {"split_files": {split: str(path) for split, path in source.items()}}
     if "val" not in files:
-        # Carve a balanced selection split from train, so tau and other choices never see the reporting split.
-        spec = replace(spec, val_per_class=1 if spec.val_per_class is None else spec.val_per_class)
-        num_classes = int(labels["train"].max()) + 1
-        counts = np.bincount(labels["train"], minlength=num_classes)
-        if spec.val_per_class and counts.min() <= spec.val_per_class:
-            raise LtcacheError(f"--val-per-class {spec.val_per_class} would leave a class of {spec.name} with no "
-                               f"training image (smallest class: {counts.min()}); lower it")
-        carved = carve_splits(labels["train"], train_counts=(counts - spec.val_per_class).tolist(),
-                              val_per_class=spec.val_per_class, test_per_class=0, seed=spec.seed)
-        train_paths, train_labels = paths["train"], labels["train"]
-        for split, where in carved.items():  # "train" and (unless --val-per-class 0) "val"
-            paths[split] = [train_paths[i] for i in where]
-            labels[split] = train_labels[where]
-            positions[split] = where
+        spec = carve_val(spec, paths, labels, positions)
         extra["selection_split"] = f"val: {spec.val_per_class} per class carved from {files['train']}"
     num_classes = int(labels["train"].max()) + 1
     check_labels(labels, num_classes, {**source, "val": source.get("val", source["train"])})

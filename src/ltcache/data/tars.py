@@ -26,8 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ltcache.data.datasets import DatasetSpec, LongTailData, register_dataset
-from ltcache.data.files import IMAGE_EXTENSIONS, _root, check_labels, imagenet_transforms
-from ltcache.data.profiles import carve_splits
+from ltcache.data.files import IMAGE_EXTENSIONS, _root, carve_val, check_labels, imagenet_transforms
 from ltcache.errors import LtcacheError
 
 LABEL_EXTENSIONS = (".cls", ".json")
@@ -120,18 +119,7 @@ def build_webdataset(spec: DatasetSpec) -> LongTailData:
     extra = {"shards": {split: [str(p) for p in paths] for split, paths in shards.items()}}
     if not shards["val"]:
         del members["val"], labels["val"], positions["val"]
-        spec = replace(spec, val_per_class=1 if spec.val_per_class is None else spec.val_per_class)
-        counts = np.bincount(labels["train"])
-        if spec.val_per_class and counts.min() <= spec.val_per_class:
-            raise LtcacheError(f"--val-per-class {spec.val_per_class} would leave a class with no training image "
-                               f"(smallest class: {counts.min()}); lower it, or add val shards")
-        carved = carve_splits(labels["train"], train_counts=(counts - spec.val_per_class).tolist(),
-                              val_per_class=spec.val_per_class, test_per_class=0, seed=spec.seed)
-        train_members, train_labels = members["train"], labels["train"]
-        for split, where in carved.items():
-            members[split] = [train_members[i] for i in where]
-            labels[split] = train_labels[where]
-            positions[split] = where
+        spec = carve_val(spec, members, labels, positions)
         extra["selection_split"] = f"val: {spec.val_per_class} per class carved from the train shards"
     num_classes = int(labels["train"].max()) + 1
     check_labels(labels, num_classes, {split: root for split in labels})

@@ -85,12 +85,13 @@ class LabData:
         """F @ W_joint.T (+ `bias`) of split `name`. When it fits the memory budget, the bias-free product is
         computed once per split and shared by the methods that rescale or shift it; otherwise it is a BlockLogits,
         computed block by block (or batch by batch, when a trainer gathers rows) each time it is read."""
+        from ltcache.distributed import get_world_size
         from ltcache.heads import LinearHead
         from ltcache.logits import BlockLogits, block_rows
 
         if name not in self._raw_logits:
             head, features = LinearHead(self.joint.weight), self.split(name).features
-            if name == self.fitting and _world_size() > 1:  # under torchrun a rank trains on its rows only: per batch
+            if name == self.fitting and get_world_size() > 1:  # under torchrun a rank trains on its own rows: per batch
                 self._raw_logits[name] = BlockLogits(head, features, block_rows(head.num_classes, self.budget))
             else:
                 self._raw_logits[name] = self.logits(head, features)
@@ -118,12 +119,6 @@ class LabData:
     def selection_score(self, head: Head) -> float:
         """Mean per-class accuracy of `head` on the selection split: what every choice among fitted heads uses."""
         return self.score(head.predict(self.selection.features), self.select)["mean_per_class"]
-
-
-def _world_size() -> int:
-    from ltcache.distributed import get_world_size
-
-    return get_world_size()
 
 
 @dataclass
