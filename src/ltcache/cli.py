@@ -89,7 +89,7 @@ def _annotation(param: Param):
 def _typer_default(param: Param, *, argument: bool):
     help_text = param.help_text()
     if argument:
-        return typer.Argument(..., help=help_text, show_default=False)
+        return typer.Argument(None if param.optional else ..., help=help_text, show_default=False)
     if param.type is bool and not param.option:
         names = (f"{param.flag}/--no-{param.flag[2:]}",)
     else:
@@ -216,9 +216,13 @@ def _raise(message: str):
 
 
 @command("extract", config.EXTRACT,
-         arguments=[Param("checkpoint", Path, None, "checkpoint.pt from ltcache train-backbone.")])
-def extract_cmd(*, checkpoint: Path, out: Path, **options):
-    """Cache penultimate features, labels and the jointly trained classifier (W, b) of train, val and test."""
+         arguments=[Param("checkpoint", Path, None, "checkpoint.pt from ltcache train-backbone (or the official "
+                          "code); omit it to extract a --backbone as it is, e.g. --backbone resnet50 --pretrained.",
+                          optional=True)])
+def extract_cmd(*, checkpoint: Path | None, out: Path, **options):
+    """Cache penultimate features, labels and the jointly trained classifier (W, b) of train, val and test. Without
+    a checkpoint, a --backbone is extracted as it is (--pretrained: torchvision's weights) and the cache's classifier
+    (W, b) is an instance-balanced linear probe on the cached train features."""
     from ltcache.extract import extract
 
     cache = _run(extract, checkpoint, out, **options)

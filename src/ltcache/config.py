@@ -182,10 +182,12 @@ TRAIN_EXTRA = (
 
 EXTRACT = (
     Param("out", Path, None, "Cache folder to create."),
-    Param("dataset", str, None, "Only for a classifier-balancing checkpoint (which records neither): the dataset "
-          "whose splits to extract.", optional=True, choices=_datasets),
-    Param("backbone", str, None, "Only for a classifier-balancing checkpoint: resnet10, resnext50_32x4d or "
-          "resnext152_32x4d.", optional=True),
+    Param("dataset", str, None, "Without a checkpoint, or with a classifier-balancing one (which records neither): "
+          "the dataset whose splits to extract.", optional=True, choices=_datasets),
+    Param("backbone", str, None, "Without a checkpoint: any torchvision model or ltcache backbone; with a "
+          "classifier-balancing checkpoint: resnet10, resnext50_32x4d or resnext152_32x4d.", optional=True),
+    Param("pretrained", bool, False, "Without a checkpoint: torchvision's default weights for --backbone (torchvision "
+          "downloads them on first use) and their own preprocessing.", option="--pretrained"),
     Param("root", str, None, "Dataset folder, if it moved since training (always, for a classifier-balancing "
           "checkpoint).", optional=True),
     Param("split_dir", str, None, "Split-file folder, if it moved since training.", optional=True),

@@ -19,18 +19,23 @@ from ltcache.distributed import barrier, get_rank, get_world_size, init_distribu
 from ltcache.errors import LtcacheError
 from ltcache.folders import dead_staging
 from ltcache.fsutil import sha256_file, write_json
-from ltcache.models import build_model, check_backbone
+from ltcache.models import build_model, check_backbone, pretrained_preprocessing
 from ltcache.params import checked
 from ltcache.runtime import command_line, resolve_device
 from ltcache.train import images_to
 
 
 @checked(*EXTRACT)
-def extract(checkpoint: Path, out: Path, *, dataset: str | None = None, backbone: str | None = None,
-            root: str | None = None, split_dir: str | None = None, dtype: str = "float32", batch_size: int = 512,
-            workers: int = 0, device: str | None = None,
-            shard_rows: int = 65536, overwrite: bool = False, train_views: int = 0, resume: bool = False) -> Path:
+def extract(checkpoint: Path | None, out: Path, *, dataset: str | None = None, backbone: str | None = None,
+            pretrained: bool = False, root: str | None = None, split_dir: str | None = None, dtype: str = "float32",
+            batch_size: int = 512, workers: int = 0, device: str | None = None, shard_rows: int = 65536,
+            overwrite: bool = False, train_views: int = 0, resume: bool = False) -> Path:
     """Write penultimate features, labels and sample indices of every split, plus the joint head, to `out`.
+
+    `checkpoint` None extracts `backbone` as it is: torchvision's default weights with their own preprocessing
+    (`pretrained`), or random weights with the dataset's test transform; the joint head is then an
+    instance-balanced linear probe fitted on the cached train features, and the manifest records the library, the
+    weights and the preprocessing.
 
     With train_views K > 0, also a `train_views` split of K augmented views of every train image (the stage-1
     train transform, seeded by the run's seed and the view number): row k * len(train) + i is view k of image i.
@@ -42,27 +47,42 @@ def extract(checkpoint: Path, out: Path, *, dataset: str | None = None, backbone
     """
     if train_views < 0:
         raise LtcacheError(f"--train-views must be >= 0, got {train_views}")
-    weights, about = read_weights(checkpoint)
-    if about["format"] == CHECKPOINT_FORMAT:
-        for name, value in (("--dataset", dataset), ("--backbone", backbone)):
-            if value is not None:
-                raise LtcacheError(f"{checkpoint} is an ltcache checkpoint, which records its own dataset and "
-                                   f"backbone; drop {name}")
-        config, described = about["config"], about["dataset"]
-    else:
+    model_source = None  # without a checkpoint: what the backbone is (library, weights), for the plan and manifest
+    if checkpoint is None:
         if dataset is None or backbone is None:
-            raise LtcacheError(f"{checkpoint} is a {OFFICIAL} checkpoint, which records neither its dataset nor its "
-                               "architecture; pass --dataset, --backbone and --root (e.g. --dataset imagenet-lt "
-                               "--backbone resnext50_32x4d --root /data/imagenet)")
-        check_backbone(backbone)
-        config = {"backbone": backbone, "seed": 0, "source": OFFICIAL}
+            raise LtcacheError("without a checkpoint, pass --backbone and --dataset (e.g. --backbone resnet50 "
+                               "--pretrained --dataset imagefolder --root /data/images)")
+        check_backbone(backbone, pretrained=pretrained)
+        weights, about = None, {"format": "none", "epoch": None}
+        model_source = describe_model(backbone, pretrained)
+        config = {"backbone": backbone, "seed": 0, "source": model_source["weights"] or "random weights"}
         described = {"name": dataset}
+    elif pretrained:
+        raise LtcacheError(f"--pretrained is for extracting a --backbone without a checkpoint; {checkpoint} brings "
+                           "its own weights, so drop --pretrained")
+    else:
+        weights, about = read_weights(checkpoint)
+        if about["format"] == CHECKPOINT_FORMAT:
+            for name, value in (("--dataset", dataset), ("--backbone", backbone)):
+                if value is not None:
+                    raise LtcacheError(f"{checkpoint} is an ltcache checkpoint, which records its own dataset and "
+                                       f"backbone; drop {name}")
+            config, described = about["config"], about["dataset"]
+        else:
+            if dataset is None or backbone is None:
+                raise LtcacheError(f"{checkpoint} is a {OFFICIAL} checkpoint, which records neither its dataset nor "
+                                   "its architecture; pass --dataset, --backbone and --root (e.g. --dataset "
+                                   "imagenet-lt --backbone resnext50_32x4d --root /data/imagenet)")
+            check_backbone(backbone)
+            config = {"backbone": backbone, "seed": 0, "source": OFFICIAL}
+            described = {"name": dataset}
     spec = DatasetSpec.from_dict(described, root=root, split_dir=split_dir)
     inputs = [checkpoint, spec.root, spec.split_dir]  # the cache folder may not hold what it is made from
     writer_args = {"dtype": dtype, "shard_rows": shard_rows, "overwrite": overwrite, "inputs": inputs}
     CacheWriter.check_target(Path(out), **writer_args)
-    plan = {"checkpoint_sha256": sha256_file(Path(checkpoint)), "dtype": dtype, "shard_rows": shard_rows,
-            "train_views": train_views, "dataset": spec.to_dict()}
+    plan = {"checkpoint_sha256": sha256_file(Path(checkpoint)) if checkpoint is not None else None,
+            "model": model_source, "dtype": dtype, "shard_rows": shard_rows, "train_views": train_views,
+            "dataset": spec.to_dict()}
     adopt = find_interrupted(Path(out), plan) if resume else None
     data = build_dataset(spec)
     augmented_train = data.splits["train"]
@@ -71,8 +91,18 @@ def extract(checkpoint: Path, out: Path, *, dataset: str | None = None, backbone
         raise LtcacheError(f"the dataset under {spec.root} gives train class counts {data.class_counts[:5]}... "
                            f"but the checkpoint was trained on {described['train_class_counts'][:5]}...; "
                            "pass the --root the backbone was trained on")
-    model = build_model(config["backbone"], data.num_classes, data.in_channels)
-    if about["format"] == CHECKPOINT_FORMAT:
+    if pretrained and data.in_channels != 3:  # before building the model, which downloads the weights
+        raise LtcacheError(f"--pretrained needs RGB images; {spec.name} has {data.in_channels} channel(s), so drop "
+                           "--pretrained or choose an RGB dataset")
+    model = build_model(config["backbone"], data.num_classes, data.in_channels, pretrained=pretrained)
+    if checkpoint is None:
+        if pretrained:  # the weights' own resize, crop, mean and std, not the dataset's defaults
+            transform, model_source["preprocessing"] = pretrained_preprocessing(config["backbone"])
+            for split in list(data.splits):
+                data.splits[split] = data.splits[split].with_transform(transform)
+        else:
+            model_source["preprocessing"] = "the dataset's test-time transform"
+    elif about["format"] == CHECKPOINT_FORMAT:
         load_model_state(model, weights, checkpoint, config["backbone"])
     else:  # names the first key that does not map
         load_weights_into(model, weights, checkpoint, config["backbone"])
@@ -136,12 +166,17 @@ def extract(checkpoint: Path, out: Path, *, dataset: str | None = None, backbone
             return Path(out)
         for bookkeeping in [writer.staging / PLAN, *writer.staging.glob("journal-r*.jsonl")]:
             bookkeeping.unlink()  # the manifest is the cache's record from here on
-        writer.write_joint_head(model.fc.weight, model.fc.bias)
+        if checkpoint is None:  # no classifier for these classes: an instance-balanced linear probe on train
+            weight, bias, model_source["joint_head"] = probe_on_written(writer, data.num_classes)
+            writer.write_joint_head(weight, bias)
+        else:
+            writer.write_joint_head(model.fc.weight, model.fc.bias)
         writer.write_membership(data.source_index)
-        backbone = {"arch": config["backbone"], "checkpoint": str(Path(checkpoint).resolve()),
+        backbone = {"arch": config["backbone"],
+                    "checkpoint": str(Path(checkpoint).resolve()) if checkpoint is not None else None,
                     "checkpoint_sha256": plan["checkpoint_sha256"], "epoch": about["epoch"],
                     "checkpoint_format": about["format"], "command": command_line(),
-                    "resolved_config": config}
+                    "resolved_config": config, **({"model": model_source} if model_source else {})}
         path = writer.commit(dataset=data.describe(), backbone=backbone)
         barrier()
         return path
@@ -157,6 +192,38 @@ def extract(checkpoint: Path, out: Path, *, dataset: str | None = None, backbone
     finally:
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def describe_model(backbone: str, pretrained: bool) -> dict:
+    """What a backbone extracted without a checkpoint is: its library, and its weights (None: random)."""
+    import torchvision
+
+    from ltcache.models import BACKBONES
+
+    weights = str(torchvision.models.get_model_weights(backbone).DEFAULT) if pretrained else None
+    library = "ltcache" if backbone in BACKBONES else "torchvision"
+    return {"library": library, "torchvision_version": torchvision.__version__, "name": backbone,
+            "weights": weights}
+
+
+def probe_on_written(writer: CacheWriter, num_classes: int):
+    """The linear probe (import_features.linear_probe) fitted on the train rows already written to the staging
+    folder, read back shard by shard in index order."""
+    import h5py
+
+    from ltcache.import_features import linear_probe
+
+    entry = writer.splits["train"]
+    features = np.empty((entry["rows"], 0), dtype=np.float32)
+    labels = np.empty(entry["rows"], dtype=np.int64)
+    for shard in entry["shards"]:
+        with h5py.File(writer.staging / shard["file"], "r") as f:
+            index = f["index"][:]
+            if features.shape[1] == 0:
+                features = np.empty((entry["rows"], f["features"].shape[1]), dtype=np.float32)
+            features[index] = f["features"][:]
+            labels[index] = f["labels"][:]
+    return linear_probe(torch.from_numpy(features), torch.from_numpy(labels), num_classes, seed=0)
 
 
 def rank_slice(items: int, rank: int, world: int) -> tuple[int, int]:

@@ -140,12 +140,17 @@ def _joint_head(path: Path | None, train, num_classes: int, dim: int, seed: int)
             raise LtcacheError(f"{path}: weight must be [{num_classes}, {dim}] and bias [{num_classes}]; got "
                                f"{tuple(weight.shape)} and {tuple(bias.shape)}")
         return weight, bias, {"source": "imported", "path": str(Path(path).resolve())}
+    return linear_probe(torch.from_numpy(train[0]), torch.from_numpy(train[1]), num_classes, seed)
+
+
+def linear_probe(features: torch.Tensor, labels: torch.Tensor, num_classes: int, seed: int):
+    """(weight, bias, about) of a linear classifier fitted on `features` with cRT's schedule (10 epochs, the same
+    defaults) but instance-balanced batches: a plain linear probe, the joint head of a model that has none for the
+    dataset's classes."""
     from ltcache.stage2.training import BALANCED_DEFAULTS, train_on_features
 
     torch.manual_seed(seed)
-    features, labels = torch.from_numpy(train[0]), torch.from_numpy(train[1])
-    linear = torch.nn.Linear(dim, num_classes)
-    # cRT's schedule (10 epochs, same defaults), but instance-balanced batches: a plain linear probe.
+    linear = torch.nn.Linear(features.shape[1], num_classes)
     used = train_on_features(linear, features, labels, epochs=10, seed=seed, sampling_q=1.0, **BALANCED_DEFAULTS)
     return linear.weight.detach(), linear.bias.detach(), {"source": "fitted: instance-balanced linear probe", **used}
 

@@ -205,6 +205,19 @@ def build_model(arch: str, num_classes: int, in_channels: int = 3, *, pretrained
     return Classifier(net, feature_dim, num_classes)
 
 
+def pretrained_preprocessing(arch: str):
+    """(transform, description) of torchvision's default weights for `arch`: their own resize, crop, mean and std
+    (read from the weights' metadata; nothing is downloaded)."""
+    weights = torchvision.models.get_model_weights(arch).DEFAULT
+    transform = weights.transforms()
+    about = {"weights": str(weights)}
+    for key in ("resize_size", "crop_size", "mean", "std"):
+        value = getattr(transform, key, None)
+        about[key] = list(value) if isinstance(value, (list, tuple)) else value
+    about["interpolation"] = str(getattr(transform, "interpolation", ""))
+    return transform, about
+
+
 def select_trainable(model: Classifier, groups: str | None) -> list[nn.Parameter]:
     """Freeze all but the named parameter groups (`layer4,fc`: prefixes of backbone parameters, `fc` the head)."""
     if not groups:
