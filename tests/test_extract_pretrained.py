@@ -4,8 +4,8 @@ download on the user's side and stay untested), the joint head a linear probe, t
 import json
 
 import torch
-from conftest import assert_clean_error, checksum, invoke
 
+from conftest import assert_clean_error, checksum, invoke
 from ltcache.cache import FeatureCache
 from ltcache.models import pretrained_preprocessing
 
