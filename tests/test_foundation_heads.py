@@ -25,7 +25,7 @@ def _anisotropic(counts, dim=6, seed=0):
 def test_gda_head_equals_scikit_learns_lda_with_the_train_prior_removed(shrinkage):
     counts = [60, 25, 9, 4]
     features, labels = _anisotropic(counts)
-    means, covariance, _ = class_statistics(features, labels, len(counts))
+    means, covariance = class_statistics(features, labels, len(counts))
     head = gda_head(means, covariance, shrinkage)
     reference = LinearDiscriminantAnalysis(solver="lsqr", shrinkage=shrinkage).fit(features.numpy().astype(np.float64),
                                                                                     labels.numpy())

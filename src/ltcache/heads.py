@@ -49,12 +49,13 @@ class Head:
         features (a float16 cache) are upcast a chunk at a time."""
         import torch
 
+        from ltcache.logits import as_float32
+
         head = self.to(features.device)
         out = features.new_empty((len(features), self.num_classes), dtype=torch.float32)
         for start in range(0, len(features), LOGIT_CHUNK_ROWS):
             rows = slice(start, start + LOGIT_CHUNK_ROWS)
-            chunk = features[rows]
-            head.chunk_logits(chunk if chunk.dtype == torch.float32 else chunk.float(), out[rows])
+            head.chunk_logits(as_float32(features[rows]), out[rows])
         return out
 
     def predict(self, features: torch.Tensor) -> torch.Tensor:

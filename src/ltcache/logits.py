@@ -122,15 +122,6 @@ class BlockLogits:
     def device(self):
         return self.features.device
 
-    @property
-    def dtype(self):
-        import torch
-
-        return torch.float32
-
-    def __len__(self) -> int:
-        return len(self.features)
-
     def blocks(self) -> Iterator[torch.Tensor]:
         """The logits, `block_rows` rows at a time, in row order."""
         for start in range(0, len(self.features), self.block_rows):

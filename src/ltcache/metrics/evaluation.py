@@ -69,10 +69,14 @@ def top_k_accuracy(logits, labels: torch.Tensor, k: int, chunk_rows: int = 16384
     `logits` is a tensor or a BlockLogits (read block by block)."""
     if len(labels) == 0:
         return float("nan")
-    k = min(k, logits.shape[1])
-    hits = sum(int((chunk.topk(k, dim=1).indices == chunk_labels[:, None]).any(1).sum())
+    hits = sum(int(top_k_hits(chunk, chunk_labels, k).sum())
                for chunk, chunk_labels in zip(row_blocks(logits, chunk_rows), labels.split(chunk_rows), strict=True))
     return 100.0 * hits / len(labels)
+
+
+def top_k_hits(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """Per row, whether its label is among the k largest logits (every class when there are at most k)."""
+    return (logits.topk(min(k, logits.shape[1]), dim=1).indices == labels[:, None]).any(1)
 
 
 @dataclass(frozen=True)
@@ -102,8 +106,7 @@ def row_statistics(logits, labels: torch.Tensor, temperature: float, rows: int |
     for chunk, chunk_labels in zip(row_blocks(logits, rows), labels.split(rows), strict=True):
         peak, index = chunk.max(1)
         shifted = chunk - peak[:, None]
-        k = min(5, chunk.shape[1])
-        top = (chunk.topk(k, dim=1).indices == chunk_labels[:, None]).any(1)
+        top = top_k_hits(chunk, chunk_labels, 5)
         raw = 1.0 / exp_shifted_(shifted.clone()).sum(1)
         scaled = 1.0 / exp_shifted_(shifted.div_(temperature)).sum(1)
         parts.append((index, top, raw, scaled))

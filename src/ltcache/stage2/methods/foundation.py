@@ -23,8 +23,8 @@ SINGULAR = 1e-10  # smallest / largest eigenvalue of the shrunk covariance below
 
 
 def class_statistics(features: torch.Tensor, labels: torch.Tensor, num_classes: int):
-    """(class means [C, d], pooled within-class covariance [d, d], class counts), in float64, a chunk of rows at a
-    time: S = (sum_i f_i f_i^T - sum_k n_k mu_k mu_k^T) / N, the covariance of each row about its class mean."""
+    """(class means [C, d], pooled within-class covariance [d, d]) in float64, a chunk of rows at a time:
+    S = (sum_i f_i f_i^T - sum_k n_k mu_k mu_k^T) / N, the covariance of each row about its class mean."""
     import torch
 
     dim = features.shape[1]
@@ -37,7 +37,7 @@ def class_statistics(features: torch.Tensor, labels: torch.Tensor, num_classes: 
     counts = torch.bincount(labels, minlength=num_classes).to(torch.float64)
     means = sums / counts.clamp_min(1)[:, None]
     covariance = (gram - (means * counts[:, None]).T @ means) / max(1, len(labels))
-    return means, covariance, counts
+    return means, covariance
 
 
 def gda_head(means: torch.Tensor, covariance: torch.Tensor, shrinkage: float, eigen=None) -> LinearHead | None:
@@ -69,7 +69,7 @@ def fit_gda(data: LabData, *, shrinkages) -> Fitted:
     import torch
 
     split = data.split(data.fitting)
-    means, covariance, _ = class_statistics(split.features, split.labels, data.num_classes)
+    means, covariance = class_statistics(split.features, split.labels, data.num_classes)
     eigen = torch.linalg.eigh(covariance)
     curve, best = [], None
     for shrinkage in shrinkages:
