@@ -20,6 +20,7 @@ def test_extract_a_backbone_without_a_checkpoint_then_compare_every_method(tmp_p
     assert model["library"] == "ltcache" and model["name"] == "smallresnet8" and model["weights"] is None
     assert model["preprocessing"] == "the dataset's test-time transform"
     assert model["joint_head"]["source"] == "fitted: instance-balanced linear probe"
+    assert model["joint_head"]["choice"] == "linear probe (random weights)"
     cache = FeatureCache(tmp_path / "c")
     weight, bias = cache.joint_head()
     train = cache.load_split("train")
@@ -33,14 +34,19 @@ def test_extract_a_backbone_without_a_checkpoint_then_compare_every_method(tmp_p
 
 
 def test_the_preprocessing_of_torchvision_weights_comes_from_their_metadata():
-    transform, about = pretrained_preprocessing("resnet18")  # metadata only: nothing is downloaded
-    assert about["weights"] == "ResNet18_Weights.IMAGENET1K_V1"
-    assert about["crop_size"] == [224] and about["resize_size"] == [256]
-    assert about["mean"] == [0.485, 0.456, 0.406] and about["std"] == [0.229, 0.224, 0.225]
-    _, vit = pretrained_preprocessing("vit_b_16")
-    assert vit["crop_size"] == [224] and vit["resize_size"] == [256]
+    import torchvision
+
+    ours = pretrained_preprocessing("resnet18")  # metadata only: nothing is downloaded
+    assert ours.crop == (224, 224) and ours.resize == 256 and ours.interpolation == "bilinear"
+    assert ours.mean == (0.485, 0.456, 0.406) and ours.std == (0.229, 0.224, 0.225)
+    vit = pretrained_preprocessing("vit_b_16")
+    assert vit.crop == (224, 224) and vit.resize == 256
     image = torch.randint(0, 256, (3, 300, 400), dtype=torch.uint8)
-    assert tuple(transform(image).shape) == (3, 224, 224)
+    reference = torchvision.models.get_model_weights("resnet18").DEFAULT.transforms()
+    assert (ours.transform()(image) - reference(image)).abs().max() <= 1.01 / 255 / 0.224  # one level of rounding
+    gray = ours.transform()(torch.randint(0, 256, (1, 28, 28), dtype=torch.uint8))  # grayscale becomes RGB
+    assert tuple(gray.shape) == (3, 224, 224)
+    assert torch.allclose(gray[0] * 0.229 + 0.485, gray[1] * 0.224 + 0.456, atol=1e-5)
 
 
 def test_bad_no_checkpoint_extracts_are_one_line_errors_and_write_nothing(tmp_path, digits_run):
@@ -50,8 +56,6 @@ def test_bad_no_checkpoint_extracts_are_one_line_errors_and_write_nothing(tmp_pa
         (("extract", "--backbone", "smallresnet8", "--out", tmp_path / "a"), "pass --backbone and --dataset"),
         (("extract", "--backbone", "smallresnet8", "--pretrained", "--dataset", "digits-lt", "--out", tmp_path / "a"),
          "has no pretrained weights"),
-        (("extract", "--backbone", "resnet18", "--pretrained", "--dataset", "digits-lt", "--out", tmp_path / "a"),
-         "--pretrained needs RGB images"),
         (("extract", digits_run["run"] / "checkpoint.pt", "--pretrained", "--out", tmp_path / "a"),
          "drop --pretrained"),
     ]

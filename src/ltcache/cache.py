@@ -28,7 +28,7 @@ from ltcache import __version__
 from ltcache.errors import LtcacheError
 from ltcache.folders import CACHE, StagedFolder, check_target, recover
 from ltcache.fsutil import append_jsonl, atomic_write, canonical_sha256, mismatched_files, sha256_file, write_json
-from ltcache.heads import HEAD_KINDS, Head
+from ltcache.heads import HEAD_KINDS, Head, LinearHead
 from ltcache.mapping import PAGE, map_rows
 from ltcache.options import DTYPE, SHARD_ROWS
 from ltcache.params import check_all
@@ -40,6 +40,7 @@ SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 HEAD = "head.h5"
 MEMBERSHIP = "membership.h5"
+TEXT_HEAD = "zero_shot_head.h5"  # CLIP's zero-shot text head (extract --zero-shot): logits = W @ normalize(f)
 DTYPES = tuple(DTYPE.choices)
 FINITE_CHECK_VALUES = 1 << 22  # values per block of the finiteness check: a 4 MiB boolean temporary at most
 _HEX = set("0123456789abcdef")
@@ -201,6 +202,19 @@ class CacheWriter:
 
         atomic_write(self.staging / HEAD, write)
 
+    def write_text_head(self, weight: torch.Tensor) -> None:
+        """The zero-shot text head W [C, d] (class text embeddings times CLIP's logit scale), applied to the
+        L2-normalized features."""
+        weight = weight.detach().cpu().float().numpy()
+        check_head_arrays(weight, np.zeros(len(weight), dtype=np.float32), num_classes=len(weight),
+                          feature_dim=self.feature_dim, where="the zero-shot text head")
+
+        def write(tmp: Path) -> None:
+            with h5py.File(tmp, "w") as f:
+                f.create_dataset("weight", data=weight)
+
+        atomic_write(self.staging / TEXT_HEAD, write)
+
     def write_membership(self, source_index: dict[str, np.ndarray]) -> None:
         """Per split, the position of every row (by sample index) in the dataset's source files."""
 
@@ -240,7 +254,7 @@ class CacheWriter:
             "dtype": self.dtype,
             "backbone": backbone,
             "splits": self.splits,
-            "files": {name: sha256_file(self.staging / name) for name in (HEAD, MEMBERSHIP)
+            "files": {name: sha256_file(self.staging / name) for name in (HEAD, MEMBERSHIP, TEXT_HEAD)
                       if (self.staging / name).is_file()},
         }
         if (self.staging / MEMBERSHIP).is_file():
@@ -543,6 +557,26 @@ class FeatureCache:
         import torch
 
         return torch.from_numpy(weight), torch.from_numpy(bias)
+
+    def text_head(self) -> LinearHead | None:
+        """The zero-shot text head (extract --zero-shot) as a head on normalized features, checked like the joint
+        head; None when the cache has none."""
+        if TEXT_HEAD not in self.manifest.get("files", {}):
+            return None
+        self._verify_recorded(TEXT_HEAD)
+        where = str(self.path / TEXT_HEAD)
+        try:
+            with h5py.File(self._file(TEXT_HEAD), "r") as f:
+                weight = np.asarray(f["weight"][()], dtype=np.float32) if "weight" in f else None
+        except (OSError, ValueError, TypeError) as exc:
+            raise _damaged(where, f"it is unreadable ({type(exc).__name__})") from None
+        if weight is None:
+            raise _damaged(where, "it has no 'weight'")
+        check_head_arrays(weight, np.zeros(len(weight), dtype=np.float32), num_classes=self.num_classes,
+                          feature_dim=self.feature_dim, where=where)
+        import torch
+
+        return LinearHead(torch.from_numpy(weight), None, normalize_input=True)
 
     @property
     def heads_dir(self) -> Path:

@@ -221,8 +221,9 @@ def _raise(message: str):
                           optional=True)])
 def extract_cmd(*, checkpoint: Path | None, out: Path, **options):
     """Cache penultimate features, labels and the jointly trained classifier (W, b) of train, val and test. Without
-    a checkpoint, a --backbone is extracted as it is (--pretrained: torchvision's weights) and the cache's classifier
-    (W, b) is an instance-balanced linear probe on the cached train features."""
+    a checkpoint, a --backbone (torchvision, timm:<name>, open_clip:<arch>/<tag>) is extracted as it is, with its
+    library's preprocessing; the cache's classifier (W, b) is then the model's own when its classes are the
+    dataset's, else an instance-balanced linear probe on the cached train features."""
     from ltcache.extract import extract
 
     cache = _run(extract, checkpoint, out, **options)
@@ -319,6 +320,7 @@ def methods_cmd(*, as_json: bool, plugin: list[str]):
             "method": name, "in_default_compare": entry.paper is not None, "summary": entry.summary,
             "paper_row": entry.paper, "stochastic": entry.stochastic, "selection_curve": entry.curve,
             "weight_norm_plot": entry.weight_norms, "analyses": sorted(entry.analyses),
+            "needs_text_head": entry.text,
             "defaults": entry.defaults,
             "hyperparameters": {p.name: {"default": p.default, "allowed": p.describe(), "help": p.help}
                                 for p in entry.params}})
@@ -327,7 +329,8 @@ def methods_cmd(*, as_json: bool, plugin: list[str]):
         return
     for entry in listing:
         mark = "*" if entry["in_default_compare"] else " "
-        typer.echo(f"{mark} {entry['method']:<12} {entry['summary']}")
+        text = " [needs a cache extracted with --zero-shot]" if entry["needs_text_head"] else ""
+        typer.echo(f"{mark} {entry['method']:<12} {entry['summary']}{text}")
         for key, about in entry["hyperparameters"].items():
             typer.echo(f"{'':15}{key}={_short(about['default'])}  ({about['allowed']})")
     typer.echo("\n* run by default; `ltcache compare CACHE --methods all` runs every method.")

@@ -184,10 +184,22 @@ EXTRACT = (
     Param("out", Path, None, "Cache folder to create."),
     Param("dataset", str, None, "Without a checkpoint, or with a classifier-balancing one (which records neither): "
           "the dataset whose splits to extract.", optional=True, choices=_datasets),
-    Param("backbone", str, None, "Without a checkpoint: any torchvision model or ltcache backbone; with a "
+    Param("backbone", str, None, "Without a checkpoint: any torchvision model or ltcache backbone, timm:<name> "
+          "(pip install 'ltcache[timm]') or open_clip:<arch>/<tag> (pip install 'ltcache[open_clip]'); with a "
           "classifier-balancing checkpoint: resnet10, resnext50_32x4d or resnext152_32x4d.", optional=True),
-    Param("pretrained", bool, False, "Without a checkpoint: torchvision's default weights for --backbone (torchvision "
-          "downloads them on first use) and their own preprocessing.", option="--pretrained"),
+    Param("pretrained", bool, False, "Without a checkpoint: the library's pretrained weights for --backbone "
+          "(torchvision's default ones, timm's default or named tag, open_clip's tag; the library downloads them on "
+          "first use) and their own preprocessing.", option="--pretrained"),
+    Param("joint_head", str, "auto", "Without a checkpoint, the cache's joint head: the model's own classifier "
+          "(own; auto when the weights' classes are the dataset's) or an instance-balanced linear probe on train "
+          "(probe; auto otherwise).", choices=("auto", "own", "probe")),
+    Param("zero_shot", bool, False, "With open_clip:<arch>/<tag>: also store CLIP's zero-shot text head, built from "
+          "the class names and --templates (compare it as zero_shot, zs_ensemble, gla).", option="--zero-shot"),
+    Param("class_names", Path, None, "With --zero-shot: a text file of the names the text tower reads, one per "
+          "class in label order (default: the dataset's class names; CLIP's names for ImageNet wnids).",
+          optional=True),
+    Param("templates", str, "openai", "With --zero-shot: the prompts, openai (CLIP's 80 ImageNet prompts), simple "
+          "(its 7) or a text file with one prompt per line, {} for the class name."),
     Param("root", str, None, "Dataset folder, if it moved since training (always, for a classifier-balancing "
           "checkpoint).", optional=True),
     Param("split_dir", str, None, "Split-file folder, if it moved since training.", optional=True),

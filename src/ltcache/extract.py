@@ -19,7 +19,8 @@ from ltcache.distributed import barrier, get_rank, get_world_size, init_distribu
 from ltcache.errors import LtcacheError
 from ltcache.folders import dead_staging
 from ltcache.fsutil import sha256_file, write_json
-from ltcache.models import build_model, check_backbone, pretrained_preprocessing
+from ltcache.hub import build_frozen, check_frozen, describe_frozen
+from ltcache.models import build_model, check_backbone
 from ltcache.params import checked
 from ltcache.runtime import command_line, resolve_device
 from ltcache.train import images_to
@@ -29,13 +30,18 @@ from ltcache.train import images_to
 def extract(checkpoint: Path | None, out: Path, *, dataset: str | None = None, backbone: str | None = None,
             pretrained: bool = False, root: str | None = None, split_dir: str | None = None, dtype: str = "float32",
             batch_size: int = 512, workers: int = 0, device: str | None = None, shard_rows: int = 65536,
-            overwrite: bool = False, train_views: int = 0, resume: bool = False) -> Path:
+            overwrite: bool = False, train_views: int = 0, resume: bool = False, joint_head: str = "auto",
+            zero_shot: bool = False, class_names: Path | None = None, templates: str = "openai") -> Path:
     """Write penultimate features, labels and sample indices of every split, plus the joint head, to `out`.
 
-    `checkpoint` None extracts `backbone` as it is: torchvision's default weights with their own preprocessing
-    (`pretrained`), or random weights with the dataset's test transform; the joint head is then an
-    instance-balanced linear probe fitted on the cached train features, and the manifest records the library, the
-    weights and the preprocessing.
+    `checkpoint` None extracts `backbone` as it is (hub.py): a torchvision model or ltcache backbone, `timm:<name>`
+    or `open_clip:<arch>/<tag>`, with pretrained weights (`pretrained`) or random ones. A library's backbone, and
+    any pretrained one, is fed its library's own preprocessing (grayscale replicated to RGB); an ltcache or
+    torchvision backbone with random weights gets the dataset's test transform. The joint head (`joint_head`) is
+    the model's own classifier when its classes are the dataset's (`auto`) or when asked (`own`), else an
+    instance-balanced linear probe fitted on the cached train features. `zero_shot` (CLIP) also stores a text head
+    built from the class names (`class_names` file, else the dataset's) and prompt `templates` (openai, simple or a
+    file). The manifest records the library, the model, the weights, the preprocessing and the heads' sources.
 
     With train_views K > 0, also a `train_views` split of K augmented views of every train image (the stage-1
     train transform, seeded by the run's seed and the view number): row k * len(train) + i is view k of image i.
@@ -52,14 +58,15 @@ def extract(checkpoint: Path | None, out: Path, *, dataset: str | None = None, b
         if dataset is None or backbone is None:
             raise LtcacheError("without a checkpoint, pass --backbone and --dataset (e.g. --backbone resnet50 "
                                "--pretrained --dataset imagefolder --root /data/images)")
-        check_backbone(backbone, pretrained=pretrained)
+        check_frozen(backbone, pretrained, joint_head=joint_head, zero_shot=zero_shot)
         weights, about = None, {"format": "none", "epoch": None}
-        model_source = describe_model(backbone, pretrained)
+        model_source = describe_frozen(backbone, pretrained)
         config = {"backbone": backbone, "seed": 0, "source": model_source["weights"] or "random weights"}
         described = {"name": dataset}
-    elif pretrained:
-        raise LtcacheError(f"--pretrained is for extracting a --backbone without a checkpoint; {checkpoint} brings "
-                           "its own weights, so drop --pretrained")
+    elif pretrained or zero_shot or joint_head != "auto":
+        flag = "--pretrained" if pretrained else "--zero-shot" if zero_shot else "--joint-head"
+        raise LtcacheError(f"{flag} is for extracting a --backbone without a checkpoint; {checkpoint} brings its own "
+                           f"weights and classifier, so drop {flag}")
     else:
         weights, about = read_weights(checkpoint)
         if about["format"] == CHECKPOINT_FORMAT:
@@ -91,21 +98,25 @@ def extract(checkpoint: Path | None, out: Path, *, dataset: str | None = None, b
         raise LtcacheError(f"the dataset under {spec.root} gives train class counts {data.class_counts[:5]}... "
                            f"but the checkpoint was trained on {described['train_class_counts'][:5]}...; "
                            "pass the --root the backbone was trained on")
-    if pretrained and data.in_channels != 3:  # before building the model, which downloads the weights
-        raise LtcacheError(f"--pretrained needs RGB images; {spec.name} has {data.in_channels} channel(s), so drop "
-                           "--pretrained or choose an RGB dataset")
-    model = build_model(config["backbone"], data.num_classes, data.in_channels, pretrained=pretrained)
+    frozen = None
     if checkpoint is None:
-        if pretrained:  # the weights' own resize, crop, mean and std, not the dataset's defaults
-            transform, model_source["preprocessing"] = pretrained_preprocessing(config["backbone"])
+        torch.manual_seed(int(config["seed"]))  # random weights (and the text tower's) are the same in every run
+        frozen = build_frozen(backbone, pretrained, num_classes=data.num_classes, in_channels=data.in_channels,
+                              class_names=data.class_names, joint_head=joint_head, zero_shot=zero_shot,
+                              names_file=class_names, templates=templates, device=resolve_device(device))
+        model, model_source = frozen.classifier, {**model_source, **frozen.about}
+        if frozen.transform is not None:  # the library's own resize, crop, mean and std, not the dataset's
             for split in list(data.splits):
-                data.splits[split] = data.splits[split].with_transform(transform)
-        else:
-            model_source["preprocessing"] = "the dataset's test-time transform"
-    elif about["format"] == CHECKPOINT_FORMAT:
-        load_model_state(model, weights, checkpoint, config["backbone"])
-    else:  # names the first key that does not map
-        load_weights_into(model, weights, checkpoint, config["backbone"])
+                data.splits[split] = data.splits[split].with_transform(frozen.transform)
+        if frozen.transform is not None and train_views:
+            raise LtcacheError("--train-views augments with the dataset's own transform, not this backbone's "
+                               "preprocessing; drop --train-views")
+    else:
+        model = build_model(config["backbone"], data.num_classes, data.in_channels)
+        if about["format"] == CHECKPOINT_FORMAT:
+            load_model_state(model, weights, checkpoint, config["backbone"])
+        else:  # names the first key that does not map
+            load_weights_into(model, weights, checkpoint, config["backbone"])
     run_device = resolve_device(device)
     init_distributed(run_device)  # under torchrun: one process group, every rank extracts its own slice
     if (get_world_size() > 1 or resume) and train_views:
@@ -166,11 +177,17 @@ def extract(checkpoint: Path | None, out: Path, *, dataset: str | None = None, b
             return Path(out)
         for bookkeeping in [writer.staging / PLAN, *writer.staging.glob("journal-r*.jsonl")]:
             bookkeeping.unlink()  # the manifest is the cache's record from here on
-        if checkpoint is None:  # no classifier for these classes: an instance-balanced linear probe on train
+        if frozen is not None and frozen.own is not None:  # the model's own classifier for these classes
+            writer.write_joint_head(*frozen.own)
+            model_source["joint_head"] = {"source": model_source.pop("joint_head_choice")}
+        elif frozen is not None:  # no classifier for these classes: an instance-balanced linear probe on train
             weight, bias, model_source["joint_head"] = probe_on_written(writer, data.num_classes)
+            model_source["joint_head"]["choice"] = model_source.pop("joint_head_choice")
             writer.write_joint_head(weight, bias)
         else:
             writer.write_joint_head(model.fc.weight, model.fc.bias)
+        if frozen is not None and frozen.text is not None:
+            writer.write_text_head(frozen.text)
         writer.write_membership(data.source_index)
         backbone = {"arch": config["backbone"],
                     "checkpoint": str(Path(checkpoint).resolve()) if checkpoint is not None else None,
@@ -192,18 +209,6 @@ def extract(checkpoint: Path | None, out: Path, *, dataset: str | None = None, b
     finally:
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
-
-
-def describe_model(backbone: str, pretrained: bool) -> dict:
-    """What a backbone extracted without a checkpoint is: its library, and its weights (None: random)."""
-    import torchvision
-
-    from ltcache.models import BACKBONES
-
-    weights = str(torchvision.models.get_model_weights(backbone).DEFAULT) if pretrained else None
-    library = "ltcache" if backbone in BACKBONES else "torchvision"
-    return {"library": library, "torchvision_version": torchvision.__version__, "name": backbone,
-            "weights": weights}
 
 
 def probe_on_written(writer: CacheWriter, num_classes: int):

@@ -1,7 +1,8 @@
 """Fitted stage-2 heads: what turns cached features into logits, and how each is stored in CACHE/heads/.
 
-Most methods produce a LinearHead. Two kinds are not linear in the features: the MLP head (paper Table 10) and
-DisAlign's head, whose confidence gate depends on the feature. Every kind lists its tensors and options, so
+Most methods produce a LinearHead. Three kinds are not linear in the features: a linear head plus one on the
+normalized features (the zero-shot ensembles), the MLP head (paper Table 10) and DisAlign's head, whose confidence
+gate depends on the feature. Every kind lists its tensors and options, so
 cache.py stores and reloads any of them without knowing its math. A new kind is a dataclass registered with
 `@head_kind("name")`. torch is imported inside the methods, so importing this module stays cheap.
 """
@@ -121,6 +122,32 @@ class LinearHead(Head):
             torch.mm(chunk, self.weight.T, out=out)
         else:
             torch.addmm(self.bias.to(chunk.dtype), chunk, self.weight.T, out=out)
+
+
+@head_kind("linear_cosine")
+@dataclass
+class LinearCosineHead(Head):
+    """logits = f @ weight.T + bias + normalize(f) @ cosine_weight.T: a head on the features plus one on their
+    L2-normalized copy (a trained head ensembled with CLIP's zero-shot text head). weight and cosine_weight
+    [C, d]; bias [C] or None."""
+
+    weight: torch.Tensor
+    cosine_weight: torch.Tensor
+    bias: torch.Tensor | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.weight)
+
+    def chunk_logits(self, chunk: torch.Tensor, out: torch.Tensor) -> None:
+        import torch
+        import torch.nn.functional as F
+
+        if self.bias is None:
+            torch.mm(chunk, self.weight.T, out=out)
+        else:
+            torch.addmm(self.bias.to(chunk.dtype), chunk, self.weight.T, out=out)
+        out.addmm_(F.normalize(chunk, dim=1), self.cosine_weight.T)
 
 
 @head_kind("mlp")

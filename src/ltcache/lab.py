@@ -214,6 +214,9 @@ class Lab:
     def check(self, method: str, params: dict) -> None:
         """The values only this cache can judge (a target prior's length, ...), before any fit."""
         entry = METHODS[method]
+        if entry.text and self.data.text is None:
+            raise LtcacheError(f"method {method} needs CLIP's zero-shot text head, which cache {self.cache.path} "
+                               "lacks; extract with --backbone open_clip:ARCH/TAG --zero-shot")
         if entry.check is not None:
             entry.check(params, self.data.class_counts)
 
@@ -234,6 +237,8 @@ class Lab:
         after the row is final, it feeds back into nothing. `log` receives progress lines."""
         check_all(COMPARE, {"bootstrap": bootstrap, "seeds": seeds})
         names = resolve_method_list(methods)
+        if isinstance(methods, str) and methods.strip() == "all" and self.data.text is None:
+            names = [name for name in names if not METHODS[name].text]  # no text head: the text methods sit out
         grids = expand_grids(names, params)
         for name in names:
             for point in grids[name]:
@@ -451,9 +456,10 @@ def open_lab(cache_path: Path | str, *, select: str = "val", seed: int = 0, devi
             return cache.load_split(name).to(run_device) if cache.has_split(name) else None
 
         stage1 = LinearHead(weight.to(run_device), bias.to(run_device))
+        text = cache.text_head()
         data = LabData(load("train"), load("val"), stage1, cache.class_counts, select=select, seed=seed,
                        thresholds=thresholds, train_views=load("train_views") if train_views else None,
-                       memory_budget=budget)
+                       memory_budget=budget, text=text.to(run_device) if text is not None else None)
         return Lab(cache, data, cache.load_split("test").to(run_device))
 
 
@@ -486,8 +492,9 @@ def compare(cache_path: Path, *, methods: list[str] | str | None = None, select:
     try:
         lab = open_lab(cache_path, select=select, seed=seed, device=device, thresholds=thresholds,
                        train_views=train_views, memory_budget=memory_budget)
-        comparison = lab.compare(names, params=params, bootstrap=bootstrap, seeds=seeds, ablation=ablation,
-                                 audit=protocol_audit, log=log if is_main_process() else None)
+        comparison = lab.compare(methods if isinstance(methods, str) else names, params=params,  # 'all' stays 'all'
+                                 bootstrap=bootstrap, seeds=seeds, ablation=ablation, audit=protocol_audit,
+                                 log=log if is_main_process() else None)
         if write_reports and is_main_process():
             lab.save(comparison, out, ablation=ablation)
         barrier()
@@ -553,7 +560,8 @@ def info(cache_path: Path, *, verify: bool = False) -> dict:
             summary["corrupt_files"] = cache.verify()
             summary["problems"] = [f"{name} fails its sha256 check" for name in summary["corrupt_files"]]
             if not summary["problems"]:
-                for check in [cache.joint_head, *(lambda n=n: cache.load_split(n) for n in cache.split_names())]:
+                for check in [cache.joint_head, cache.text_head,
+                              *(lambda n=n: cache.load_split(n) for n in cache.split_names())]:
                     try:
                         check()
                     except LtcacheError as exc:

@@ -97,8 +97,8 @@ class CifarResNet(nn.Module):
         return torch.flatten(F.adaptive_avg_pool2d(self.stages(self.stem(x)), 1), 1)
 
 
-def strip_head(net: nn.Module) -> tuple[nn.Module, int]:
-    """Replace the model's last nn.Linear (its classifier) by an identity; return the net and that layer's input."""
+def strip_head(net: nn.Module) -> tuple[nn.Module, nn.Linear]:
+    """Replace the model's last nn.Linear (its classifier) by an identity; return the net and that layer."""
     linears = [(name, module) for name, module in net.named_modules() if isinstance(module, nn.Linear)]
     if not linears:
         raise LtcacheError(f"{type(net).__name__} has no linear classifier to take features from; choose another "
@@ -106,7 +106,7 @@ def strip_head(net: nn.Module) -> tuple[nn.Module, int]:
     name, head = linears[-1]
     parent = net.get_submodule(name.rpartition(".")[0]) if "." in name else net
     setattr(parent, name.rpartition(".")[2], nn.Identity())
-    return net, head.in_features
+    return net, head
 
 
 def adapt_input_channels(net: nn.Module, in_channels: int) -> None:
@@ -177,6 +177,9 @@ def backbone_names() -> list[str]:
 
 def check_backbone(arch: str, *, pretrained: bool = False) -> None:
     """A known backbone name (else the closest names), with torchvision weights when `pretrained`."""
+    if ":" in arch:
+        raise LtcacheError(f"{arch!r} is a model library's backbone, which ltcache extracts frozen (ltcache extract "
+                           "--backbone NAME); train-backbone takes a torchvision model or ltcache backbone name")
     if arch not in BACKBONES and arch not in torchvision_classifiers():
         close = difflib.get_close_matches(arch, backbone_names(), n=4, cutoff=0.5)
         hint = f"did you mean {', '.join(close)}?" if close else "see torchvision.models.list_models()"
@@ -190,32 +193,41 @@ def build_model(arch: str, num_classes: int, in_channels: int = 3, *, pretrained
 
     pretrained loads torchvision's default ImageNet weights into the backbone (downloaded by torchvision).
     """
+    return build_with_own_head(arch, num_classes, in_channels, pretrained=pretrained)[0]
+
+
+def build_with_own_head(arch: str, num_classes: int, in_channels: int = 3, *,
+                        pretrained: bool = False) -> tuple[Classifier, nn.Linear | None]:
+    """build_model, and the model's own classifier that was replaced by the fresh head (None for a small net)."""
     check_backbone(arch, pretrained=pretrained)
     if arch in BACKBONES:
         net = BACKBONES[arch](in_channels)
         if hasattr(net, "feature_dim"):  # a small net: features out, no classifier to strip
-            return Classifier(net, net.feature_dim, num_classes)
+            return Classifier(net, net.feature_dim, num_classes), None
     else:
         options = {"aux_logits": False} if arch in ("googlenet", "inception_v3") and not pretrained else {}
         net = torchvision.models.get_model(arch, weights="DEFAULT" if pretrained else None, **options)
         if arch == "inception_v3":  # its pretrained weights come with the auxiliary head; train without it
             net.aux_logits, net.AuxLogits = False, None
     adapt_input_channels(net, in_channels)
-    net, feature_dim = strip_head(net)
-    return Classifier(net, feature_dim, num_classes)
+    net, own = strip_head(net)
+    return Classifier(net, own.in_features, num_classes), own
 
 
 def pretrained_preprocessing(arch: str):
-    """(transform, description) of torchvision's default weights for `arch`: their own resize, crop, mean and std
-    (read from the weights' metadata; nothing is downloaded)."""
-    weights = torchvision.models.get_model_weights(arch).DEFAULT
-    transform = weights.transforms()
-    about = {"weights": str(weights)}
-    for key in ("resize_size", "crop_size", "mean", "std"):
-        value = getattr(transform, key, None)
-        about[key] = list(value) if isinstance(value, (list, tuple)) else value
-    about["interpolation"] = str(getattr(transform, "interpolation", ""))
-    return transform, about
+    """The eval preprocessing of torchvision's default weights for `arch` (hub.Preprocessing): their own resize,
+    crop, interpolation, mean and std, read from the weights' metadata (nothing is downloaded)."""
+    from ltcache.hub import Preprocessing
+
+    transform = torchvision.models.get_model_weights(arch).DEFAULT.transforms()
+    crop, resize = list(transform.crop_size), list(transform.resize_size)
+    return Preprocessing((crop[0], crop[-1]), resize[0], transform.interpolation.value, tuple(transform.mean),
+                         tuple(transform.std), squash=len(resize) == 2)
+
+
+def pretrained_categories(arch: str) -> list[str] | None:
+    """The class names torchvision's default weights for `arch` were trained on (their metadata)."""
+    return list(torchvision.models.get_model_weights(arch).DEFAULT.meta.get("categories") or []) or None
 
 
 def select_trainable(model: Classifier, groups: str | None) -> list[nn.Parameter]:

@@ -41,6 +41,7 @@ class LabData:
     thresholds: ShotThresholds = field(default_factory=ShotThresholds)
     train_views: Split | None = None  # K augmented views per train image: row k * len(train) + i
     memory_budget: int | None = None  # bytes a split's logits may take whole (logits.py); None: the default
+    text: LinearHead | None = None  # CLIP's zero-shot text head (extract --zero-shot), on normalized features
     _raw_logits: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -155,6 +156,8 @@ class Method:
     - `figures`: selection curves it contributes to the reports.
     - `analyses`: extra analyses, name -> fn(data, test, params) -> dict, added to its row under that name.
     - `check(params, class_counts)`: raises LtcacheError for values only the cache can judge, before any fit.
+    - `text`: it needs the cache's zero-shot text head (extract --zero-shot); `--methods all` leaves it out on a
+      cache without one.
     """
 
     name: str
@@ -167,6 +170,7 @@ class Method:
     figures: tuple[Figure, ...] = ()
     analyses: dict[str, Callable[..., dict]] = field(default_factory=dict)
     check: Callable[[dict, np.ndarray], Any] | None = None
+    text: bool = False
 
     @property
     def defaults(self) -> dict:
@@ -183,7 +187,7 @@ METHODS: Registry[Method] = Registry("method", builtins=("ltcache.stage2.methods
 
 def method(name: str, *params: Param, summary: str, paper: int | None = None, stochastic: bool = False,
            weight_norms: bool = False, figures: tuple[Figure, ...] = (), analyses: dict | None = None,
-           check=None, replace: bool = False):
+           check=None, text: bool = False, replace: bool = False):
     """Register `fit(data: LabData, **hyperparameters) -> Fitted` as stage-2 method `name`.
 
     Each hyperparameter is a `Param` (type, default, range or choices, help): `compare --set NAME.KEY=VALUE` and
@@ -202,7 +206,7 @@ def method(name: str, *params: Param, summary: str, paper: int | None = None, st
         existing = METHODS.entries.get(name)
         again = existing is not None and _origin(existing.fit) == _origin(fit) != (None, None)
         METHODS.add(name, Method(name, fit, tuple(params), summary, paper, stochastic, weight_norms, tuple(figures),
-                                 dict(analyses or {}), check), replace=replace or again)
+                                 dict(analyses or {}), check, text), replace=replace or again)
         return fit
 
     return wrap

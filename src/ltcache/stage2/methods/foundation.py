@@ -1,16 +1,27 @@
-"""Heads from the recent long-tail work on frozen (foundation-model) features that need no text tower:
+"""Heads from the recent long-tail work on frozen (foundation-model) features.
 
+Without a text tower:
 - `gda`: Gaussian discriminant analysis, a training-free baseline that is hard to beat on frozen features (Wang et
   al., ICLR 2024, "A Hard-to-Beat Baseline for Training-free CLIP-based Adaptation");
 - `cos_la`: a cosine classifier trained with the logit-adjusted loss, LIFT's classifier (Shi et al., ICML 2024,
   "Long-Tail Learning with Foundation Model: Heavy Fine-Tuning Hurts"), here on cached features.
+
+With CLIP's zero-shot text head (extract --zero-shot; LabData.text, logits = W_text @ normalize(f)):
+- `zero_shot`: the text head as it is (Radford et al., ICML 2021);
+- `zs_ensemble`: (1 - a) joint + a zero-shot logits, a chosen on the selection split (output-space ensembling, the
+  "naive ensemble" that GLA improves on);
+- `gla`: generalized logit adjustment (Zhu et al., NeurIPS 2023, "Generalized Logit Adjustment: Calibrating
+  Fine-tuned Models by Removing Label Bias in Foundation Models"): the zero-shot head's own label bias log pi_p is
+  estimated on the labelled train split and removed, the train prior is removed from the joint head, and the two
+  are summed with equal weights.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ltcache.heads import LOGIT_CHUNK_ROWS, LinearHead
+from ltcache.errors import LtcacheError
+from ltcache.heads import LOGIT_CHUNK_ROWS, LinearCosineHead, LinearHead
 from ltcache.params import GRID, Param
 from ltcache.stage2.core import Fitted, LabData, method, with_defaults
 from ltcache.stage2.training import TRAINING, fit_on_train, trained_method
@@ -82,8 +93,6 @@ def fit_gda(data: LabData, *, shrinkages) -> Fitted:
         if best is None or score > best[0]:
             best = (score, float(shrinkage), head)
     if best is None:
-        from ltcache.errors import LtcacheError
-
         raise LtcacheError("gda: the covariance is singular at every shrinkage; add a shrinkage above 0, e.g. "
                            "--set gda.shrinkages=0.1,0.5")
     score, shrinkage, head = best
@@ -95,8 +104,8 @@ def fit_gda(data: LabData, *, shrinkages) -> Fitted:
                 Param("scale", float, 25.0, "Fixed scale s of the cosine logits (LIFT's authors sweep 15 to 30).",
                       above=0, high=1000),
                 Param("tau", float, 1.0, "Logit adjustment of the loss: CE(s cos + tau log prior).", low=0, high=10),
-                Param("init", str, "means", "Initial class weights: the train class means, or random.",
-                      choices=("means", "random")),
+                Param("init", str, "means", "Initial class weights: the train class means, CLIP's zero-shot text "
+                      "head (a cache extracted with --zero-shot), or random.", choices=("means", "text", "random")),
                 summary="cosine classifier with a fixed scale trained by the logit-adjusted loss on instance-sampled "
                 "batches, LIFT's classifier (Shi et al. ICML 2024); class-mean initialized")
 def fit_cos_la(data: LabData, *, scale: float, tau: float, init: str, **hyperparameters) -> Fitted:
@@ -112,7 +121,12 @@ def fit_cos_la(data: LabData, *, scale: float, tau: float, init: str, **hyperpar
     split = data.split(data.fitting)
     device = split.features.device
     initial = None
-    if init == "means":
+    if init == "text":
+        if data.text is None:
+            raise LtcacheError("cos_la.init=text needs CLIP's zero-shot text head; extract with --backbone "
+                               "open_clip:ARCH/TAG --zero-shot, or use init=means")
+        initial = F.normalize(data.text.weight.to(device), dim=1)
+    elif init == "means":
         initial = F.normalize(class_means(split.features, split.labels, data.num_classes,
                                           lambda chunk: F.normalize(chunk, dim=1)), dim=1)
     module = CosineClassifier(split.features.shape[1], data.num_classes, scale, device, learn_scale=False,
@@ -122,3 +136,98 @@ def fit_cos_la(data: LabData, *, scale: float, tau: float, init: str, **hyperpar
     weight = (scale * F.normalize(module.weight, dim=1)).detach().clone()
     return Fitted(LinearHead(weight, None, normalize_input=True),
                   {**used, "scale": scale, "tau": tau, "init": init, "sampling": "instance"})
+
+# ------------------------------------------------------------------------------ with CLIP's zero-shot text head
+
+
+@method("zero_shot", summary="CLIP's zero-shot text head as extracted (Radford et al. ICML 2021): class-name "
+        "prompts, no training", text=True)
+def fit_zero_shot(data: LabData) -> Fitted:
+    return Fitted(data.text, {})
+
+
+ALPHAS = tuple(round(0.1 * k, 1) for k in range(11))
+
+
+@method("zs_ensemble", Param("alphas", GRID, ALPHAS, "Weight a of the zero-shot logits: (1 - a) joint + a "
+                             "zero-shot, chosen on the selection split.", low=0, high=1, max_points=100),
+        Param("la_tau", float, 0.0, "Logit adjustment of the joint part first: joint - la_tau log(train prior) "
+              "(0: the joint head as it is).", low=0, high=10),
+        summary="output-space ensemble of the joint head and CLIP's zero-shot text head, the weight chosen on the "
+        "selection split (the naive ensemble of Zhu et al. NeurIPS 2023)", text=True)
+def fit_zs_ensemble(data: LabData, *, alphas, la_tau: float) -> Fitted:
+    import torch
+
+    from ltcache.stage2.methods.weight_norms import log_prior
+
+    weight = data.joint.weight
+    bias = data.joint.bias if data.joint.bias is not None else torch.zeros(data.num_classes, device=weight.device)
+    bias = bias - la_tau * log_prior(data, weight.device)
+    text = data.text.weight.to(weight.device)
+    curve, best = [], None
+    for alpha in alphas:
+        alpha = float(alpha)
+        head = LinearCosineHead((1 - alpha) * weight, alpha * text, (1 - alpha) * bias)
+        score = data.selection_score(head)
+        curve.append({"alpha": alpha, "mean_per_class": score})
+        if best is None or score > best[0]:
+            best = (score, alpha, head)
+    score, alpha, head = best
+    return Fitted(head, {"alpha": alpha, "la_tau": la_tau, "selected_on": data.select,
+                         "selection_mean_per_class": round(score, 4)}, curve)
+
+
+def estimate_label_bias(logits, labels, class_counts, *, max_iter: int = 200) -> tuple:
+    """GLA's bias estimate (Zhu et al. 2023): the log prior b that the zero-shot logits z carry, found on labelled
+    data whose own prior pi_s is known as argmin_b CE(z - b + log pi_s, y), a convex problem solved by L-BFGS over
+    row blocks of `logits` (a tensor or a BlockLogits). Returns (b normalized to a log-distribution, L-BFGS steps,
+    final loss). At the optimum the mean softmax over the rows equals pi_s in every class."""
+    import torch
+    import torch.nn.functional as F
+
+    from ltcache.logits import chunk_rows, row_blocks
+
+    counts = torch.as_tensor(class_counts, dtype=torch.float32, device=labels.device).clamp_min(1)
+    log_train = torch.log(counts / counts.sum())
+    bias = torch.zeros_like(log_train, requires_grad=True)
+    optimizer = torch.optim.LBFGS([bias], lr=1, max_iter=max_iter, tolerance_grad=1e-9, tolerance_change=1e-12,
+                                  line_search_fn="strong_wolfe")
+    rows, evaluations = len(labels), [0]
+
+    def closure():
+        optimizer.zero_grad()
+        total, start = 0.0, 0
+        for block in row_blocks(logits, chunk_rows(len(log_train))):
+            block_labels = labels[start : start + len(block)]
+            start += len(block)
+            loss = F.cross_entropy(block.float() - bias + log_train, block_labels, reduction="sum") / rows
+            loss.backward()
+            total += loss.item()
+        evaluations[0] += 1
+        return torch.tensor(total)
+
+    loss = optimizer.step(closure)
+    estimate = torch.log_softmax(bias.detach(), 0)
+    return estimate, evaluations[0], float(loss)
+
+
+@method("gla", summary="generalized logit adjustment (Zhu et al. NeurIPS 2023): CLIP's zero-shot label bias "
+        "estimated on train and removed, the train prior removed from the joint head, the two summed", text=True)
+def fit_gla(data: LabData) -> Fitted:
+    """z = (joint - log pi_s) + (zero-shot - log pi_p), with log pi_p from estimate_label_bias on the train split
+    (its labels and class counts): GLA's equal-weight ensemble, Bayes-optimal for a balanced test set when both
+    heads are calibrated to their priors."""
+    import torch
+
+    from ltcache.stage2.methods.weight_norms import log_prior
+
+    split = data.train
+    weight = data.joint.weight
+    text = data.text.to(weight.device)
+    log_pretrain, evaluations, loss = estimate_label_bias(data.logits(text, split.features), split.labels,
+                                                          data.class_counts)
+    bias = data.joint.bias if data.joint.bias is not None else torch.zeros(data.num_classes, device=weight.device)
+    head = LinearCosineHead(weight, text.weight, bias - log_prior(data, weight.device) - log_pretrain.to(weight.device))
+    spread = log_pretrain.max().item() - log_pretrain.min().item()
+    return Fitted(head, {"estimated_on": "train", "bias_spread": round(spread, 4), "lbfgs_evaluations": evaluations,
+                         "bias_loss": round(loss, 6)})
