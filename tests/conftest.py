@@ -46,8 +46,9 @@ def assert_clean_error(result, *fragments):
 
 
 def write_toy_cache(path: Path, *, class_counts=(30, 12, 3), feature_dim=4, seed=0, shard_rows=16,
-                    overwrite=False, dtype="float32", noise=0.5) -> Path:
-    """A small cache of Gaussian blobs (one per class) with a joint head biased toward class 0."""
+                    overwrite=False, dtype="float32", noise=0.5, text_head=False) -> Path:
+    """A small cache of Gaussian blobs (one per class) with a joint head biased toward class 0; with `text_head`,
+    also a zero-shot text head (as extract --zero-shot writes) near the class centres."""
     generator = torch.Generator().manual_seed(seed)
     num_classes = len(class_counts)
     centers = torch.eye(num_classes, feature_dim) * 3
@@ -65,6 +66,8 @@ def write_toy_cache(path: Path, *, class_counts=(30, 12, 3), feature_dim=4, seed
         writer.finish_split(split, len(labels))
     weight = centers * torch.tensor([3.0, 1.0, 0.5] + [1.0] * (num_classes - 3))[:num_classes, None]
     writer.write_joint_head(weight, torch.zeros(num_classes))
+    if text_head:
+        writer.write_text_head(20 * centers / 3 + torch.randn(num_classes, feature_dim, generator=generator))
     dataset = {"name": "toy", "root": None, "class_names": [f"c{i}" for i in range(num_classes)],
                "train_class_counts": list(class_counts)}
     return writer.commit(dataset=dataset, backbone={"arch": "none", "checkpoint_sha256": "0" * 64})

@@ -3,6 +3,9 @@ random weights (nothing is downloaded), checked against the libraries' own trans
 zero-shot text head and the heads that use it (zero_shot, zs_ensemble, gla)."""
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import open_clip
@@ -12,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from conftest import assert_clean_error, checksum, invoke, lab_data
+from conftest import assert_clean_error, assert_one_line_error, checksum, invoke, lab_data
 from ltcache.cache import FeatureCache
 from ltcache.data import DatasetSpec, build_dataset
 from ltcache.heads import LinearCosineHead, LinearHead
@@ -96,6 +99,8 @@ def test_the_open_clip_text_head_is_the_models_own_zero_shot_classifier(tiny_cli
     assert model["zero_shot"]["templates"] == "simple" and model["zero_shot"]["prompts"] == 7
     assert model["zero_shot"]["class_names"] == "the dataset's class names"
     assert "zero_shot_head.h5" in cache.manifest["files"]
+    summary = json.loads(invoke("info", tiny_clip["cache"], "--json").stdout)
+    assert summary["zero_shot_head"] is True and summary["weights"] is None
     # The same random towers (seed 0), encoded by hand with open_clip's own tokenizer.
     open_clip.add_model_config(tiny_clip["config"])
     torch.manual_seed(0)
@@ -253,6 +258,17 @@ def test_bad_frozen_extracts_are_one_line_errors_and_write_nothing(tmp_path, tin
     assert_clean_error(invoke("compare", toy_cache, "--methods", "gla", "--bootstrap", "0"),
                        "needs CLIP's zero-shot text head", "--zero-shot")
     assert checksum(tmp_path) == before and checksum(toy_cache) == cache_before and not (tmp_path / "a").exists()
+
+
+def test_a_failed_weight_download_is_a_one_line_error(tmp_path):
+    # The hub offline, as on a machine without network: timm's download fails at once, inside the library.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    before = checksum(tmp_path)
+    result = subprocess.run([sys.executable, "-m", "ltcache", "extract", "--backbone", "timm:test_resnet",
+                             "--pretrained", "--dataset", "digits-lt", "--out", str(tmp_path / "c")],
+                            capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert_one_line_error(result, ["could not load the pretrained weights of timm:test_resnet", "HF_HOME"])
+    assert checksum(tmp_path) == before
 
 
 def test_a_changed_text_head_is_refused(tiny_clip, tmp_path):

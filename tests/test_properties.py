@@ -58,6 +58,9 @@ def test_cosine_ncm_is_invariant_to_scaling_the_features(seed, scale, mode):
 
 def test_every_head_reloads_with_identical_logits(toy_cache):
     lab_ = open_lab(toy_cache)
+    generator = torch.Generator().manual_seed(0)  # a text head too, for the methods that need CLIP's
+    lab_.data.text = LinearHead(torch.randn(3, lab_.data.train.features.shape[1], generator=generator) * 10,
+                                normalize_input=True)
     cache = FeatureCache(toy_cache)
     for name in METHODS:
         overrides = {"min_steps": 30} if "min_steps" in METHODS[name].defaults else {}

@@ -89,16 +89,25 @@ def test_learned_tau_fixes_a_norm_bias():
     assert fitted.head.predict(features).tolist() == labels.tolist()
 
 
-def test_every_method_is_listed_and_runs_on_a_cache(toy_cache):
+def test_every_method_is_listed_and_runs_on_a_cache(toy_cache, tmp_path):
+    from conftest import write_toy_cache
+
     listed = invoke("methods", "--json")
     assert listed.exit_code == 0
-    names = [entry["method"] for entry in json.loads(listed.stdout)]
+    entries = json.loads(listed.stdout)
+    names = [entry["method"] for entry in entries]
     assert sorted(names) == sorted(METHODS) and names[:5] == ["joint", "ncm", "crt", "tau_norm", "lws"]
-    result = invoke("compare", toy_cache, "--methods", "all", "--json", "--set", "crt.min_steps=50",
-                    "--set", "lws.min_steps=50", "--set", "tau_learned.min_steps=50")
+    steps = ("--set", "crt.min_steps=50", "--set", "lws.min_steps=50", "--set", "tau_learned.min_steps=50")
+    with_text = write_toy_cache(tmp_path / "text", text_head=True)  # as extract --zero-shot writes it
+    result = invoke("compare", with_text, "--methods", "all", "--json", *steps)
     assert result.exit_code == 0, result.output
-    rows = json.loads(result.stdout)["rows"]
-    assert [row["method"] for row in rows] == names
+    assert [row["method"] for row in json.loads(result.stdout)["rows"]] == names
+    # Without a text head, --methods all is every other method.
+    result = invoke("compare", toy_cache, "--methods", "all", "--json", *steps)
+    assert result.exit_code == 0, result.output
+    text_methods = {entry["method"] for entry in entries if entry["needs_text_head"]}
+    assert text_methods == {"zero_shot", "zs_ensemble", "gla"}
+    assert [row["method"] for row in json.loads(result.stdout)["rows"]] == [n for n in names if n not in text_methods]
     default = json.loads(invoke("compare", toy_cache, "--json").stdout)["rows"]
     assert [row["method"] for row in default] == ["joint", "ncm", "crt", "tau_norm", "lws"]
 
@@ -110,8 +119,9 @@ def test_choices_never_depend_on_the_test_split(tmp_path, name):
     from ltcache.cache import FeatureCache
     from ltcache.lab import compare
 
-    first = write_toy_cache(tmp_path / "a", seed=3)
-    second = write_toy_cache(tmp_path / "b", seed=3)
+    text = METHODS[name].text  # the methods that read CLIP's text head get a cache with one
+    first = write_toy_cache(tmp_path / "a", seed=3, text_head=text)
+    second = write_toy_cache(tmp_path / "b", seed=3, text_head=text)
     test_shard = second / FeatureCache(second).manifest["splits"]["test"]["shards"][0]["file"]
     import h5py
 

@@ -12,6 +12,7 @@ itself downloads nothing.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -85,6 +86,23 @@ def import_library(prefix: str):
         raise LtcacheError(f"{prefix}: backbones need the {extra} extra; pip install 'ltcache[{extra}]'") from None
 
 
+@contextlib.contextmanager
+def loading_weights(backbone: str, pretrained: bool):
+    """A failed weight download or load (no network, a partial file in the library's cache) becomes a one-line
+    error naming the backbone; without `pretrained` nothing is fetched and errors pass through."""
+    if not pretrained:
+        yield
+        return
+    try:
+        yield
+    except LtcacheError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the libraries raise their own (requests, huggingface_hub, urllib) errors
+        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise LtcacheError(f"could not load the pretrained weights of {backbone} ({type(exc).__name__}: {reason}); "
+                           "check the network, or the library's download cache (TORCH_HOME, HF_HOME)") from None
+
+
 def _unknown(kind: str, name: str, known: list[str], hint: str) -> LtcacheError:
     close = difflib.get_close_matches(name, known, n=4, cutoff=0.6)
     return LtcacheError(f"unknown {kind} {name!r}; " + (f"did you mean {', '.join(close)}?" if close else hint))
@@ -110,6 +128,8 @@ def check_timm(name: str, pretrained: bool) -> None:
     architecture, _, tag = name.partition(".")
     if not timm.is_model(architecture):
         raise _unknown("timm model", architecture, timm.list_models(), "see timm.list_models()")
+    if pretrained and not timm.list_pretrained(architecture + "*"):
+        raise LtcacheError(f"timm has no pretrained weights for {architecture}; drop --pretrained")
     if pretrained and tag and name not in timm.list_pretrained(name):
         raise LtcacheError(f"timm has no pretrained tag {tag!r} for {architecture}; tags: "
                            f"{', '.join(t.partition('.')[2] for t in timm.list_pretrained(architecture + '.*')[:6])}")
@@ -387,6 +407,14 @@ def build_frozen(backbone: str, pretrained: bool, *, num_classes: int, in_channe
                  templates: str = "openai", device=None) -> Frozen:
     """Build the backbone (the library downloads pretrained weights on first use), its preprocessing, its own
     classifier when the joint head is to be it, and the zero-shot text head when asked."""
+    with loading_weights(backbone, pretrained):
+        return _build_frozen(backbone, pretrained, num_classes=num_classes, in_channels=in_channels,
+                             class_names=class_names, joint_head=joint_head, zero_shot=zero_shot,
+                             names_file=names_file, templates=templates, device=device)
+
+
+def _build_frozen(backbone: str, pretrained: bool, *, num_classes: int, in_channels: int, class_names: list[str],
+                  joint_head: str, zero_shot: bool, names_file: Path | None, templates: str, device) -> Frozen:
     from ltcache.models import Classifier, build_with_own_head, pretrained_categories, pretrained_preprocessing
 
     library, name = split_name(backbone)

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from ltcache.cache import MANIFEST, FeatureCache, Split
+from ltcache.cache import MANIFEST, TEXT_HEAD, FeatureCache, Split
 from ltcache.errors import LtcacheError
 from ltcache.folders import folder_lock
 from ltcache.heads import Head
@@ -39,6 +39,7 @@ from ltcache.stage2.core import (
     Fitted,
     LabData,
     Method,
+    check_data,
     resolve_method_list,
     resolve_params,
     run_fit,
@@ -214,9 +215,7 @@ class Lab:
     def check(self, method: str, params: dict) -> None:
         """The values only this cache can judge (a target prior's length, ...), before any fit."""
         entry = METHODS[method]
-        if entry.text and self.data.text is None:
-            raise LtcacheError(f"method {method} needs CLIP's zero-shot text head, which cache {self.cache.path} "
-                               "lacks; extract with --backbone open_clip:ARCH/TAG --zero-shot")
+        check_data(method, self.data)
         if entry.check is not None:
             entry.check(params, self.data.class_counts)
 
@@ -585,6 +584,9 @@ def _summary(cache: FeatureCache) -> dict:
         "groups": group_sizes(counts, ShotThresholds()),
         "backbone": manifest["backbone"].get("arch"),
         "checkpoint_sha256": manifest["backbone"].get("checkpoint_sha256"),
+        **({"weights": manifest["backbone"]["model"].get("weights")}  # extracted as it is: no checkpoint
+           if isinstance(manifest["backbone"].get("model"), dict) else {}),
+        "zero_shot_head": TEXT_HEAD in manifest.get("files", {}),
         "created": manifest.get("created"),
         "generation": cache.generation,
         "heads": cache.head_names(),

@@ -271,6 +271,13 @@ def fit_method(name: str, data: LabData, overrides: dict | None = None) -> Fitte
     return run_fit(name, data, resolve_params(name, overrides))
 
 
+def check_data(name: str, data: LabData) -> None:
+    """What method `name` needs from the cache beyond train, val and the joint head (CLIP's text head)."""
+    if METHODS[name].text and data.text is None:
+        raise LtcacheError(f"method {name} needs CLIP's zero-shot text head, which this cache lacks; extract with "
+                           "--backbone open_clip:ARCH/TAG --zero-shot")
+
+
 def run_fit(name: str, data: LabData, params: dict) -> Fitted:
     """Call method `name`'s fit with resolved `params` and check what it returns: a Fitted holding a Head and a
     dict of what it chose (a user method that returns something else is a one-line error naming it)."""
@@ -278,6 +285,7 @@ def run_fit(name: str, data: LabData, params: dict) -> Fitted:
 
     from ltcache.heads import HEAD_KINDS, Head
 
+    check_data(name, data)
     fitted = METHODS[name].fit(data, **params)
     if not isinstance(fitted, Fitted):
         raise LtcacheError(f"method {name} returned {type(fitted).__name__}, not ltcache.Fitted(head, chosen)")
