@@ -19,7 +19,7 @@ from ltcache.distributed import barrier, get_rank, get_world_size, init_distribu
 from ltcache.errors import LtcacheError
 from ltcache.folders import dead_staging
 from ltcache.fsutil import sha256_file, write_json
-from ltcache.hub import build_frozen, check_frozen, describe_frozen
+from ltcache.hub import build_frozen, check_frozen, describe_frozen, split_name
 from ltcache.models import build_model, check_backbone
 from ltcache.params import checked
 from ltcache.runtime import command_line, resolve_device
@@ -59,6 +59,9 @@ def extract(checkpoint: Path | None, out: Path, *, dataset: str | None = None, b
             raise LtcacheError("without a checkpoint, pass --backbone and --dataset (e.g. --backbone resnet50 "
                                "--pretrained --dataset imagefolder --root /data/images)")
         check_frozen(backbone, pretrained, joint_head=joint_head, zero_shot=zero_shot)
+        if train_views and (pretrained or split_name(backbone)[0] is not None):  # before any weight is fetched
+            raise LtcacheError("--train-views augments with the dataset's own transform, not this backbone's "
+                               "preprocessing; drop --train-views")
         weights, about = None, {"format": "none", "epoch": None}
         model_source = describe_frozen(backbone, pretrained)
         config = {"backbone": backbone, "seed": 0, "source": model_source["weights"] or "random weights"}
@@ -108,9 +111,6 @@ def extract(checkpoint: Path | None, out: Path, *, dataset: str | None = None, b
         if frozen.transform is not None:  # the library's own resize, crop, mean and std, not the dataset's
             for split in list(data.splits):
                 data.splits[split] = data.splits[split].with_transform(frozen.transform)
-        if frozen.transform is not None and train_views:
-            raise LtcacheError("--train-views augments with the dataset's own transform, not this backbone's "
-                               "preprocessing; drop --train-views")
     else:
         model = build_model(config["backbone"], data.num_classes, data.in_channels)
         if about["format"] == CHECKPOINT_FORMAT:
