@@ -130,8 +130,20 @@ def test_zero_shot_zs_ensemble_and_gla_run_on_the_text_head(tiny_clip):
     predictions = (F.normalize(test.features, dim=1) @ cache.text_head().weight.T).argmax(1)
     per_class = [(predictions[test.labels == c] == c).float().mean().item() for c in range(cache.num_classes)]
     assert rows["zero_shot"]["mean_per_class"] == pytest.approx(100 * np.mean(per_class), abs=0.01)
-    assert 0 <= rows["zs_ensemble"]["chosen"]["alpha"] <= 1
-    assert rows["gla"]["chosen"]["estimated_on"] == "train"
+    # The heads compare saved are the text head, the chosen mix, and GLA's formula, on the cache's own tensors.
+    heads = tiny_clip["cache"].parent / "results" / "heads"
+    text, (weight, bias) = cache.text_head(), cache.joint_head()
+    assert torch.equal(cache.load_head("zero_shot", folder=heads)[0].weight, text.weight)
+    joint, zero_shot = test.features @ weight.T + bias, text.logits(test.features)
+    alpha = rows["zs_ensemble"]["chosen"]["alpha"]
+    mixed = cache.load_head("zs_ensemble", folder=heads)[0].logits(test.features)
+    assert alpha in [k / 10 for k in range(11)]
+    assert torch.allclose(mixed, (1 - alpha) * joint + alpha * zero_shot, atol=1e-4)
+    train = cache.load_split("train")
+    counts = torch.as_tensor(cache.class_counts, dtype=torch.float32)
+    estimate, _, _ = estimate_label_bias(text.logits(train.features), train.labels, cache.class_counts)
+    expected = joint - torch.log(counts / counts.sum()) + zero_shot - estimate
+    assert torch.allclose(cache.load_head("gla", folder=heads)[0].logits(test.features), expected, atol=1e-3)
 
 
 def test_gla_recovers_the_label_bias_a_zero_shot_model_carries():
@@ -252,6 +264,7 @@ def test_bad_frozen_extracts_are_one_line_errors_and_write_nothing(tmp_path, tin
         (("--backbone", config, "--joint-head", "own"), "no classifier of its own"),
         (("--backbone", config, "--zero-shot", "--templates", templates), "exactly one {}"),
         (("--backbone", config, "--zero-shot", "--class-names", names), "has 2 names for 10 classes"),
+        (("--backbone", config, "--zero-shot", "--class-names", tmp_path / "none.txt"), "none.txt not found"),
     ]
     for args, message in cases:
         assert_clean_error(invoke("extract", *args, *out), message)

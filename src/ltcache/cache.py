@@ -206,8 +206,8 @@ class CacheWriter:
         """The zero-shot text head W [C, d] (class text embeddings times CLIP's logit scale), applied to the
         L2-normalized features."""
         weight = weight.detach().cpu().float().numpy()
-        check_head_arrays(weight, np.zeros(len(weight), dtype=np.float32), num_classes=len(weight),
-                          feature_dim=self.feature_dim, where="the zero-shot text head")
+        check_head_arrays(weight, None, num_classes=len(weight), feature_dim=self.feature_dim,
+                          where="the zero-shot text head", has_bias=False)
 
         def write(tmp: Path) -> None:
             with h5py.File(tmp, "w") as f:
@@ -338,8 +338,11 @@ def check_manifest(manifest, where: str) -> None:
 
 
 def check_head_arrays(weight: np.ndarray, bias: np.ndarray | None, *, num_classes: int, feature_dim: int,
-                      where: str) -> None:
-    """A usable joint head: weight [C, d] and bias [C], finite, with no all-zero class row."""
+                      where: str, has_bias: bool = True) -> None:
+    """A usable stored head: weight [C, d] and (unless not `has_bias`: the text head) bias [C], finite, with no
+    all-zero class row."""
+    if not has_bias:
+        bias = np.zeros(num_classes, dtype=np.float32)
     if bias is None:
         raise _damaged(where, "it has no 'bias'")
     if weight.shape != (num_classes, feature_dim) or bias.shape != (num_classes,):
@@ -572,8 +575,8 @@ class FeatureCache:
             raise _damaged(where, f"it is unreadable ({type(exc).__name__})") from None
         if weight is None:
             raise _damaged(where, "it has no 'weight'")
-        check_head_arrays(weight, np.zeros(len(weight), dtype=np.float32), num_classes=self.num_classes,
-                          feature_dim=self.feature_dim, where=where)
+        check_head_arrays(weight, None, num_classes=self.num_classes, feature_dim=self.feature_dim, where=where,
+                          has_bias=False)
         import torch
 
         return LinearHead(torch.from_numpy(weight), None, normalize_input=True)

@@ -71,6 +71,24 @@ def json_text(obj) -> str:
     return json.dumps(json_safe(obj), indent=2, allow_nan=False, default=str)
 
 
+def read_lines(path: Path) -> list[str]:
+    """The non-empty lines of a text file, stripped (a class-names or prompts file)."""
+    return [line.strip() for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
+            if line.strip()]
+
+
+def read_class_names(path: Path, num_classes: int) -> list[str]:
+    """--class-names FILE: one name per class, in label order; a missing file or a wrong count is a one-line
+    error."""
+    if not Path(path).is_file():
+        raise LtcacheError(f"--class-names {path} not found; pass a text file with one name per line")
+    names = read_lines(path)
+    if len(names) != num_classes:
+        raise LtcacheError(f"--class-names {path} has {len(names)} names for {num_classes} classes; give one per "
+                           "class, in label order")
+    return names
+
+
 def write_json(path: Path, obj) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(json_text(obj) + "\n"))
 

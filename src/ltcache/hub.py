@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ltcache.errors import LtcacheError
+from ltcache.fsutil import read_class_names, read_lines
 
 LIBRARIES = {"timm": ("timm", "timm"), "open_clip": ("open_clip", "open_clip")}  # prefix -> (module, extra)
 
@@ -279,7 +280,7 @@ def read_templates(templates: str) -> list:
     if not path.is_file():
         raise LtcacheError(f"--templates {templates!r} is neither openai, simple nor a file; pass a text file with "
                            "one prompt per line, each with {} for the class name")
-    lines = [line.strip() for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    lines = read_lines(path)
     bad = [line for line in lines if line.count("{}") != 1]
     if not lines or bad:
         raise LtcacheError(f"--templates {path}: every line needs exactly one {{}} for the class name "
@@ -293,14 +294,7 @@ def prompt_names(class_names: list[str], names_file: Path | None) -> tuple[list[
     else the dataset's own class names with '_' read as a space."""
     if names_file is not None:
         path = Path(names_file).expanduser()
-        if not path.is_file():
-            raise LtcacheError(f"--class-names {path} does not exist; pass a text file with one name per line")
-        names = [line.strip() for line in path.read_text(encoding="utf-8", errors="replace").splitlines()
-                 if line.strip()]
-        if len(names) != len(class_names):
-            raise LtcacheError(f"--class-names {path} has {len(names)} names for {len(class_names)} classes; give "
-                               "one per class, in label order")
-        return names, str(path)
+        return read_class_names(path, len(class_names)), str(path)
     if list(class_names) == imagenet_wnids():
         from open_clip import zero_shot_metadata as metadata
 
@@ -338,9 +332,6 @@ def imagenet_wnids() -> list[str] | None:
         return None
 
 
-JOINT_HEADS = ("auto", "own", "probe")
-
-
 @dataclass
 class Frozen:
     """A backbone extracted as it is: `classifier.backbone` gives the features, `transform` (None: the dataset's
@@ -355,11 +346,10 @@ class Frozen:
 
 
 def check_frozen(backbone: str, pretrained: bool, *, joint_head: str = "auto", zero_shot: bool = False) -> None:
-    """Everything about a frozen backbone that can be judged before the dataset is read or a weight downloaded."""
+    """Everything about a frozen backbone that can be judged before the dataset is read or a weight downloaded
+    (`joint_head`'s value is checked by its declaration, config.EXTRACT)."""
     from ltcache.models import check_backbone
 
-    if joint_head not in JOINT_HEADS:
-        raise LtcacheError(f"--joint-head must be one of {', '.join(JOINT_HEADS)}, got {joint_head!r}")
     library, name = split_name(backbone)
     if library is None:
         check_backbone(name, pretrained=pretrained)
@@ -392,10 +382,11 @@ def describe_frozen(backbone: str, pretrained: bool) -> dict:
     if library == "open_clip":
         arch, tag = open_clip_arch(name)
         about.update(name=arch, tag=tag, weights=tag if pretrained else None)
-        if split_tag(name)[0].endswith(".json"):
+        config = split_tag(name)[0]
+        if config.endswith(".json"):
             from ltcache.fsutil import sha256_file
 
-            config = Path(split_tag(name)[0]).expanduser()
+            config = Path(config).expanduser()
             about["model_config"] = {"path": str(config.resolve()), "sha256": sha256_file(config)}
     else:
         about["weights"] = name if pretrained else None

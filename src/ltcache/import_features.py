@@ -10,7 +10,7 @@ import torch
 from ltcache.cache import CacheWriter
 from ltcache.config import IMPORT_FEATURES
 from ltcache.errors import LtcacheError
-from ltcache.fsutil import sha256_file
+from ltcache.fsutil import read_class_names, sha256_file
 from ltcache.params import checked
 
 
@@ -121,14 +121,7 @@ def import_features(out: Path, *, train: Path, test: Path, val: Path | None = No
 
 
 def _class_names(path: Path | None, num_classes: int) -> list[str]:
-    if path is None:
-        return [str(c) for c in range(num_classes)]
-    if not Path(path).is_file():
-        raise LtcacheError(f"{path} not found")
-    names = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
-    if len(names) != num_classes:
-        raise LtcacheError(f"{path} has {len(names)} class names but the train labels have {num_classes} classes")
-    return names
+    return [str(c) for c in range(num_classes)] if path is None else read_class_names(path, num_classes)
 
 
 def _joint_head(path: Path | None, train, num_classes: int, dim: int, seed: int):
