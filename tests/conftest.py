@@ -46,7 +46,8 @@ def assert_clean_error(result, *fragments):
 
 
 def write_toy_cache(path: Path, *, class_counts=(30, 12, 3), feature_dim=4, seed=0, shard_rows=16,
-                    overwrite=False, dtype="float32", noise=0.5, text_head=False) -> Path:
+                    overwrite=False, dtype="float32", noise=0.5, text_head=False, val_per_class=10,
+                    test_per_class=20) -> Path:
     """A small cache of Gaussian blobs (one per class) with a joint head biased toward class 0; with `text_head`,
     also a zero-shot text head (as extract --zero-shot writes) near the class centres."""
     generator = torch.Generator().manual_seed(seed)
@@ -58,7 +59,8 @@ def write_toy_cache(path: Path, *, class_counts=(30, 12, 3), feature_dim=4, seed
         return centers[labels] + noise * torch.randn(len(labels), feature_dim, generator=generator), labels
 
     writer = CacheWriter(path, feature_dim=feature_dim, shard_rows=shard_rows, overwrite=overwrite, dtype=dtype)
-    splits = {"train": blob(class_counts), "val": blob([10] * num_classes), "test": blob([20] * num_classes)}
+    splits = {"train": blob(class_counts), "val": blob([val_per_class] * num_classes),
+              "test": blob([test_per_class] * num_classes)}
     for name, (features, labels) in splits.items():
         split = writer.split(name)
         order = torch.randperm(len(labels), generator=generator)  # rows arrive out of order, keyed by index

@@ -4,6 +4,7 @@ Python and from the command line (--plugin), and compare --config reads a recipe
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -31,10 +32,11 @@ def test_public_names_are_listed_and_documented():
         ltcache.not_a_name  # noqa: B018
 
 
-def test_readme_api_example_runs_verbatim(tmp_path, capsys):
+def test_readme_api_example_runs_verbatim(digits_run, tmp_path, capsys):
+    """On the cache the Quickstart's `ltcache demo` makes (./ltcache-demo/cache), as a new user runs it."""
     from ltcache.stage2 import METHODS
 
-    write_toy_cache(tmp_path / "caches" / "digits")
+    shutil.copytree(digits_run["cache"], tmp_path / "ltcache-demo" / "cache")
     code = readme_block("## Python API", "python")
     cwd = os.getcwd()
     os.chdir(tmp_path)
@@ -65,7 +67,12 @@ def test_plugin_method_runs_beside_the_builtins_with_intervals_and_reports(tmp_p
     ablation = json.loads((cache / "reports" / "ablation.json").read_text())["points"]
     assert [p["params"]["power"] for p in ablation] == [0.0, 0.5, 1.0]
     listing = run_ltcache(["methods", "--plugin", str(plugin), "--json"], cwd=tmp_path)
-    assert any(entry["method"] == "scaled_joint" for entry in json.loads(listing.stdout))
+    card = next(entry["card"] for entry in json.loads(listing.stdout) if entry["method"] == "scaled_joint")
+    assert card["paper"] == "this README's example" and card["reference_test"] is None
+    lines = run_ltcache(["methods", "--plugin", str(plugin)], cwd=tmp_path).stdout.splitlines()
+    first = next(i for i, line in enumerate(lines) if line[2:].startswith("scaled_joint "))
+    entry = [lines[first]] + [line for line in lines[first + 1 :] if line.startswith(" " * 15)][:2]
+    assert "reference test: none" in entry[2], entry  # listed as untested against a reference
 
 
 @pytest.mark.parametrize("source, fragments", [

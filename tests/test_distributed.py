@@ -61,28 +61,51 @@ def test_torchrun_extraction_equals_one_process(digits_run, tmp_path):
 
 def test_torchrun_compare_equals_one_process(digits_run, tmp_path):
     """Stage 2 under torchrun: two gloo processes draw the same batches, each computes its own rows, gradients are
-    summed; scoring splits test and val across them. Each method's test accuracy must match one process's within
-    0.5 points (deterministic ones exactly), and rank 0 alone writes the same report format."""
+    summed; scoring splits test and val across them. Every method (--methods all: the trained ones included, whose
+    losses may be weighted means such as DisAlign's) must fit the same head as one process, to float rounding, and
+    rank 0 alone writes the same report format."""
+    from ltcache.cache import FeatureCache
+    from ltcache.stage2 import METHODS
+
     cache = digits_run["cache"]
-    one = subprocess.run([sys.executable, "-m", "ltcache", "compare", str(cache), "--out", str(tmp_path / "one"),
-                          "--bootstrap", "0", "--json"], capture_output=True, text=True, timeout=300)
+    args = ["compare", str(cache), "--methods", "all", "--bootstrap", "0", "--json"]
+    one = subprocess.run([sys.executable, "-m", "ltcache", *args, "--out", str(tmp_path / "one")],
+                         capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "ltcache", "compare", str(cache), "--out", str(tmp_path / "two"), "--bootstrap", "0", "--json"]
-    two = subprocess.run(command, capture_output=True, text=True, timeout=300)
+               "-m", "ltcache", *args, "--out", str(tmp_path / "two")]
+    two = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     single, double = json.loads(one.stdout), json.loads(two.stdout)  # one JSON document: rank 0 alone prints
     assert single["provenance"]["processes"] == 1 and double["provenance"]["processes"] == 2
-    assert [r["method"] for r in single["rows"]] == [r["method"] for r in double["rows"]] == \
-        ["joint", "ncm", "crt", "tau_norm", "lws"]
+    names = [r["method"] for r in single["rows"]]
+    assert names == [r["method"] for r in double["rows"]]
+    trained = {name for name in names if METHODS[name].stochastic}
+    assert trained >= {"crt", "lws", "crt_bsm", "crt_las", "crt_maxnorm", "cos", "cos_la", "tau_learned", "disalign",
+                       "mlp2", "mlp3"}
+    stored = FeatureCache(cache)
+    test = stored.load_split("test").features
+    differences = {}
     for a, b in zip(single["rows"], double["rows"], strict=True):
-        assert set(a) == set(b), a["method"]
+        name = a["method"]
+        assert set(a) == set(b), name
+        # The same head: every step was the single-process step, up to the order of float sums (3e-7 of the largest
+        # logit for the linear heads when written), which the non-convex MLPs amplify over 500 steps (0.6%).
+        first = stored.load_head(name, folder=tmp_path / "one" / "heads")[0].logits(test)
+        second = stored.load_head(name, folder=tmp_path / "two" / "heads")[0].logits(test)
+        relative = ((first - second).abs().max() / first.abs().max()).item()
+        differences[name] = relative
+    apart = {name: value for name, value in differences.items() if value > (2e-2 if name.startswith("mlp") else 1e-4)}
+    assert not apart, apart
+    for a, b in zip(single["rows"], double["rows"], strict=True):
+        name = a["method"]
         for key in ("all", "mean_per_class", "many", "medium", "few"):
-            if a["method"] in ("joint", "ncm", "tau_norm"):
-                assert a[key] == b[key], (a["method"], key)
+            if name not in trained:
+                assert a[key] == b[key], (name, key)
             else:
-                assert abs(a[key] - b[key]) <= 0.5, (a["method"], key, a[key], b[key])
-        assert abs(a["temperature"] - b["temperature"]) <= 1e-4 * a["temperature"], a["method"]
+                assert abs(a[key] - b[key]) <= 0.5, (name, key, a[key], b[key])
+        tolerance = 1e-2 if name in trained else 1e-4
+        assert abs(a["temperature"] - b["temperature"]) <= tolerance * a["temperature"], name
     files = {p.name for p in (tmp_path / "one" / "reports").iterdir()}
     assert files == {p.name for p in (tmp_path / "two" / "reports").iterdir()} and "results.json" in files
     assert sorted(p.name for p in (tmp_path / "two" / "heads").iterdir()) == \

@@ -139,11 +139,21 @@ def test_zero_shot_zs_ensemble_and_gla_run_on_the_text_head(tiny_clip):
     mixed = cache.load_head("zs_ensemble", folder=heads)[0].logits(test.features)
     assert alpha in [k / 10 for k in range(11)]
     assert torch.allclose(mixed, (1 - alpha) * joint + alpha * zero_shot, atol=1e-4)
-    train = cache.load_split("train")
+    assert torch.allclose(cache.load_head("gla", folder=heads)[0].logits(test.features),
+                          gla_formula(cache, rows["gla"]["chosen"], test.features), atol=1e-3)
+
+
+def gla_formula(cache, chosen, features):
+    """GLA's head from its recorded temperatures: joint / T_joint - log(train prior) + zero-shot / T_zs - log q, with
+    log q estimated on the calibrated zero-shot logits of val (a balanced split)."""
+    val, text = cache.load_split("val"), cache.text_head()
+    weight, bias = cache.joint_head()
     counts = torch.as_tensor(cache.class_counts, dtype=torch.float32)
-    estimate, _, _ = estimate_label_bias(text.logits(train.features), train.labels, cache.class_counts)
-    expected = joint - torch.log(counts / counts.sum()) + zero_shot - estimate
-    assert torch.allclose(cache.load_head("gla", folder=heads)[0].logits(test.features), expected, atol=1e-3)
+    t_joint, t_text = chosen["temperature_joint"], chosen["temperature_zero_shot"]
+    val_counts = torch.bincount(val.labels, minlength=len(counts)).numpy()
+    log_q, _, _ = estimate_label_bias(text.logits(val.features) / t_text, val.labels, val_counts)
+    return ((features @ weight.T + bias) / t_joint - torch.log(counts / counts.sum()) + text.logits(features) / t_text
+            - log_q)
 
 
 def test_gla_recovers_the_label_bias_a_zero_shot_model_carries():
@@ -194,7 +204,7 @@ def test_zs_ensemble_is_the_chosen_mix_of_the_joint_and_text_logits():
     assert torch.allclose(fitted.head.logits(features), (1 - alpha) * joint + alpha * text, atol=1e-5)
     ends = [fit_method("zs_ensemble", data, {"alphas": [a]}).head.logits(features) for a in (0.0, 1.0)]
     assert torch.allclose(ends[0], joint, atol=1e-5) and torch.allclose(ends[1], text, atol=1e-5)
-    gla = fit_method("gla", data)
+    gla = fit_method("gla", data, {"calibrate": False, "estimate_on": "train"})  # the earlier, uncalibrated form
     train_log_prior = torch.log(torch.tensor([60.0, 20.0, 6.0]) / 86)
     estimate, _, _ = estimate_label_bias(data.text.logits(data.train.features), data.train.labels, [60, 20, 6])
     expected = joint - train_log_prior + text - estimate

@@ -2,6 +2,7 @@
 table records every point, and test labels never influence a choice."""
 
 import json
+import re
 
 import h5py
 import numpy as np
@@ -103,6 +104,8 @@ def test_protocol_audit_reports_test_chosen_numbers_and_changes_nothing(tmp_path
         honest = b.evaluation.accuracy.mean_per_class
         assert audit["optimism_mean_per_class"] == pytest.approx(
             audit["test_if_chosen_on_test"]["mean_per_class"] - honest)
+        labels = re.findall(r'"selected_on": "(\w+)"', json.dumps(audit["chosen_on_test"]))
+        assert set(labels) == ({"test"} if b.method != "joint" else set()), (b.method, audit["chosen_on_test"])
         if b.method == "joint":  # nothing to choose: choosing on test changes nothing
             assert audit["optimism_mean_per_class"] == 0
         if b.method == "tau_norm":  # the same tau grid, chosen on test: never worse on test

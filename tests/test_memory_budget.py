@@ -9,6 +9,8 @@ from conftest import assert_clean_error, invoke, write_toy_cache
 from ltcache.heads import Head
 from ltcache.lab import open_lab
 from ltcache.logits import BlockLogits, parse_size
+from ltcache.stage2 import METHODS as REGISTRY
+from ltcache.stage2 import method_names
 
 COUNTS = [int(300 * 0.75**i) for i in range(16)]  # 300 .. 4 train images per class
 METHODS = ["joint", "ncm", "crt", "tau_norm", "lws", "logit_adj", "tau_learned", "disalign"]
@@ -59,6 +61,35 @@ def test_blocked_logits_give_the_same_results_and_no_full_train_matrix(lt_cache,
             assert abs(a.mean_per_class - b.mean_per_class) <= 0.5, (name, a.mean_per_class, b.mean_per_class)
     assert whole.curves["tau_curve"].entries == blocked.curves["tau_curve"].entries
     assert 40 < whole.row("tau_norm").evaluation.mean_per_class < 90  # a test that can tell methods apart
+
+
+@pytest.fixture(scope="module")
+def long_splits(tmp_path_factory):
+    """Train, val and test each longer than one 1024-row block and not a multiple of it (2,010, 1,280 and 1,280
+    rows), with a text head so that every method runs."""
+    return write_toy_cache(tmp_path_factory.mktemp("blocks") / "c", class_counts=COUNTS, feature_dim=16,
+                           shard_rows=256, noise=1.5, val_per_class=80, test_per_class=80, text_head=True)
+
+
+@pytest.mark.parametrize("select", ["val", "train"])
+def test_every_method_scores_when_every_split_spans_several_blocks(long_splits, select):
+    """Scoring, calibration and the temperature read labels at a running offset beside blocks of logits: a split of
+    more than one block whose length is not a multiple of the chunk once crashed (labels.split fell out of step)."""
+    names = method_names()
+    quick = {name: {"epochs": 1, "min_steps": 30} for name in names if REGISTRY[name].stochastic}
+    whole = open_lab(long_splits, select=select).compare(names, params=quick, bootstrap=0)
+    lab = open_lab(long_splits, select=select, memory_budget=TINY)
+    assert all(len(split) > 1024 and len(split) % 1024 for split in (lab.data.train, lab.data.val, lab.test))
+    blocked = lab.compare(names, params=quick, bootstrap=0)
+    assert [row.method for row in blocked.rows] == names
+    for name in names:
+        a, b = whole.row(name).evaluation, blocked.row(name).evaluation
+        if not REGISTRY[name].stochastic:
+            assert a.accuracy == b.accuracy, name
+            assert a.temperature == pytest.approx(b.temperature, rel=1e-4), name
+            assert a.calibrated.ece == pytest.approx(b.calibrated.ece, abs=1e-4), name
+        else:
+            assert abs(a.mean_per_class - b.mean_per_class) <= 1.0, (name, a.mean_per_class, b.mean_per_class)
 
 
 def test_float16_cache_stays_half_in_memory_and_scores_like_float32(tmp_path, lt_cache):

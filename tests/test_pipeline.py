@@ -84,7 +84,7 @@ def test_compare_subset_with_overrides_and_info(digits_cache_copy):
                     "--json")
     assert result.exit_code == 0, result.output
     rows = rows_by_method(json.loads(result.stdout))
-    assert set(rows) == {"joint", "ncm"} and rows["ncm"]["chosen"] == {"metric": "euclidean", "features": "l2n"}
+    assert set(rows) == {"joint", "ncm"} and rows["ncm"]["chosen"] == {"metric": "euclidean", "features": "cl2n"}
     info = invoke("info", digits_cache_copy, "--json", "--verify")
     assert info.exit_code == 0, info.output
     summary = json.loads(info.stdout)

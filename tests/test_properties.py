@@ -50,8 +50,9 @@ def test_logit_adjustment_at_tau_zero_is_the_joint_head(seed, classes, dim):
 @given(seed=st.integers(0, 10_000), scale=st.floats(0.01, 100.0), mode=st.sampled_from(["l2n", "cl2n"]))
 def test_cosine_ncm_is_invariant_to_scaling_the_features(seed, scale, mode):
     features, labels, weight, bias, counts = random_problem(seed, 4, 6)
-    base = fit_method("ncm", lab(features, labels, weight, bias, counts), {"features": mode}).head
-    scaled = fit_method("ncm", lab(features * scale, labels, weight, bias, counts), {"features": mode}).head
+    base = fit_method("ncm", lab(features, labels, weight, bias, counts), {"features": mode, "metric": "cosine"}).head
+    scaled = fit_method("ncm", lab(features * scale, labels, weight, bias, counts),
+                        {"features": mode, "metric": "cosine"}).head
     queries = torch.randn(30, 6, generator=torch.Generator().manual_seed(seed + 1))
     assert torch.equal(base.predict(queries), scaled.predict(queries * scale))
 

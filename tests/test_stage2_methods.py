@@ -20,7 +20,7 @@ def test_ncm_centered_mode_removes_a_shared_offset():
     features = torch.tensor([[10.0, 1.0], [10.0, 2.0], [10.0, -1.0], [10.0, -2.0]])
     labels = torch.tensor([0, 0, 1, 1])
     data = lab(torch.eye(2), torch.zeros(2), features, labels, [150, 5])
-    head = fit_method("ncm", data, {"features": "cl2n"}).head
+    head = fit_method("ncm", data, {"features": "cl2n", "metric": "cosine"}).head
     np.testing.assert_allclose(head.center.numpy(), [10.0, 0.0])
     np.testing.assert_allclose(head.weight.numpy(), [[0.0, 1.0], [0.0, -1.0]], atol=1e-6)
     assert head.predict(torch.tensor([[10.0, 0.1], [10.0, -0.1]])).tolist() == [0, 1]

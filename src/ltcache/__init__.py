@@ -10,7 +10,8 @@ The Python API (each name is imported on first use, so `import ltcache` stays ch
     comparison = lab.compare(["joint", "crt", "my_head"], params={"crt": {"lr": [0.05, 0.1]}})
     ltcache.build_report(["CACHE_A", "CACHE_B"], "REPORT_DIR")   # one HTML page over compared caches
 
-    @ltcache.method("my_head", ltcache.Param("scale", float, 1.0, "Logit scale.", above=0), summary="...")
+    @ltcache.method("my_head", ltcache.Param("scale", float, 1.0, "Logit scale.", above=0), summary="...",
+                    card=ltcache.Card(paper="Me et al., 2026", code=None, reference_test="tests/test_mine.py::test_it"))
     def my_head(data: ltcache.LabData, *, scale: float) -> ltcache.Fitted:
         return ltcache.Fitted(ltcache.LinearHead(data.joint.weight * scale, data.joint.bias), {"scale": scale})
 """
@@ -29,6 +30,7 @@ _API = {
     "method": "ltcache.stage2.core", "METHODS": "ltcache.stage2.core", "Method": "ltcache.stage2.core",
     "Figure": "ltcache.stage2.core", "Fitted": "ltcache.stage2.core", "LabData": "ltcache.stage2.core",
     "method_names": "ltcache.stage2.core", "with_defaults": "ltcache.stage2.core",
+    "Card": "ltcache.stage2.cards", "Deviation": "ltcache.stage2.cards",
     "TRAINING": "ltcache.stage2.training", "train_on_features": "ltcache.stage2.training",
     "Head": "ltcache.heads", "LinearHead": "ltcache.heads", "head_kind": "ltcache.heads",
     "Evaluation": "ltcache.metrics", "GroupAccuracy": "ltcache.metrics", "Calibration": "ltcache.metrics",
@@ -39,11 +41,11 @@ _API = {
     "build_report": "ltcache.htmlreport", "load_results": "ltcache.htmlreport",
 }
 
-__all__ = ["Calibration", "Comparison", "Curve", "Evaluation", "FeatureCache", "Figure", "Fitted", "GRID",
-           "GridPoint", "GroupAccuracy", "Head", "Lab", "LabData", "LinearHead", "LtcacheError", "METHODS", "Method",
-           "Param", "Registry", "Row", "ShotThresholds", "TRAINING", "build_report", "compare", "extract", "head_kind",
-           "import_features", "info", "load_results", "method", "method_names", "open_lab", "train_on_features",
-           "with_defaults"]
+__all__ = ["Calibration", "Card", "Comparison", "Curve", "Deviation", "Evaluation", "FeatureCache", "Figure", "Fitted",
+           "GRID", "GridPoint", "GroupAccuracy", "Head", "Lab", "LabData", "LinearHead", "LtcacheError", "METHODS",
+           "Method", "Param", "Registry", "Row", "ShotThresholds", "TRAINING", "build_report", "compare", "extract",
+           "head_kind", "import_features", "info", "load_results", "method", "method_names", "open_lab",
+           "train_on_features", "with_defaults"]
 
 
 def __getattr__(name: str) -> Any:
@@ -70,5 +72,6 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from ltcache.metrics import Calibration, Evaluation, GroupAccuracy, ShotThresholds
     from ltcache.params import GRID, Param
     from ltcache.registry import Registry
+    from ltcache.stage2.cards import Card, Deviation
     from ltcache.stage2.core import METHODS, Figure, Fitted, LabData, Method, method, method_names, with_defaults
     from ltcache.stage2.training import TRAINING, train_on_features

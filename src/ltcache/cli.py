@@ -308,19 +308,27 @@ def report_cmd(*, inputs: list[str], out: Path, by: str | None, title: str | Non
 
 
 @command("methods", options.METHODS_LIST)
-def methods_cmd(*, as_json: bool, plugin: list[str]):
-    """List the stage-2 methods with their hyperparameters: type, range and default (override with compare --set)."""
+def methods_cmd(*, as_json: bool, markdown: str | None, plugin: list[str]):
+    """List the stage-2 methods: each one's card (paper, official code, deviations, reference test) and its
+    hyperparameters with type, range and default (override with compare --set)."""
     from ltcache.stage2 import METHODS, method_names
+    from ltcache.stage2.cards import methods_reference, methods_table
 
     _run(load_plugins, plugin)
+    names = method_names()
+    if markdown is not None:
+        render = methods_table if markdown == "table" else methods_reference
+        typer.echo(render(names, dict(METHODS.items())), nl=False)
+        return
     listing = []
-    for name in method_names():
+    for name in names:
         entry = METHODS[name]
         listing.append({
             "method": name, "in_default_compare": entry.paper is not None, "summary": entry.summary,
             "paper_row": entry.paper, "stochastic": entry.stochastic, "selection_curve": entry.curve,
             "weight_norm_plot": entry.weight_norms, "analyses": sorted(entry.analyses),
             "needs_text_head": entry.text,
+            "card": entry.card.as_dict() if entry.card is not None else None,
             "defaults": entry.defaults,
             "hyperparameters": {p.name: {"default": p.default, "allowed": p.describe(), "help": p.help}
                                 for p in entry.params}})
@@ -331,6 +339,13 @@ def methods_cmd(*, as_json: bool, plugin: list[str]):
         mark = "*" if entry["in_default_compare"] else " "
         text = " [needs a cache extracted with --zero-shot]" if entry["needs_text_head"] else ""
         typer.echo(f"{mark} {entry['method']:<12} {entry['summary']}{text}")
+        card = entry["card"]
+        if card is None:
+            typer.echo(f"{'':15}card: not declared; no reference test")
+        else:
+            typer.echo(f"{'':15}paper: {card['paper']}; official code: {card['code'] or 'none published'}")
+            typer.echo(f"{'':15}{len(card['deviations'])} deviation(s) from it (ltcache methods --markdown "
+                       "reference); reference test: " + (card["reference_test"] or "none"))
         for key, about in entry["hyperparameters"].items():
             typer.echo(f"{'':15}{key}={_short(about['default'])}  ({about['allowed']})")
     typer.echo("\n* run by default; `ltcache compare CACHE --methods all` runs every method.")

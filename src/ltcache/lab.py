@@ -280,10 +280,11 @@ class Lab:
         choice it makes (a tau, a grid point, a norm cap) is made on test, as the official tau sweep script and several
         stage-2 "best epoch" loops effectively do, and score that on test. `optimism` is how much the test-chosen
         number exceeds the honest one (`honest`, chosen on the selection split). Read only for the report."""
-        oracle = replace(self.data, val=self.test, select="val", _raw_logits={})  # test, named as the selection split
+        # test in the place of the selection split, and every choice labelled selected_on: test
+        oracle = replace(self.data, val=self.test, select="val", selection_name="test", _raw_logits={})
         result, _, _ = self._fit_grid(name, grid, ablation=False, data=oracle)
         chosen = self.score_accuracy(result.head)
-        return {"chosen_on_test": {k: v for k, v in result.chosen.items() if k != "selected_on"},
+        return {"chosen_on_test": result.chosen,
                 "test_if_chosen_on_test": chosen.as_dict(),
                 "optimism_mean_per_class": chosen.mean_per_class - honest.mean_per_class,
                 "optimism_all": chosen.all - honest.all}
@@ -310,7 +311,7 @@ class Lab:
                 point.test = self.score_accuracy(result.head)
         chosen = results[best]
         chosen.chosen = {**chosen.chosen, "grid": {**points[best].params, "points": len(points),
-                                                   "selected_on": data.select,
+                                                   "selected_on": data.selected_on,
                                                    "selection_mean_per_class": round(points[best].selection, 4)}}
         return chosen, grid[best], points
 

@@ -167,6 +167,17 @@ def row_blocks(logits, rows: int) -> Iterator[torch.Tensor]:
         yield from logits.split(rows)
 
 
+def labelled_blocks(logits, labels: torch.Tensor, rows: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(block, its labels) for the row blocks of `logits` (row_blocks), the labels sliced at a running offset: a
+    BlockLogits' blocks need not be a multiple of `rows`, so splitting the labels by `rows` would fall out of step."""
+    start = 0
+    for block in row_blocks(logits, rows):
+        yield block, labels[start : start + len(block)]
+        start += len(block)
+    if start != len(labels):
+        raise ValueError(f"{start} rows of logits for {len(labels)} labels")
+
+
 def argmax_rows(logits, rows: int = 16384) -> torch.Tensor:
     """argmax over classes of every row (a tensor or a BlockLogits), block by block."""
     import torch

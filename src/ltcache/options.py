@@ -64,6 +64,8 @@ INFO = (
 
 METHODS_LIST = (
     Param("as_json", bool, False, "Print JSON.", option="--json"),
+    Param("markdown", str, None, "Print Markdown instead: the README's method table (table) or docs/methods.md "
+          "(reference), both rendered from the method cards.", choices=("table", "reference"), optional=True),
     PLUGIN,
 )
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ltcache.logits import chunk_rows, exp_shifted_, row_blocks
+from ltcache.logits import chunk_rows, exp_shifted_, labelled_blocks, row_blocks
 from ltcache.metrics.accuracy import GROUPS, ShotThresholds, shot_groups
 
 if TYPE_CHECKING:
@@ -102,7 +102,7 @@ def fit_temperature(logits, labels: torch.Tensor, steps: int = 50, rows: int | N
         logits = logits.detach().float()
     labels = labels.detach()
     target = sum(chunk.gather(1, chunk_labels[:, None]).double().sum().item()
-                 for chunk, chunk_labels in zip(row_blocks(logits, rows), labels.split(rows), strict=True))
+                 for chunk, chunk_labels in labelled_blocks(logits, labels, rows))
     target, count = reduce([target, float(len(labels))])
     if count == 0:
         return 1.0
@@ -130,3 +130,37 @@ def fit_temperature(logits, labels: torch.Tensor, steps: int = 50, rows: int | N
     if not math.isfinite(beta) or beta <= 0:
         return 1.0
     return float(1.0 / beta)
+
+
+def confidence_matched_temperature(logits, labels: torch.Tensor, *, class_weights=None, low: float = 1e-2,
+                                   high: float = 1e2, steps: int = 60) -> float:
+    """GLA's calibration (Zhu et al. 2023, official trainers/util.py `Calibrater`): the T at which the mean
+    confidence (largest softmax probability of logits / T) equals the accuracy on `labels`. The mean confidence falls
+    monotonically as T grows, so T is found by bisection on log T within [low, high] (an end of the range when the
+    accuracy lies outside what T can reach). `class_weights` [C] weighs each row by its label's weight in both means
+    (the rows reweighted to another label distribution). `logits` is a tensor or a BlockLogits, read once a step."""
+    import torch
+
+    if len(labels) == 0:
+        return 1.0
+    weights = torch.ones(len(labels), dtype=torch.float64, device=labels.device) if class_weights is None else \
+        torch.as_tensor(class_weights, dtype=torch.float64, device=labels.device)[labels]
+    weights = weights / weights.sum()
+    _, predictions = max_softmax(logits)
+    accuracy = (weights * (predictions.to(labels.device) == labels).double()).sum().item()
+
+    def confidence(temperature: float) -> float:
+        return (weights * max_softmax(logits, temperature)[0].to(labels.device).double()).sum().item()
+
+    if confidence(low) <= accuracy:
+        return low
+    if confidence(high) >= accuracy:
+        return high
+    log_low, log_high = math.log(low), math.log(high)
+    for _ in range(steps):
+        middle = (log_low + log_high) / 2
+        if confidence(math.exp(middle)) > accuracy:
+            log_low = middle
+        else:
+            log_high = middle
+    return float(math.exp((log_low + log_high) / 2))

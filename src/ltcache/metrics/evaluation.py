@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING
 
-from ltcache.logits import chunk_rows, exp_shifted_, row_blocks
+from ltcache.logits import chunk_rows, exp_shifted_, labelled_blocks
 from ltcache.metrics.accuracy import GroupAccuracy, ShotThresholds, bootstrap_intervals, per_class_accuracy, summarize
 from ltcache.metrics.calibration import Calibration, calibration_from, fit_temperature
 from ltcache.metrics.priors import shifted_prior_accuracy
@@ -70,7 +70,7 @@ def top_k_accuracy(logits, labels: torch.Tensor, k: int, chunk_rows: int = 16384
     if len(labels) == 0:
         return float("nan")
     hits = sum(int(top_k_hits(chunk, chunk_labels, k).sum())
-               for chunk, chunk_labels in zip(row_blocks(logits, chunk_rows), labels.split(chunk_rows), strict=True))
+               for chunk, chunk_labels in labelled_blocks(logits, labels, chunk_rows))
     return 100.0 * hits / len(labels)
 
 
@@ -103,7 +103,7 @@ def row_statistics(logits, labels: torch.Tensor, temperature: float, rows: int |
 
     parts: list[tuple] = []
     rows = rows or chunk_rows(logits.shape[1])
-    for chunk, chunk_labels in zip(row_blocks(logits, rows), labels.split(rows), strict=True):
+    for chunk, chunk_labels in labelled_blocks(logits, labels, rows):
         peak, index = chunk.max(1)
         shifted = chunk - peak[:, None]
         top = top_k_hits(chunk, chunk_labels, 5)

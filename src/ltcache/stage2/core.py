@@ -18,6 +18,7 @@ from ltcache.metrics.accuracy import ShotThresholds, evaluate, per_class_accurac
 from ltcache.metrics.priors import prior_accuracy
 from ltcache.params import Param
 from ltcache.registry import Registry
+from ltcache.stage2.cards import Card
 
 if TYPE_CHECKING:
     import torch
@@ -42,6 +43,7 @@ class LabData:
     train_views: Split | None = None  # K augmented views per train image: row k * len(train) + i
     memory_budget: int | None = None  # bytes a split's logits may take whole (logits.py); None: the default
     text: LinearHead | None = None  # CLIP's zero-shot text head (extract --zero-shot), on normalized features
+    selection_name: str | None = None  # what the selection split is, when not `select` (the protocol audit: test)
     _raw_logits: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -105,6 +107,11 @@ class LabData:
         self._raw_logits.clear()
 
     @property
+    def selected_on(self) -> str:
+        """The name every choice records as `selected_on`: val, train, or test for the protocol audit's refit."""
+        return self.selection_name or self.select
+
+    @property
     def selection(self) -> Split:
         """The split that hyperparameters are chosen on: val, or train with --select train."""
         return self.split(self.select)
@@ -158,6 +165,8 @@ class Method:
     - `check(params, class_counts)`: raises LtcacheError for values only the cache can judge, before any fit.
     - `text`: it needs the cache's zero-shot text head (extract --zero-shot); `--methods all` leaves it out on a
       cache without one.
+    - `card`: where it comes from (paper, official code, deviations, reference test; stage2/cards.py). None: a
+      method registered without one, listed as such.
     """
 
     name: str
@@ -171,6 +180,7 @@ class Method:
     analyses: dict[str, Callable[..., dict]] = field(default_factory=dict)
     check: Callable[[dict, np.ndarray], Any] | None = None
     text: bool = False
+    card: Card | None = None
 
     @property
     def defaults(self) -> dict:
@@ -187,17 +197,22 @@ METHODS: Registry[Method] = Registry("method", builtins=("ltcache.stage2.methods
 
 def method(name: str, *params: Param, summary: str, paper: int | None = None, stochastic: bool = False,
            weight_norms: bool = False, figures: tuple[Figure, ...] = (), analyses: dict | None = None,
-           check=None, text: bool = False, replace: bool = False):
+           check=None, text: bool = False, card: Card | None = None, replace: bool = False):
     """Register `fit(data: LabData, **hyperparameters) -> Fitted` as stage-2 method `name`.
 
     Each hyperparameter is a `Param` (type, default, range or choices, help): `compare --set NAME.KEY=VALUE` and
-    `Lab.fit(name, key=value)` are checked against it, and comma lists on the command line become grids. The
-    keyword metadata is described on `Method`. Returns the decorator; the function is registered unchanged."""
+    `Lab.fit(name, key=value)` are checked against it, and comma lists on the command line become grids. `card` (an
+    ltcache.Card) says where the method comes from: its paper, the official code, each deviation and its reason,
+    and the test against a reference computation. The other keyword metadata is described on `Method`. Returns
+    the decorator; the function is registered unchanged."""
     if not isinstance(name, str) or not name.isidentifier():
         raise LtcacheError(f"method name {name!r} must be an identifier (letters, digits, _), e.g. my_head")
     for param in params:
         if not isinstance(param, Param):
             raise LtcacheError(f"method {name}: hyperparameters are ltcache.Param declarations, got {param!r}")
+    if card is not None and not isinstance(card, Card):
+        raise LtcacheError(f"method {name}: card= takes an ltcache.Card(paper=..., code=..., ...), got "
+                           f"{type(card).__name__}")
 
     METHODS.load()  # the built-ins first (a no-op while they register): a clash with one of them is refused here
 
@@ -206,7 +221,7 @@ def method(name: str, *params: Param, summary: str, paper: int | None = None, st
         existing = METHODS.entries.get(name)
         again = existing is not None and _origin(existing.fit) == _origin(fit) != (None, None)
         METHODS.add(name, Method(name, fit, tuple(params), summary, paper, stochastic, weight_norms, tuple(figures),
-                                 dict(analyses or {}), check, text), replace=replace or again)
+                                 dict(analyses or {}), check, text, card), replace=replace or again)
         return fit
 
     return wrap

@@ -19,6 +19,7 @@ from ltcache.errors import LtcacheError
 from ltcache.params import Param
 from ltcache.runtime import cosine_schedule, scaled_lr
 from ltcache.sampling import class_probabilities, sample_weights
+from ltcache.stage2.cards import Deviation
 from ltcache.stage2.core import LabData, method
 
 if TYPE_CHECKING:
@@ -39,6 +40,23 @@ TRAINING = (
     Param("min_steps", int, 500, "Lengthen epochs on tiny data to reach this many steps in all.", low=0),
 )
 BALANCED_DEFAULTS = {param.name: param.default for param in TRAINING if param.name != "epochs"}
+# How the trainer every learned head shares departs from the official stage 2 (classifier-balancing's run_networks.py),
+# for the cards of the methods trained with it.
+TRAINER_DEVIATIONS = (
+    Deviation("Batches are drawn i.i.d. by Eq. 1 from the cached features (q = 0: class-balanced), one view per image "
+              "unless the cache has extract --train-views.",
+              "The official code samples images with its class-aware sampler (4 per visited class) and augments "
+              "them every epoch; stage 2 works on cached tensors, and Eq. 1 gives the same class marginal."),
+    Deviation("The cosine lr is stepped every iteration, from the peak to 0.",
+              "The official run_networks.py steps it once per epoch, before the epoch, so its last epoch runs at lr 0 "
+              "(9 effective epochs of 10); one schedule for every trained head."),
+    Deviation("The head of the last epoch is returned.",
+              "The official code keeps the epoch with the best val accuracy, a choice of epoch on the selection "
+              "split; ltcache leaves the schedule's end as the method's point (choose epochs with --set, on val)."),
+    Deviation("min_steps lengthens epochs on tiny datasets (500 steps in all by default).",
+              "Ten epochs of a few batches do not converge on toy caches; at ImageNet-LT scale (227 steps an epoch) "
+              "it is inactive."),
+)
 PROGRESS_AFTER_SECONDS = 5.0  # an epoch loop that takes longer than this shows a progress line per epoch
 
 
@@ -79,8 +97,9 @@ def train_on_features(module: nn.Module, inputs: torch.Tensor | tuple[torch.Tens
     gathers = [_gatherer(t, batch_size) for t in inputs]
     label_buffer = labels.new_empty(batch_size)
     # Under torchrun every rank draws the same global batches (same generator) and computes the rows of its own
-    # contiguous share of the data; the loss is scaled by its rows / batch and the gradients summed over ranks, so
-    # each step is the single-process step (for a mean-reduced loss), whatever the number of processes.
+    # contiguous share of the data; its loss is rescaled from its own rows' normalizer to the whole batch's (see
+    # batch_normalizer) and the gradients summed over ranks, so each step is the single-process step, whatever the
+    # number of processes.
     share = local_rows(len(labels)) if get_world_size() > 1 else None
     parameters = [p for p in module.parameters() if p.requires_grad]
     reporter = EpochProgress(epochs)
@@ -89,6 +108,7 @@ def train_on_features(module: nn.Module, inputs: torch.Tensor | tuple[torch.Tens
         finite = torch.ones((), dtype=torch.bool, device=labels.device)
         for batch in draws.to(labels.device).view(steps_per_epoch, batch_size):
             if share is not None:
+                whole_batch = batch_normalizer(criterion, labels[batch])
                 batch = batch[(batch >= share.start) & (batch < share.stop)]
             optimizer.zero_grad(set_to_none=True)
             if len(batch):
@@ -99,7 +119,9 @@ def train_on_features(module: nn.Module, inputs: torch.Tensor | tuple[torch.Tens
                 else:
                     loss = criterion(module(*batch_inputs), batch_labels)
                 finite &= torch.isfinite(loss.detach())  # checked once an epoch: no device sync per step
-                (loss * (len(batch) / batch_size) if share is not None else loss).backward()
+                if share is not None:  # this rank's sum of the batch's loss terms over the whole batch's normalizer
+                    loss = loss * (batch_normalizer(criterion, batch_labels) / whole_batch)
+                loss.backward()
             if share is not None:
                 sum_gradients(parameters)
             optimizer.step()
@@ -113,6 +135,15 @@ def train_on_features(module: nn.Module, inputs: torch.Tensor | tuple[torch.Tens
         reporter.epoch_done(epoch + 1)
     return {"epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
             "momentum": momentum, "steps": epochs * steps_per_epoch}
+
+
+def batch_normalizer(criterion, labels: torch.Tensor):
+    """What `criterion` divides its summed loss terms by over a batch with `labels`: the sum of the class weights of
+    a weighted cross-entropy (nn.CrossEntropyLoss(weight=w) is sum_i w_yi l_i / sum_i w_yi, DisAlign's loss), else
+    the number of rows. Under torchrun a rank multiplies its mean by its own normalizer and divides by the whole
+    batch's, so the ranks' losses add up to the single-process loss."""
+    weight = getattr(criterion, "weight", None)
+    return weight[labels].sum() if weight is not None else float(len(labels))
 
 
 def _gatherer(source, batch_size: int):

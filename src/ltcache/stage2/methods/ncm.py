@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 from ltcache.heads import LOGIT_CHUNK_ROWS, LinearHead
 from ltcache.logits import as_float32
 from ltcache.params import Param
+from ltcache.stage2.cards import CLASSIFIER_BALANCING, DECOUPLING, KANG_2020, Card, Deviation
 from ltcache.stage2.core import Fitted, LabData, method
 
 if TYPE_CHECKING:
@@ -28,10 +29,26 @@ def class_means(features: torch.Tensor, labels: torch.Tensor, num_classes: int, 
     return sums / counts[:, None]
 
 
-@method("ncm", Param("metric", str, "cosine", "Distance to the class means.", choices=NCM_METRICS),
-        Param("features", str, "l2n", "Feature mode: raw, L2-normalized, centred then normalized.",
-                choices=NCM_FEATURES),
-        summary="nearest class mean: un / l2n / cl2n train features, cosine or euclidean (Sec. 4)", paper=2)
+NCM_CARD = Card(
+    paper=KANG_2020, title=DECOUPLING,
+    code=f"{CLASSIFIER_BALANCING}: models/KNNClassifier.py, run_networks.py (get_knncentroids), main.py (--knn: "
+         "feat_type cl2n, dist_type l2)",
+    matches=("The official defaults: features centred on the train mean and L2-normalized (cl2n), class means of "
+             "those features, nearest mean by Euclidean distance (metric=euclidean, features=cl2n).",
+             "The feature modes un / l2n / cl2n and the class means as get_knncentroids computes them (means of the "
+             "transformed train features, not normalized again)."),
+    deviations=(Deviation("metric=cosine normalizes the class means too: true cosine similarity.",
+                          "KNNClassifier's 'cos' divides x . c by d without normalizing c, which ranks classes by "
+                          "||c|| cos(x, c); Sec. 4 of the paper describes cosine similarity."),),
+    reference_test="tests/test_reference.py::test_ncm_equals_the_official_knn_classifier")
+
+
+@method("ncm", Param("metric", str, "euclidean", "Distance to the class means (the official default: euclidean).",
+                     choices=NCM_METRICS),
+        Param("features", str, "cl2n", "Feature mode: raw, L2-normalized, centred then normalized (the official "
+              "default: cl2n).", choices=NCM_FEATURES),
+        summary="nearest class mean: un / l2n / cl2n train features, euclidean or cosine (Sec. 4); the official "
+        "default cl2n + euclidean", paper=2, card=NCM_CARD)
 def fit_ncm(data: LabData, *, metric: str, features: str) -> Fitted:
     import torch
     import torch.nn.functional as F

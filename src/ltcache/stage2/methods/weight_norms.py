@@ -13,6 +13,7 @@ from ltcache.heads import LinearHead
 from ltcache.metrics.accuracy import GroupAccuracy, per_class_accuracy
 from ltcache.metrics.priors import parse_prior, prior_accuracy, shifted_priors
 from ltcache.params import GRID, Param
+from ltcache.stage2.cards import CLASSIFIER_BALANCING, DECOUPLING, KANG_2020, Card, Deviation
 from ltcache.stage2.core import Figure, Fitted, LabData, method
 
 if TYPE_CHECKING:
@@ -126,11 +127,21 @@ def best_on_curve(curve: list[dict], key: str = "mean_per_class") -> dict:
 
 def chosen_on_grid(data: LabData, best: dict, *keys: str) -> dict:
     """What a grid search chose (`keys` of the best entry), on which split, and the score there."""
-    return {**{key: best[key] for key in keys}, "selected_on": data.select,
+    return {**{key: best[key] for key in keys}, "selected_on": data.selected_on,
             "selection_mean_per_class": round(best["mean_per_class"], 4)}
 
 
-@method("joint", summary="the stage-1 classifier as trained (W, b)", paper=1, weight_norms=True)
+JOINT_CARD = Card(
+    paper=KANG_2020, title=DECOUPLING, code=f"{CLASSIFIER_BALANCING}: models/DotProductClassifier.py",
+    matches=("The linear classifier (W, b) trained jointly with the backbone in stage 1, bias kept.",),
+    deviations=(Deviation("From a cache made without a checkpoint (extract --backbone NAME), joint is the model's own "
+                          "classifier or an instance-balanced linear probe, as the manifest records.",
+                          "A frozen library model has no stage 1; the probe is the instance-balanced classifier "
+                          "the decoupled heads are compared with."),),
+    reference_test="tests/test_reference.py::test_joint_is_the_stage_one_classifier")
+
+
+@method("joint", summary="the stage-1 classifier as trained (W, b)", paper=1, weight_norms=True, card=JOINT_CARD)
 def fit_joint(data: LabData) -> Fitted:
     return Fitted(data.joint, {})
 
@@ -146,8 +157,20 @@ def tau_figure(data: LabData, fitted: Fitted | None) -> list[dict]:
 TAU_CURVE = Figure("tau_curve", "tau", "tau-normalized classifier", tau_figure, always=True)
 
 
+TAU_NORM_CARD = Card(
+    paper=KANG_2020, title=DECOUPLING, code=f"{CLASSIFIER_BALANCING}: tau_norm.py (pnorm)",
+    matches=("Eq. 3: w_j / ||w_j||^tau, the bias dropped, over the grid tau = 0, 0.1, ..., 2 (tau_norm.py's "
+             "np.linspace(0, 2, 21)).",),
+    deviations=(Deviation("tau is chosen on the selection split (val, or the simulated-balanced train set with "
+                          "--select train) by mean per-class accuracy, ties toward the smaller tau.",
+                          "tau_norm.py prints the whole sweep on the split it is given (test by default), leaving "
+                          "the choice to the reader; choosing on test overstates the result (compare "
+                          "--protocol-audit measures by how much)."),),
+    reference_test="tests/test_reference.py::test_tau_norm_equals_the_official_pnorm_sweep_chosen_on_val")
+
+
 @method("tau_norm", TAUS, summary="W / ||w_j||^tau, bias dropped (Eq. 3); tau chosen on the selection split",
-        paper=4, weight_norms=True, figures=(TAU_CURVE,))
+        paper=4, weight_norms=True, figures=(TAU_CURVE,), card=TAU_NORM_CARD)
 def fit_tau_norm(data: LabData, *, taus) -> Fitted:
     curve = tau_curve(data, data.select, taus)
     best = best_on_curve(curve)
@@ -172,12 +195,24 @@ def adapted_to_shifted_priors(data: LabData, test: Split, params: dict) -> dict:
     return result
 
 
+LOGIT_ADJ_CARD = Card(
+    paper="Menon, Jayasumana, Rawat, Jain, Veit & Kumar, ICLR 2021", title="Long-tail learning via logit adjustment",
+    code="google-research/google-research: logit_adjustment/main.py",
+    matches=("Post-hoc adjustment of the joint logits: z - tau log(train prior), tau on a grid.",),
+    deviations=(Deviation("tau is chosen on the selection split (the paper fixes tau = 1 or tunes it); target= aims "
+                          "the adjustment at another test prior (+ log target prior), tau then chosen by the "
+                          "selection accuracy reweighted to that prior.",
+                          "One selection protocol for every method; shifted priors are the paper's Sec. 3 "
+                          "generalization."),),
+    reference_test="tests/test_reference.py::test_logit_adjustment_equals_a_brute_force_search")
+
+
 @method("logit_adj", TAUS, Param("target", str, "uniform", "Target prior: uniform, train, forward:F, backward:F, "
                                    "or a .npy / .json / .txt file of class weights."),
           summary="post-hoc logit adjustment (Menon et al. 2021): joint logits - tau log(train prior) + log(target "
           "prior); target uniform, train, forward:F, backward:F or a file",
           check=lambda params, counts: parse_prior(params["target"], counts),
-          analyses={"shifted_priors_adapted": adapted_to_shifted_priors})
+          analyses={"shifted_priors_adapted": adapted_to_shifted_priors}, card=LOGIT_ADJ_CARD)
 def fit_logit_adjustment(data: LabData, *, taus, target) -> Fitted:
     """With a non-uniform target prior, tau is chosen by the selection split's accuracy reweighted to that prior
     (sum_c pi_c acc_c), the accuracy a test set drawn from the prior would give."""
@@ -201,9 +236,17 @@ def fit_logit_adjustment(data: LabData, *, taus, target) -> Fitted:
     return Fitted(head, chosen, curve)
 
 
+TAU_NORM_LA_CARD = Card(
+    paper="ltcache's combination of Kang et al., ICLR 2020 (Eq. 3) and Menon et al., ICLR 2021",
+    code=None,
+    matches=("tau-normalized W (bias dropped), then - la_tau log(train prior), both chosen on one grid.",),
+    reference_test="tests/test_reference.py::test_tau_norm_la_equals_a_brute_force_search")
+
+
 @method("tau_norm_la", TAUS, Param("la_taus", GRID, tuple(0.25 * i for i in range(9)), "Logit-adjustment grid.",
                                      low=0),
-          summary="tau-normalization, then post-hoc logit adjustment; both chosen on one grid")
+          summary="tau-normalization, then post-hoc logit adjustment; both chosen on one grid",
+          card=TAU_NORM_LA_CARD)
 def fit_tau_norm_logit_adjustment(data: LabData, *, taus, la_taus) -> Fitted:
     import torch
 

@@ -1,0 +1,75 @@
+"""Regenerate the documentation that is rendered from the code and the published results, never typed:
+
+- docs/methods.md and docs/methods-table.md, from the method registry's cards (`ltcache methods --markdown`);
+- every `<!-- include: PATH -->` ... `<!-- end include -->` block of README.md, experiments/README.md and
+  experiments/RESULTS.md, from the file it names (PATH relative to the including document).
+
+    python docs/generate.py            # rewrite what changed
+    python docs/generate.py --check    # exit 1 and name what is stale (tests/test_published.py does the same)
+
+experiments/studies.py --publish calls `refresh_documents` after copying a study's tables into the repository.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DOCUMENTS = ("README.md", "experiments/README.md", "experiments/RESULTS.md")
+INCLUDE = re.compile(r"(<!-- include: (?P<path>[^ ]+) -->\n)(?P<body>.*?)(<!-- end include -->)", re.S)
+
+
+def generated_files() -> dict[Path, str]:
+    """The files rendered from the method registry, with their content."""
+    from ltcache.stage2 import METHODS, method_names
+    from ltcache.stage2.cards import methods_reference, methods_table
+
+    names, entries = method_names(), dict(METHODS.items())
+    return {REPO / "docs" / "methods.md": methods_reference(names, entries),
+            REPO / "docs" / "methods-table.md": methods_table(names, entries)}
+
+
+def includes(text: str) -> list[tuple[str, str]]:
+    """(path, body) of every include block in `text`."""
+    return [(match.group("path"), match.group("body")) for match in INCLUDE.finditer(text)]
+
+
+def refresh_includes(text: str, base: Path) -> str:
+    """`text` with every include block holding the current content of the file it names (relative to `base`)."""
+    return INCLUDE.sub(lambda m: m.group(1) + (base / m.group("path")).read_text() + m.group(4), text)
+
+
+def refresh_documents(check: bool = False) -> list[str]:
+    """Rewrite the generated files and the include blocks (or, with `check`, only list what is stale)."""
+    stale = []
+    for path, content in generated_files().items():
+        if not path.is_file() or path.read_text() != content:
+            stale.append(str(path.relative_to(REPO)))
+            if not check:
+                path.write_text(content)
+    for name in DOCUMENTS:
+        document = REPO / name
+        text = document.read_text()
+        updated = refresh_includes(text, document.parent)
+        if updated != text:
+            stale.append(name)
+            if not check:
+                document.write_text(updated)
+    return stale
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if anything is stale")
+    args = parser.parse_args(argv)
+    stale = refresh_documents(check=args.check)
+    for name in stale:
+        print(("stale: " if args.check else "rewrote: ") + name)
+    return 1 if args.check and stale else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
