@@ -37,13 +37,24 @@ def includes(text: str) -> list[tuple[str, str]]:
     return [(match.group("path"), match.group("body")) for match in INCLUDE.finditer(text)]
 
 
-def refresh_includes(text: str, base: Path) -> str:
-    """`text` with every include block holding the current content of the file it names (relative to `base`)."""
-    return INCLUDE.sub(lambda m: m.group(1) + (base / m.group("path")).read_text() + m.group(4), text)
+def refresh_includes(text: str, base: Path, *, strict: bool = True) -> str:
+    """`text` with every include block holding the current content of the file it names (relative to `base`). A
+    named file that does not exist is an error, or with strict=False leaves its block as it is."""
+    missing = [path for path, _ in includes(text) if not (base / path).is_file()]
+    if missing and strict:
+        raise SystemExit(f"error: an include block names {base / missing[0]}, which does not exist; run the command "
+                         "that publishes it (experiments/studies.py ... --publish)")
+
+    def body(match: re.Match) -> str:
+        path = base / match.group("path")
+        return match.group(0) if not path.is_file() else match.group(1) + path.read_text() + match.group(4)
+
+    return INCLUDE.sub(body, text)
 
 
-def refresh_documents(check: bool = False) -> list[str]:
-    """Rewrite the generated files and the include blocks (or, with `check`, only list what is stale)."""
+def refresh_documents(check: bool = False, *, strict: bool = True) -> list[str]:
+    """Rewrite the generated files and the include blocks (or, with `check`, only list what is stale). strict=False
+    (a study publishing its own tables) leaves the blocks of files not published yet as they are."""
     stale = []
     for path, content in generated_files().items():
         if not path.is_file() or path.read_text() != content:
@@ -53,7 +64,7 @@ def refresh_documents(check: bool = False) -> list[str]:
     for name in DOCUMENTS:
         document = REPO / name
         text = document.read_text()
-        updated = refresh_includes(text, document.parent)
+        updated = refresh_includes(text, document.parent, strict=strict)
         if updated != text:
             stale.append(name)
             if not check:

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -15,6 +17,7 @@ def run_script(*args):
     return result.stdout
 
 
+@pytest.mark.slow
 def test_gpu_smoke_runs_on_cpu():
     out = run_script("benchmarks/gpu_smoke.py", "--device", "cpu", "--backbone", "resnet10", "--image-size", "32",
                      "--epochs", "1", "--workers", "0", "--torchrun", "2")
@@ -27,6 +30,7 @@ def test_gpu_smoke_runs_on_cpu():
     assert set(torchrun["compare_test_all"]) == set(report["test_all"]) and torchrun["compare_max_difference"] <= 0.5
 
 
+@pytest.mark.slow
 def test_inat_shape_benchmark_runs_at_a_small_scale(tmp_path):
     results = tmp_path / "RESULTS.md"
     out = run_script("benchmarks/inat_shape.py", "--scale", "0.02", "--dim", "64", "--results", results)

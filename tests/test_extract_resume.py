@@ -53,6 +53,7 @@ def kill_mid_extraction(checkpoint: Path, out: Path, *, at_least: int = 5) -> No
     assert not out.exists()  # nothing published
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_equals_an_uninterrupted_run(fashion_checkpoint, tmp_path):
     whole = run_ltcache(["extract", fashion_checkpoint, "--out", tmp_path / "whole", *EXTRACT], cwd=tmp_path)
     assert whole.returncode == 0, whole.stderr[-2000:]
@@ -81,6 +82,7 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(fashion_checkpoint, tm
     assert checksum(tmp_path) == before
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo backend")
 def test_resume_under_another_process_count(fashion_checkpoint, tmp_path):
     out = tmp_path / "cache"

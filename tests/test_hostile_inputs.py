@@ -22,6 +22,8 @@ import torch
 
 from conftest import assert_one_line_error, checksum, reseal, run_ltcache
 
+pytestmark = pytest.mark.slow  # over a hundred real processes: CI runs it (.ci/run), the default suite does not
+
 
 @dataclass(frozen=True)
 class Case:
@@ -341,6 +343,19 @@ CASES = [
     Case("set-maxnorm-grid", ("compare", "cache", "--methods", "crt_maxnorm", "--set", "crt_maxnorm.max_norms=0,1"),
          ("max_norms", "> 0")),
     Case("compare-unknown-method", ("compare", "cache", "--methods", "joint,magic"), ("unknown method 'magic'",)),
+    # ---- the issue-19 hyperparameters and the method cards' listing
+    Case("set-gda-shrinkage", ("compare", "cache", "--methods", "gda", "--set", "gda.shrinkage=auto"),
+         ("gda.shrinkage must be one of: closed_form, grid",)),
+    Case("set-gda-alphas", ("compare", "cache", "--methods", "gda", "--set", "gda.alphas=0,1"), ("gda.alphas", "> 0")),
+    Case("set-gda-normalize", ("compare", "cache", "--methods", "gda", "--set", "gda.normalize=yes please"),
+         ("gda.normalize must be true or false",)),
+    Case("set-cos-la-init", ("compare", "cache", "--methods", "cos_la", "--set", "cos_la.init=zeros"),
+         ("cos_la.init must be one of: auto, text, means, random",)),
+    Case("set-gla-without-text", ("compare", "cache", "--methods", "gla", "--set", "gla.estimate_on=train"),
+         ("needs CLIP's zero-shot text head",)),
+    Case("set-gla-estimate-split", ("compare", "cache", "--methods", "gla", "--set", "gla.estimate_on=test"),
+         ("gla.estimate_on must be one of: val, train",)),
+    Case("methods-markdown", ("methods", "--markdown", "html"), ("--markdown must be one of: table, reference",)),
     Case("sweep-huge-grid", ("sweep-tau", "cache", "--taus", "0:1e9:1e-9"), ("more than 10,000",)),
     Case("sweep-inf-grid", ("sweep-tau", "cache", "--taus", "0,inf"), ("--taus",)),
     Case("compare-out-file", ("compare", "cache", "--out", "file.txt"), ("--out file.txt is a file",)),

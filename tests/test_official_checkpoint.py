@@ -92,6 +92,7 @@ def test_official_keys_that_do_not_map_are_named(tmp_path):
         read_weights(tmp_path / "f.pth")
 
 
+@pytest.mark.slow
 def test_extract_and_init_read_an_official_checkpoint(tmp_path):
     features, classifier = official_networks(10, in_channels=1)  # digits-lt: 10 classes of 8x8 grey images
     path = save_official(tmp_path / "final_model_checkpoint.pth", features, classifier)

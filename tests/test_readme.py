@@ -5,6 +5,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -26,6 +31,8 @@ def test_ci_runs_the_readme_test_command_verbatim():
     ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
     assert quickstart_commands()[1] in ci_lines
     assert "set -euo pipefail" in ci_lines
+    # the default run leaves out the tests marked slow (pyproject's addopts); CI runs them after it
+    assert ci_lines.index("python -m pytest -m slow") > ci_lines.index(quickstart_commands()[1])
 
 
 def test_python_dash_m_entry_point():
@@ -46,6 +53,8 @@ def test_every_recipe_loads_and_validates():
         assert cfg.out.startswith("runs/")
         assert cfg.batch_size % 8 == 0  # splits evenly across 1, 2, 4 or 8 torchrun processes
         assert recipe.stem in (ROOT / "experiments" / "README.md").read_text()
+        if "cls_lws.yaml" in recipe.read_text():  # "as the official LWS": it scales the bias (TauNormClassifier.py)
+            assert "lws.with_bias=true" in tomllib.loads(recipe.read_text())["compare"]["set"], recipe.name
 
 
 def test_flags_win_over_the_recipe_and_unknown_keys_fail(tmp_path):

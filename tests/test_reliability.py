@@ -95,6 +95,7 @@ def losses(run: Path) -> list[float]:
 TRAIN = ("--epochs", "6", "--backbone", "smallresnet14", "--batch-size", "64")
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_mid_run_equals_an_uninterrupted_run(tmp_path):
     whole = run_ltcache(["train-backbone", "--out", "whole", *TRAIN], cwd=tmp_path)
     assert whole.returncode == 0, whole.stderr[-2000:]
@@ -287,6 +288,7 @@ def test_a_read_only_cache_names_out_and_compare_writes_there(read_only_cache, t
 
 @pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                     reason="this torch build has no gloo backend")
+@pytest.mark.slow
 def test_torchrun_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path):
     def torchrun(*args):
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 STUDIES = ROOT / "experiments" / "studies.py"
 
@@ -21,6 +23,7 @@ def run_studies(out: Path, *extra: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=900, env=env, cwd=out.parent)
 
 
+@pytest.mark.slow
 def test_every_study_runs_end_to_end_and_reruns_skip_what_exists(tmp_path):
     out = tmp_path / "studies"
     first = run_studies(out)

@@ -29,7 +29,7 @@ from ltcache.heads import LOGIT_CHUNK_ROWS, LinearCosineHead, LinearHead
 from ltcache.params import GRID, Param
 from ltcache.stage2.cards import Card, Deviation
 from ltcache.stage2.core import Fitted, LabData, method, with_defaults
-from ltcache.stage2.training import TRAINING, fit_on_train, trained_method
+from ltcache.stage2.training import TRAINER_DEVIATIONS, TRAINING, fit_on_train, trained_method
 
 if TYPE_CHECKING:
     import torch
@@ -207,7 +207,8 @@ COS_LA_CARD = Card(
                           "head."),
                 Deviation("No test-time ensembling.",
                           "LIFT's test_ensemble averages crops of each test image; a cache holds one view per "
-                          "image.")),
+                          "image."),
+                *TRAINER_DEVIATIONS[2:]),
     features="LIFT's head expects CLIP ViT-B/16's 768-d pre-projection image features; a cache from extract "
              "--backbone open_clip:ARCH/TAG holds the projected embedding (the text head's space), which "
              "init=text needs.",
