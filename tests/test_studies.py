@@ -18,7 +18,8 @@ STUDIES = ROOT / "experiments" / "studies.py"
 def run_studies(out: Path, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
     recipe = ROOT / "experiments" / "digits_lt.toml"
-    return subprocess.run([sys.executable, str(STUDIES), "all", "--recipe", str(recipe), "--out", str(out),
+    return subprocess.run([sys.executable, str(STUDIES), "all", "headline", "foundation-heads", "--recipe", str(recipe),
+                           "--out", str(out),
                            "--seeds", "0,1", "--epochs", "2", "--finetune-epochs", "1", "--bootstrap", "20", *extra],
                           capture_output=True, text=True, timeout=900, env=env, cwd=out.parent)
 
@@ -51,11 +52,36 @@ def test_every_study_runs_end_to_end_and_reruns_skip_what_exists(tmp_path):
     weights = json.loads((out / "sampling-weights.json").read_text())
     assert abs(sum(weights["values"]["class"]) - 1) < 1e-9 and weights["values"]["class"][0] < weights["values"][
         "instance"][0]
-    for study in ("samplers", "finetune", "tau", "mlp"):
-        page = (out / "reports" / study / "index.html").read_text()
+    for study in ("samplers", "finetune", "tau", "mlp", "headline", "foundation-heads"):
+        page = (out / study / "index.html").read_text()
         assert page.count("<img ") >= 3, study
         assert "±" in (out / f"{study}.md").read_text(), study
-    assert (out / "reports" / "sampling-weights" / "sampling_weights.png").stat().st_size > 5000
+    assert (out / "sampling-weights" / "sampling_weights.png").stat().st_size > 5000
+    # The headline's table is what its data renders, with the audit of every method and tau on train and on val.
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("studies", STUDIES)
+    studies = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(studies)
+    headline = json.loads((out / "headline.json").read_text())
+    assert studies.headline_markdown(headline) == (out / "headline.md").read_text()
+    assert set(headline["optimism"]) == {"joint", "ncm", "crt", "tau_norm", "lws"}
+    assert all(len(values) == 2 for values in headline["optimism"].values())
+    assert headline["optimism"]["joint"] == [0.0, 0.0]  # nothing to choose: choosing on test changes nothing
+    assert len(headline["tau"]["val"]) == len(headline["tau"]["train"]) == 2
+    assert (out / "headline" / "weight_norms.png").is_file() and (out / "headline" / "tau_curve.png").is_file()
+    # gla, gda and cos_la in their official and earlier forms on the tiny CLIP cache, per seed
+    heads = json.loads((out / "foundation-heads.json").read_text())["rows"]
+    assert set(heads) == {"official (today's defaults)", "earlier ltcache form"}
+    for rows in heads.values():
+        assert set(rows) == {"gla", "gda", "cos_la"} and all(row["all"]["n"] == 2 for row in rows.values())
+    official = json.loads((out / "results" / "foundation-heads" / "tiny-clip-official-seed0" / "reports"
+                           / "results.json").read_text())
+    earlier = json.loads((out / "results" / "foundation-heads" / "tiny-clip-earlier-seed0" / "reports"
+                          / "results.json").read_text())
+    assert {r["method"]: r["chosen"]["calibrate"] for r in official["rows"] if r["method"] == "gla"} == {"gla": True}
+    assert {r["method"]: r["chosen"]["calibrate"] for r in earlier["rows"] if r["method"] == "gla"} == {"gla": False}
+    assert next(r for r in official["rows"] if r["method"] == "cos_la")["chosen"]["init"] == "text"
 
     again = run_studies(out)
     assert again.returncode == 0, again.stderr[-3000:]
