@@ -356,6 +356,7 @@ CASES = [
     Case("set-gla-estimate-split", ("compare", "cache", "--methods", "gla", "--set", "gla.estimate_on=test"),
          ("gla.estimate_on must be one of: val, train",)),
     Case("methods-markdown", ("methods", "--markdown", "html"), ("--markdown must be one of: table, reference",)),
+    Case("methods-json-and-markdown", ("methods", "--json", "--markdown", "table"), ("not both",)),
     Case("sweep-huge-grid", ("sweep-tau", "cache", "--taus", "0:1e9:1e-9"), ("more than 10,000",)),
     Case("sweep-inf-grid", ("sweep-tau", "cache", "--taus", "0,inf"), ("--taus",)),
     Case("compare-out-file", ("compare", "cache", "--out", "file.txt"), ("--out file.txt is a file",)),

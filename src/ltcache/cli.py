@@ -314,6 +314,8 @@ def methods_cmd(*, as_json: bool, markdown: str | None, plugin: list[str]):
     from ltcache.stage2 import METHODS, method_names
     from ltcache.stage2.cards import methods_reference, methods_table
 
+    if as_json and markdown is not None:
+        _run(_raise, "pass --json or --markdown, not both")
     _run(load_plugins, plugin)
     names = method_names()
     if markdown is not None:
