@@ -244,9 +244,15 @@ class Study:
         from ltcache.htmlreport import aggregate_rows, load_results, summary_table
         page = self.report("mlp", paths, title="Table 10: MLP classifiers on frozen features")
         table = aggregate_rows(load_results(paths), label="instance-balanced features")
+        rows = table["instance-balanced features"]
+        paired = ["", "Each deeper head - cRT, paired by seed, mean [95% t-interval]:", "",
+                  "| head | Many | Medium | Few | All |", "|---|---:|---:|---:|---:|"]
+        paired += [f"| {head} | " + " | ".join(paired_cell(rows[head], rows["crt"], key) for key in GROUP_KEYS) + " |"
+                   for head in methods[1:]]
         markdown = ("### Table 10: 1-, 2- and 3-layer classifiers re-trained on the frozen features\n\n"
                     f"crt is the 1-layer (linear) classifier. Mean over seeds {_seeds(self.args.seeds)} with 95% "
-                    f"t-intervals; report: `{page}`.\n\n" + summary_table(table, label="features") + "\n")
+                    f"t-intervals; report: `{page}`.\n\n" + summary_table(table, label="features") + "\n"
+                    + "\n".join(paired) + "\n")
         self.write("mlp", markdown, {"rows": table, "timings": self.timings})
 
     def sampling_weights(self) -> None:

@@ -19,7 +19,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PUBLISHED = ROOT / "experiments" / "reports"
-VERDICT = re.compile(r"([+-]\d+\.\d+) \[([+-]\d+\.\d+), ([+-]\d+\.\d+)\] \((resolved|not resolved)\)")
+# a verdict may wrap across lines in prose: any run of whitespace between its parts
+VERDICT = re.compile(r"([+-]\d+\.\d+)\s+\[([+-]\d+\.\d+),\s+([+-]\d+\.\d+)\]\s+\((resolved|not\s+resolved)\)")
+MEAN_INTERVAL = re.compile(r"\d+\.\d+\s+±\s+\d+\.\d+")
+
+
+def flat(text: str) -> str:
+    return re.sub(r"\s+", " ", text)
 
 
 def load(relative: str):
@@ -90,18 +96,21 @@ def test_every_verdict_agrees_with_its_interval(path):
         low, high = float(match.group(2)), float(match.group(3))
         resolved = low > 0 or high < 0
         assert low <= float(match.group(1)) <= high, match.group(0)
-        assert match.group(4) == ("resolved" if resolved else "not resolved"), match.group(0)
+        assert flat(match.group(4)) == ("resolved" if resolved else "not resolved"), match.group(0)
 
 
-def test_verdicts_in_prose_are_cells_of_published_tables():
-    cells = {match.group(0) for table in PUBLISHED.rglob("*.md") for match in verdicts(table.read_text())}
+def test_numbers_in_prose_are_cells_of_published_tables():
+    """A verdict or a mean ± interval quoted in prose (outside the include blocks) must be one of a published table's
+    cells, so that no such number is typed; and every "(resolved)" in prose comes with its interval."""
+    tables = " ".join(flat(table.read_text()) for table in PUBLISHED.rglob("*.md"))
     for name in GENERATE.DOCUMENTS:
-        prose = GENERATE.INCLUDE.sub("", (ROOT / name).read_text())  # outside the include blocks
+        prose = GENERATE.INCLUDE.sub("", (ROOT / name).read_text())
         found = verdicts(prose)
         for match in found:
-            assert match.group(0) in cells, (name, match.group(0))
-        # every "(resolved)" / "(not resolved)" in prose is such a verdict: none without its interval
-        assert prose.count("resolved)") == len(found), name
+            assert flat(match.group(0)) in tables, (name, match.group(0))
+        for match in MEAN_INTERVAL.finditer(prose):
+            assert flat(match.group(0)) in tables, (name, match.group(0))
+        assert flat(prose).count("resolved)") == len(found), name
 
 
 def test_the_methods_command_prints_every_card_and_the_generated_pages():
