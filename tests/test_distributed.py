@@ -10,8 +10,9 @@ import torch.distributed as dist
 
 from ltcache.checkpoint import load_checkpoint
 
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                                reason="this torch build has no gloo backend")
+pytestmark = [pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                 reason="this torch build has no gloo backend"),
+              pytest.mark.slow]  # two-process runs of train, extract and every method: CI runs them (.ci/run)
 
 
 def test_torchrun_two_processes_train_and_write_once(tmp_path):

@@ -115,6 +115,7 @@ def test_resume_after_sigkill_mid_run_equals_an_uninterrupted_run(tmp_path):
     assert not staging(tmp_path, "killed")
 
 
+@pytest.mark.slow
 def test_overwrite_killed_before_its_first_checkpoint_keeps_the_old_run(digits_run, tmp_path):
     shutil.copytree(digits_run["run"], tmp_path / "run")
     before = checksum(tmp_path / "run")
@@ -135,6 +136,7 @@ def test_overwrite_killed_before_its_first_checkpoint_keeps_the_old_run(digits_r
     assert not staging(tmp_path, "run")  # the dead process's staging folder was cleared
 
 
+@pytest.mark.slow
 def test_a_second_writer_to_the_same_path_is_refused(digits_run, tmp_path):
     checkpoint = digits_run["run"] / "checkpoint.pt"
     first = start(["extract", checkpoint, "--out", "cache", "--train-views", "2"], cwd=tmp_path)
@@ -162,6 +164,7 @@ def _mapped(pid: int, path: Path) -> bool:
         return False
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="watches /proc/PID/maps")
 def test_compare_racing_extract_overwrite_writes_nothing_into_the_new_cache(digits_run, tmp_path):
     shutil.copytree(digits_run["cache"], tmp_path / "cache")
@@ -184,6 +187,7 @@ def test_compare_racing_extract_overwrite_writes_nothing_into_the_new_cache(digi
     assert checksum(tmp_path / "cache") == swapped  # no head or report from the old features in the new cache
 
 
+@pytest.mark.slow
 def test_extract_killed_mid_overwrite_keeps_the_old_cache_and_the_next_run_cleans_up(digits_run, tmp_path):
     shutil.copytree(digits_run["cache"], tmp_path / "cache")
     before = checksum(tmp_path / "cache")

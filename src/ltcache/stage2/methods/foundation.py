@@ -380,9 +380,9 @@ GLA_CARD = Card(
                           "the joint head's with the rows reweighted to the train prior.",
                           "The official code calibrates on val, ltcache's selection split, and its released "
                           "(few-shot) code fine-tunes on balanced data, where the weights are 1. A long-tailed "
-                          "joint head is a model of the train distribution: matched on balanced rows its logits "
-                          "are flattened and - log(train prior) then over-corrects (on a random tiny CLIP cache of "
-                          "digits-lt: 10.75 mean/class unweighted, 34.25 weighted, joint 26.75)."),
+                          "joint head is a model of the train distribution: matched on balanced rows, where it is "
+                          "least accurate, its logits are flattened and - log(train prior) then over-corrects toward "
+                          "the tail classes."),
                 Deviation("estimate_on=train estimates q on the labelled train split with its own prior removed; "
                           "calibrate=false sums raw logits (ltcache's earlier form).",
                           "Options beyond the official recipe, for comparison; a test shows the uncalibrated form "
