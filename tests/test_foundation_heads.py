@@ -220,7 +220,7 @@ def test_the_uncalibrated_gla_loses_on_an_over_sharp_zero_shot_head():
     official = fit_method("gla", data)
     earlier = fit_method("gla", data, {"calibrate": False, "estimate_on": "train"})  # ltcache before issue 19
     assert official.chosen["temperature_zero_shot"] > 1.4  # the over-sharp head is found out
-    assert mean_per_class(official.head) >= mean_per_class(earlier.head) + 4  # 68.71 against 60.79 when written
+    assert mean_per_class(official.head) >= mean_per_class(earlier.head) + 4  # 69.75 against 60.79 when written
     assert mean_per_class(official.head) > mean_per_class(fit_method("joint", data).head) + 4
 
 
