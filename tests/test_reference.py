@@ -352,9 +352,18 @@ def test_maxnorm_projects_after_every_step_not_every_epoch():
     cap = 2.0 * data.joint.weight.norm(dim=1).median().item()
     fitted = fit_method("crt_maxnorm", data, {**SCHEDULE, "lr": 0.3, "max_norms": [2.0]})
     assert fitted.head.weight.norm(dim=1).max() <= cap * (1 + 1e-5)
-    calls = []
-    reference_crt(data, lr=0.3, weight_decay=5e-3, after_step=lambda weight: calls.append(1))
-    assert len(calls) == SCHEDULE["epochs"] * 10
+    steps = []
+
+    def once_per_epoch(weight):  # the released code's placement: after the last step of each epoch only
+        steps.append(1)
+        if len(steps) % 10 == 0:
+            weight *= (cap / weight.norm(dim=1, keepdim=True).clamp_min(1e-12)).clamp(max=1.0)
+
+    per_epoch = reference_crt(data, lr=0.3, weight_decay=5e-3, after_step=once_per_epoch)(data.val.features)
+    per_step = maxnorm_case(data, lr=0.3, weight_decay=5e-3)(data.val.features)
+    ours = fitted.head.logits(data.val.features)
+    assert torch.allclose(ours, per_step, atol=2e-4, rtol=1e-4)
+    assert (ours - per_epoch).abs().max() > 0.1  # the two placements end apart (0.73 when written)
 
 
 def test_cos_la_starts_from_the_text_head_when_the_cache_has_one():

@@ -88,3 +88,19 @@ def test_every_study_runs_end_to_end_and_reruns_skip_what_exists(tmp_path):
     for step in ("training ", "extracting ", "comparing "):
         assert step not in again.stderr, again.stderr[-3000:]
     assert json.loads((out / "samplers.json").read_text())["rows"] == samplers  # the same numbers, re-read
+
+    # A comparison saved without the protocol audit (an earlier revision's) is not reused for the headline, which
+    # needs the audit: it is compared again, and the audit is back.
+    saved = out / "results" / "headline" / "instance-seed0" / "reports" / "results.json"
+    results = json.loads(saved.read_text())
+    for row in results["rows"]:
+        row.pop("protocol_audit")
+    saved.write_text(json.dumps(results))
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    third = subprocess.run([sys.executable, str(STUDIES), "headline", "--recipe",
+                            str(ROOT / "experiments" / "digits_lt.toml"), "--out", str(out), "--seeds", "0,1",
+                            "--epochs", "2", "--bootstrap", "20"], capture_output=True, text=True, timeout=900, env=env)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert "comparing joint, ncm, crt, tau_norm, lws on instance-seed0" in third.stderr
+    assert "instance-seed1 (select val)" not in third.stderr  # the other seed's comparison had its audit: reused
+    assert all("protocol_audit" in row for row in json.loads(saved.read_text())["rows"])
