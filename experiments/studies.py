@@ -517,6 +517,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+STUDIES_MARKER = "ltcache-studies.json"
+
+
+def claim_folder(path: Path, option: str) -> None:
+    """The studies write only into a folder they made: a new or empty one (marked as theirs with
+    ltcache-studies.json, sealed with its own hash), or one that holds that marker. A folder of anything else (a
+    user's notes, an earlier hand-written sampling-weights.md) is refused before anything is written."""
+    from ltcache.errors import LtcacheError
+    from ltcache.folders import FolderKind, read_marker, write_marker
+
+    kind = FolderKind("studies folder", STUDIES_MARKER, STUDIES_MARKER, ("kind",), self_hash="marker_sha256")
+    if path.exists() and not path.is_dir():
+        raise LtcacheError(f"{option} {path} is a file; pass a folder")
+    if path.is_dir() and any(path.iterdir()):
+        marker = read_marker(path, kind)
+        if marker is None or marker.get("kind") != "ltcache studies":
+            raise LtcacheError(f"{option} {path} holds files that experiments/studies.py did not make (it has no "
+                               "valid ltcache-studies.json); pass a new or empty folder")
+        return
+    path.mkdir(parents=True, exist_ok=True)
+    write_marker(path, kind, {"kind": "ltcache studies",
+                              "note": "made by experiments/studies.py; it replaces only its own files here"})
+
+
 def main(argv=None) -> int:
     from ltcache.errors import LtcacheError
 
@@ -524,6 +548,9 @@ def main(argv=None) -> int:
     study = Study(args)
     begin = time.perf_counter()
     try:
+        claim_folder(Path(args.out), "--out")
+        if args.publish:
+            claim_folder(Path(args.publish), "--publish")
         for name in args.studies:
             getattr(study, name.replace("-", "_"))()
         if args.publish:

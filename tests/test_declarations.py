@@ -100,7 +100,7 @@ def test_methods_lists_each_hyperparameter_with_its_type_and_range():
     assert crt["hyperparameters"]["lr"]["default"] is None
     text = invoke("methods").stdout
     assert "momentum=0.9  (a finite number >= 0 and < 1)" in text
-    assert "taus=0..2 (21 values)  (a list of finite numbers, each >= 0, at most 10,000 of them)" in text
+    assert "taus=0..2 (21 values)  (a list of finite numbers, each >= 0 and <= 100, at most 10,000 of them)" in text
 
 
 def test_python_api_values_are_checked_like_command_line_ones(toy_cache):
@@ -122,6 +122,9 @@ def test_overwrite_targets(tmp_path, monkeypatch):
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.json").write_text(json.dumps({"config": {}, "dataset": {}}))
+    with pytest.raises(LtcacheError, match="not an ltcache run folder"):
+        folders.check_target(run, kind=folders.RUN, overwrite=True)  # no checkpoint: not a finished run
+    (run / "checkpoint.pt").write_bytes(b"PK")
     folders.check_target(run, kind=folders.RUN, overwrite=True)  # ltcache's own: allowed
     with pytest.raises(LtcacheError, match="not an ltcache cache folder"):
         folders.check_target(run, kind=folders.CACHE, overwrite=True)  # a run is not a cache

@@ -109,7 +109,7 @@ def _tar(path, members):
 @pytest.mark.parametrize("case, message", [
     ("no-train", "has no train shards"),
     ("no-label", "has no label (.cls or .json)"),
-    ("bad-label", "is not an integer >= 0"),
+    ("bad-label", "is not an integer from 0 to 999999"),
     ("compressed", "decompress the shards first"),
     ("truncated", "cannot read tar shard"),
 ])

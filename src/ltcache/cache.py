@@ -535,6 +535,19 @@ class FeatureCache:
             self._file(name)
         return mismatched_files(self.path, self.files())
 
+    def unlisted(self) -> list[str]:
+        """Files in the cache folder that the manifest does not list and that are not compare's results (heads/,
+        reports/, history/): left over, or put there by something else. Sorted, relative to the cache."""
+        listed = {*self.files(), MANIFEST}
+        results = ("heads", "reports", "history")
+        found = []
+        for path in sorted(self.path.rglob("*")):
+            relative = path.relative_to(self.path).as_posix()
+            if path.is_dir() or relative in listed or relative.split("/", 1)[0] in results:
+                continue
+            found.append(relative)
+        return found
+
     def membership(self, split: str) -> np.ndarray:
         """Source positions of a split's rows (row i came from source position membership[i])."""
         self._verify_recorded(MEMBERSHIP)

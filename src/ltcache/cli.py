@@ -259,7 +259,9 @@ def load_plugins(plugins: list[str]) -> None:
 
     METHODS.load()  # the built-ins first: a plugin that reuses a built-in name is refused
     for plugin in plugins:
-        load_plugin(plugin)
+        loaded = load_plugin(plugin)
+        if os.environ.get("RANK", "0") == "0":
+            typer.echo(f"plugin {plugin}: {loaded}", err=True)
 
 
 @command("compare", options.COMPARE, arguments=[_CACHE], context=True)
@@ -293,6 +295,8 @@ def compare_cmd(ctx: typer.Context, *, cache: Path, config: Path | None, as_json
         return
     typer.echo(markdown_table(comparison))
     typer.echo(f"\nselected on {options['select']}; reports in {Path(comparison.reports['results.md']).parent}")
+    if "earlier" in comparison.reports:
+        typer.echo(f"the earlier comparison there is kept in {comparison.reports['earlier']}")
 
 
 @command("report", options.REPORT,

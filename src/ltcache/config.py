@@ -55,9 +55,11 @@ class DatasetSpec:
     root: str | None = declared(None, "Dataset folder (fashion-mnist-lt: the idx files).")
     imbalance_factor: float | None = declared(None, "n_max / n_min of the long-tail profile (dataset default).",
                                               low=1)
-    n_max: int | None = declared(None, "Train images of the most frequent class (dataset default).", low=1)
+    n_max: int | None = declared(None, "Train images of the most frequent class (dataset default).", low=1,
+                                    high=10**8)
     seed: int = 0  # the split's seed: the run's seed (TrainConfig.seed), not an option of its own
-    val_per_class: int | None = declared(None, "Balanced val images per class (dataset default).", low=0)
+    val_per_class: int | None = declared(None, "Balanced val images per class (dataset default).", low=0,
+                                            high=10**8)
     image_size: int | None = declared(None, "Crop size for file datasets (default 224).", low=1, high=8192)
     split_dir: str | None = declared(None, "Folder with the split files (default: --root).")
     profile: str | None = declared(None, "imagefolder long tail.", choices=("exponential", "step", "none"))
@@ -94,11 +96,13 @@ class TrainConfig:
     compile: bool = declared(False, "torch.compile the model (CUDA).")
     sampler: str = declared("instance", "Sampling strategy (Eq. 1-2) or the official class-aware sampler.",
                             choices=_samplers)
-    samples_per_class: int = declared(4, "class-aware sampler: consecutive images per visited class.", low=1)
+    samples_per_class: int = declared(4, "class-aware sampler: consecutive images per visited class.", low=1,
+                                     high=10**6)
     loss: str = declared("ce", "Training loss.", choices=_losses)
     loss_params: dict | None = declared(None, "Loss parameters (on the command line: --loss-param NAME=VALUE).")
     epochs: int = declared(30, "Training epochs.", low=1, high=100_000)
-    batch_size: int = declared(128, "Global batch size (split across torchrun processes).", low=1)
+    batch_size: int = declared(128, "Global batch size (split across torchrun processes).", low=1,
+                                  high=2**24)
     lr: float | None = declared(None, "Peak learning rate (default 0.2 x batch / 512).", above=0)
     weight_decay: float = declared(5e-4, "SGD weight decay.", low=0)
     momentum: float = declared(0.9, "SGD momentum.", low=0, below=1)
@@ -204,7 +208,7 @@ EXTRACT = (
           "checkpoint).", optional=True),
     Param("split_dir", str, None, "Split-file folder, if it moved since training.", optional=True),
     DTYPE,
-    Param("batch_size", int, 512, "Images per forward pass.", low=1),
+    Param("batch_size", int, 512, "Images per forward pass.", low=1, high=2**24),
     Param("workers", int, 0, "Data-loading worker processes.", low=0, high=1024),
     SHARD_ROWS,
     DEVICE,

@@ -58,7 +58,7 @@ def extract(checkpoint: Path | None, out: Path, *, dataset: str | None = None, b
         if dataset is None or backbone is None:
             raise LtcacheError("without a checkpoint, pass --backbone and --dataset (e.g. --backbone resnet50 "
                                "--pretrained --dataset imagefolder --root /data/images)")
-        check_frozen(backbone, pretrained, joint_head=joint_head, zero_shot=zero_shot)
+        check_frozen(backbone, pretrained, joint_head=joint_head, zero_shot=zero_shot, templates=templates)
         if train_views and (pretrained or split_name(backbone)[0] is not None):  # before any weight is fetched
             raise LtcacheError("--train-views augments with the dataset's own transform, not this backbone's "
                                "preprocessing; drop --train-views")
@@ -92,7 +92,10 @@ def extract(checkpoint: Path | None, out: Path, *, dataset: str | None = None, b
     CacheWriter.check_target(Path(out), **writer_args)
     plan = {"checkpoint_sha256": sha256_file(Path(checkpoint)) if checkpoint is not None else None,
             "model": model_source, "dtype": dtype, "shard_rows": shard_rows, "train_views": train_views,
-            "dataset": spec.to_dict()}
+            "dataset": spec.to_dict(),
+            # eval-mode features do not depend on the batch in exact arithmetic, but BLAS and cuDNN pick kernels by
+            # shape, so two batch sizes give features that differ in the last bits: one cache, one batch size
+            "batch_size": batch_size}
     adopt = find_interrupted(Path(out), plan) if resume else None
     data = build_dataset(spec)
     augmented_train = data.splits["train"]
@@ -312,6 +315,28 @@ def find_interrupted(out: Path, plan: dict) -> Path:
                        "it); run without --resume")
 
 
+def journal_entry(line: str) -> dict | None:
+    """One line of an extract journal, validated whole, or None when it is not one (cut short by a kill, damaged):
+    a split name, a shard number, a file SPLIT/NNNNN.h5 inside the staging folder, its sha256, and label counts of
+    non-negative integers that add up to its rows."""
+    import re
+
+    try:
+        item = json.loads(line)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(item, dict):
+        return None
+    split, shard, file, rows, labels = (item.get(key) for key in ("split", "shard", "file", "rows", "labels"))
+    counts_ok = isinstance(labels, list) and all(type(v) is int and v >= 0 for v in labels)
+    if not (isinstance(split, str) and re.fullmatch(r"[a-z_]+", split) and type(shard) is int and shard >= 0
+            and file == f"{split}/{shard:05d}.h5" and type(rows) is int and rows >= 0 and counts_ok
+            and sum(labels) == rows and isinstance(item.get("sha256"), str)
+            and re.fullmatch(r"[0-9a-f]{64}", item["sha256"])):
+        return None
+    return item
+
+
 def journalled_shards(staging: Path, plan: dict) -> dict[str, dict[int, dict]]:
     """Rank 0: record the plan (a new extract) or read the journals of an interrupted one, keeping each shard whose
     file still has the sha256 its journal line gives and removing every other shard file; broadcast to all ranks."""
@@ -320,12 +345,11 @@ def journalled_shards(staging: Path, plan: dict) -> dict[str, dict[int, dict]]:
         kept: dict[str, dict[int, dict]] = {}
         if (staging / PLAN).is_file():
             for journal in sorted(staging.glob("journal-r*.jsonl")):
-                for line in journal.read_text().splitlines():
-                    try:
-                        item = json.loads(line)
-                        split, number, file = item["split"], int(item["shard"]), staging / item["file"]
-                    except (ValueError, KeyError, TypeError):
-                        continue  # a line cut short by the kill
+                for line in journal.read_text(errors="replace").splitlines():
+                    item = journal_entry(line)
+                    if item is None:
+                        continue  # a line cut short by the kill, or damaged: its shard is extracted again
+                    split, number, file = item["split"], item["shard"], staging / item["file"]
                     if file.is_file() and sha256_file(file) == item["sha256"]:
                         kept.setdefault(split, {})[number] = {
                             "entry": {"file": item["file"], "rows": item["rows"], "sha256": item["sha256"]},

@@ -26,7 +26,6 @@ import errno
 import fcntl
 import json
 import os
-import re
 import shutil
 import sys
 import time
@@ -43,26 +42,64 @@ _AT_FDCWD = -100
 
 @dataclass(frozen=True)
 class FolderKind:
-    """What ltcache makes: a folder is ltcache's when it holds `marker`; it is complete once it holds `complete`."""
+    """What ltcache makes: a folder is ltcache's when it holds `marker` (JSON with `required_keys`, and, when
+    `self_hash` names a key, carrying the sha256 of its own content there) and the file `complete`.
+
+    Two keys are not proof: a user's folder whose manifest.json happens to carry `schema_version` and `splits` is not
+    a cache. A marker's own hash (as extract writes `manifest_sha256`) is what a hand-written file does not have."""
 
     label: str
     marker: str
     complete: str
     required_keys: tuple[str, ...]
+    self_hash: str | None = None
 
 
 RUN = FolderKind("run folder", "config.json", "checkpoint.pt", ("config", "dataset"))
-CACHE = FolderKind("cache folder", "manifest.json", "manifest.json", ("schema_version", "splits"))
+CACHE = FolderKind("cache folder", "manifest.json", "manifest.json", ("schema_version", "splits", "generation"),
+                   self_hash="manifest_sha256")
+# compare --out: heads/ and reports/ of the comparisons of one cache (ltcache-results.json names the cache)
+RESULTS = FolderKind("compare results folder", "ltcache-results.json", "ltcache-results.json",
+                     ("kind", "cache"), self_hash="marker_sha256")
+
+
+def read_marker(path: Path, kind: FolderKind) -> dict | None:
+    """The marker of a folder ltcache made of this kind, or None when `path` is not one (no marker, not JSON, keys
+    or own hash missing or wrong, or its `complete` file absent)."""
+    from ltcache.fsutil import canonical_sha256
+
+    path = Path(path)
+    try:
+        content = json.loads((path / kind.marker).read_bytes().decode("utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(content, dict) or not all(key in content for key in kind.required_keys):
+        return None
+    if kind.self_hash is not None:
+        own = {key: value for key, value in content.items() if key != kind.self_hash}
+        try:
+            if content.get(kind.self_hash) != canonical_sha256(own):
+                return None
+        except (TypeError, ValueError):
+            return None
+    return content if (path / kind.complete).is_file() else None
 
 
 def made_by_ltcache(path: Path, kind: FolderKind) -> bool:
-    """Whether `path` is a folder that ltcache made of this kind (its marker file is JSON with the expected keys)."""
-    marker = Path(path) / kind.marker
-    try:
-        content = json.loads(marker.read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(content, dict) and all(key in content for key in kind.required_keys)
+    """Whether `path` is a folder that ltcache made of this kind (see `read_marker`)."""
+    return read_marker(path, kind) is not None
+
+
+def write_marker(path: Path, kind: FolderKind, content: dict) -> dict:
+    """Write `kind`'s marker into the folder `path`, sealed with its own hash when the kind has one."""
+    from ltcache.fsutil import canonical_sha256, write_json
+
+    content = dict(content)
+    if kind.self_hash is not None:
+        content.pop(kind.self_hash, None)
+        content[kind.self_hash] = canonical_sha256(content)
+    write_json(Path(path) / kind.marker, content)
+    return content
 
 
 def _real(path: Path) -> Path:
@@ -159,23 +196,31 @@ def hold_exclusive(path: Path, busy: str) -> int:
     return fd
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _is_live(folder: Path) -> bool:
-    """A staging or retired folder belongs to a live writer when it is locked, or its process still runs (the
-    instant between a writer's mkdir and its lock)."""
-    match = re.search(r"-(\d+)$", folder.name)
-    return is_locked(folder) or (match is not None and _pid_alive(int(match.group(1))))
+    """A staging or retired folder belongs to a live writer exactly when it is locked: the lock, not the PID in its
+    name, decides (a dead writer's PID may since belong to another process). A writer makes its staging folder
+    under a private name, locks it and only then renames it to `.NAME.staging-PID` (`make_locked_folder`), so
+    there is no instant in which a live writer's staging folder is unlocked."""
+    return is_locked(folder)
+
+
+def make_locked_folder(path: Path) -> int:
+    """mkdir `path` already holding an exclusive lock on it (returned fd; close it to release): made at a private
+    name, locked, then renamed into place, so no other process ever sees it unlocked."""
+    path = Path(path)
+    private = path.with_name(f".{path.name}.making-{os.getpid()}-{time.monotonic_ns()}")
+    private.mkdir()
+    fd = _open_folder(private)
+    if fd is None or not _try_lock(fd, fcntl.LOCK_EX):
+        shutil.rmtree(private, ignore_errors=True)
+        raise LtcacheError(f"cannot lock the new folder {path}")
+    try:
+        os.rename(private, path)
+    except OSError:
+        os.close(fd)
+        shutil.rmtree(private, ignore_errors=True)
+        raise
+    return fd
 
 
 @contextlib.contextmanager
@@ -281,24 +326,24 @@ class StagedFolder:
         inputs = list(inputs)
         check_target(self.target, kind=kind, overwrite=overwrite, inputs=inputs, option=option)
         self.path = self.target.with_name(f".{self.target.name}.staging-{os.getpid()}")
-        if adopt is not None:  # a dead writer's staging folder, continued (extract --resume): made ours first
-            if _is_live(Path(adopt)):
+        self._fd: int | None = None
+        if adopt is not None:  # a dead writer's staging folder, continued (extract --resume): locked, then ours
+            self._fd = _open_folder(Path(adopt))
+            if self._fd is None or not _try_lock(self._fd, fcntl.LOCK_EX):
+                self.close()
                 raise LtcacheError(f"{adopt} belongs to a running ltcache process; wait for it to finish")
             os.rename(adopt, self.path)
         if recover(self.target, kind) is not None:  # a dead writer's complete folder is now at the target
             check_target(self.target, kind=kind, overwrite=overwrite, inputs=inputs, option=option)
         self.created = _make_parents(self.target.parent)
-        if adopt is None:
-            shutil.rmtree(self.path, ignore_errors=True)
         try:
-            self.path.mkdir(exist_ok=adopt is not None)
+            if adopt is None:
+                shutil.rmtree(self.path, ignore_errors=True)
+                self._fd = make_locked_folder(self.path)
         except OSError as exc:
             self._remove_parents()
             raise LtcacheError(f"cannot create {kind.label} next to {self.target}: {exc.strerror}; pass a writable "
                                f"folder to {option}") from None
-        self._fd = _open_folder(self.path)
-        if self._fd is not None:
-            _try_lock(self._fd, fcntl.LOCK_EX)
         self.published = False
 
     def publish(self) -> Path:

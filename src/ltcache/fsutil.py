@@ -71,10 +71,24 @@ def json_text(obj) -> str:
     return json.dumps(json_safe(obj), indent=2, allow_nan=False, default=str)
 
 
-def read_lines(path: Path) -> list[str]:
-    """The non-empty lines of a text file, stripped (a class-names or prompts file)."""
-    return [line.strip() for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
-            if line.strip()]
+def read_text(path: Path, what: str = "file") -> str:
+    """A text file ltcache reads (class names, prompts, split files, recipes), decoded as UTF-8 (a BOM is dropped).
+    Bytes that are not UTF-8 are a one-line error naming the file and the offset, never replacement characters
+    that would silently become part of a class name or a path."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise LtcacheError(f"{what} {path} cannot be read ({exc.strerror})") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise LtcacheError(f"{what} {path} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
+                           "save it as UTF-8") from None
+
+
+def read_lines(path: Path, what: str = "file") -> list[str]:
+    """The non-empty lines of a UTF-8 text file, stripped (a class-names or prompts file)."""
+    return [line.strip() for line in read_text(path, what).splitlines() if line.strip()]
 
 
 def read_class_names(path: Path, num_classes: int) -> list[str]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import csv
-import html
 import io
 import json
 import math
@@ -94,19 +93,16 @@ def results_file(path: Path) -> Path:
 
 def _read(path: Path) -> tuple[dict, dict]:
     file = results_file(path)
-    try:
-        results = json.loads(file.read_text())
-    except (OSError, ValueError) as exc:
-        raise LtcacheError(f"{file} is not readable JSON ({type(exc).__name__}); re-run ltcache compare") from None
-    rows = results.get("rows") if isinstance(results, dict) else None
-    if not isinstance(rows, list) or not rows or not all(_is_row(row) for row in rows):
-        raise LtcacheError(f"{file} is not an ltcache results.json (no rows with method, many, medium, few, all); "
-                           "re-run ltcache compare")
+    results = read_results_json(file)
     manifest = {}
-    cache = Path(str(results.get("cache", "")))
-    if results.get("cache") and (cache / "manifest.json").is_file():
+    from ltcache.results_folder import cache_of_results
+
+    cache = cache_of_results(file)  # from the file's own place, never the current folder
+    if cache is not None:
         try:
-            manifest = json.loads((cache / "manifest.json").read_text())
+            manifest = json.loads((cache / "manifest.json").read_bytes().decode("utf-8"))
+            if not isinstance(manifest, dict):
+                raise ValueError
         except (OSError, ValueError):
             raise LtcacheError(f"the manifest of cache {cache} (behind {file}) is damaged; run ltcache info "
                                f"{cache} --verify") from None
@@ -116,11 +112,118 @@ def _read(path: Path) -> tuple[dict, dict]:
     return results, manifest
 
 
+# ------------------------------------------------------------------------------------------- results.json
+
+
+def read_results_json(file: Path) -> dict:
+    """A results.json that ltcache compare wrote, validated as a whole: every field the report reads has its type
+    and its length (per-class arrays, weight norms), or a one-line LtcacheError names the first that does not."""
+    try:
+        results = json.loads(Path(file).read_bytes().decode("utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise LtcacheError(f"{file} is not readable JSON ({type(exc).__name__}); re-run ltcache compare") from None
+    rows = results.get("rows") if isinstance(results, dict) else None
+    if not isinstance(rows, list) or not rows or not all(_is_row(row) for row in rows):
+        raise LtcacheError(f"{file} is not an ltcache results.json (no rows with method, many, medium, few, all); "
+                           "re-run ltcache compare")
+    problem = results_problem(results)
+    if problem is not None:
+        raise LtcacheError(f"{file} is damaged: {problem}; re-run ltcache compare")
+    return results
+
+
 def _is_row(row) -> bool:
     """A results.json row: a method name and the four accuracies (null where a group has no class)."""
     return isinstance(row, dict) and isinstance(row.get("method"), str) and all(
         key in row and (row[key] is None or isinstance(row[key], (int, float)) and not isinstance(row[key], bool))
         for key in ("many", "medium", "few", "all"))
+
+
+def _number(value, *, optional: bool = True) -> bool:
+    if value is None:
+        return optional
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+        and abs(value) < 1e300
+
+
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**53
+
+
+def results_problem(results: dict) -> str | None:
+    """The first field of a results.json that is not what ltcache writes, or None."""
+    for key in ("cache", "selected_on"):
+        if key in results and not isinstance(results[key], str):
+            return f"'{key}' must be a string"
+    if "cache_generation" in results and not (results["cache_generation"] is None
+                                              or isinstance(results["cache_generation"], str)):
+        return "'cache_generation' must be a string"
+    if "seed" in results and not _count(results["seed"]):
+        return "'seed' must be a non-negative integer"
+    thresholds = results.get("thresholds")
+    if thresholds is not None and not (isinstance(thresholds, dict) and _count(thresholds.get("many"))
+                                       and _count(thresholds.get("few"))):
+        return "'thresholds' must hold integers 'many' and 'few'"
+    counts = results.get("class_counts")
+    if counts is not None and not (isinstance(counts, list) and len(counts) >= 1 and all(map(_count, counts))):
+        return "'class_counts' must be a list of non-negative integers"
+    classes = len(counts) if isinstance(counts, list) else None
+    for key in ("provenance", "groups"):
+        if results.get(key) is not None and not isinstance(results[key], dict):
+            return f"'{key}' must be a JSON object"
+    for index, row in enumerate(results["rows"]):
+        where = f"rows[{index}] ({row['method']!r})"
+        if not row["method"].strip():
+            return f"rows[{index}]: 'method' is empty"
+        for key in (*KEYS, "temperature"):
+            if key in row and not _number(row[key]):
+                return f"{where}: {key!r} must be a finite number or null"
+        for key in ("n_many", "n_medium", "n_few"):
+            if key in row and not _count(row[key]):
+                return f"{where}: {key!r} must be a non-negative integer"
+        ci = row.get("ci95")
+        if ci is not None:
+            if not isinstance(ci, dict) or not all(
+                    isinstance(v, list) and len(v) == 2 and all(map(_number, v)) for v in ci.values()):
+                return f"{where}: 'ci95' must map metrics to [low, high]"
+        per_class = row.get("per_class")
+        if per_class is not None:
+            if not isinstance(per_class, list) or not all(map(_number, per_class)):
+                return f"{where}: 'per_class' must be a list of numbers"
+            if classes is not None and len(per_class) != classes:
+                return f"{where}: 'per_class' has {len(per_class)} values for {classes} classes"
+        bins = row.get("reliability")
+        if bins is not None and not (isinstance(bins, list) and all(
+                isinstance(b, dict) and _number(b.get("confidence"), optional=False)
+                and _number(b.get("accuracy"), optional=False) for b in bins)):
+            return f"{where}: 'reliability' must be a list of bins with a confidence and an accuracy"
+        priors = row.get("shifted_priors")
+        if priors is not None and not (isinstance(priors, dict) and all(
+                isinstance(k, str) and _number(v, optional=False) for k, v in priors.items())):
+            return f"{where}: 'shifted_priors' must map priors to numbers"
+    norms = results.get("weight_norms")
+    if norms is not None:
+        if not isinstance(norms, dict):
+            return "'weight_norms' must be a JSON object"
+        for name, values in norms.items():
+            if not isinstance(values, list) or not all(_number(v, optional=False) for v in values):
+                return f"weight_norms[{name!r}] must be a list of numbers"
+            if classes is not None and len(values) != classes:
+                return f"weight_norms[{name!r}] has {len(values)} values for {classes} classes"
+    curves = results.get("curves")
+    if curves is not None:
+        if not isinstance(curves, dict):
+            return "'curves' must be a JSON object"
+        for name, curve in curves.items():
+            if not (isinstance(curve, dict) and isinstance(curve.get("param"), str) and isinstance(
+                    curve.get("entries"), list) and _number(curve.get("chosen"))):
+                return f"curves[{name!r}] must have a 'param', 'entries' and a numeric 'chosen'"
+            param = curve["param"]
+            for entry in curve["entries"]:
+                if not (isinstance(entry, dict) and _number(entry.get(param), optional=False)
+                        and all(_number(entry.get(key)) for key in ("many", "medium", "few", "all"))):
+                    return f"curves[{name!r}]: every entry needs a number {param!r} and the four accuracies"
+    return None
 
 
 def load_results(paths: Iterable[Path | str], *, by: str | None = None,
@@ -216,6 +319,8 @@ def aggregate_rows(results: list[Result], *, label: str | None = None) -> dict[s
     grouped: dict[str, list[Result]] = {}
     for result in results:
         grouped.setdefault(label if label is not None else result.label, []).append(result)
+    for name, members in grouped.items():
+        check_replicates(name, members)
     table: dict[str, dict[str, dict]] = {}
     for name, members in grouped.items():
         methods: dict[str, list[tuple[Result, dict]]] = {}
@@ -241,6 +346,29 @@ def aggregate_rows(results: list[Result], *, label: str | None = None) -> dict[s
             stats["seeds"] = [result.seed for result, _ in entries]
             table[name][method] = stats
     return table
+
+
+REPLICATE_FIELDS = ("dataset", "class_counts", "thresholds", "selected_on")
+
+
+def _replicate_key(result: Result, field_name: str):
+    if field_name == "dataset":
+        return result.provenance.get("dataset") or (result.manifest.get("dataset") or {}).get("name")
+    if field_name == "thresholds":
+        return result.results.get("thresholds") or {"many": 100, "few": 20}
+    return result.results.get(field_name)
+
+
+def check_replicates(label: str, members: list[Result]) -> None:
+    """Inputs averaged under one label are seeds of one experiment: they must share the dataset, the class counts,
+    the shot thresholds and the selection split, or the mean (and its interval) mixes different things."""
+    for field_name in REPLICATE_FIELDS:
+        values = [_replicate_key(member, field_name) for member in members]
+        if any(value != values[0] for value in values[1:]):
+            other = next(m for m, v in zip(members, values, strict=True) if v != values[0])
+            raise LtcacheError(f"inputs {members[0].path} and {other.path} share the label {label!r} but differ in "
+                               f"{field_name}, so they cannot be averaged as seeds; pass --by with a field that "
+                               "tells them apart (e.g. --by dataset.name)")
 
 
 def _classes(count: int) -> str:
@@ -499,21 +627,6 @@ def plot_sampling_weights(path: Path, class_counts, *, epochs: int) -> dict:
 
 # ------------------------------------------------------------------------------------------------ the page
 
-_STYLE = """
-body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1400px; color: #222; padding: 0 1rem; }
-h1 { font-size: 1.5rem; } h2 { font-size: 1.2rem; margin-top: 2rem; border-bottom: 1px solid #ddd; }
-table { border-collapse: collapse; font-size: 0.85rem; margin: 0.5rem 0; }
-th, td { border: 1px solid #ccc; padding: 0.25rem 0.5rem; } th { background: #f3f3f3; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
-td.best { background: #e3f4e1; font-weight: bold; } td.best .v::after { content: " \\2605"; color: #2a7a1f; }
-.ci { color: #666; font-size: 0.8em; margin-left: 0.3em; }
-figure { margin: 1rem 0; } figcaption { font-size: 0.85rem; color: #444; max-width: 70rem; }
-img { max-width: 100%; height: auto; border: 1px solid #eee; }
-code { background: #f5f5f5; padding: 0 0.2em; font-size: 0.85em; word-break: break-all; }
-.note { color: #555; font-size: 0.9rem; }
-"""
-
-
 def _best(table: dict[str, dict[str, dict]], key: str) -> float | None:
     means = [stats[key]["mean"] for methods in table.values() for stats in methods.values()
              if stats[key]["mean"] == stats[key]["mean"]]
@@ -528,15 +641,13 @@ def shared_groups(table: dict[str, dict[str, dict]]) -> dict | None:
     return json.loads(sizes.pop()) if len(sizes) == 1 else None
 
 
-def _html_table(table: dict[str, dict[str, dict]]) -> str:
+def _table_context(table: dict[str, dict[str, dict]]) -> dict:
+    """The results table as plain values for the template (escaped there, whatever their type)."""
     keys = KEYS
     groups = shared_groups(table) or {}
-    heads = "".join(f"<th>{HEADINGS[k]}" + (f" ({_classes(groups[k])})" if groups.get(k) is not None else "")
-                    + "</th>" for k in keys)
-    own = "" if groups else "<th>classes Many / Medium / Few</th>"
-    lines = [f'<table id="results"><thead><tr><th>input</th><th>method</th>{heads}<th>n</th>{own}</tr></thead>'
-             "<tbody>"]
+    heads = [HEADINGS[k] + (f" ({_classes(groups[k])})" if groups.get(k) is not None else "") for k in keys]
     best = {key: _best(table, key) for key in keys}
+    rows = []
     for label, methods in table.items():
         for method, stats in methods.items():
             cells = []
@@ -544,68 +655,85 @@ def _html_table(table: dict[str, dict[str, dict]]) -> str:
                 stat = stats[key]
                 mean = stat["mean"]
                 marked = best[key] is not None and mean == mean and round(mean, 2) == round(best[key], 2)
-                value = "-" if mean != mean else f"{mean:.2f}"
                 ci = ""
                 if stat["ci95"]:
                     low, high = stat["ci95"]
                     ci = (f"± {(high - low) / 2:.2f}" if stat["interval"] == "seeds" else f"[{low:.2f}, {high:.2f}]")
-                cells.append(f'<td class="num{" best" if marked else ""}" data-label="{html.escape(label)}" '
-                             f'data-method="{html.escape(method)}" data-key="{key}"><span class="v">{value}</span>'
-                             + (f'<span class="ci">{ci}</span>' if ci else "") + "</td>")
-            sizes = "" if groups else ("<td class=\"num\">" + " / ".join(str(stats["groups"].get(g)) for g in
-                                                               ("many", "medium", "few")) + "</td>")
-            lines.append(f"<tr><td>{html.escape(label)}</td><td>{html.escape(method)}</td>{''.join(cells)}"
-                         f"<td class=\"num\">{stats['all']['n']}</td>{sizes}</tr>")
-    lines.append("</tbody></table>")
-    return "\n".join(lines)
+                cells.append({"key": key, "value": "-" if mean != mean else f"{mean:.2f}", "ci": ci, "best": marked})
+            rows.append({"label": label, "method": method, "cells": cells, "n": stats["all"]["n"],
+                         "sizes": " / ".join(str(stats["groups"].get(g)) for g in ("many", "medium", "few"))})
+    return {"heads": heads, "rows": rows, "own_sizes": not groups}
 
 
-def _provenance_html(results: list[Result]) -> str:
-    fields = ("dataset", "class_counts", "backbone", "checkpoint_sha256", "checkpoint_format", "stage1_sampler",
-              "stage1_seed", "stage1_epochs", "cache_ltcache_version", "ltcache_version", "train_command",
-              "extract_command", "compare_command")
-    head = "".join(f"<th>{f.replace('_', ' ')}</th>" for f in ("input", "label", "selected on", *fields))
-    lines = [f'<table id="provenance"><thead><tr>{head}</tr></thead><tbody>']
+PROVENANCE_FIELDS = ("dataset", "class_counts", "backbone", "checkpoint_sha256", "checkpoint_format",
+                     "stage1_sampler", "stage1_seed", "stage1_epochs", "cache_ltcache_version", "ltcache_version",
+                     "train_command", "extract_command", "compare_command")
+
+
+def _provenance_context(results: list[Result]) -> dict:
+    heads = [f.replace("_", " ") for f in ("input", "label", "selected on", *PROVENANCE_FIELDS)]
+    rows = []
     for result in results:
         prov = result.provenance
-        cells = [html.escape(str(result.path)), html.escape(result.label),
-                 html.escape(str(result.results.get("selected_on")))]
-        for key in fields:
+        cells = [{"text": str(result.path), "code": False}, {"text": result.label, "code": False},
+                 {"text": str(result.results.get("selected_on")), "code": False}]
+        for key in PROVENANCE_FIELDS:
             value = prov.get(key)
             if key == "class_counts" and value is None:
                 value = result.results.get("class_counts")
             text = "-" if value is None else (", ".join(map(str, value)) if isinstance(value, list) else str(value))
-            cells.append(f"<code>{html.escape(text)}</code>" if key.endswith(("command", "sha256")) else
-                         html.escape(text))
-        lines.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
-    lines.append("</tbody></table>")
-    return "\n".join(lines)
+            cells.append({"text": text, "code": key.endswith(("command", "sha256"))})
+        rows.append(cells)
+    return {"heads": heads, "rows": rows}
+
+
+def _template():
+    import jinja2
+
+    environment = jinja2.Environment(loader=jinja2.PackageLoader("ltcache", "templates"), autoescape=True,
+                                     undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    return environment.get_template("report.html.j2")
+
+
+def plain_text_figures():
+    """Figures whose labels are shown as written: matplotlib would read `$...$` in a method, class or folder name
+    as mathtext (and fail on `m$\\foo$x`); ltcache's own labels use none."""
+    import matplotlib
+
+    return matplotlib.rc_context({"text.parse_math": False})
 
 
 def render_page(results: list[Result], *, title: str | None = None) -> str:
-    """The self-contained HTML page for `results` (labelled already)."""
+    """The self-contained HTML page for `results` (labelled already), rendered by templates/report.html.j2 with
+    autoescaping: every value is escaped, whatever its type."""
     table = aggregate_rows(results)
     figures = []
-    if len(table) > 1:
-        figures.append(("groups", figure_groups(table), "Many / Medium / Few / All test accuracy for each input "
-                        "label (Figure 1 style), a line per classifier; bars are 95% intervals (t over seeds when a "
-                        "label has several inputs, else the test bootstrap)."))
-    figures.append(("per-class", figure_per_class(results), "Per-class test accuracy against the class's number of "
-                    "train images (log scale), a series per method (mean over a label's inputs)."))
-    if any(r.results.get("weight_norms") for r in results):
-        figures.append(("weight-norms", figure_weight_norms(results), "Classifier weight norms ||w_j|| with classes "
-                        "sorted by train count (paper Fig. 2, left), for the methods that define per-class weights."))
-    curve_names = list(dict.fromkeys(n for r in results for n in (r.results.get("curves") or {})))
-    for name in curve_names:
-        figures.append((f"curve-{name}", figure_curves(results, name), f"Selection curve {name}: accuracy per "
-                        "group on the selection split against the hyperparameter (paper Fig. 2, right); the dashed "
-                        "line is the chosen value."))
-    figures.append(("reliability", figure_reliability(results), "Reliability diagrams: test accuracy against "
-                    "confidence per bin; the diagonal is perfect calibration."))
-    if any(row.get("shifted_priors") for r in results for row in r.rows):
-        figures.append(("shifted-priors", figure_shifted_priors(results), "Test accuracy if the test classes followed "
-                        "a long-tailed prior: forward keeps the train order, backward reverses it, at each "
-                        "imbalance factor."))
+    with plain_text_figures():
+        if len(table) > 1:
+            figures.append(("groups", figure_groups(table), "Many / Medium / Few / All test accuracy for each input "
+                            "label (Figure 1 style), a line per classifier; bars are 95% intervals (t over seeds when "
+                            "a label has several inputs, else the test bootstrap)."))
+        figures.append(("per-class", figure_per_class(results), "Per-class test accuracy against the class's number "
+                        "of train images (log scale), a series per method (mean over a label's inputs)."))
+        if any(r.results.get("weight_norms") for r in results):
+            figures.append(("weight-norms", figure_weight_norms(results), "Classifier weight norms ||w_j|| with "
+                            "classes sorted by train count (paper Fig. 2, left), for the methods that define "
+                            "per-class weights."))
+        curve_names = list(dict.fromkeys(n for r in results for n in (r.results.get("curves") or {})))
+        for name in curve_names:
+            figures.append((f"curve-{name}", figure_curves(results, name), f"Selection curve {name}: accuracy per "
+                            "group on the selection split against the hyperparameter (paper Fig. 2, right); the "
+                            "dashed line is the chosen value."))
+        figures.append(("reliability", figure_reliability(results), "Reliability diagrams: test accuracy against "
+                        "confidence per bin; the diagonal is perfect calibration."))
+        if any(row.get("shifted_priors") for r in results for row in r.rows):
+            figures.append(("shifted-priors", figure_shifted_priors(results), "Test accuracy if the test classes "
+                            "followed a long-tailed prior: forward keeps the train order, backward reverses it, at "
+                            "each imbalance factor."))
+        rendered = []
+        for name, fig, caption in figures:
+            data, width, height = _png(fig)
+            rendered.append({"name": name, "caption": caption, "data": data, "width": width, "height": height})
     groups = shared_groups(table)
     sizes = (f"({groups['many']} / {groups['medium']} / {groups['few']} classes)" if groups else
              "(the class counts of each input in the table's last column)")
@@ -613,26 +741,10 @@ def render_page(results: list[Result], *, title: str | None = None) -> str:
     thresholds = {json.dumps(r.results.get("thresholds") or {"many": 100, "few": 20}, sort_keys=True) for r in results}
     many, few = ("/".join(str(json.loads(t)[key]) for t in sorted(thresholds)) for key in ("many", "few"))
     title = title or ("ltcache report: " + ", ".join(dict.fromkeys(r.label for r in results)))
-    parts = [
-        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-        "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; img-src data:; "
-        "style-src 'unsafe-inline'\">",
-        f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>",
-        f"<h1>{html.escape(title)}</h1>",
-        f'<p class="note">{len(results)} comparison(s) in {len(table)} group(s); hyperparameters chosen on '
-        f"{', '.join(selected)}, test scored once per method. Many / Medium / Few: classes with more than {many}, "
-        f"{few} to {many} and fewer than {few} train images {sizes}. "
-        "Values are the mean over a group's inputs ± half the 95% t-interval, or a single input's test bootstrap "
-        "interval in brackets; ★ marks the best in each column across every input (lowest for ECE).</p>",
-        "<h2>Results</h2>", _html_table(table)]
-    for name, fig, caption in figures:
-        data, width, height = _png(fig)
-        parts.append(f'<figure id="fig-{name}"><img alt="{html.escape(caption)}" width="{width}" height="{height}" '
-                     f'src="data:image/png;base64,{data}"><figcaption>{html.escape(caption)}</figcaption></figure>')
-    parts += ["<h2>Provenance</h2>", _provenance_html(results),
-              f'<p class="note">Written by ltcache report at {time.strftime("%Y-%m-%d %H:%M:%S")}.</p>',
-              "</body></html>"]
-    return "\n".join(parts)
+    return _template().render(
+        title=title, inputs=len(results), groups=len(table), selected=", ".join(selected), many=many, few=few,
+        sizes=sizes, table=_table_context(table), figures=rendered, provenance=_provenance_context(results),
+        written=time.strftime("%Y-%m-%d %H:%M:%S"))
 
 
 def csv_text(results: list[Result]) -> str:

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -204,6 +206,7 @@ def open_clip_arch(name: str) -> tuple[str, str | None]:
         if not path.is_file():
             raise LtcacheError(f"open_clip model config {path} does not exist; pass an open_clip arch name or the "
                                "path of a model config .json")
+        check_open_clip_config(path)
         try:
             open_clip.add_model_config(path)
         except (ValueError, KeyError, OSError) as exc:
@@ -213,6 +216,58 @@ def open_clip_arch(name: str) -> tuple[str, str | None]:
             raise LtcacheError(f"open_clip did not register {path} (it needs embed_dim, vision_cfg and text_cfg)")
         arch = path.stem
     return arch, tag or None
+
+
+MAX_CONFIG_INT = 1 << 20  # no width, depth, size or vocabulary of a real tower comes near it
+MAX_TOWER_PARAMETERS = 10**10  # about 40 GB of float32 weights: a typo, not a model
+
+
+def check_open_clip_config(path: Path) -> dict:
+    """A model config .json for open_clip, checked before open_clip builds anything from it: UTF-8 JSON with
+    embed_dim, vision_cfg and text_cfg; every integer in it from 0 to 2**20 (widths, depths, heads and sizes at least
+    1) and every number finite; each tower small enough to allocate. A negative width fails deep inside torch, an
+    enormous one allocates terabytes."""
+    from ltcache.fsutil import read_text
+
+    try:
+        config = json.loads(read_text(path, "open_clip model config"))
+    except ValueError as exc:
+        raise LtcacheError(f"open_clip model config {path} is not valid JSON ({exc})") from None
+    if not isinstance(config, dict) or not _is_count(config.get("embed_dim")) or not all(
+            isinstance(config.get(key), dict) for key in ("vision_cfg", "text_cfg")):
+        raise LtcacheError(f"open_clip model config {path} needs a positive integer embed_dim and the objects "
+                           "vision_cfg and text_cfg")
+    positive = ("embed_dim", "width", "layers", "heads", "patch_size", "image_size", "context_length", "vocab_size")
+
+    def walk(value, where: str) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                walk(item, f"{where}.{key}" if where else str(key))
+        elif isinstance(value, list):
+            for index, item in enumerate(value):
+                walk(item, f"{where}[{index}]")
+        elif isinstance(value, bool) or value is None or isinstance(value, str):
+            return
+        elif isinstance(value, int):
+            low = 1 if where.rsplit(".", 1)[-1] in positive else 0
+            if not low <= value <= MAX_CONFIG_INT:
+                raise LtcacheError(f"open_clip model config {path}: {where} = {value} must be an integer from {low} "
+                                   f"to {MAX_CONFIG_INT}")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise LtcacheError(f"open_clip model config {path}: {where} must be a finite number")
+
+    walk(config, "")
+    for tower in ("vision_cfg", "text_cfg"):
+        cfg = config[tower]
+        width, layers = cfg.get("width", 0), cfg.get("layers", 0)
+        if isinstance(width, int) and isinstance(layers, int) and 12 * layers * width * width > MAX_TOWER_PARAMETERS:
+            raise LtcacheError(f"open_clip model config {path}: {tower} (width {width}, {layers} layers) would hold "
+                               "more than 10^10 weights; check width and layers")
+    return config
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_CONFIG_INT
 
 
 def check_open_clip(name: str, pretrained: bool) -> None:
@@ -280,12 +335,26 @@ def read_templates(templates: str) -> list:
     if not path.is_file():
         raise LtcacheError(f"--templates {templates!r} is neither openai, simple nor a file; pass a text file with "
                            "one prompt per line, each with {} for the class name")
-    lines = read_lines(path)
-    bad = [line for line in lines if line.count("{}") != 1]
+    lines = read_lines(path, "--templates")
+    bad = [line for line in lines if not is_template(line)]
     if not lines or bad:
-        raise LtcacheError(f"--templates {path}: every line needs exactly one {{}} for the class name "
-                           f"(got {bad[0]!r})" if bad else f"--templates {path} is empty")
+        raise LtcacheError(f"--templates {path}: every line needs exactly one {{}} for the class name, and other "
+                           f"braces doubled ({{{{ and }}}}) (got {bad[0]!r})" if bad
+                           else f"--templates {path} is empty")
     return lines
+
+
+def is_template(line: str) -> bool:
+    """Whether `line` formats with exactly one class name: one bare {} field (no name, conversion or format spec)
+    and balanced braces. 'a photo of a {{}}' inserts no name (it formats to a literal {}); 'a {' does not format."""
+    import string
+
+    try:
+        fields = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(line)
+                  if name is not None]
+    except ValueError:
+        return False
+    return fields == [("", "", None)]
 
 
 def prompt_names(class_names: list[str], names_file: Path | None) -> tuple[list[str], str]:
@@ -345,7 +414,8 @@ class Frozen:
     about: dict
 
 
-def check_frozen(backbone: str, pretrained: bool, *, joint_head: str = "auto", zero_shot: bool = False) -> None:
+def check_frozen(backbone: str, pretrained: bool, *, joint_head: str = "auto", zero_shot: bool = False,
+                 templates: str | None = None) -> None:
     """Everything about a frozen backbone that can be judged before the dataset is read or a weight downloaded
     (`joint_head`'s value is checked by its declaration, config.EXTRACT)."""
     from ltcache.models import check_backbone
@@ -362,6 +432,8 @@ def check_frozen(backbone: str, pretrained: bool, *, joint_head: str = "auto", z
     if library == "open_clip" and joint_head == "own":
         raise LtcacheError("a CLIP image tower has no classifier of its own; use --joint-head probe (and --zero-shot "
                            "for the text head)")
+    if zero_shot and templates is not None:
+        read_templates(templates)  # a bad prompt file fails before the dataset is read
 
 
 def describe_frozen(backbone: str, pretrained: bool) -> dict:

@@ -11,7 +11,7 @@ from ltcache.cache import CacheWriter
 from ltcache.config import IMPORT_FEATURES
 from ltcache.errors import LtcacheError
 from ltcache.fsutil import read_class_names, sha256_file
-from ltcache.params import checked
+from ltcache.params import MAX_CLASSES, checked
 
 
 def _load_arrays(path: Path, keys: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
@@ -68,6 +68,10 @@ def _check_split(name: str, path: Path, features: np.ndarray, labels: np.ndarray
         raise LtcacheError(f"{path}: features must be [n, d] and labels [n]; got {features.shape} and {labels.shape}")
     if not np.issubdtype(labels.dtype, np.integer):
         raise LtcacheError(f"{path}: labels must be integers, got {labels.dtype}")
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= MAX_CLASSES):
+        bad = int(labels.min()) if int(labels.min()) < 0 else int(labels.max())
+        raise LtcacheError(f"{path}: label {bad} is outside 0..{MAX_CLASSES - 1}; labels are class numbers counted "
+                           "from 0")
     if not np.isfinite(features).all():
         raise LtcacheError(f"{path}: the {name} features contain NaN or infinite values")
     return features.astype(np.float32, copy=False), labels.astype(np.int64, copy=False)

@@ -13,9 +13,7 @@ the registry's metadata (stage2/core.py). It reads the cache and nothing else, a
 
 from __future__ import annotations
 
-import contextlib
 import itertools
-import json
 import os
 import sys
 import time
@@ -26,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from ltcache.cache import MANIFEST, TEXT_HEAD, FeatureCache, Split
+from ltcache.cache import TEXT_HEAD, FeatureCache, Split
 from ltcache.errors import LtcacheError
 from ltcache.folders import folder_lock
 from ltcache.heads import Head
@@ -348,16 +346,27 @@ class Lab:
     # ------------------------------------------------------------------------------------------ writing
 
     def save(self, comparison: Comparison, out: Path | None = None, *, ablation: bool = False) -> dict[str, str]:
-        """Write every fitted head to OUT/heads and the reports to OUT/reports (OUT: the cache by default), all
-        at once, and only if the cache at the path is still the one that was read. Returns the report paths."""
+        """Write every fitted head to OUT/heads and the reports to OUT/reports (OUT: the cache by default), built
+        whole beside them and published at once under the folder's lock, only if the cache at the path is still the
+        one that was read. An earlier comparison there moves to OUT/history/STAMP (results_folder.py). Returns the
+        report paths."""
         from ltcache import report  # matplotlib is only needed here
+        from ltcache.results_folder import check_results_folder, publish, results_lock, staging
 
         results = Path(out) if out is not None else self.cache.path
         check_results_folder(results, self.cache.path)
-        with results_lock(self, results):
+        in_cache = results.resolve() == self.cache.path.resolve()
+        with staging(results) as staged:
             for name, result in comparison.fitted.items():
-                self.cache.save_head(name, result.head, result.chosen, folder=results / "heads")
-            comparison.reports = report.write_reports(results / "reports", comparison, ablation=ablation)
+                self.cache.save_head(name, result.head, result.chosen, folder=staged / "heads")
+            written = report.write_reports(staged / "reports", comparison, ablation=ablation,
+                                           shown_as=results / "reports")
+            with results_lock(results, cache_path=self.cache.path, generation=self.cache.generation,
+                              in_cache=in_cache):
+                archived = publish(results, staged, cache_path=self.cache.path, in_cache=in_cache)
+        comparison.reports = {name: str(results / "reports" / Path(path).name) for name, path in written.items()}
+        if archived is not None:
+            comparison.reports["earlier"] = str(archived)
         return comparison.reports
 
 
@@ -482,6 +491,8 @@ def compare(cache_path: Path, *, methods: list[str] | str | None = None, select:
     resolve_budget(memory_budget)
     results = Path(out) if out is not None else Path(cache_path)
     if write_reports:
+        from ltcache.results_folder import check_results_folder
+
         check_results_folder(results, cache_path)
     from ltcache.distributed import barrier, init_distributed, is_main_process
     from ltcache.runtime import resolve_device
@@ -506,48 +517,6 @@ def compare(cache_path: Path, *, methods: list[str] | str | None = None, select:
     return comparison
 
 
-def check_results_folder(results: Path, cache_path: Path) -> None:
-    """Before any fit: heads/ and reports/ can be written to `results` (the cache, or compare --out). A folder of
-    someone else's files is refused, and a read-only cache is an error that names --out."""
-    results = Path(results)
-    in_cache = results.resolve() == Path(cache_path).resolve()
-    if not in_cache:
-        if results.exists() and not results.is_dir():
-            raise LtcacheError(f"--out {results} is a file; pass a folder for heads/ and reports/")
-        if results.is_dir() and any(results.iterdir()) and not (results / "reports" / "results.json").is_file():
-            raise LtcacheError(f"--out {results} holds files that are not an earlier compare's heads/ and reports/; "
-                               "pass a new or empty folder")
-    probe_root = results if results.is_dir() else next((p for p in results.parents if p.exists()), Path("."))
-    probe = probe_root / f".ltcache-write-probe-{os.getpid()}"
-    try:
-        probe.mkdir()
-        probe.rmdir()
-    except OSError as exc:
-        where = f"cache {cache_path}" if in_cache else f"--out {results}"
-        hint = "pass --out DIR to write heads and reports elsewhere" if in_cache else "pass a writable folder"
-        raise LtcacheError(f"{where} is not writable ({exc.strerror}); {hint}") from None
-
-
-@contextlib.contextmanager
-def results_lock(lab: Lab, results: Path):
-    """Write heads and reports under the cache's exclusive lock, and only if the cache at the path is still the one
-    that was read (its manifest generation): a cache swapped by extract --overwrite while compare computed gets
-    nothing from the old features. With compare --out the results folder is separate and no lock is needed."""
-    if results.resolve() != lab.cache.path.resolve():
-        results.mkdir(parents=True, exist_ok=True)
-        yield
-        return
-    with folder_lock(lab.cache.path, shared=False, what="cache"):
-        try:
-            current = json.loads((lab.cache.path / MANIFEST).read_text()).get("generation")
-        except (OSError, ValueError, AttributeError):
-            current = None
-        if current != lab.cache.generation:
-            raise LtcacheError(f"cache {lab.cache.path} was replaced by another ltcache process while compare ran; "
-                               "nothing was written, re-run compare on the new cache")
-        yield
-
-
 def info(cache_path: Path, *, verify: bool = False) -> dict:
     """A short summary of a cache (its manifest is always checked). With verify, every file is hashed and every
     split and the stage-1 classifier are read with all their checks: `corrupt_files` lists the files whose sha256
@@ -566,6 +535,9 @@ def info(cache_path: Path, *, verify: bool = False) -> dict:
                         check()
                     except LtcacheError as exc:
                         summary["problems"].append(str(exc))
+            summary["unlisted_files"] = cache.unlisted()
+            summary["problems"] += [f"{name} is in the cache but not in its manifest (left over, or put there by "
+                                    "something else; move it out)" for name in summary["unlisted_files"]]
     return summary
 
 

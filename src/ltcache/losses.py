@@ -30,7 +30,8 @@ def loss(name: str, *params: Param):
 
 _GAMMA = Param("gamma", float, 1.0, "Focal exponent (Lin et al. 2017).", low=0)
 _BETA = Param("beta", float, 0.9999, "Class-balanced beta: the effective number (Cui et al. 2019).", low=0, below=1)
-_DRW = Param("drw_epoch", int, None, "Deferred re-weighting from this epoch on (LDAM-DRW).", low=0, optional=True)
+_DRW = Param("drw_epoch", int, None, "Deferred re-weighting from this epoch on (LDAM-DRW).", low=0,
+             high=100_000, optional=True)
 _TAU = Param("tau", float, 1.0, "Logit-adjustment strength (Menon et al. 2021).", low=0)
 
 

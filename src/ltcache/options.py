@@ -18,13 +18,13 @@ DEVICE = Param("device", str, None, "cpu, cuda or cuda:N (default: CUDA when pre
 AS_JSON = Param("as_json", bool, False, "Print JSON instead of tables.", option="--json")
 SELECT = Param("select", str, "val", "Selection split: val, or train for the simulated-balanced train metric "
                 "(App. B.5).", choices=("val", "train"))
-MANY = Param("many", int, 100, "Many-shot: more than this many train images.", low=0)
-FEW = Param("few", int, 20, "Few-shot: fewer than this many train images.", low=0)
+MANY = Param("many", int, 100, "Many-shot: more than this many train images.", low=0, high=10**9)
+FEW = Param("few", int, 20, "Few-shot: fewer than this many train images.", low=0, high=10**9)
 DTYPE = Param("dtype", str, "float32", "Feature dtype in the cache.", choices=("float32", "float16"))
 
 PLUGIN = Param("plugin", list, [], "A .py file or module that registers methods with @ltcache.method "
                "(repeatable).", option="--plugin")
-SHARD_ROWS = Param("shard_rows", int, 65536, "Rows per HDF5 shard.", low=1)
+SHARD_ROWS = Param("shard_rows", int, 65536, "Rows per HDF5 shard.", low=1, high=2**24)
 MEMORY_BUDGET = Param("memory_budget", str, None, "Most memory one split's logits may take whole, e.g. 2G; beyond it "
                       "they are computed in row blocks (default: a quarter of the RAM, or of the GPU's memory).",
                       optional=True)
@@ -53,7 +53,7 @@ COMPARE = (
 )
 
 SWEEP_TAU = (
-    Param("taus", GRID, "0:2:0.1", "Grid: 0,0.5,1 or start:stop:step.", low=0),
+    Param("taus", GRID, "0:2:0.1", "Grid: 0,0.5,1 or start:stop:step.", low=0, high=100),
     SELECT, AS_JSON, DEVICE, MANY, FEW, MEMORY_BUDGET,
 )
 

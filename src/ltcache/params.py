@@ -21,6 +21,8 @@ from typing import Any
 
 from ltcache.errors import LtcacheError
 
+MAX_CLASSES = 1_000_000  # a label at or above this is damage (2**40 in a .cls file), not a class: checked before
+# any array of per-class counts is allocated
 MAX_GRID_POINTS = 10_000  # a grid of more points than this is a typo (0:1e9:1e-9), not an ablation
 GRID = "grid"  # the type of a list of numbers, written 0,0.5,1 or start:stop:step
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
@@ -98,7 +100,11 @@ class Param:
                 return self.parse(value, label)
             if not isinstance(value, (list, tuple)) or not all(_is_number(v) for v in value):
                 raise self._error(label, value)
-            return self._check_grid([float(v) for v in value], label)
+            try:
+                numbers = [float(v) for v in value]
+            except OverflowError:  # an integer too large for a float
+                raise self._error(label, value) from None
+            return self._check_grid(numbers, label)
         if self.type is bool:
             if not isinstance(value, bool):
                 raise self._error(label, value)
@@ -106,7 +112,11 @@ class Param:
             if not isinstance(value, int) or isinstance(value, bool):
                 raise self._error(label, value)
         elif self.type is float:
-            if not _is_number(value) or not math.isfinite(value):
+            try:
+                finite = _is_number(value) and math.isfinite(value)
+            except OverflowError:  # an integer too large for a float (400 digits)
+                finite = False
+            if not finite:
                 raise self._error(label, value)
             value = float(value)
         elif self.type is str or self.type is Path:
@@ -176,6 +186,8 @@ class Param:
         kind = "a string" if isinstance(value, str) else ("unset" if value is None else
                                                           f"{'an' if name[0] in 'aeiou' else 'a'} {name}")
         shown = "nothing" if value is None else repr(value)
+        if len(shown) > 60:  # a 400-digit number stays a short line
+            shown = f"{shown[:28]}...{shown[-12:]} ({len(shown)} characters)"
         return LtcacheError(f"{label} must be {self.describe()}, got {shown} ({kind})")
 
 

@@ -18,6 +18,7 @@ from typing import Generic, TypeVar
 from ltcache.errors import LtcacheError, unknown_name
 
 T = TypeVar("T")
+ALL_REGISTRIES: list[Registry] = []  # every registry made, so a plugin's registrations can be counted
 
 
 @dataclass
@@ -29,8 +30,12 @@ class Registry(Generic[T]):
 
     kind: str
     builtins: tuple[str, ...] = ()
+    reserved: tuple[str, ...] = ()  # names with a meaning of their own on the command line (methods: 'all')
     entries: dict[str, T] = field(default_factory=dict, repr=False)
     _loaded: bool = field(default=False, repr=False)
+
+    def __post_init__(self):
+        ALL_REGISTRIES.append(self)
 
     def register(self, name: str, make: Callable[[Callable], T] | None = None, *, replace: bool = False):
         """A decorator that registers what it decorates under `name` (or `make(decorated)`, when given) and returns
@@ -48,6 +53,14 @@ class Registry(Generic[T]):
         """Register `entry` under `name` directly (the decorator calls this)."""
         if name in self.entries and not replace:
             raise LtcacheError(f"{self.kind} {name!r} is already registered; choose another name")
+        if name.strip().casefold() in {word.casefold() for word in self.reserved}:
+            raise LtcacheError(f"{self.kind} name {name!r} is reserved (it has its own meaning on the command line); "
+                               "choose another name")
+        clash = next((known for known in self.entries if known.casefold() == name.casefold() and known != name),
+                     None)
+        if clash is not None or name != name.strip():
+            raise LtcacheError(f"{self.kind} {name!r} differs from the registered {clash or name.strip()!r} only by "
+                               "case or spaces; choose a name that cannot be mistaken for it")
         self.entries[name] = entry
 
     def remove(self, name: str) -> None:
@@ -94,21 +107,28 @@ class Registry(Generic[T]):
         return list(self.entries.items())
 
 
+def _registered() -> int:
+    return sum(len(registry.entries) for registry in ALL_REGISTRIES)
+
+
 def load_plugin(spec: str) -> str:
-    """Import user code that registers entries: a path to a .py file or a dotted module name. Returns the module's
-    name. Errors (missing file, a syntax error, an exception at import) are one line naming the plugin."""
+    """Import user code that registers entries: a path to a .py file or a dotted module name. Returns the file that
+    was loaded. Errors (missing file, a syntax error, an exception at import) are one line naming the plugin, and so
+    is a plugin that registers nothing (`--plugin json` names the standard library's json, not ./json.py: the
+    error says which file it was, and how to pass the local one)."""
     import importlib.util
     import sys
     from pathlib import Path
 
     path = Path(spec)
+    before = _registered()
     try:
         if spec.endswith(".py") or path.exists():
             if not path.is_file():
                 raise LtcacheError(f"--plugin {spec}: no such file; pass a .py file or an importable module name")
             name = f"ltcache_plugin_{abs(hash(str(path.resolve())))}"
             if name in sys.modules:
-                return name
+                return str(path.resolve())
             module_spec = importlib.util.spec_from_file_location(name, path)
             if module_spec is None or module_spec.loader is None:
                 raise LtcacheError(f"--plugin {spec} cannot be loaded as a Python module; pass a .py file")
@@ -119,9 +139,22 @@ def load_plugin(spec: str) -> str:
             except BaseException:
                 sys.modules.pop(name, None)
                 raise
-            return name
-        importlib.import_module(spec)
-        return spec
+            loaded, fresh = str(path.resolve()), True
+        else:
+            fresh = spec not in sys.modules
+            module = importlib.import_module(spec)
+            loaded = str(getattr(module, "__file__", None) or spec)
+            if not fresh and not getattr(module, "_ltcache_plugin_registered", False):
+                fresh = True  # imported before (by Python or ltcache itself), never as a plugin: it must register
+        if fresh and _registered() == before:
+            local = Path(f"{spec.replace('.', '/')}.py")
+            hint = (f"; to load {local} in this folder, pass --plugin ./{local}" if local.is_file() and
+                    local.resolve() != Path(loaded).resolve() else "")
+            raise LtcacheError(f"--plugin {spec} loaded {loaded}, which registered nothing (no @ltcache.method, "
+                               f"loss, dataset, ...){hint}")
+        if not spec.endswith(".py") and not path.exists():
+            module._ltcache_plugin_registered = True
+        return loaded
     except LtcacheError as exc:
         if str(exc).startswith("--plugin"):
             raise

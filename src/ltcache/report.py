@@ -231,9 +231,11 @@ def plot_curve(path: Path, curve: Curve, selected_on: str) -> None:
     _save(fig, path)
 
 
-def write_reports(folder: Path, comparison: Comparison, *, ablation: bool = False) -> dict[str, str]:
+def write_reports(folder: Path, comparison: Comparison, *, ablation: bool = False,
+                  shown_as: Path | None = None) -> dict[str, str]:
     """results.{json,csv,md}, the weight-norm, selection-curve and reliability plots, and with `ablation` the
-    ablation.{json,csv,md} of every grid point; returns their paths."""
+    ablation.{json,csv,md} of every grid point; returns their paths. `shown_as`: where the folder will be once
+    published (the page names that, not the staging folder it is written in)."""
     folder.mkdir(parents=True, exist_ok=True)
     names = ["results.json", "results.csv", "results.md", "weight_norms.png",
              *(f"{name}.png" for name in comparison.curves), "reliability.png", "index.html"]
@@ -255,13 +257,15 @@ def write_reports(folder: Path, comparison: Comparison, *, ablation: bool = Fals
                      "analysis aimed at each prior, its hyperparameter chosen on the selection split reweighted to "
                      "it.\n\n" + shifted + "\n")
     atomic_write(paths["results.md"], lambda tmp: tmp.write_text(markdown))
-    plot_weight_norms(paths["weight_norms.png"], comparison.weight_norms(), comparison.class_counts)
-    for name, curve in comparison.curves.items():
-        plot_curve(paths[f"{name}.png"], curve, comparison.selected_on)
-    plot_reliability(paths["reliability.png"], comparison.rows)
-    from ltcache.htmlreport import Result, render_page
+    from ltcache.htmlreport import Result, plain_text_figures, render_page
 
-    page = render_page([Result(folder.parent, summary, label=Path(comparison.cache).name)],
+    with plain_text_figures():  # a method or cache named m$\foo$x is a label, not mathtext
+        plot_weight_norms(paths["weight_norms.png"], comparison.weight_norms(), comparison.class_counts)
+        for name, curve in comparison.curves.items():
+            plot_curve(paths[f"{name}.png"], curve, comparison.selected_on)
+        plot_reliability(paths["reliability.png"], comparison.rows)
+
+    page = render_page([Result(Path(shown_as or folder).parent, summary, label=Path(comparison.cache).name)],
                        title=f"ltcache compare: {Path(comparison.cache).name}")
     atomic_write(paths["index.html"], lambda tmp: tmp.write_text(page, encoding="utf-8"))
     if ablation:

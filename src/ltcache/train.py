@@ -300,7 +300,7 @@ def keep_epochs(metrics: Path, epochs: int) -> None:
         except (ValueError, AttributeError):
             return epochs + 1  # a line cut short by the kill
 
-    lines = [line for line in metrics.read_text().splitlines() if line.strip()]
+    lines = [line for line in metrics.read_text(errors="replace").splitlines() if line.strip()]
     kept = [line for line in lines if epoch_of(line) <= epochs]
     if len(kept) != len(lines):
         atomic_write(metrics, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))

@@ -12,6 +12,8 @@ import numpy as np
 from ltcache.data.datasets import DatasetSpec, LongTailData, register_dataset
 from ltcache.data.profiles import PROFILES, carve_splits
 from ltcache.errors import LtcacheError, unknown_name
+from ltcache.fsutil import read_text
+from ltcache.params import MAX_CLASSES
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 INAT_MEAN, INAT_STD = (0.466, 0.471, 0.380), (0.195, 0.194, 0.192)  # the official code's iNaturalist statistics
@@ -37,7 +39,7 @@ def read_split_file(path: Path, root: Path) -> tuple[list[str], np.ndarray]:
         raise LtcacheError(f"split file {path} not found; pass --split-dir to the folder that holds it")
     root_text = os.path.normpath(os.path.abspath(root))
     paths, labels = [], []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(read_text(path, "split file").splitlines(), start=1):
         if not line.strip():
             continue
         parts = line.rsplit(maxsplit=1)
@@ -48,8 +50,9 @@ def read_split_file(path: Path, root: Path) -> tuple[list[str], np.ndarray]:
             label = int(label_text)
         except ValueError:
             raise LtcacheError(f"{path}:{number}: label {label_text!r} is not an integer") from None
-        if label < 0:
-            raise LtcacheError(f"{path}:{number}: label {label} is negative")
+        if not 0 <= label < MAX_CLASSES:
+            raise LtcacheError(f"{path}:{number}: label {label} is outside 0..{MAX_CLASSES - 1}; labels are class "
+                               "numbers counted from 0")
         full = os.path.normpath(os.path.join(root_text, relative.strip()))
         if os.path.isabs(relative.strip()) or not full.startswith(root_text + os.sep):
             raise LtcacheError(f"{path}:{number}: path {relative.strip()!r} escapes --root {root}")

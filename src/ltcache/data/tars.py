@@ -28,6 +28,8 @@ import numpy as np
 from ltcache.data.datasets import DatasetSpec, LongTailData, register_dataset
 from ltcache.data.files import IMAGE_EXTENSIONS, _root, carve_val, check_labels, imagenet_transforms
 from ltcache.errors import LtcacheError
+from ltcache.fsutil import read_lines
+from ltcache.params import MAX_CLASSES
 
 LABEL_EXTENSIONS = (".cls", ".json")
 COMPRESSED = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst")
@@ -86,10 +88,11 @@ def _label(extension: str, raw: bytes, key: str, path: Path) -> int:
         value = json.loads(raw.decode("utf-8"))
         if extension == ".json":
             value = value["label"] if isinstance(value, dict) else None
-    except (ValueError, KeyError):
+    except (ValueError, KeyError, RecursionError):
         value = None
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise LtcacheError(f"sample {key!r} in {path}: its {extension} label {raw[:40]!r} is not an integer >= 0")
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < MAX_CLASSES:
+        raise LtcacheError(f"sample {key!r} in {path}: its {extension} label {raw[:40]!r} is not an integer from 0 "
+                           f"to {MAX_CLASSES - 1}")
     return value
 
 
@@ -126,7 +129,7 @@ def build_webdataset(spec: DatasetSpec) -> LongTailData:
     names_file = root / "classes.txt"
     class_names = [str(c) for c in range(num_classes)]
     if names_file.is_file():
-        listed = [line.strip() for line in names_file.read_text().splitlines() if line.strip()]
+        listed = read_lines(names_file, "class-names file")
         if len(listed) != num_classes:
             raise LtcacheError(f"{names_file} names {len(listed)} classes but the train labels have {num_classes}")
         class_names = listed

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from ltcache.errors import LtcacheError
+from ltcache.fsutil import read_text
 
 SHIFT_FACTORS = (2, 5, 10, 25, 50)
 
@@ -81,7 +82,7 @@ def _read_prior_file(spec: str) -> np.ndarray:
         if path.suffix == ".npy":
             return np.load(path, allow_pickle=False).astype(np.float64).ravel()
         if path.suffix == ".json":
-            return np.asarray(json.loads(path.read_text()), dtype=np.float64).ravel()
+            return np.asarray(json.loads(read_text(path, "target prior file")), dtype=np.float64).ravel()
         return np.loadtxt(path, dtype=np.float64, ndmin=1).ravel()
     except (ValueError, TypeError, OSError) as exc:
         raise LtcacheError(f"target prior file {path} is unreadable ({exc}); write one number per class") from None

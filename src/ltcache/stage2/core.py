@@ -192,7 +192,7 @@ class Method:
         return bool(self.figures)
 
 
-METHODS: Registry[Method] = Registry("method", builtins=("ltcache.stage2.methods",))
+METHODS: Registry[Method] = Registry("method", builtins=("ltcache.stage2.methods",), reserved=("all",))
 
 
 def method(name: str, *params: Param, summary: str, paper: int | None = None, stochastic: bool = False,
@@ -301,7 +301,13 @@ def run_fit(name: str, data: LabData, params: dict) -> Fitted:
     from ltcache.heads import HEAD_KINDS, Head
 
     check_data(name, data)
-    fitted = METHODS[name].fit(data, **params)
+    fit = METHODS[name].fit
+    trusted = getattr(fit, "__module__", "").startswith("ltcache.")
+    before = None if trusted else shared_fingerprint(data)
+    fitted = fit(data, **params)
+    if before is not None and shared_fingerprint(data) != before:
+        raise LtcacheError(f"method {name} changed the shared features, labels or joint head in place; a method must "
+                           "not modify its inputs (copy them first, e.g. data.train.features.clone())")
     if not isinstance(fitted, Fitted):
         raise LtcacheError(f"method {name} returned {type(fitted).__name__}, not ltcache.Fitted(head, chosen)")
     if not isinstance(fitted.head, Head) or not isinstance(fitted.chosen, dict):
@@ -311,5 +317,59 @@ def run_fit(name: str, data: LabData, params: dict) -> Fitted:
     if not dataclasses.is_dataclass(fitted.head) or kind not in HEAD_KINDS or HEAD_KINDS[kind] is not type(fitted.head):
         raise LtcacheError(f"method {name} returned a {type(fitted.head).__name__}, which is not a registered head "
                            "kind; return an ltcache.LinearHead, or make the head a dataclass with @ltcache.head_kind")
+    check_head(name, fitted.head, data)
     fitted.method = name
     return fitted
+
+
+def shared_fingerprint(data: LabData) -> tuple:
+    """What a plugin method must leave as it found it: each shared tensor's in-place version counter and two sums
+    (the second weighted by row, so a permutation of rows shows too). It also catches writes through a NumPy view,
+    which the version counter does not see."""
+    import torch
+
+    tensors = [data.joint.weight, data.joint.bias]
+    for split in (data.train, data.val, data.train_views):
+        if split is not None:
+            tensors += [split.features, split.labels]
+    if data.text is not None:
+        tensors.append(data.text.weight)
+    prints = []
+    for tensor in tensors:
+        if tensor is None:
+            continue
+        rows = tensor.reshape(len(tensor), -1).sum(1, dtype=torch.float64) if tensor.dim() else tensor.double()
+        weights = torch.arange(1, rows.numel() + 1, dtype=torch.float64, device=rows.device)
+        prints.append((tensor._version, float(rows.sum()), float((rows.reshape(-1) * weights).sum())))
+    return tuple(prints)
+
+
+def check_head(name: str, head, data: LabData) -> None:
+    """Every fitted head, built-in or plugin, before it is scored: finite tensors, the cache's class count, and
+    logits of shape [rows, classes] on a few train rows (so a wrong feature size shows too). A NaN head scored as a
+    row would be a quiet wrong number."""
+    import torch
+
+    classes, dim = len(data.class_counts), data.train.features.shape[1]
+    for key, tensor in head.tensors().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise LtcacheError(f"method {name} returned a head whose {key!r} holds NaN or infinite values; it "
+                               "diverged or is broken (try a smaller lr)")
+    try:
+        count = head.num_classes
+    except Exception as exc:  # noqa: BLE001 - a plugin head's property may fail any way
+        raise LtcacheError(f"method {name} returned a head whose num_classes fails ({type(exc).__name__})") from None
+    if count != classes:
+        raise LtcacheError(f"method {name} returned a head of {count} classes for a cache of {classes}; a head "
+                           "needs one output per class")
+    rows = data.train.features[: min(8, len(data.train))]
+    try:
+        logits = head.logits(rows)
+    except Exception as exc:  # noqa: BLE001 - a wrong shape fails inside torch with many messages
+        raise LtcacheError(f"method {name} returned a head that cannot score {dim}-d features "
+                           f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+    if tuple(logits.shape) != (len(rows), classes):
+        raise LtcacheError(f"method {name} returned a head whose logits are {tuple(logits.shape)} for "
+                           f"{len(rows)} rows of {classes} classes")
+    if not bool(torch.isfinite(logits).all()):
+        raise LtcacheError(f"method {name} returned a head whose logits are NaN or infinite")

@@ -33,11 +33,12 @@ trained_method = functools.partial(method, stochastic=True)
 
 TRAINING = (
     Param("epochs", int, 10, "Epochs of len(train) draws.", low=1, high=100_000),
-    Param("batch_size", int, 512, "Batch size.", low=1),
+    Param("batch_size", int, 512, "Batch size.", low=1, high=2**24),
     Param("lr", float, None, "Peak lr, cosine to 0 (default 0.2 x batch / 512).", above=0, optional=True),
     Param("weight_decay", float, 5e-4, "SGD weight decay.", low=0),
     Param("momentum", float, 0.9, "SGD momentum.", low=0, below=1),
-    Param("min_steps", int, 500, "Lengthen epochs on tiny data to reach this many steps in all.", low=0),
+    Param("min_steps", int, 500, "Lengthen epochs on tiny data to reach this many steps in all.", low=0,
+          high=10**8),
 )
 BALANCED_DEFAULTS = {param.name: param.default for param in TRAINING if param.name != "epochs"}
 # How the trainer every learned head shares departs from the official stage 2 (classifier-balancing's run_networks.py),

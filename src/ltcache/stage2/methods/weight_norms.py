@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ltcache.errors import LtcacheError
 from ltcache.heads import LinearHead
 from ltcache.metrics.accuracy import GroupAccuracy, per_class_accuracy
 from ltcache.metrics.priors import parse_prior, prior_accuracy, shifted_priors
@@ -32,6 +33,22 @@ def validate_taus(taus, label: str = "--taus") -> tuple[float, ...]:
 def weight_norms(weight: torch.Tensor) -> torch.Tensor:
     """||w_j|| of every class row, floored at 1e-12."""
     return weight.norm(dim=1).clamp_min(1e-12)
+
+
+MAX_LOG_SCALE = 30 * 2.302585092994046  # ||w_j||^-tau kept within 1e±30: float32 logits stay finite
+
+
+def check_finite_scales(norms: torch.Tensor, taus) -> None:
+    """Refuse a tau for which ||w_j||^-tau leaves float32 (1e6 on norms below 1 gives inf, and the argmax over inf
+    and NaN logits would be chosen as if it meant something)."""
+    import torch
+
+    span = float(torch.log(norms.double()).abs().max())
+    bad = [tau for tau in taus if tau * span > MAX_LOG_SCALE]
+    if bad:
+        raise LtcacheError(f"tau = {bad[0]:g} scales the classes by ||w_j||^-tau beyond float32 for these weights "
+                           f"(norms {float(norms.min()):.3g} to {float(norms.max()):.3g}); use taus up to "
+                           f"{MAX_LOG_SCALE / span:.3g}")
 
 
 def tau_normalize(weight: torch.Tensor, tau: float) -> torch.Tensor:
@@ -117,6 +134,7 @@ def tau_curve(data: LabData, split: str, taus) -> list[dict]:
 
     norms = weight_norms(data.joint.weight).to(data.split(split).features.device)
     taus = validate_taus(taus)
+    check_finite_scales(norms, taus)
     return grid_curve(data, split, [{"tau": tau} for tau in taus], scales=torch.stack([norms.pow(-t) for t in taus]))
 
 
@@ -146,7 +164,7 @@ def fit_joint(data: LabData) -> Fitted:
     return Fitted(data.joint, {})
 
 
-TAUS = Param("taus", GRID, DEFAULT_TAUS, "tau grid, chosen on the selection split.", low=0)
+TAUS = Param("taus", GRID, DEFAULT_TAUS, "tau grid, chosen on the selection split.", low=0, high=100)
 
 
 def tau_figure(data: LabData, fitted: Fitted | None) -> list[dict]:
@@ -253,6 +271,7 @@ def fit_tau_norm_logit_adjustment(data: LabData, *, taus, la_taus) -> Fitted:
     prior = log_prior(data, data.joint.weight.device)
     norms = weight_norms(data.joint.weight)
     grid = [{"tau": t, "la_tau": a} for t in validate_taus(taus) for a in validate_taus(la_taus)]
+    check_finite_scales(norms, taus)
     curve = grid_curve(data, data.select, grid, scales=torch.stack([norms.pow(-p["tau"]) for p in grid]),
                        shifts=torch.stack([-p["la_tau"] * prior for p in grid]))
     best = best_on_curve(curve)
