@@ -520,7 +520,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 STUDIES_MARKER = "ltcache-studies.json"
 
 
-def claim_folder(path: Path, option: str) -> None:
+def claim_folder(path: Path, option: str, *, check_only: bool = False) -> None:
     """The studies write only into a folder they made: a new or empty one (marked as theirs with
     ltcache-studies.json, sealed with its own hash), or one that holds that marker. A folder of anything else (a
     user's notes, an earlier hand-written sampling-weights.md) is refused before anything is written."""
@@ -536,6 +536,8 @@ def claim_folder(path: Path, option: str) -> None:
             raise LtcacheError(f"{option} {path} holds files that experiments/studies.py did not make (it has no "
                                "valid ltcache-studies.json); pass a new or empty folder")
         return
+    if check_only:
+        return
     path.mkdir(parents=True, exist_ok=True)
     write_marker(path, kind, {"kind": "ltcache studies",
                               "note": "made by experiments/studies.py; it replaces only its own files here"})
@@ -548,9 +550,10 @@ def main(argv=None) -> int:
     study = Study(args)
     begin = time.perf_counter()
     try:
-        claim_folder(Path(args.out), "--out")
-        if args.publish:
-            claim_folder(Path(args.publish), "--publish")
+        folders = [(Path(args.out), "--out"), *([(Path(args.publish), "--publish")] if args.publish else [])]
+        for check_only in (True, False):  # both refused before either is made
+            for path, option in folders:
+                claim_folder(path, option, check_only=check_only)
         for name in args.studies:
             getattr(study, name.replace("-", "_"))()
         if args.publish:

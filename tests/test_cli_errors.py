@@ -75,7 +75,8 @@ def test_unknown_method_and_bad_overrides(toy_cache):
 
 
 @pytest.mark.parametrize("grid, message", [
-    ("", "the grid is empty"), ("-0.5,1", "each >= 0 and <= 100, at most 10,000 of them; -0.5 is not"), ("a,b", "is not a list"),
+    ("", "the grid is empty"), ("-0.5,1", "each >= 0 and <= 100, at most 10,000 of them; -0.5 is not"),
+    ("a,b", "is not a list"),
     ("2:0:0.1", "the grid is empty"), ("0,nan", "nan is not"), ("0:1e9:1e-9", "more than 10,000"),
 ])
 def test_bad_tau_grids(toy_cache, grid, message):
