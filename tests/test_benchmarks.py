@@ -48,6 +48,7 @@ def test_tau_sweep_benchmark_runs(tmp_path):
     assert results.read_text().startswith("# Benchmarks")
 
 
+@pytest.mark.slow  # about 14 s and 5 s: CI runs it (.ci/run)
 def test_stage2_benchmark_runs_at_a_small_shape(tmp_path):
     results = tmp_path / "RESULTS.md"
     out = run_script("benchmarks/stage2.py", "--classes", "20", "--n-max", "200", "--imbalance", "20", "--dim", "32",
@@ -58,6 +59,7 @@ def test_stage2_benchmark_runs_at_a_small_shape(tmp_path):
     assert results.read_text().count("| step |") == 1
 
 
+@pytest.mark.slow  # about 14 s and 5 s: CI runs it (.ci/run)
 def test_integrity_benchmark_runs_at_a_small_shape(tmp_path):
     results = tmp_path / "RESULTS.md"
     out = run_script("benchmarks/integrity.py", "--classes", "12", "--n-max", "60", "--imbalance", "10", "--dim", "16",

@@ -230,6 +230,7 @@ def _limit_file_size(limit: int):
     return apply
 
 
+@pytest.mark.slow  # a whole extract under a file-size limit: CI runs it (.ci/run)
 @pytest.mark.skipif(not hasattr(resource, "RLIMIT_FSIZE"), reason="no file-size limit on this system")
 def test_a_write_the_disk_refuses_is_one_line_and_leaves_nothing(digits_run, tmp_path):
     (tmp_path / "keep.txt").write_text("precious\n")
@@ -266,6 +267,7 @@ def read_only_cache(digits_run, tmp_path):
     subprocess.run(["umount", "-l", str(mount)], capture_output=True)
 
 
+@pytest.mark.slow  # writes and fills a disk image: CI runs it (.ci/run)
 def test_a_full_disk_is_one_line_and_leaves_nothing(digits_run, small_tmpfs):
     before = checksum(small_tmpfs)
     result = run_ltcache(["extract", digits_run["run"] / "checkpoint.pt", "--out", small_tmpfs / "cache",

@@ -557,11 +557,16 @@ def figure_reliability(results: list[Result]):
             bins = row.get("reliability") or []
             if bins:
                 ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], marker="o", markersize=3,
-                        linewidth=1, label=f"{row['method']} (ECE {row.get('ece', float('nan')):.1f})")
+                        linewidth=1, label=f"{row['method']} (ECE {_float(row.get('ece')):.1f})")
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
         _finish(ax, label, "confidence", "accuracy", grid=False, legend_from=2)  # the diagonal is not a method
     return fig
+
+
+def _float(value) -> float:
+    """A number of results.json as a float (null, written for NaN, reads back as NaN)."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else float("nan")
 
 
 def _prior_axis(keys: Iterable[str]) -> list[tuple[str, float]]:

@@ -246,6 +246,8 @@ def check_open_clip_config(path: Path) -> dict:
         elif isinstance(value, list):
             for index, item in enumerate(value):
                 walk(item, f"{where}[{index}]")
+        elif where.rsplit(".", 1)[-1] in positive and (isinstance(value, bool) or not isinstance(value, int)):
+            raise LtcacheError(f"open_clip model config {path}: {where} must be an integer, got {repr(value)[:40]}")
         elif isinstance(value, bool) or value is None or isinstance(value, str):
             return
         elif isinstance(value, int):

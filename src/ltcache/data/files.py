@@ -174,9 +174,12 @@ def inat_json_to_split_files(json_dir: Path, out_dir: Path, *, overwrite: bool =
     for target in targets.values():
         if target.exists() and (target.is_symlink() or not target.is_file()):
             raise LtcacheError(f"{target} exists and is not a plain file; move it away or choose another --out")
-    existing = [str(p) for p in targets.values() if p.exists()]
+    existing = [p for p in targets.values() if p.exists()]
     if existing and not overwrite:
         raise LtcacheError(f"{existing[0]} already exists; choose another --out or pass --overwrite")
+    sources = {split: json_dir / f"{split}2018.json" for split in ("train", "val")}
+    if existing:
+        _check_ours(out_dir / INAT_MARKER, existing, sources)
     lines = {}
     for split in ("train", "val"):
         path = json_dir / f"{split}2018.json"
@@ -189,14 +192,47 @@ def inat_json_to_split_files(json_dir: Path, out_dir: Path, *, overwrite: bool =
         except (ValueError, KeyError, TypeError) as exc:  # JSON and UTF-8 decoding errors are ValueErrors
             raise LtcacheError(f"{path} is not an iNaturalist json ({type(exc).__name__}); pass the folder with the "
                                "official train2018.json and val2018.json") from None
-    from ltcache.fsutil import atomic_write
+    from ltcache.folders import folder_lock
+    from ltcache.fsutil import atomic_write, sha256_file, write_json
 
     out_dir.mkdir(parents=True, exist_ok=True)
-
-    for split, target in targets.items():
-        atomic_write(target, lambda tmp, text="\n".join(lines[split]) + "\n": tmp.write_text(text))
-        written[split] = target
+    with folder_lock(out_dir, shared=False, what="split folder"):
+        if existing:  # again under the lock: another process may have written meanwhile
+            _check_ours(out_dir / INAT_MARKER, [p for p in targets.values() if p.exists()], sources)
+        for split, target in targets.items():
+            atomic_write(target, lambda tmp, text="\n".join(lines[split]) + "\n": tmp.write_text(text))
+            written[split] = target
+        write_json(out_dir / INAT_MARKER, {
+            "made_by": "ltcache inat-splits",
+            "sources": {split: sha256_file(path) for split, path in sources.items()},
+            "files": {target.name: sha256_file(target) for target in targets.values()}})
     return written
+
+
+INAT_MARKER = "iNaturalist18.ltcache.json"  # which split files inat-splits wrote here, from which json files
+
+
+def _check_ours(marker: Path, existing: list[Path], sources: dict[str, Path]) -> None:
+    """--overwrite replaces a split file only when inat-splits wrote it (its sha256 is in the marker) from the same
+    json files: a user's own copy (say the official iNaturalist18_train.txt) is never replaced."""
+    from ltcache.fsutil import sha256_file
+
+    try:
+        recorded = json.loads(marker.read_bytes().decode("utf-8"))
+        files, recorded_sources = recorded["files"], recorded["sources"]
+        if not isinstance(files, dict) or not isinstance(recorded_sources, dict):
+            raise TypeError
+    except (OSError, ValueError, KeyError, TypeError):
+        raise LtcacheError(f"{existing[0]} was not written by ltcache inat-splits (no {marker.name} beside it); "
+                           "--overwrite only replaces what ltcache made, so choose another --out") from None
+    for path in existing:
+        if files.get(path.name) != sha256_file(path):
+            raise LtcacheError(f"{path} was changed since ltcache inat-splits wrote it (or was not written by it); "
+                               "--overwrite only replaces what ltcache made, so choose another --out")
+    for split, source in sources.items():
+        if source.is_file() and recorded_sources.get(split) != sha256_file(source):
+            raise LtcacheError(f"the split files in {marker.parent} were made from another {source.name}; choose "
+                               "another --out for this one")
 
 
 @register_dataset("imagefolder")
