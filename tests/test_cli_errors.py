@@ -83,6 +83,20 @@ def test_bad_tau_grids(toy_cache, grid, message):
     assert_clean_error(invoke("sweep-tau", toy_cache, f"--taus={grid}"), message)
 
 
+def test_a_tau_whose_scales_leave_float32_is_refused(toy_cache):
+    """The toy head's norms are 9, 3 and 1.5: tau = 40 gives 9^-40, below float32's range (the logits would be 0 and
+    inf); the error names the largest usable tau, and that tau runs."""
+    import math
+
+    result = invoke("sweep-tau", toy_cache, "--taus", "0,1,40")
+    assert_clean_error(result, "tau = 40 scales the classes by ||w_j||^-tau beyond float32", "use taus up to")
+    limit = float(result.stderr.rsplit("use taus up to", 1)[1].strip())
+    assert math.isclose(limit, 30 * math.log(10) / math.log(9), rel_tol=1e-2)
+    assert invoke("sweep-tau", toy_cache, "--taus", f"0,1,{limit * 0.99:.3f}").exit_code == 0
+    compare = invoke("compare", toy_cache, "--methods", "tau_norm", "--set", "tau_norm.taus=0,50", "--bootstrap", "0")
+    assert_clean_error(compare, "tau = 50")
+
+
 def test_select_on_train_without_val_is_fine_but_unknown_split_is_not(toy_cache):
     assert_clean_error(invoke("sweep-tau", toy_cache, "--select", "test"), "--select must be one of: val, train")
 

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_one_line_error, checksum, reseal, run_ltcache
+from conftest import assert_one_line_error, checksum, reseal, run_ltcache, write_toy_cache
 
 pytestmark = pytest.mark.slow  # over a hundred real processes: CI runs it (.ci/run), the default suite does not
 
@@ -258,6 +258,17 @@ CASES = [
     Case("extract-existing-cache", ("extract", "run/checkpoint.pt", "--out", "cache"), ("already exists",)),
     Case("extract-over-file", ("extract", "run/checkpoint.pt", "--out", "file.txt", "--overwrite"),
          ("is not a folder",)),
+    Case("extract-over-fake-manifest", ("extract", "run/checkpoint.pt", "--out", "thesis", "--overwrite"),
+         ("not an ltcache cache folder",), setup=lambda ws: (
+             write_file("thesis/manifest.json", json.dumps({"schema_version": 1, "splits": {"train": {}},
+                                                            "generation": "0"}))(ws),
+             write_file("thesis/thesis.tex", "\\documentclass{article}\n")(ws))),
+    Case("extract-over-another-source", ("extract", "run/checkpoint.pt", "--out", "toycache", "--overwrite"),
+         ("is a cache folder of dataset toy / backbone none", "this command makes one of dataset digits-lt",
+          "from the same source"), setup=lambda ws: write_toy_cache(ws / "toycache")),
+    Case("train-over-another-backbone", ("train-backbone", "--out", "run", "--overwrite", "--backbone",
+                                         "smallresnet14", "--epochs", "1"),
+         ("is a run folder of dataset digits-lt / backbone smallresnet8", "from the same source")),
     Case("extract-dtype", ("extract", "run/checkpoint.pt", "--out", "c2", "--dtype", "float64"),
          ("--dtype must be one of: float32, float16",)),
     Case("extract-shard-rows", ("extract", "run/checkpoint.pt", "--out", "c2", "--shard-rows", "0"),

@@ -157,23 +157,26 @@ class CacheWriter:
     """
 
     def __init__(self, path: Path, *, feature_dim: int, dtype: str = "float32", shard_rows: int = 65536,
-                 overwrite: bool = False, inputs=(), staging: Path | None = None, adopt: Path | None = None):
+                 overwrite: bool = False, inputs=(), staging: Path | None = None, adopt: Path | None = None,
+                 source: dict | None = None):
         check_writer_options(dtype=dtype, shard_rows=shard_rows)
         self.path = Path(path)
         # `staging`: another process's staging folder (torchrun rank > 0 writes its shards into rank 0's);
         # `adopt`: a killed extract's staging folder, continued (extract --resume).
-        self.folder = StagedFolder(self.path, kind=CACHE, overwrite=overwrite, inputs=inputs, adopt=adopt) \
-            if staging is None else None
+        self.folder = StagedFolder(self.path, kind=CACHE, overwrite=overwrite, inputs=inputs, adopt=adopt,
+                                   source=source) if staging is None else None
         self.staging = self.folder.path if self.folder is not None else Path(staging)
         self.feature_dim, self.dtype, self.shard_rows = feature_dim, dtype, shard_rows
         self.splits: dict[str, dict] = {}
         self.label_counts: dict[str, np.ndarray] = {}
 
     @staticmethod
-    def check_target(path: Path, *, dtype: str, shard_rows: int, overwrite: bool, inputs=()) -> None:
-        """Fail before any work when the options are bad or `path` may not be written (folders.check_target)."""
+    def check_target(path: Path, *, dtype: str, shard_rows: int, overwrite: bool, inputs=(),
+                     source: dict | None = None) -> None:
+        """Fail before any work when the options are bad or `path` may not be written (folders.check_target):
+        `source` ({dataset, backbone}) must match an existing cache's for --overwrite to replace it."""
         check_writer_options(dtype=dtype, shard_rows=shard_rows)
-        check_target(Path(path), kind=CACHE, overwrite=overwrite, inputs=inputs)
+        check_target(Path(path), kind=CACHE, overwrite=overwrite, inputs=inputs, source=source)
 
     def split(self, name: str, *, shard_ids: list[int] | None = None, journal: Path | None = None) -> SplitWriter:
         return SplitWriter(self.staging, name, feature_dim=self.feature_dim, dtype=self.dtype,

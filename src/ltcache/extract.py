@@ -88,7 +88,8 @@ def extract(checkpoint: Path | None, out: Path, *, dataset: str | None = None, b
             described = {"name": dataset}
     spec = DatasetSpec.from_dict(described, root=root, split_dir=split_dir)
     inputs = [checkpoint, spec.root, spec.split_dir]  # the cache folder may not hold what it is made from
-    writer_args = {"dtype": dtype, "shard_rows": shard_rows, "overwrite": overwrite, "inputs": inputs}
+    writer_args = {"dtype": dtype, "shard_rows": shard_rows, "overwrite": overwrite, "inputs": inputs,
+                   "source": {"dataset": spec.name, "backbone": config["backbone"]}}
     CacheWriter.check_target(Path(out), **writer_args)
     plan = {"checkpoint_sha256": sha256_file(Path(checkpoint)) if checkpoint is not None else None,
             "model": model_source, "dtype": dtype, "shard_rows": shard_rows, "train_views": train_views,

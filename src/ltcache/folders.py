@@ -29,7 +29,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,11 +53,28 @@ class FolderKind:
     complete: str
     required_keys: tuple[str, ...]
     self_hash: str | None = None
+    source_of: Callable[[dict], dict] | None = None  # what the folder was made from, read from its marker
 
 
-RUN = FolderKind("run folder", "config.json", "checkpoint.pt", ("config", "dataset"))
+def _dataset_and_backbone(dataset: object, backbone: object) -> dict:
+    return {"dataset": dataset.get("name") if isinstance(dataset, dict) else None, "backbone": backbone}
+
+
+def _run_source(marker: dict) -> dict:
+    config = marker.get("config")
+    return _dataset_and_backbone(marker.get("dataset"), config.get("backbone") if isinstance(config, dict) else None)
+
+
+def _cache_source(marker: dict) -> dict:
+    backbone = marker.get("backbone")
+    return _dataset_and_backbone(marker.get("dataset"), backbone.get("arch") if isinstance(backbone, dict) else None)
+
+
+# --overwrite replaces a run or a cache only with one of the same source: the same dataset and backbone (a rerun,
+# a re-extraction with other options or a retrained checkpoint), never a run or cache of something else.
+RUN = FolderKind("run folder", "config.json", "checkpoint.pt", ("config", "dataset"), source_of=_run_source)
 CACHE = FolderKind("cache folder", "manifest.json", "manifest.json", ("schema_version", "splits", "generation"),
-                   self_hash="manifest_sha256")
+                   self_hash="manifest_sha256", source_of=_cache_source)
 # compare --out: heads/ and reports/ of the comparisons of one cache (ltcache-results.json names the cache)
 RESULTS = FolderKind("compare results folder", "ltcache-results.json", "ltcache-results.json",
                      ("kind", "cache"), self_hash="marker_sha256")
@@ -107,7 +124,7 @@ def _real(path: Path) -> Path:
 
 
 def check_target(path: Path, *, kind: FolderKind, overwrite: bool, inputs: Iterable[Path | str | None] = (),
-                 option: str = "--out") -> None:
+                 option: str = "--out", source: dict | None = None) -> None:
     """Raise unless a new `kind` may be written at `path`. Read-only, so every torchrun rank can call it.
 
     Refused always: a file, a symbolic link, the current folder or one of its parents, a folder that holds one of
@@ -141,6 +158,7 @@ def check_target(path: Path, *, kind: FolderKind, overwrite: bool, inputs: Itera
         if not made_by_ltcache(path, kind):
             raise LtcacheError(f"{path} is not an ltcache {kind.label} (it has no valid {kind.marker}); --overwrite "
                                f"only replaces what ltcache made, so pass another folder to {option}")
+        check_same_source(path, kind, source, option)
     if is_locked(path):
         raise LtcacheError(f"{shown} is in use by another ltcache process; wait for it to finish or pass another "
                            f"folder to {option}")
@@ -148,6 +166,21 @@ def check_target(path: Path, *, kind: FolderKind, overwrite: bool, inputs: Itera
         if _is_live(other):
             raise LtcacheError(f"another ltcache process is already writing {shown} (in {other.name}); wait for it "
                                f"to finish or pass another folder to {option}")
+
+
+def check_same_source(path: Path, kind: FolderKind, source: dict | None, option: str = "--out") -> None:
+    """Refuse to replace a `kind` folder made from another source (`source`'s non-None values: dataset, backbone)."""
+    marker = read_marker(path, kind)
+    if source is None or kind.source_of is None or marker is None:
+        return
+    theirs = kind.source_of(marker)
+    if any(value is not None and theirs.get(key) != value for key, value in source.items()):
+        def shown(values: dict) -> str:
+            return " / ".join(f"{key} {values.get(key)}" for key in source)
+
+        raise LtcacheError(f"{path} is a {kind.label} of {shown(theirs)}, and this command makes one of "
+                           f"{shown(source)}; --overwrite replaces only what ltcache made from the same source, so "
+                           f"pass another folder to {option} (or remove {path} yourself)")
 
 
 # ---------------------------------------------------------------------------------------------------- locks
@@ -321,10 +354,10 @@ class StagedFolder:
     """
 
     def __init__(self, target: Path, *, kind: FolderKind, overwrite: bool, inputs: Iterable = (),
-                 option: str = "--out", adopt: Path | None = None):
-        self.target, self.kind, self.overwrite = Path(target), kind, overwrite
+                 option: str = "--out", adopt: Path | None = None, source: dict | None = None):
+        self.target, self.kind, self.overwrite, self.source = Path(target), kind, overwrite, source
         inputs = list(inputs)
-        check_target(self.target, kind=kind, overwrite=overwrite, inputs=inputs, option=option)
+        check_target(self.target, kind=kind, overwrite=overwrite, inputs=inputs, option=option, source=source)
         self.path = self.target.with_name(f".{self.target.name}.staging-{os.getpid()}")
         self._fd: int | None = None
         if adopt is not None:  # a dead writer's staging folder, continued (extract --resume): locked, then ours
@@ -334,7 +367,7 @@ class StagedFolder:
                 raise LtcacheError(f"{adopt} belongs to a running ltcache process; wait for it to finish")
             os.rename(adopt, self.path)
         if recover(self.target, kind) is not None:  # a dead writer's complete folder is now at the target
-            check_target(self.target, kind=kind, overwrite=overwrite, inputs=inputs, option=option)
+            check_target(self.target, kind=kind, overwrite=overwrite, inputs=inputs, option=option, source=source)
         self.created = _make_parents(self.target.parent)
         try:
             if adopt is None:
@@ -354,6 +387,7 @@ class StagedFolder:
             if not self.overwrite or not made_by_ltcache(target, self.kind):
                 raise LtcacheError(f"{self.kind.label} {target} appeared while this command ran; the new result stays "
                                    f"in {self.path}")
+            check_same_source(target, self.kind, self.source)
             with folder_lock(target, shared=False, what=self.kind.label):
                 retired = target.with_name(f".{target.name}.retired-{os.getpid()}")
                 if _exchange(self.path, target):

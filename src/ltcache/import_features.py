@@ -85,7 +85,8 @@ def import_features(out: Path, *, train: Path, test: Path, val: Path | None = No
     classifier fitted on the imported train features with instance-balanced sampling (a linear probe)."""
     sources = {"train": train, "val": val, "test": test}
     inputs = [train, val, test, head, class_names]
-    CacheWriter.check_target(out, dtype=dtype, shard_rows=65536, overwrite=overwrite, inputs=inputs)
+    source = {"dataset": "imported", "backbone": "imported"}
+    CacheWriter.check_target(out, dtype=dtype, shard_rows=65536, overwrite=overwrite, inputs=inputs, source=source)
     splits = {}
     for name, path in sources.items():
         if path is not None:
@@ -105,7 +106,8 @@ def import_features(out: Path, *, train: Path, test: Path, val: Path | None = No
     names = _class_names(class_names, num_classes)
     weight, bias, head_source = _joint_head(head, splits["train"], num_classes, dims["train"], seed)
 
-    writer = CacheWriter(out, feature_dim=dims["train"], dtype=dtype, overwrite=overwrite, inputs=inputs)
+    writer = CacheWriter(out, feature_dim=dims["train"], dtype=dtype, overwrite=overwrite, inputs=inputs,
+                         source=source)
     try:
         for name, (features, labels) in splits.items():
             split = writer.split(name)

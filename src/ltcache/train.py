@@ -111,12 +111,13 @@ def fit(cfg: TrainConfig, *, inputs=()) -> Path:
     device = resolve_device(cfg.device)
     init_distributed(device)
     try:
-        check_target(out, kind=RUN, overwrite=cfg.overwrite, inputs=inputs)  # every rank fails alike, none hangs
+        source = {"dataset": cfg.data.name, "backbone": cfg.backbone}
+        check_target(out, kind=RUN, overwrite=cfg.overwrite, inputs=inputs, source=source)  # every rank alike
         barrier()  # every rank has checked before rank 0 creates anything beside the target
         data = build_dataset(cfg.data)
         staged = None
         if is_main_process():
-            staged = StagedFolder(out, kind=RUN, overwrite=cfg.overwrite, inputs=inputs)
+            staged = StagedFolder(out, kind=RUN, overwrite=cfg.overwrite, inputs=inputs, source=source)
         try:
             return _train(cfg, data, RunFolder(staged, out), device, init=init)
         except BaseException:
