@@ -371,7 +371,7 @@ CASES = [
     Case("sweep-huge-grid", ("sweep-tau", "cache", "--taus", "0:1e9:1e-9"), ("more than 10,000",)),
     Case("sweep-inf-grid", ("sweep-tau", "cache", "--taus", "0,inf"), ("--taus",)),
     Case("compare-out-file", ("compare", "cache", "--out", "file.txt"), ("--out file.txt is a file",)),
-    Case("compare-out-docs", ("compare", "cache", "--out", "docs"), ("not an earlier compare's heads/",)),
+    Case("compare-out-docs", ("compare", "cache", "--out", "docs"), ("did not make for this cache",)),
     # ---- inat-splits
     Case("inat-missing-json", ("inat-splits", "docs", "--out", "splits"), ("train2018.json not found",)),
     Case("inat-binary-json", ("inat-splits", "inat", "--out", "splits"), ("is not an iNaturalist json",),

@@ -252,6 +252,10 @@ CASES = [
          setup=write("cache/reports/results.json", b'{"rows": "\xff"}')),
     Case("results-weight-norms-short", ("report", "cache", "--out", "page"), ("weight_norms['tau_norm'] has 1",),
          setup=edit_results(lambda r: r["weight_norms"].update(tau_norm=[1.0]))),
+    Case("report-over-fake-report", ("report", "cache", "--out", "mine", "--overwrite"),
+         ("not an ltcache report folder",),
+         setup=both(write("mine/report.json", json.dumps({"report_version": 1, "sources": []})),
+                    write("mine/index.html", "<p>my own page</p>"))),
     # ---- debatable cases, decided
     Case("info-verify-unlisted", ("info", "cache", "--verify"), ("notes.txt is in the cache but not in its manifest",),
          setup=write("cache/train/notes.txt", "mine\n")),

@@ -24,9 +24,10 @@ from pathlib import Path
 import numpy as np
 
 from ltcache.errors import LtcacheError
-from ltcache.folders import FolderKind, StagedFolder
+from ltcache.folders import FolderKind, StagedFolder, write_marker
 
-REPORT = FolderKind("report folder", "report.json", "index.html", ("report_version", "sources"))
+REPORT = FolderKind("report folder", "report.json", "index.html", ("report_version", "sources"),
+                    self_hash="report_sha256")
 REPORT_VERSION = 1
 KEYS = ("many", "medium", "few", "all", "mean_per_class", "harmonic_mean", "geometric_mean", "top5", "ece")
 HEADINGS = {"many": "Many", "medium": "Medium", "few": "Few", "all": "All", "mean_per_class": "mean/class",
@@ -774,7 +775,7 @@ def build_report(inputs: Iterable[Path | str], out: Path | str, *, by: str | Non
     write OUT/index.html (self-contained), results.md and
     results.csv (merged over inputs) and report.json (what was read). OUT is built beside its place and moved in
     whole; with `overwrite` it replaces an earlier report folder, and nothing else, once the new one is complete."""
-    from ltcache.fsutil import atomic_write, write_json
+    from ltcache.fsutil import atomic_write
 
     inputs = [Path(p) for p in inputs]
     results = load_results(inputs, by=by, labels=labels)
@@ -794,7 +795,7 @@ def build_report(inputs: Iterable[Path | str], out: Path | str, *, by: str | Non
         atomic_write(staged.path / "index.html", lambda tmp: tmp.write_text(page, encoding="utf-8"))
         atomic_write(staged.path / "results.md", lambda tmp: tmp.write_text(markdown))
         atomic_write(staged.path / "results.csv", lambda tmp: tmp.write_text(csv_text(results)))
-        write_json(staged.path / "report.json", {
+        write_marker(staged.path, REPORT, {
             "report_version": REPORT_VERSION, "by": by, "title": title,
             "sources": [{"input": str(r.path), "results": str(results_file(r.path).resolve()), "label": r.label,
                          "cache_generation": r.results.get("cache_generation")} for r in results],
