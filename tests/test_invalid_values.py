@@ -192,12 +192,14 @@ def recipe_cases() -> list:
         if param.type is dict or param.name == "out":
             continue
         for value in invalid_values(param):
-            cases.append(pytest.param("train", param, value, id=f"train.{param.name}={str(value)[:12]}"))
+            if _toml(value) is not None:  # None has no TOML spelling: a key left out is its default
+                cases.append(pytest.param("train", param, value, id=f"train.{param.name}={str(value)[:12]}"))
     for param in options.COMPARE:
         if param.name in {"set_", "plugin", "config", "out", "as_json", "device", "memory_budget", "methods"}:
             continue
         for value in invalid_values(param):
-            cases.append(pytest.param("compare", param, value, id=f"compare.{param.name}={str(value)[:12]}"))
+            if _toml(value) is not None:
+                cases.append(pytest.param("compare", param, value, id=f"compare.{param.name}={str(value)[:12]}"))
     return cases
 
 
@@ -221,8 +223,6 @@ def _toml(value) -> str | None:
 @pytest.mark.parametrize("table, param, value", recipe_cases())
 def test_every_recipe_key_refuses_generated_invalid_values(table, param, value, workspace, monkeypatch, capsys):
     text = _toml(value)
-    if text is None:
-        pytest.skip("no TOML spelling")
     recipe = workspace / "NEW" / "recipe.toml"
     if table == "train":
         recipe.write_text(f'[train]\nout = "NEW/run"\n{param.name} = {text}\n')

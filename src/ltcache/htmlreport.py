@@ -93,8 +93,15 @@ def results_file(path: Path) -> Path:
 
 
 def _read(path: Path) -> tuple[dict, dict]:
-    file = results_file(path)
-    results = read_results_json(file)
+    """An input's results.json and its cache's manifest, read under a shared lock on the folder that holds
+    reports/ (a cache or a compare --out folder): a compare publishing there at the same moment is waited for."""
+    from ltcache.folders import folder_lock
+
+    path = Path(path)
+    root = path if path.is_dir() and path.name != "reports" else (path.parent if path.is_dir() else path.parent.parent)
+    with folder_lock(root, shared=True, what="results folder"):
+        file = results_file(path)
+        results = read_results_json(file)
     manifest = {}
     from ltcache.results_folder import cache_of_results
 
