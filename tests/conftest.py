@@ -128,6 +128,31 @@ def checksum(folder: Path) -> dict[str, str]:
     return entries
 
 
+# A tiny open_clip tower (random weights, no download) for the tests of frozen CLIP backbones and their configs.
+TINY_CLIP = {"embed_dim": 32,
+             "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
+             "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
+
+
+def run_cases(cases, prepare, base: Path) -> dict[str, dict]:
+    """The hostile matrices' runner: for each case (id, args, setup, cwd) a fresh workspace from `prepare(ws)`, its
+    setup, then the real ltcache, a few processes at a time; returns per case the result and the workspace's
+    checksums before and after."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def run(case) -> tuple[str, dict]:
+        ws = base / case.id
+        prepare(ws)
+        if case.setup is not None:
+            case.setup(ws)
+        before = checksum(ws)
+        result = run_ltcache(case.args, cwd=ws / case.cwd)
+        return case.id, {"result": result, "before": before, "after": checksum(ws)}
+
+    with ThreadPoolExecutor(max(2, min(4, (os.cpu_count() or 2) + 1))) as pool:
+        return dict(pool.map(run, cases))
+
+
 def run_ltcache(args, *, cwd: Path, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
     # PYTHONSAFEPATH: as the `ltcache` console script runs, the current folder is not on sys.path (python -m would
     # put it there, and a json.py in a test's folder would shadow the standard library's)

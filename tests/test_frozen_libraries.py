@@ -15,17 +15,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from conftest import assert_clean_error, assert_one_line_error, checksum, invoke, lab_data
+from conftest import TINY_CLIP, assert_clean_error, assert_one_line_error, checksum, invoke, lab_data
 from ltcache.cache import FeatureCache
 from ltcache.data import DatasetSpec, build_dataset
 from ltcache.heads import LinearCosineHead, LinearHead
 from ltcache.hub import choose_joint_head, open_clip_preprocessing, timm_preprocessing
 from ltcache.stage2 import fit_method
 from ltcache.stage2.methods.foundation import estimate_label_bias
-
-TINY_CLIP = {"embed_dim": 32,
-             "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
-             "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
 
 
 def digit_image(index: int) -> tuple[torch.Tensor, Image.Image]:

@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_one_line_error, checksum, reseal, run_ltcache, write_toy_cache
+from conftest import assert_one_line_error, reseal, run_cases, write_toy_cache
 
 pytestmark = pytest.mark.slow  # over a hundred real processes: CI runs it (.ci/run), the default suite does not
 
@@ -409,19 +408,7 @@ def make_workspace(ws: Path, digits_run: dict) -> None:
 
 @pytest.fixture(scope="session")
 def matrix(digits_run, tmp_path_factory) -> dict[str, dict]:
-    base = tmp_path_factory.mktemp("hostile")
-
-    def run(case: Case) -> tuple[str, dict]:
-        ws = base / case.id
-        make_workspace(ws, digits_run)
-        if case.setup is not None:
-            case.setup(ws)
-        before = checksum(ws)
-        result = run_ltcache(case.args, cwd=ws / case.cwd)
-        return case.id, {"result": result, "before": before, "after": checksum(ws)}
-
-    with ThreadPoolExecutor(max(2, min(4, (os.cpu_count() or 2) + 1))) as pool:
-        return dict(pool.map(run, CASES))
+    return run_cases(CASES, lambda ws: make_workspace(ws, digits_run), tmp_path_factory.mktemp("hostile"))
 
 
 def test_the_matrix_is_large():

@@ -18,22 +18,18 @@ import subprocess
 import sys
 import tarfile
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import assert_one_line_error, checksum, reseal, run_ltcache, write_toy_cache
+from conftest import TINY_CLIP, assert_one_line_error, checksum, reseal, run_cases, run_ltcache, write_toy_cache
 
 pytestmark = pytest.mark.slow  # about fifty real processes: CI runs them (.ci/run), the default suite does not
 
 TOY = ("--methods", "joint,ncm,tau_norm", "--bootstrap", "0")
 REPO = Path(__file__).resolve().parent.parent
-TINY_CLIP = {"embed_dim": 32,
-             "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
-             "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
 
 
 @dataclass(frozen=True)
@@ -283,19 +279,8 @@ def template(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def matrix(template, tmp_path_factory) -> dict[str, dict]:
-    base = tmp_path_factory.mktemp("surface-cases")
-
-    def run(case: Case) -> tuple[str, dict]:
-        ws = base / case.id
-        shutil.copytree(template, ws, symlinks=True)
-        if case.setup is not None:
-            case.setup(ws)
-        before = checksum(ws)
-        result = run_ltcache(case.args, cwd=ws / case.cwd)
-        return case.id, {"result": result, "before": before, "after": checksum(ws)}
-
-    with ThreadPoolExecutor(max(2, min(4, (os.cpu_count() or 2) + 1))) as pool:
-        return dict(pool.map(run, CASES))
+    return run_cases(CASES, lambda ws: shutil.copytree(template, ws, symlinks=True),
+                     tmp_path_factory.mktemp("surface-cases"))
 
 
 def test_the_matrix_covers_the_issue():

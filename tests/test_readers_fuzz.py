@@ -18,7 +18,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import lab_data, write_toy_cache
+from conftest import TINY_CLIP, lab_data, write_toy_cache
 from ltcache.errors import LtcacheError
 from ltcache.params import MAX_CLASSES
 
@@ -68,6 +68,13 @@ def _replace(document, path, new):
     return copy
 
 
+def _write_mutated(document, data, new, file: Path) -> Path:
+    """`document` with one value, anywhere in it (drawn from `data`), replaced by `new`, written to `file`."""
+    path = data.draw(st.sampled_from(list(_paths(document))))
+    file.write_text(_json_text(_replace(document, path, new)))
+    return file
+
+
 def _use_results(file: Path) -> None:
     """What ltcache report does with a results.json short of drawing: read, aggregate, tabulate, CSV."""
     from ltcache.htmlreport import Result, _table_context, aggregate_rows, csv_text, read_results_json, summary_table
@@ -83,10 +90,7 @@ def _use_results(file: Path) -> None:
 @FUZZ
 @given(data=st.data(), new=JSON)
 def test_results_json_with_any_field_replaced_is_read_whole_or_refused(results_json, tmp_path, data, new):
-    paths = list(_paths(results_json))
-    path = data.draw(st.sampled_from(paths))
-    file = tmp_path / "results.json"
-    file.write_text(_json_text(_replace(results_json, path, new)))
+    file = _write_mutated(results_json, data, new, tmp_path / "results.json")
     try:
         _use_results(file)
     except LtcacheError as exc:
@@ -111,9 +115,7 @@ def test_results_json_that_is_read_is_drawn(results_json, tmp_path, data, new):
     """Slow (it draws every figure): what the reader accepts, the page renders."""
     from ltcache.htmlreport import Result, read_results_json, render_page
 
-    path = data.draw(st.sampled_from(list(_paths(results_json))))
-    file = tmp_path / "results.json"
-    file.write_text(_json_text(_replace(results_json, path, new)))
+    file = _write_mutated(results_json, data, new, tmp_path / "results.json")
     try:
         results = read_results_json(file)
     except LtcacheError:
@@ -218,9 +220,6 @@ def test_webdataset_labels_are_class_numbers_or_refused(extension, raw):
 
 # ---------------------------------------------------------------------------------------- open_clip configs
 
-TINY_CLIP = {"embed_dim": 32,
-             "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
-             "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
 
 
 @FUZZ
@@ -228,9 +227,7 @@ TINY_CLIP = {"embed_dim": 32,
 def test_open_clip_configs_are_bounded_or_refused(tmp_path, data, new):
     from ltcache.hub import MAX_CONFIG_INT, check_open_clip_config
 
-    path = data.draw(st.sampled_from(list(_paths(TINY_CLIP))))
-    file = tmp_path / "clip.json"
-    file.write_text(_json_text(_replace(TINY_CLIP, path, new)))
+    file = _write_mutated(TINY_CLIP, data, new, tmp_path / "clip.json")
     try:
         config = check_open_clip_config(file)
     except LtcacheError:
