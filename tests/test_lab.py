@@ -113,3 +113,22 @@ def test_protocol_audit_reports_test_chosen_numbers_and_changes_nothing(tmp_path
     result = invoke("compare", str(cache), "--methods", "joint,tau_norm", "--protocol-audit", "--bootstrap", "0")
     assert result.exit_code == 0, result.output
     assert "if chosen on test" in result.output and "optimism" in (cache / "reports" / "results.md").read_text()
+
+
+def test_a_compare_that_fails_while_writing_leaves_nothing_behind(tmp_path, monkeypatch):
+    """Heads and reports are staged and published whole: a failure while writing them (here the report writer
+    raising) leaves no new --out folder, no staging folder, and an earlier comparison in the cache untouched."""
+    from ltcache import report
+
+    cache = write_toy_cache(tmp_path / "c")
+    compare(cache, methods=["joint"], bootstrap=0)
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("the disk went away")
+
+    monkeypatch.setattr(report, "write_reports", boom)
+    for out in (tmp_path / "new" / "out", None):
+        with pytest.raises(RuntimeError, match="the disk went away"):
+            compare(cache, methods=["joint", "tau_norm"], bootstrap=0, out=out)
+        assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before

@@ -539,14 +539,16 @@ class FeatureCache:
         return mismatched_files(self.path, self.files())
 
     def unlisted(self) -> list[str]:
-        """Files in the cache folder that the manifest does not list and that are not compare's results (heads/,
-        reports/, history/): left over, or put there by something else. Sorted, relative to the cache."""
+        """Files in the cache folder that the manifest does not list and that are not compare's (heads/, reports/,
+        history/, a compare's .compare.staging-PID): left over, or put there by something else. Sorted, relative
+        to the cache."""
         listed = {*self.files(), MANIFEST}
         results = ("heads", "reports", "history")
         found = []
         for path in sorted(self.path.rglob("*")):
             relative = path.relative_to(self.path).as_posix()
-            if path.is_dir() or relative in listed or relative.split("/", 1)[0] in results:
+            top = relative.split("/", 1)[0]
+            if path.is_dir() or relative in listed or top in results or top.startswith(".compare.staging-"):
                 continue
             found.append(relative)
         return found

@@ -123,9 +123,11 @@ def clear_dead_staging(folder: Path) -> None:
 @contextlib.contextmanager
 def staging(folder: Path) -> Iterator[Path]:
     """A new locked `.compare.staging-PID` folder inside `folder`, removed on exit (published entries have left)."""
-    Path(folder).mkdir(parents=True, exist_ok=True)
+    folder = Path(folder)
+    made = [p for p in (folder, *folder.parents) if not p.exists()]  # a new --out: removed again if nothing lands
+    folder.mkdir(parents=True, exist_ok=True)
     clear_dead_staging(folder)
-    path = Path(folder) / f"{STAGING_PREFIX}{os.getpid()}"
+    path = folder / f"{STAGING_PREFIX}{os.getpid()}"
     shutil.rmtree(path, ignore_errors=True)
     fd = make_locked_folder(path)
     try:
@@ -133,6 +135,9 @@ def staging(folder: Path) -> Iterator[Path]:
     finally:
         shutil.rmtree(path, ignore_errors=True)
         os.close(fd)
+        for created in made:  # innermost first; only while still empty (nothing was published)
+            with contextlib.suppress(OSError):
+                created.rmdir()
 
 
 def publish(folder: Path, staged: Path, *, cache_path: Path, in_cache: bool) -> Path | None:
