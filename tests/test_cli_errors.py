@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import assert_clean_error, invoke
+from conftest import assert_clean_error, invoke, run_ltcache
 
 
 def test_wrong_dataset_root_creates_nothing(tmp_path):
@@ -132,3 +132,18 @@ def test_bad_target_prior_fails_before_any_head_is_written(toy_cache):
     result = invoke("compare", toy_cache, "--methods", "crt,logit_adj", "--set", "logit_adj.target=forwad:10")
     assert_clean_error(result, "target prior 'forwad:10'", "forward:F")
     assert not (toy_cache / "heads").exists()
+
+
+def test_version_is_one_and_the_same_everywhere():
+    """`ltcache --version`, the package, its installed metadata and CITATION.cff agree."""
+    import importlib.metadata
+    import re
+    from pathlib import Path
+
+    import ltcache
+
+    done = run_ltcache(["--version"], cwd=Path(__file__).parent)
+    assert done.returncode == 0 and done.stdout.strip() == f"ltcache {ltcache.__version__}"
+    assert importlib.metadata.version("ltcache") == ltcache.__version__
+    citation = (Path(__file__).resolve().parent.parent / "CITATION.cff").read_text()
+    assert re.search(r"^version: (\S+)$", citation, re.M).group(1) == ltcache.__version__

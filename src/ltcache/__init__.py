@@ -21,7 +21,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from ltcache._version import __version__ as __version__  # re-exported: ltcache.__version__
 
 # name -> module that defines it
 _API = {

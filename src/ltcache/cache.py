@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import h5py
 import numpy as np
 
-from ltcache import __version__
+from ltcache._version import __version__
 from ltcache.errors import LtcacheError
 from ltcache.folders import CACHE, StagedFolder, check_target, recover
 from ltcache.fsutil import append_jsonl, atomic_write, canonical_sha256, mismatched_files, sha256_file, write_json
@@ -156,7 +156,7 @@ class CacheWriter:
     `inputs` are the command's own input files (checkpoint, feature files): `path` may not hold them.
     """
 
-    def __init__(self, path: Path, *, feature_dim: int, dtype: str = "float32", shard_rows: int = 65536,
+    def __init__(self, path: Path, *, feature_dim: int, dtype: str = "float32", shard_rows: int = SHARD_ROWS.default,
                  overwrite: bool = False, inputs=(), staging: Path | None = None, adopt: Path | None = None,
                  source: dict | None = None):
         check_writer_options(dtype=dtype, shard_rows=shard_rows)

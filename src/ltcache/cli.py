@@ -25,8 +25,18 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 _state = {"debug": False}
 
 
+def _show_version(value: bool) -> None:
+    if value:
+        from ltcache._version import __version__
+
+        typer.echo(f"ltcache {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _global(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks instead of one-line errors.")):
+def _global(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks instead of one-line errors."),
+            version: bool = typer.Option(False, "--version", is_eager=True, callback=_show_version,
+                                         help="Print the version and exit.")):
     _state["debug"] = debug
 
 

@@ -21,6 +21,7 @@ from ltcache.folders import dead_staging
 from ltcache.fsutil import sha256_file, write_json
 from ltcache.hub import build_frozen, check_frozen, describe_frozen, split_name
 from ltcache.models import build_model, check_backbone
+from ltcache.options import SHARD_ROWS
 from ltcache.params import checked
 from ltcache.runtime import command_line, resolve_device
 from ltcache.train import images_to
@@ -29,7 +30,7 @@ from ltcache.train import images_to
 @checked(*EXTRACT)
 def extract(checkpoint: Path | None, out: Path, *, dataset: str | None = None, backbone: str | None = None,
             pretrained: bool = False, root: str | None = None, split_dir: str | None = None, dtype: str = "float32",
-            batch_size: int = 512, workers: int = 0, device: str | None = None, shard_rows: int = 65536,
+            batch_size: int = 512, workers: int = 0, device: str | None = None, shard_rows: int = SHARD_ROWS.default,
             overwrite: bool = False, train_views: int = 0, resume: bool = False, joint_head: str = "auto",
             zero_shot: bool = False, class_names: Path | None = None, templates: str = "openai") -> Path:
     """Write penultimate features, labels and sample indices of every split, plus the joint head, to `out`.

@@ -11,6 +11,7 @@ from ltcache.cache import CacheWriter
 from ltcache.config import IMPORT_FEATURES
 from ltcache.errors import LtcacheError
 from ltcache.fsutil import read_class_names, sha256_file
+from ltcache.options import SHARD_ROWS
 from ltcache.params import MAX_CLASSES, checked
 
 
@@ -86,7 +87,8 @@ def import_features(out: Path, *, train: Path, test: Path, val: Path | None = No
     sources = {"train": train, "val": val, "test": test}
     inputs = [train, val, test, head, class_names]
     source = {"dataset": "imported", "backbone": "imported"}
-    CacheWriter.check_target(out, dtype=dtype, shard_rows=65536, overwrite=overwrite, inputs=inputs, source=source)
+    CacheWriter.check_target(out, dtype=dtype, shard_rows=SHARD_ROWS.default, overwrite=overwrite, inputs=inputs,
+                             source=source)
     splits = {}
     for name, path in sources.items():
         if path is not None:

@@ -14,8 +14,6 @@ the registry's metadata (stage2/core.py). It reads the cache and nothing else, a
 from __future__ import annotations
 
 import itertools
-import os
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -152,11 +150,6 @@ class Comparison:
 
 def _quiet(message: str) -> None:
     pass
-
-
-def _stderr(message: str) -> None:
-    if os.environ.get("RANK", "0") == "0":
-        print(message, file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -376,7 +369,7 @@ SEED_KEYS = ("all", "mean_per_class", "many", "medium", "few")
 def provenance(cache: FeatureCache) -> dict:
     """Where a comparison's numbers come from: the cache's dataset, class counts, backbone (checkpoint sha256, its
     training config and command line), the extract command and versions, and this process's command line."""
-    from ltcache import __version__
+    from ltcache._version import __version__
     from ltcache.distributed import get_world_size
     from ltcache.runtime import command_line
 

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ltcache import __version__
+from ltcache._version import __version__
 from ltcache.checkpoint import (
     load_checkpoint,
     load_model_state,
