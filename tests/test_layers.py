@@ -74,3 +74,17 @@ def test_no_method_is_named_in_lab_report_or_cli():
         named = [name for name in method_names() if re.search(rf"(?<!\w){re.escape(name)}(?!\w)", text)]
         assert named == [], f"{path.name} names {named}"
     assert re.search(r"(?<!\w)tau_norm(?!\w)", (SRC / "stage2" / "methods" / "weight_norms.py").read_text())
+
+
+def test_writing_reports_leaves_the_callers_matplotlib_backend_and_pyplot_alone(tmp_path):
+    """A notebook's backend stays what it was after Lab.save and ltcache report: every figure has its own Agg
+    canvas, and pyplot is never imported."""
+    cache = write_toy_cache(tmp_path / "c")
+    code = (f"import matplotlib, sys\nmatplotlib.use('svg')\nfrom ltcache.lab import compare\n"
+            f"from ltcache.htmlreport import build_report\n"
+            f"compare({str(cache)!r}, methods=['joint', 'tau_norm'], bootstrap=0)\n"
+            f"build_report([{str(cache)!r}], {str(tmp_path / 'page')!r})\n"
+            "print(matplotlib.get_backend(), 'matplotlib.pyplot' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["svg", "False"]
+    assert (cache / "reports" / "weight_norms.png").stat().st_size > 1000

@@ -430,30 +430,28 @@ def summary_table(table: dict[str, dict[str, dict]], *, label: str = "input", fl
 
 
 def _png(fig) -> tuple[str, int, int]:
-    import matplotlib.pyplot as plt
-
     buffer = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buffer, format="png", dpi=100)
     width, height = (int(v) for v in fig.get_size_inches() * 100)
-    plt.close(fig)
     return base64.b64encode(buffer.getvalue()).decode("ascii"), width, height
 
 
-def _pyplot():
-    import matplotlib
+def new_figure(figsize: tuple[float, float], rows: int = 1, columns: int = 1, **subplots):
+    """(figure, axes) on a figure of its own Agg canvas: no pyplot, so no global backend switch (a notebook's
+    backend stays what it was) and no figure left registered in pyplot to leak."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(rows, columns, **subplots)
 
 
 def _panels(count: int, width: float = 4.6, height: float = 3.4):
-    plt = _pyplot()
     columns = min(count, 3)
     rows = math.ceil(count / columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(width * columns, height * rows), squeeze=False)
+    fig, axes = new_figure((width * columns, height * rows), rows, columns, squeeze=False)
     flat = list(axes.flat)
     for extra in flat[count:]:
         extra.set_visible(False)
@@ -616,8 +614,7 @@ def plot_sampling_weights(path: Path, class_counts, *, epochs: int) -> dict:
     from ltcache.sampling import SAMPLERS
 
     counts = sorted((int(n) for n in class_counts), reverse=True)
-    plt = _pyplot()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (left, right) = new_figure((11, 4), 1, 2)
     values = {}
     for name in ("instance", "class", "sqrt"):
         values[name] = [float(v) for v in SAMPLERS[name](counts, 0, epochs)]
@@ -634,7 +631,6 @@ def plot_sampling_weights(path: Path, class_counts, *, epochs: int) -> dict:
         ax.grid(alpha=0.3)
     fig.tight_layout()
     atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    plt.close(fig)
     return {"columns": list(values), "values": values}
 
 

@@ -12,13 +12,10 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from ltcache.fsutil import atomic_write, write_json  # noqa: E402
+from ltcache.fsutil import atomic_write, write_json
+from ltcache.htmlreport import new_figure
 
 if TYPE_CHECKING:
     from ltcache.lab import Comparison, Curve, Row
@@ -175,12 +172,11 @@ def _ablation_csv(comparison: Comparison) -> str:
 def _save(fig, path: Path) -> None:
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-    plt.close(fig)
 
 
 def plot_reliability(path: Path, rows: list[Row]) -> None:
     """Reliability diagram: accuracy against confidence per bin, one line per method."""
-    fig, ax = plt.subplots(figsize=(5.5, 5))
+    fig, ax = new_figure((5.5, 5))
     ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfect calibration")
     for row in rows:
         bins = row.evaluation.calibration.reliability
@@ -197,7 +193,7 @@ def plot_reliability(path: Path, rows: list[Row]) -> None:
 def plot_weight_norms(path: Path, weight_norms: Mapping, class_counts) -> None:
     """Fig. 2 (left): per-class weight norms, classes sorted by descending train count."""
     order = np.argsort(-np.asarray(class_counts), kind="stable")
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = new_figure((7, 4))
     for name, norms in weight_norms.items():
         ax.plot(np.asarray(norms)[order], marker="o", markersize=3, label=name)
     ax.set_xlabel("classes sorted by train count (descending)")
@@ -218,7 +214,7 @@ def plot_curve(path: Path, curve: Curve, selected_on: str) -> None:
     """Fig. 2 (right) for a tau curve, and the same for any selection curve: accuracy per group against the
     hyperparameter, on the selection split."""
     values = [entry[curve.param] for entry in curve.entries]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = new_figure((7, 4))
     for key in ("many", "medium", "few", "all"):
         ax.plot(values, [entry[key] for entry in curve.entries], marker="o", markersize=3, label=key.capitalize())
     if curve.chosen is not None:
