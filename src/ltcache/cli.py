@@ -8,7 +8,6 @@ with exit code 2 (usage mistakes included); a traceback appears only with --debu
 from __future__ import annotations
 
 import inspect
-import os
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import typer
 
 from ltcache import config, options
+from ltcache.console import is_main_process
 from ltcache.errors import LtcacheError
 from ltcache.params import GRID, Param
 
@@ -217,7 +217,7 @@ def train_backbone(ctx: typer.Context, *, resume: Path | None, config: Path | No
         from ltcache.train import fit
 
         run_dir = _run(fit, cfg, inputs=[config])
-    if os.environ.get("RANK", "0") == "0":  # under torchrun, one line from rank 0 only
+    if is_main_process():  # under torchrun, one line from rank 0 only
         typer.echo(f"checkpoint: {run_dir / 'checkpoint.pt'}")
 
 
@@ -237,7 +237,7 @@ def extract_cmd(*, checkpoint: Path | None, out: Path, **options):
     from ltcache.extract import extract
 
     cache = _run(extract, checkpoint, out, **options)
-    if os.environ.get("RANK", "0") == "0":  # under torchrun, one line from rank 0 only
+    if is_main_process():  # under torchrun, one line from rank 0 only
         typer.echo(f"cache: {cache}")
 
 
@@ -270,7 +270,7 @@ def load_plugins(plugins: list[str]) -> None:
     METHODS.load()  # the built-ins first: a plugin that reuses a built-in name is refused
     for plugin in plugins:
         loaded = load_plugin(plugin)
-        if os.environ.get("RANK", "0") == "0":
+        if is_main_process():
             typer.echo(f"plugin {plugin}: {loaded}", err=True)
 
 
@@ -298,7 +298,7 @@ def compare_cmd(ctx: typer.Context, *, cache: Path, config: Path | None, as_json
     params = _run(parse_params, options.pop("set_"), later_wins=config is not None)
     comparison = _run(lambda: compare(cache, params=params, thresholds=_thresholds(many, few), log=log,
                                       **options))
-    if os.environ.get("RANK", "0") != "0":  # under torchrun, the tables and paths come from rank 0 only
+    if not is_main_process():  # under torchrun, the tables and paths come from rank 0 only
         return
     if as_json:
         _echo_json(comparison.as_dict())
