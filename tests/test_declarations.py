@@ -126,6 +126,14 @@ def test_overwrite_targets(tmp_path, monkeypatch):
         folders.check_target(run, kind=folders.RUN, overwrite=True)  # no checkpoint: not a finished run
     (run / "checkpoint.pt").write_bytes(b"PK")
     folders.check_target(run, kind=folders.RUN, overwrite=True)  # ltcache's own: allowed
+    (run / "config.json").write_text(json.dumps({"config": {"backbone": "resnet8"}, "dataset": {"name": "digits"}}))
+    same = {"dataset": "digits", "backbone": "resnet8"}
+    for inputs in ([], [tmp_path / "recipe.toml", None], [None, tmp_path / "root"]):  # whatever the inputs end with
+        folders.check_target(run, kind=folders.RUN, overwrite=True, inputs=inputs, source=same)
+        with pytest.raises(LtcacheError, match="is a run folder of dataset digits / backbone resnet8, and this "
+                                               "command makes one of dataset digits / backbone resnet50"):
+            folders.check_target(run, kind=folders.RUN, overwrite=True, inputs=inputs,
+                                 source={**same, "backbone": "resnet50"})
     with pytest.raises(LtcacheError, match="not an ltcache cache folder"):
         folders.check_target(run, kind=folders.CACHE, overwrite=True)  # a run is not a cache
     with pytest.raises(LtcacheError, match="holds this command's input"):

@@ -119,8 +119,18 @@ def write_marker(path: Path, kind: FolderKind, content: dict) -> dict:
     return content
 
 
-def _real(path: Path) -> Path:
+def real_path(path: Path) -> Path:
+    """`path` with ~ expanded and every symbolic link resolved."""
     return Path(os.path.realpath(Path(path).expanduser()))
+
+
+def file_in_the_way(real: Path) -> Path | None:
+    """The nearest existing folder-or-file at or above the resolved path `real`, when it is a file (no folder can
+    be made there), else None."""
+    for parent in (real, *real.parents):
+        if parent.exists():
+            return None if parent.is_dir() else parent
+    return None
 
 
 def check_target(path: Path, *, kind: FolderKind, overwrite: bool, inputs: Iterable[Path | str | None] = (),
@@ -137,28 +147,23 @@ def check_target(path: Path, *, kind: FolderKind, overwrite: bool, inputs: Itera
         raise LtcacheError(f"{shown} is a symbolic link; pass the folder it points to, or a new path, to {option}")
     if path.exists() and not path.is_dir():
         raise LtcacheError(f"{shown} exists and is not a folder; pass a new folder to {option}")
-    real, cwd = _real(path), Path.cwd().resolve()
+    real, cwd = real_path(path), Path.cwd().resolve()
     if real == cwd or real in cwd.parents:
         raise LtcacheError(f"{option} {path} is the current folder or one of its parents; pass a new folder such as "
                            f"{option} runs/NAME")
-    for source in inputs:
-        if source is None:
+    for given in inputs:
+        if given is None:
             continue
-        source_real = _real(Path(source))
-        if source_real == real or real in source_real.parents:
-            raise LtcacheError(f"{shown} holds this command's input {source}; pass another folder to {option}")
-    for parent in (real, *real.parents):
-        if parent.exists():
-            if not parent.is_dir():
-                raise LtcacheError(f"{shown}: {parent} is a file, so the folder cannot be made there")
-            break
+        given_real = real_path(Path(given))
+        if given_real == real or real in given_real.parents:
+            raise LtcacheError(f"{shown} holds this command's input {given}; pass another folder to {option}")
+    blocking = file_in_the_way(real)
+    if blocking is not None:
+        raise LtcacheError(f"{shown}: {blocking} is a file, so the folder cannot be made there")
     if path.is_dir() and any(path.iterdir()):
         if not overwrite:
             raise LtcacheError(f"{shown} already exists; choose another path or pass --overwrite")
-        if not made_by_ltcache(path, kind):
-            raise LtcacheError(f"{path} is not an ltcache {kind.label} (it has no valid {kind.marker}); --overwrite "
-                               f"only replaces what ltcache made, so pass another folder to {option}")
-        check_same_source(path, kind, source, option)
+        check_replaceable(path, kind, source, option)
     if is_locked(path):
         raise LtcacheError(f"{shown} is in use by another ltcache process; wait for it to finish or pass another "
                            f"folder to {option}")
@@ -168,10 +173,14 @@ def check_target(path: Path, *, kind: FolderKind, overwrite: bool, inputs: Itera
                                f"to finish or pass another folder to {option}")
 
 
-def check_same_source(path: Path, kind: FolderKind, source: dict | None, option: str = "--out") -> None:
-    """Refuse to replace a `kind` folder made from another source (`source`'s non-None values: dataset, backbone)."""
+def check_replaceable(path: Path, kind: FolderKind, source: dict | None, option: str = "--out") -> None:
+    """Refuse to replace `path` unless ltcache made it as a `kind` (a sealed marker) from the same source
+    (`source`'s non-None values, e.g. dataset and backbone, against what its marker records)."""
     marker = read_marker(path, kind)
-    if source is None or kind.source_of is None or marker is None:
+    if marker is None:
+        raise LtcacheError(f"{path} is not an ltcache {kind.label} (it has no valid {kind.marker}); --overwrite "
+                           f"only replaces what ltcache made, so pass another folder to {option}")
+    if source is None or kind.source_of is None:
         return
     theirs = kind.source_of(marker)
     if any(value is not None and theirs.get(key) != value for key, value in source.items()):
@@ -387,7 +396,7 @@ class StagedFolder:
             if not self.overwrite or not made_by_ltcache(target, self.kind):
                 raise LtcacheError(f"{self.kind.label} {target} appeared while this command ran; the new result stays "
                                    f"in {self.path}")
-            check_same_source(target, self.kind, self.source)
+            check_replaceable(target, self.kind, self.source)
             with folder_lock(target, shared=False, what=self.kind.label):
                 retired = target.with_name(f".{target.name}.retired-{os.getpid()}")
                 if _exchange(self.path, target):

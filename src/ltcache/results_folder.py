@@ -33,11 +33,13 @@ from ltcache.errors import LtcacheError
 from ltcache.folders import (
     CACHE,
     RESULTS,
+    file_in_the_way,
     folder_lock,
     is_locked,
     made_by_ltcache,
     make_locked_folder,
     read_marker,
+    real_path,
     write_marker,
 )
 
@@ -45,10 +47,6 @@ ENTRIES = ("heads", "reports")  # published in this order: reports/results.json 
 HISTORY = "history"
 STAGING_PREFIX = ".compare.staging-"
 _MARKER_KIND = "ltcache compare results"
-
-
-def _resolved(path: Path) -> Path:
-    return Path(os.path.realpath(Path(path).expanduser()))
 
 
 def marked_cache(folder: Path) -> Path | None:
@@ -59,14 +57,14 @@ def marked_cache(folder: Path) -> Path | None:
         return None
     relative = marker.get("cache_relative")
     if isinstance(relative, str) and (Path(folder) / relative / "manifest.json").is_file():
-        return _resolved(Path(folder) / relative)
-    return _resolved(Path(str(marker["cache"])))
+        return real_path(Path(folder) / relative)
+    return real_path(Path(str(marker["cache"])))
 
 
 def check_results_folder(results: Path, cache_path: Path) -> None:
     """Before any fit: heads/ and reports/ may be written to `results` (see the module's rule), and it is writable."""
-    results, cache_real = Path(results), _resolved(cache_path)
-    real = _resolved(results)
+    results, cache_real = Path(results), real_path(cache_path)
+    real = real_path(results)
     in_cache = real == cache_real
     if not in_cache:
         shown = f"--out {results}"
@@ -79,11 +77,9 @@ def check_results_folder(results: Path, cache_path: Path) -> None:
                                "pass a folder outside it")
         if real in cache_real.parents:
             raise LtcacheError(f"{shown} holds the cache {cache_path}; pass a new folder for this comparison")
-        for parent in real.parents:
-            if parent.exists():
-                if not parent.is_dir():
-                    raise LtcacheError(f"{shown}: {parent} is a file, so the folder cannot be made there")
-                break
+        blocking = file_in_the_way(real)
+        if blocking is not None:
+            raise LtcacheError(f"{shown}: {blocking} is a file, so the folder cannot be made there")
         if results.is_dir() and _has_content(results):
             owner = marked_cache(results)
             if owner is None:
@@ -150,10 +146,10 @@ def publish(folder: Path, staged: Path, *, cache_path: Path, in_cache: bool) -> 
             if _has_content(folder):
                 raise LtcacheError(f"--out {folder} was filled by something else while compare ran; the new "
                                    "results were not written")
-            write_marker(folder, RESULTS, {"kind": _MARKER_KIND, "cache": str(_resolved(cache_path)),
-                                           "cache_relative": os.path.relpath(_resolved(cache_path), _resolved(folder)),
+            write_marker(folder, RESULTS, {"kind": _MARKER_KIND, "cache": str(real_path(cache_path)),
+                                           "cache_relative": os.path.relpath(real_path(cache_path), real_path(folder)),
                                            "format": 1})
-        elif owner != _resolved(cache_path):
+        elif owner != real_path(cache_path):
             raise LtcacheError(f"--out {folder} became the results folder of another cache ({owner}) while compare "
                                "ran; the new results were not written")
     archive = None
