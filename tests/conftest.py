@@ -4,6 +4,8 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -132,6 +134,30 @@ def checksum(folder: Path) -> dict[str, str]:
 TINY_CLIP = {"embed_dim": 32,
              "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
              "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One case of a hostile matrix: the command line, the fragments its one error line must hold (and must not),
+    the workspace edit before it, and the folder it runs in."""
+
+    id: str
+    args: tuple[str, ...]
+    fragments: tuple[str, ...]
+    setup: Callable[[Path], None] | None = None
+    cwd: str = "."
+    absent: tuple[str, ...] = field(default=())  # must not appear in the message (e.g. advice to unpickle)
+
+
+def write_file(relative: str, content: bytes | str) -> Callable[[Path], None]:
+    """A case setup that writes `content` at `relative` in the workspace."""
+
+    def setup(ws: Path) -> None:
+        path = ws / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content.encode() if isinstance(content, str) else content)
+
+    return setup
 
 
 def run_cases(cases, prepare, base: Path) -> dict[str, dict]:

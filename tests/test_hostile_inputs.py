@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
@@ -19,19 +18,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_one_line_error, reseal, run_cases, write_toy_cache
+from conftest import Case, assert_one_line_error, reseal, run_cases, write_file, write_toy_cache
 
 pytestmark = pytest.mark.slow  # over a hundred real processes: CI runs it (.ci/run), the default suite does not
-
-
-@dataclass(frozen=True)
-class Case:
-    id: str
-    args: tuple[str, ...]
-    fragments: tuple[str, ...]
-    setup: Callable[[Path], None] | None = None
-    cwd: str = "."
-    absent: tuple[str, ...] = field(default=())  # must not appear in the message (e.g. advice to unpickle)
 
 
 # ------------------------------------------------------------------------------------------ corruptions
@@ -97,15 +86,6 @@ def truncate(relative: str, keep: float) -> Callable[[Path], None]:
     def setup(ws: Path) -> None:
         path = ws / relative
         path.write_bytes(path.read_bytes()[: int(path.stat().st_size * keep)])
-
-    return setup
-
-
-def write_file(relative: str, content: bytes | str) -> Callable[[Path], None]:
-    def setup(ws: Path) -> None:
-        path = ws / relative
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(content.encode() if isinstance(content, str) else content)
 
     return setup
 

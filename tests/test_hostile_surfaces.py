@@ -18,37 +18,27 @@ import subprocess
 import sys
 import tarfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import TINY_CLIP, assert_one_line_error, checksum, reseal, run_cases, run_ltcache, write_toy_cache
+from conftest import (
+    TINY_CLIP,
+    Case,
+    assert_one_line_error,
+    checksum,
+    reseal,
+    run_cases,
+    run_ltcache,
+    write_file,
+    write_toy_cache,
+)
 
 pytestmark = pytest.mark.slow  # about fifty real processes: CI runs them (.ci/run), the default suite does not
 
 TOY = ("--methods", "joint,ncm,tau_norm", "--bootstrap", "0")
 REPO = Path(__file__).resolve().parent.parent
-
-
-@dataclass(frozen=True)
-class Case:
-    id: str
-    args: tuple[str, ...]
-    fragments: tuple[str, ...]
-    setup: Callable[[Path], None] | None = None
-    cwd: str = "."
-    absent: tuple[str, ...] = field(default=())
-
-
-def write(relative: str, content: bytes | str) -> Callable[[Path], None]:
-    def setup(ws: Path) -> None:
-        path = ws / relative
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(content.encode() if isinstance(content, str) else content)
-
-    return setup
 
 
 def both(*setups: Callable[[Path], None]) -> Callable[[Path], None]:
@@ -80,7 +70,7 @@ def features(name: str = "feats.npz", *, labels=None) -> Callable[[Path], None]:
 
 def plugin(name: str, body: str) -> Callable[[Path], None]:
     header = "import torch\nimport ltcache\nfrom ltcache import Fitted, LinearHead\n\n"
-    return write(name, header + body)
+    return write_file(name, header + body)
 
 
 NAN_HEAD = '''
@@ -148,7 +138,7 @@ def webdataset_shards(label: bytes) -> Callable[[Path], None]:
 def clip_config(**vision) -> Callable[[Path], None]:
     config = json.loads(json.dumps(TINY_CLIP))
     config["vision_cfg"].update(vision)
-    return write("clip.json", json.dumps(config))
+    return write_file("clip.json", json.dumps(config))
 
 
 def stale_cache(ws: Path) -> None:
@@ -207,13 +197,13 @@ CASES = [
          ("share the label 'val' but differ in dataset",)),
     Case("sweep-tau-huge", ("sweep-tau", "cache", "--taus", "1e6"), ("--taus must be", "<= 100")),
     Case("template-doubled-braces", (*TEMPLATE, "--templates", "t.txt"), ("exactly one {}", "a photo of a {{}}"),
-         setup=both(clip_config(), write("t.txt", "a photo of a {{}}.\n"))),
+         setup=both(clip_config(), write_file("t.txt", "a photo of a {{}}.\n"))),
     Case("template-unbalanced", (*TEMPLATE, "--templates", "t.txt"), ("exactly one {}",),
-         setup=both(clip_config(), write("t.txt", "a photo of a {.\n"))),
+         setup=both(clip_config(), write_file("t.txt", "a photo of a {.\n"))),
     Case("template-two-fields", (*TEMPLATE, "--templates", "t.txt"), ("exactly one {}",),
-         setup=both(clip_config(), write("t.txt", "a {} of a {}.\n"))),
+         setup=both(clip_config(), write_file("t.txt", "a {} of a {}.\n"))),
     Case("template-not-utf8", (*TEMPLATE, "--templates", "t.txt"), ("is not UTF-8 text",),
-         setup=both(clip_config(), write("t.txt", b"a photo of a \xff{}\n"))),
+         setup=both(clip_config(), write_file("t.txt", b"a photo of a \xff{}\n"))),
     Case("clip-config-negative-width", (*TEMPLATE,), ("vision_cfg.width = -64",), setup=clip_config(width=-64)),
     Case("clip-config-enormous-width", (*TEMPLATE,), ("vision_cfg.width = 4294967296",),
          setup=clip_config(width=2**32)),
@@ -230,10 +220,11 @@ CASES = [
          setup=features("big.npz", labels=[0, 1, 2] * 3 + [0, 1, 10**12])),
     Case("import-class-names-not-utf8", ("import-features", "--out", "c2", "--train", "feats.npz", "--test",
                                          "feats.npz", "--class-names", "names.txt"), ("is not UTF-8 text",),
-         setup=both(features(), write("names.txt", b"cat\ndo\xe9g\nbird\n"))),
+         setup=both(features(), write_file("names.txt", b"cat\ndo\xe9g\nbird\n"))),
     Case("split-file-not-utf8", ("train-backbone", "--dataset", "imagenet-lt", "--root", "imgs", "--split-dir",
                                  "splits", "--out", "r"), ("split file", "is not UTF-8 text"),
-         setup=both(write("imgs/a.jpg", b"x"), write("splits/ImageNet_LT_train.txt", b"a.jpg 0\n\xff\xfe 1\n"))),
+         setup=both(write_file("imgs/a.jpg", b"x"),
+                    write_file("splits/ImageNet_LT_train.txt", b"a.jpg 0\n\xff\xfe 1\n"))),
     Case("results-string-number", ("report", "cache", "--out", "page"), ("not an ltcache results.json",),
          setup=edit_results(lambda r: r["rows"][0].update(many="<b>12</b>"))),
     Case("results-short-per-class", ("report", "cache", "--out", "page"), ("'per_class' has 2 values for 3 classes",),
@@ -245,16 +236,16 @@ CASES = [
     Case("results-selected-on-number", ("report", "cache", "--out", "page"), ("'selected_on' must be a string",),
          setup=edit_results(lambda r: r.update(selected_on=7))),
     Case("results-not-utf8", ("report", "cache", "--out", "page"), ("is not readable JSON",),
-         setup=write("cache/reports/results.json", b'{"rows": "\xff"}')),
+         setup=write_file("cache/reports/results.json", b'{"rows": "\xff"}')),
     Case("results-weight-norms-short", ("report", "cache", "--out", "page"), ("weight_norms['tau_norm'] has 1",),
          setup=edit_results(lambda r: r["weight_norms"].update(tau_norm=[1.0]))),
     Case("report-over-fake-report", ("report", "cache", "--out", "mine", "--overwrite"),
          ("not an ltcache report folder",),
-         setup=both(write("mine/report.json", json.dumps({"report_version": 1, "sources": []})),
-                    write("mine/index.html", "<p>my own page</p>"))),
+         setup=both(write_file("mine/report.json", json.dumps({"report_version": 1, "sources": []})),
+                    write_file("mine/index.html", "<p>my own page</p>"))),
     # ---- debatable cases, decided
     Case("info-verify-unlisted", ("info", "cache", "--verify"), ("notes.txt is in the cache but not in its manifest",),
-         setup=write("cache/train/notes.txt", "mine\n")),
+         setup=write_file("cache/train/notes.txt", "mine\n")),
 ]
 
 

@@ -56,11 +56,13 @@ class Registry(Generic[T]):
         if name.strip().casefold() in {word.casefold() for word in self.reserved}:
             raise LtcacheError(f"{self.kind} name {name!r} is reserved (it has its own meaning on the command line); "
                                "choose another name")
+        if name != name.strip():
+            raise LtcacheError(f"{self.kind} name {name!r} has leading or trailing spaces; choose {name.strip()!r}")
         clash = next((known for known in self.entries if known.casefold() == name.casefold() and known != name),
                      None)
-        if clash is not None or name != name.strip():
-            raise LtcacheError(f"{self.kind} {name!r} differs from the registered {clash or name.strip()!r} only by "
-                               "case or spaces; choose a name that cannot be mistaken for it")
+        if clash is not None:
+            raise LtcacheError(f"{self.kind} {name!r} differs from the registered {clash!r} only by case; choose a "
+                               "name that cannot be mistaken for it")
         self.entries[name] = entry
 
     def remove(self, name: str) -> None:
@@ -152,8 +154,7 @@ def load_plugin(spec: str) -> str:
                     local.resolve() != Path(loaded).resolve() else "")
             raise LtcacheError(f"--plugin {spec} loaded {loaded}, which registered nothing (no @ltcache.method, "
                                f"loss, dataset, ...){hint}")
-        if not spec.endswith(".py") and not path.exists():
-            module._ltcache_plugin_registered = True
+        module._ltcache_plugin_registered = True  # loaded again (a notebook, a second command): not refused
         return loaded
     except LtcacheError as exc:
         if str(exc).startswith("--plugin"):
