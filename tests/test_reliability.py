@@ -119,7 +119,9 @@ def test_resume_after_sigkill_mid_run_equals_an_uninterrupted_run(tmp_path):
 def test_overwrite_killed_before_its_first_checkpoint_keeps_the_old_run(digits_run, tmp_path):
     shutil.copytree(digits_run["run"], tmp_path / "run")
     before = checksum(tmp_path / "run")
-    process = start(["train-backbone", "--out", "run", "--overwrite", *TRAIN], cwd=tmp_path)
+    # --overwrite takes a run of the same source only: the demo's dataset and backbone (digits-lt, smallresnet8)
+    same_source = ("--epochs", "6", "--batch-size", "64")
+    process = start(["train-backbone", "--out", "run", "--overwrite", *same_source], cwd=tmp_path)
     wait_for(lambda: bool(staging(tmp_path, "run")), process=process)
     kill(process)
     assert checksum(tmp_path / "run") == before
