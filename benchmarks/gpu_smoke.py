@@ -28,11 +28,11 @@ from pathlib import Path
 
 import torch
 
-from ltcache.config import TrainConfig
-from ltcache.extract import extract
+from ltcache.core.runtime import resolve_device
 from ltcache.lab import compare
-from ltcache.runtime import resolve_device
-from ltcache.train import fit
+from ltcache.stage1.config import TrainConfig
+from ltcache.stage1.extract import extract
+from ltcache.stage1.train import fit
 
 
 def main() -> None:

@@ -22,9 +22,9 @@ from unittest import mock
 
 import torch
 
-from ltcache import cache as cache_module
 from ltcache.cache import FeatureCache
-from ltcache.fsutil import mismatched_files
+from ltcache.cache import reader as cache_module
+from ltcache.core.fsutil import mismatched_files
 from ltcache.lab import open_lab
 
 sys.path.insert(0, str(Path(__file__).parent))

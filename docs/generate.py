@@ -1,8 +1,9 @@
 """Regenerate the documentation that is rendered from the code and the published results, never typed:
 
-- docs/methods.md and docs/methods-table.md, from the method registry's cards (`ltcache methods --markdown`);
-- every `<!-- include: PATH -->` ... `<!-- end include -->` block of README.md, experiments/README.md and
-  experiments/RESULTS.md, from the file it names (PATH relative to the including document).
+- docs/reference/methods.md and docs/reference/methods-table.md, from the method registry's cards (`ltcache methods
+  --markdown`), and docs/reference/cli.md, from the commands' Param declarations;
+- every `<!-- include: PATH -->` ... `<!-- end include -->` block of README.md, the pages under docs/ and
+  experiments/README.md and RESULTS.md, from the file it names (PATH relative to the including document).
 
     python docs/generate.py            # rewrite what changed
     python docs/generate.py --check    # exit 1 and name what is stale (tests/test_published.py does the same)
@@ -18,18 +19,23 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-DOCUMENTS = ("README.md", "experiments/README.md", "experiments/RESULTS.md")
+REFERENCE = REPO / "docs" / "reference"
+GENERATED = (REFERENCE / "methods.md", REFERENCE / "methods-table.md", REFERENCE / "cli.md")
+# The hand-written documents: their include blocks are refreshed, and their prose is checked (tests/test_published.py)
+DOCUMENTS = ("README.md", "experiments/README.md", "experiments/RESULTS.md",
+             *sorted(str(p.relative_to(REPO)) for p in (REPO / "docs").rglob("*.md") if p not in GENERATED))
 INCLUDE = re.compile(r"(<!-- include: (?P<path>[^ ]+) -->\n)(?P<body>.*?)(<!-- end include -->)", re.S)
 
 
 def generated_files() -> dict[Path, str]:
-    """The files rendered from the method registry, with their content."""
+    """The files rendered from the method registry and the command declarations, with their content."""
+    from ltcache.cli.app import COMMANDS
+    from ltcache.cli.reference import cli_reference, methods_reference, methods_table
     from ltcache.stage2 import METHODS, method_names
-    from ltcache.stage2.cards import methods_reference, methods_table
 
     names, entries = method_names(), dict(METHODS.items())
-    return {REPO / "docs" / "methods.md": methods_reference(names, entries),
-            REPO / "docs" / "methods-table.md": methods_table(names, entries)}
+    pages = (methods_reference(names, entries), methods_table(names, entries), cli_reference(COMMANDS))
+    return dict(zip(GENERATED, pages, strict=True))
 
 
 def includes(text: str) -> list[tuple[str, str]]:
@@ -60,6 +66,7 @@ def refresh_documents(check: bool = False, *, strict: bool = True) -> list[str]:
         if not path.is_file() or path.read_text() != content:
             stale.append(str(path.relative_to(REPO)))
             if not check:
+                path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(content)
     for name in DOCUMENTS:
         document = REPO / name

@@ -67,9 +67,9 @@ class Study:
 
     def run(self, name: str, seed: int, **overrides) -> Path:
         """Train (or resume, or skip) runs/NAME-seedS from the recipe with `overrides`."""
-        from ltcache.checkpoint import load_checkpoint
-        from ltcache.config import train_config_from
-        from ltcache.train import fit, resume
+        from ltcache.stage1.checkpoint import load_checkpoint
+        from ltcache.stage1.config import train_config_from
+        from ltcache.stage1.train import fit, resume
 
         folder = self.out / "runs" / f"{name}-seed{seed}"
         values = {"out": str(folder), "seed": seed, "device": self.args.device, **overrides}
@@ -98,8 +98,8 @@ class Study:
 
     def cache(self, run: Path) -> Path:
         """Extract the run's checkpoint into caches/RUN, unless a cache of that very checkpoint is there."""
-        from ltcache.extract import extract
-        from ltcache.fsutil import sha256_file
+        from ltcache.core.fsutil import sha256_file
+        from ltcache.stage1.extract import extract
 
         cache = self.out / "caches" / run.name
         manifest = cache / "manifest.json"
@@ -135,7 +135,7 @@ class Study:
 
     def report(self, study: str, results: list[Path], *, by: str | None = None, title: str,
                labels: list[str] | None = None) -> Path:
-        from ltcache.htmlreport import build_report
+        from ltcache.report import build_report
 
         out = self.out / study
         log(f"report {out}")
@@ -150,7 +150,7 @@ class Study:
         return result
 
     def write(self, study: str, markdown: str, data: dict) -> None:
-        from ltcache.fsutil import atomic_write, write_json
+        from ltcache.core.fsutil import atomic_write, write_json
 
         self.out.mkdir(parents=True, exist_ok=True)
         atomic_write(self.out / f"{study}.md", lambda tmp: tmp.write_text(markdown))
@@ -168,7 +168,7 @@ class Study:
             for sampler in SAMPLERS:
                 cache = self.cache(self.run(sampler, seed, sampler=sampler))
                 results.append(self.compare(cache, "samplers", PAPER_FIVE, seed=seed))
-        from ltcache.htmlreport import aggregate_rows, load_results, summary_table
+        from ltcache.report import aggregate_rows, load_results, summary_table
         page = self.report("samplers", results, by="backbone.resolved_config.sampler",
                            title="Figure 1 / Table 5: stage-1 sampler x classifier")
         loaded = load_results(results, by="backbone.resolved_config.sampler")
@@ -196,7 +196,7 @@ class Study:
             for label, (name, overrides) in plan.items():
                 tuned = self.cache(self.run(name, seed, **common, **overrides))
                 variants.setdefault(label, []).append(("joint", self.compare(tuned, "finetune", ("joint",), seed=seed)))
-        from ltcache.htmlreport import aggregate_rows, load_results, summary_table
+        from ltcache.report import aggregate_rows, load_results, summary_table
         named = {}  # each results folder once, under the name of the variant that made it
         for label, entries in variants.items():
             for _, path in entries:
@@ -222,7 +222,7 @@ class Study:
             entries["val"].append(self.compare(cache, "tau", ("tau_norm",), seed=seed))
             entries["train"].append(self.compare(cache, "tau", ("tau_norm",), select="train", seed=seed))
             entries["train, learned"].append(self.compare(cache, "tau-learned", ("tau_learned",), seed=seed))
-        from ltcache.htmlreport import aggregate_rows, load_results, summary_table
+        from ltcache.report import aggregate_rows, load_results, summary_table
         page = self.report("tau", [p for paths in entries.values() for p in paths],
                            labels=[label for label, paths in entries.items() for _ in paths],
                            title="Table 9: tau chosen on val, on train, or learned")
@@ -242,7 +242,7 @@ class Study:
     def mlp(self) -> None:
         methods = ("crt", "mlp2", "mlp3")
         paths = [self.compare(cache, "mlp", methods, seed=seed) for seed, cache in self.instance_caches()]
-        from ltcache.htmlreport import aggregate_rows, load_results, summary_table
+        from ltcache.report import aggregate_rows, load_results, summary_table
         page = self.report("mlp", paths, title="Table 10: MLP classifiers on frozen features")
         table = aggregate_rows(load_results(paths), label="instance-balanced features")
         rows = table["instance-balanced features"]
@@ -257,7 +257,7 @@ class Study:
         self.write("mlp", markdown, {"rows": table, "timings": self.timings})
 
     def sampling_weights(self) -> None:
-        from ltcache.htmlreport import plot_sampling_weights
+        from ltcache.report import plot_sampling_weights
 
         (seed, cache), = self.instance_caches()[:1]
         counts = json.loads((cache / "manifest.json").read_text())["class_counts"]
@@ -268,7 +268,7 @@ class Study:
         lines = ["| class | n_j | " + " | ".join(columns) + " |", "|---:|---:|" + "---:|" * len(columns)]
         for j, n in enumerate(counts_sorted := sorted(counts, reverse=True)):
             lines.append(f"| {j} | {n} | " + " | ".join(f"{table['values'][c][j]:.4f}" for c in columns) + " |")
-        markdown = ("### Figure 3: sampling weights p_j\n\nFrom the samplers' own functions (ltcache.sampling), "
+        markdown = ("### Figure 3: sampling weights p_j\n\nFrom the samplers' own functions (ltcache.core.sampling), "
                     "classes by decreasing n_j; figure: `sampling-weights/sampling_weights.png`.\n\n"
                     + "\n".join(lines) + "\n")
         self.write("sampling-weights", markdown, {"class_counts": counts_sorted, **table})
@@ -289,7 +289,7 @@ class Study:
         (Fig. 2) go beside the page."""
         import shutil
 
-        from ltcache.htmlreport import aggregate_rows, load_results
+        from ltcache.report import aggregate_rows, load_results
 
         val, train = [], []
         for seed, cache in self.instance_caches():
@@ -317,8 +317,8 @@ class Study:
         each (the same methods with the options that give it back), on a cache of a tiny random-weight open_clip
         model extracted with --zero-shot from the recipe's dataset: a check of the code paths on real images, not a
         result about CLIP (random weights give a text head that knows nothing). Mean over stage-2 seeds."""
-        from ltcache.extract import extract
-        from ltcache.htmlreport import aggregate_rows, load_results, summary_table
+        from ltcache.report import aggregate_rows, load_results, summary_table
+        from ltcache.stage1.extract import extract
 
         config = self.out / "tiny-clip.json"
         self.out.mkdir(parents=True, exist_ok=True)
@@ -362,7 +362,7 @@ class Study:
 
     def _recipe_summary(self) -> tuple[str, str]:
         """(the dataset, a sentence of the stage-1 recipe) as the runs resolve it."""
-        from ltcache.config import train_config_from
+        from ltcache.stage1.config import train_config_from
 
         cfg = train_config_from({"epochs": self.args.epochs} if self.args.epochs else {},
                                 explicit={"epochs"} if self.args.epochs else set(),
@@ -434,7 +434,7 @@ def findings_markdown(samplers: dict, tau: dict) -> str:
 def headline_markdown(data: dict) -> str:
     """headline.md from headline.json: the table of the paper's five (mean ± half the 95% t-interval over seeds),
     each decoupled classifier - joint paired by seed, and tau chosen on train against tau chosen on val."""
-    from ltcache.htmlreport import summary_table
+    from ltcache.report import summary_table
 
     (label, rows), = data["rows"].items()
     rows = {**rows, "tau_norm": {**rows["tau_norm"], "tau": data["tau"]["val"]}}  # tau: the last column
@@ -462,7 +462,7 @@ def headline_markdown(data: dict) -> str:
 
 def interval_cell(values: list[float]) -> str:
     """The mean of `values` with its 95% t-interval, and whether the interval excludes 0."""
-    from ltcache.htmlreport import mean_interval
+    from ltcache.report import mean_interval
 
     mean, interval = mean_interval(values)
     if interval is None:
@@ -524,8 +524,8 @@ def claim_folder(path: Path, option: str, *, check_only: bool = False) -> None:
     """The studies write only into a folder they made: a new or empty one (marked as theirs with
     ltcache-studies.json, sealed with its own hash), or one that holds that marker. A folder of anything else (a
     user's notes, an earlier hand-written sampling-weights.md) is refused before anything is written."""
-    from ltcache.errors import LtcacheError
-    from ltcache.folders import FolderKind, read_marker, write_marker
+    from ltcache.core.errors import LtcacheError
+    from ltcache.core.folders import FolderKind, read_marker, write_marker
 
     kind = FolderKind("studies folder", STUDIES_MARKER, STUDIES_MARKER, ("kind",), self_hash="marker_sha256")
     if path.exists() and not path.is_dir():
@@ -544,7 +544,7 @@ def claim_folder(path: Path, option: str, *, check_only: bool = False) -> None:
 
 
 def main(argv=None) -> int:
-    from ltcache.errors import LtcacheError
+    from ltcache.core.errors import LtcacheError
 
     args = parse_args(argv)
     study = Study(args)

@@ -80,7 +80,7 @@ def write_toy_cache(path: Path, *, class_counts=(30, 12, 3), feature_dim=4, seed
 def reseal(cache: Path) -> None:
     """Record the current sha256 of every file in the manifest, as a tool that rewrote them would: tests that
     edit a shard on purpose use it to reach the checks behind the hashes."""
-    from ltcache.fsutil import canonical_sha256, sha256_file, write_json
+    from ltcache.core.fsutil import canonical_sha256, sha256_file, write_json
 
     manifest = json.loads((cache / "manifest.json").read_text())
     for entry in manifest["splits"].values():

@@ -4,7 +4,6 @@ Python and from the command line (--plugin), and compare --config reads a recipe
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -32,11 +31,10 @@ def test_public_names_are_listed_and_documented():
         ltcache.not_a_name  # noqa: B018
 
 
-def test_readme_api_example_runs_verbatim(digits_run, tmp_path, capsys):
-    """On the cache the Quickstart's `ltcache demo` makes (./ltcache-demo/cache), as a new user runs it."""
+def test_readme_api_example_runs_verbatim(tmp_path, capsys):
+    """In an empty folder, as a new user runs it: the example makes its own cache (import_features)."""
     from ltcache.stage2 import METHODS
 
-    shutil.copytree(digits_run["cache"], tmp_path / "ltcache-demo" / "cache")
     code = readme_block("## Python API", "python")
     cwd = os.getcwd()
     os.chdir(tmp_path)
@@ -47,6 +45,8 @@ def test_readme_api_example_runs_verbatim(digits_run, tmp_path, capsys):
         METHODS.remove("scaled_joint")
     out = capsys.readouterr().out
     assert re.search(r"cRT: all \d+\.\d, few \d+\.\d, ECE \d+\.\d", out), out
+    assert (tmp_path / "digits-cache" / "manifest.json").is_file()
+    assert (tmp_path / "report" / "digits" / "index.html").is_file()
     assert "scaled_joint" in out and "joint" in out and "'grid'" in out
 
 
@@ -125,9 +125,9 @@ def test_compare_config_reads_the_recipe_compare_table(tmp_path):
 
 
 def test_every_shipped_recipe_compare_table_resolves():
-    from ltcache.cli import parse_params
+    from ltcache.cli.app import parse_params
+    from ltcache.core.options import compare_recipe
     from ltcache.lab import expand_grids
-    from ltcache.options import compare_recipe
     from ltcache.stage2 import resolve_method_list
 
     for recipe in sorted((ROOT / "experiments").glob("*.toml")):

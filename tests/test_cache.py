@@ -8,7 +8,7 @@ import torch
 
 from conftest import reseal, write_toy_cache
 from ltcache.cache import CacheWriter, FeatureCache
-from ltcache.errors import LtcacheError
+from ltcache.core.errors import LtcacheError
 from ltcache.heads import LinearHead
 
 

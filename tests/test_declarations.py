@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from conftest import invoke, write_toy_cache
-from ltcache import folders
-from ltcache.config import TrainConfig, train_config_from
-from ltcache.errors import LtcacheError
-from ltcache.params import GRID, MAX_GRID_POINTS, Param, parse_grid
+from ltcache.core import folders
+from ltcache.core.errors import LtcacheError
+from ltcache.core.params import GRID, MAX_GRID_POINTS, Param, parse_grid
+from ltcache.stage1.config import TrainConfig, train_config_from
 
 
 @pytest.mark.parametrize("param, value, ok", [
@@ -165,7 +165,7 @@ def test_a_failed_writer_removes_the_parents_it_made(tmp_path):
 
 
 def test_a_live_writer_is_seen_by_another_process(tmp_path):
-    code = ("import sys; from ltcache import folders; from pathlib import Path; "
+    code = ("import sys; from ltcache.core import folders; from pathlib import Path; "
             "sys.exit(0 if folders.is_locked(Path(sys.argv[1])) else 1)")
     staged = folders.StagedFolder(tmp_path / "cache", kind=folders.CACHE, overwrite=False)
     try:
@@ -180,7 +180,7 @@ def test_a_live_writer_is_seen_by_another_process(tmp_path):
 def test_train_config_nests_the_dataset_spec_and_reads_both_saved_forms():
     from dataclasses import asdict
 
-    from ltcache.config import DatasetSpec
+    from ltcache.stage1.config import DatasetSpec
 
     cfg = TrainConfig.from_options(out="runs/x", dataset="fashion-mnist-lt", root="/data", n_max=50, seed=7, epochs=2)
     assert cfg.data == DatasetSpec(name="fashion-mnist-lt", root="/data", n_max=50, seed=7)

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from ltcache.checkpoint import load_checkpoint
+from ltcache.stage1.checkpoint import load_checkpoint
 
 pytestmark = [pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                  reason="this torch build has no gloo backend"),

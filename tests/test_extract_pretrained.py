@@ -7,7 +7,7 @@ import torch
 
 from conftest import assert_clean_error, checksum, invoke
 from ltcache.cache import FeatureCache
-from ltcache.models import pretrained_preprocessing
+from ltcache.stage1.models import pretrained_preprocessing
 
 
 def test_extract_a_backbone_without_a_checkpoint_then_compare_every_method(tmp_path):

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from conftest import lab_data
+from ltcache.core.runtime import cosine_schedule
 from ltcache.data.profiles import exponential_profile
 from ltcache.data.samplers import class_probabilities, progressive_probabilities, sample_weights
 from ltcache.metrics import ShotThresholds, evaluate, shot_groups
-from ltcache.runtime import cosine_schedule
 from ltcache.stage2 import LinearHead, fit_method
 from ltcache.stage2.methods.ncm import class_means
 from ltcache.stage2.methods.weight_norms import tau_curve, tau_normalize

@@ -19,7 +19,7 @@ from conftest import TINY_CLIP, assert_clean_error, assert_one_line_error, check
 from ltcache.cache import FeatureCache
 from ltcache.data import DatasetSpec, build_dataset
 from ltcache.heads import LinearCosineHead, LinearHead
-from ltcache.hub import choose_joint_head, open_clip_preprocessing, timm_preprocessing
+from ltcache.stage1.hub import choose_joint_head, open_clip_preprocessing, timm_preprocessing
 from ltcache.stage2 import fit_method
 from ltcache.stage2.methods.foundation import estimate_label_bias
 
@@ -228,7 +228,7 @@ def test_the_joint_head_is_the_models_own_only_when_its_classes_are_the_datasets
     assert not choose_joint_head("auto", own, names, names, False, "b", 10)[0]  # random weights
     assert choose_joint_head("own", own, None, names, False, "b", 10)[0]
     # End to end: a timm model whose classifier has the dataset's 10 classes keeps it under --joint-head own.
-    import ltcache.hub as hub
+    import ltcache.stage1.hub as hub
 
     real = hub.timm_model
 

@@ -400,8 +400,8 @@ def test_studies_write_only_into_a_folder_they_made(tmp_path):
 
 
 def test_extract_resume_refuses_another_batch_size(tmp_path):
-    from ltcache.errors import LtcacheError
-    from ltcache.extract import PLAN, find_interrupted
+    from ltcache.cache.journal import PLAN, find_interrupted
+    from ltcache.core.errors import LtcacheError
 
     plan = {"checkpoint_sha256": "0" * 64, "model": None, "dtype": "float32", "shard_rows": 64, "train_views": 0,
             "dataset": {"name": "digits-lt"}, "batch_size": 512}
@@ -415,7 +415,7 @@ def test_extract_resume_refuses_another_batch_size(tmp_path):
 
 
 def test_journal_lines_are_validated_whole():
-    from ltcache.extract import journal_entry
+    from ltcache.cache.journal import journal_entry
 
     good = {"split": "train", "shard": 3, "file": "train/00003.h5", "rows": 5, "labels": [2, 3],
             "sha256": "a" * 64}

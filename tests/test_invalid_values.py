@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from ltcache import config, options
 from ltcache.cli import main
-from ltcache.losses import LOSSES
-from ltcache.params import GRID, Param
+from ltcache.core import options
+from ltcache.core.params import GRID, Param
+from ltcache.stage1 import config
+from ltcache.stage1.losses import LOSSES
 from ltcache.stage2 import METHODS
 
 HUGE = "9" * 400
@@ -238,7 +239,7 @@ def test_every_recipe_key_refuses_generated_invalid_values(table, param, value, 
 
 PLUGIN = '''
 import ltcache
-from ltcache.params import Param
+from ltcache.core.params import Param
 
 @ltcache.method("declared_plugin", Param("width", int, 4, "a width", low=1, high=64),
                 Param("rate", float, 0.1, "a rate", above=0, below=1),
@@ -270,7 +271,7 @@ def test_plugin_parameters_refuse_generated_invalid_values(param, workspace, mon
                                    if invalid_values(p)] + [p for _, e in METHODS.items() for p in e.params
                                                              if invalid_values(p)], ids=lambda p: p.name)
 def test_the_python_api_refuses_the_same_values(param):
-    from ltcache.errors import LtcacheError
+    from ltcache.core.errors import LtcacheError
 
     for value in invalid_values(param):
         with pytest.raises(LtcacheError) as raised:

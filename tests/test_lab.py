@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import invoke, reseal, write_toy_cache
-from ltcache.errors import LtcacheError
+from ltcache.core.errors import LtcacheError
 from ltcache.lab import compare, expand_grids, open_lab
 
 GRID = {"crt": {"lr": "0.05,0.1,0.2", "weight_decay": "1e-4,5e-4", "min_steps": "40"}}

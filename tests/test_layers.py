@@ -1,6 +1,7 @@
 """The architecture, checked: stage 2 imports nothing from stage 1, the commands that need no tensors import no
 torch, and no method is named outside the registry."""
 
+import ast
 import re
 import subprocess
 import sys
@@ -9,7 +10,133 @@ from pathlib import Path
 from conftest import write_toy_cache
 
 SRC = Path(__file__).resolve().parent.parent / "src" / "ltcache"
-STAGE1 = ("ltcache.train", "ltcache.config", "ltcache.data", "ltcache.models", "ltcache.losses", "ltcache.extract")
+STAGE1 = ("ltcache.stage1", "ltcache.data")
+
+# The layers, bottom up, and what each may import of ltcache (itself included). A module's layer is its longest
+# matching prefix. The tree is the architecture: a new upward arrow fails here.
+CORE = {"ltcache.core"}
+SHARED = CORE | {"ltcache.logits", "ltcache.heads", "ltcache.metrics", "ltcache.fitting"}
+LAYERS = {
+    "ltcache._version": set(),
+    "ltcache.core": CORE,
+    "ltcache.logits": CORE | {"ltcache.logits"},
+    "ltcache.heads": CORE | {"ltcache.logits", "ltcache.heads"},
+    "ltcache.metrics": CORE | {"ltcache.logits", "ltcache.metrics"},
+    "ltcache.fitting": SHARED,
+    "ltcache.data": CORE | {"ltcache.data"},
+    "ltcache.cache": SHARED | {"ltcache.cache", "ltcache._version"},
+    "ltcache.stage1": SHARED | {"ltcache.data", "ltcache.cache", "ltcache.stage1", "ltcache._version"},
+    "ltcache.stage2": SHARED | {"ltcache.cache", "ltcache.stage2"},
+    "ltcache.report": CORE | {"ltcache.cache", "ltcache.report"},
+    "ltcache.lab": SHARED | {"ltcache.cache", "ltcache.stage2", "ltcache.report", "ltcache.lab", "ltcache._version"},
+    "ltcache.cli": {"ltcache"},  # the top: anything
+    "ltcache.__main__": {"ltcache.cli"},
+    "ltcache": {"ltcache"},  # the package root re-exports the public API, lazily
+}
+# Third-party packages that only one layer may import.
+OWNERS = {"h5py": "ltcache.cache", "typer": "ltcache.cli", "click": "ltcache.cli", "jinja2": "ltcache.report"}
+
+
+def module_name(path: Path) -> str:
+    parts = ["ltcache", *path.relative_to(SRC).with_suffix("").parts]
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports_of(path: Path) -> set[str]:
+    """Every module `path` imports, wherever the import stands: top level, inside a function, under TYPE_CHECKING.
+    `from package import name` counts as an import of package.name when that is a module, else of package."""
+    name = module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            for alias in node.names:
+                submodule = f"{base}.{alias.name}"
+                found.add(submodule if submodule in MODULES else base)
+    return found
+
+
+MODULES = {module_name(p): p for p in SRC.rglob("*.py")}
+
+
+def layer_of(name: str) -> str:
+    return max((prefix for prefix in LAYERS if name == prefix or name.startswith(prefix + ".")), key=len)
+
+
+def within(name: str, prefixes) -> bool:
+    return any(name == prefix or name.startswith(prefix + ".") for prefix in prefixes)
+
+
+def test_every_module_imports_only_its_layer_and_those_below():
+    assert len(MODULES) > 60  # the whole package was read
+    wrong = {}
+    for name, path in MODULES.items():
+        allowed = LAYERS[layer_of(name)]
+        ours = {m for m in imports_of(path) if within(m, ["ltcache"])}
+        upward = sorted(m for m in ours if not within(m, allowed))
+        if upward:
+            wrong[name] = upward
+    assert wrong == {}
+
+
+def test_third_party_owners_h5py_typer_jinja2():
+    """Only the cache reads and writes HDF5, only the command line uses typer, only the report renders templates."""
+    wrong = {}
+    for name, path in MODULES.items():
+        for package, owner in OWNERS.items():
+            if any(within(m, [package]) for m in imports_of(path)) and not within(name, [owner]):
+                wrong.setdefault(name, []).append(package)
+    assert wrong == {}
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan), each sorted."""
+    index, low, stack, on_stack, found, counter = {}, {}, [], set(), [], [0]
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = counter[0]
+        counter[0] += 1
+        stack.append(node)
+        on_stack.add(node)
+        for target in graph.get(node, ()):
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in on_stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_no_import_cycles():
+    """Zero cycles among ltcache's modules, imports inside functions and under TYPE_CHECKING included. A package's
+    __init__ that re-exports its own modules is not a cycle with them: the edge from a module to its own package
+    root is left out (importing ltcache.cache.reader runs ltcache/cache/__init__.py first anyway)."""
+    graph = {}
+    for name, path in MODULES.items():
+        graph[name] = {m for m in imports_of(path) if m in MODULES and m != name
+                       and not name.startswith(m + ".")}
+    assert cycles(graph) == []
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]  # the check can fail
 
 
 def _modules_after(code: str) -> set[str]:
@@ -27,12 +154,12 @@ def test_stage2_and_open_lab_leave_stage1_torchvision_and_pil_out(tmp_path):
     assert not {m for m in loaded if m.startswith(STAGE1)}
 
 
-def test_stage2_sources_import_nothing_from_stage1():
-    stage2 = [SRC / "lab.py", SRC / "heads.py", SRC / "cache.py", *(SRC / "metrics").glob("*.py"),
-              *(SRC / "stage2").rglob("*.py")]
-    pattern = re.compile(r"^\s*(?:from|import)\s+(ltcache\.(?:train|config|data|models|losses|extract))\b", re.M)
-    offenders = {str(p.relative_to(SRC)): pattern.findall(p.read_text()) for p in stage2}
-    assert {k: v for k, v in offenders.items() if v} == {}
+def test_stage2_lab_and_report_import_nothing_from_stage1_and_stage1_nothing_from_stage2():
+    for name, path in MODULES.items():
+        if within(name, ["ltcache.stage2", "ltcache.lab", "ltcache.report", "ltcache.cache", "ltcache.fitting"]):
+            assert not {m for m in imports_of(path) if within(m, STAGE1)}, name
+        if within(name, ["ltcache.stage1"]):
+            assert not {m for m in imports_of(path) if within(m, ["ltcache.stage2", "ltcache.lab"])}, name
 
 
 def test_help_info_methods_and_argument_errors_import_no_torch(tmp_path):
@@ -69,7 +196,7 @@ def test_no_method_is_named_in_lab_report_or_cli():
     """`grep -w NAME` finds no registered method's name in these files, in code or in prose."""
     from ltcache.stage2 import method_names
 
-    for path in (SRC / "lab.py", SRC / "report.py", SRC / "htmlreport.py", SRC / "cli.py"):
+    for path in (SRC / "lab.py", *(SRC / "report").glob("*.py"), *(SRC / "cli").glob("*.py")):
         text = path.read_text()
         named = [name for name in method_names() if re.search(rf"(?<!\w){re.escape(name)}(?!\w)", text)]
         assert named == [], f"{path.name} names {named}"
@@ -81,7 +208,7 @@ def test_writing_reports_leaves_the_callers_matplotlib_backend_and_pyplot_alone(
     canvas, and pyplot is never imported."""
     cache = write_toy_cache(tmp_path / "c")
     code = (f"import matplotlib, sys\nmatplotlib.use('svg')\nfrom ltcache.lab import compare\n"
-            f"from ltcache.htmlreport import build_report\n"
+            f"from ltcache.report import build_report\n"
             f"compare({str(cache)!r}, methods=['joint', 'tau_norm'], bootstrap=0)\n"
             f"build_report([{str(cache)!r}], {str(tmp_path / 'page')!r})\n"
             "print(matplotlib.get_backend(), 'matplotlib.pyplot' in sys.modules)")

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from conftest import assert_clean_error, invoke
+from ltcache.core.errors import LtcacheError
 from ltcache.data.samplers import EpochSampler, SamplerName
-from ltcache.errors import LtcacheError
-from ltcache.losses import build_loss, class_balanced_weights
+from ltcache.stage1.losses import build_loss, class_balanced_weights
 
 ZERO = torch.zeros(1, 2)
 

@@ -119,7 +119,7 @@ def test_compare_reports_temperature_scaled_ece_fitted_off_test(toy_cache):
 
 
 def test_parse_prior_specs_and_files(tmp_path):
-    from ltcache.errors import LtcacheError
+    from ltcache.core.errors import LtcacheError
     from ltcache.metrics import long_tailed_prior, parse_prior
 
     counts = [30, 20, 10]

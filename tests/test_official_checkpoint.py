@@ -17,9 +17,9 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, ResNet
 
 from conftest import assert_one_line_error, checksum, run_ltcache
-from ltcache.checkpoint import OFFICIAL, load_weights_into, read_weights
-from ltcache.errors import LtcacheError
-from ltcache.models import build_model
+from ltcache.core.errors import LtcacheError
+from ltcache.stage1.checkpoint import OFFICIAL, load_weights_into, read_weights
+from ltcache.stage1.models import build_model
 
 
 class DotProductClassifier(nn.Module):  # the official classifier's layout: one nn.Linear named fc

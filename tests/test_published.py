@@ -43,11 +43,12 @@ def test_generated_pages_and_include_blocks_are_current():
     assert not stale, f"stale: {stale}; run python docs/generate.py"
 
 
-def test_the_readme_includes_the_method_table_and_the_fashion_mnist_table():
+def test_the_readme_includes_the_method_table_and_the_tutorial_the_fashion_mnist_table():
     readme = (ROOT / "README.md").read_text()
-    included = [path for path, _ in GENERATE.includes(readme)]
-    assert "docs/methods-table.md" in included
-    assert "experiments/reports/fashion-mnist-lt/headline.md" in included
+    assert "docs/reference/methods-table.md" in [path for path, _ in GENERATE.includes(readme)]
+    tutorial = (ROOT / "docs" / "tutorial.md").read_text()
+    assert "../experiments/reports/fashion-mnist-lt/headline.md" in [path for path, _ in GENERATE.includes(tutorial)]
+    assert "docs/tutorial.md" in GENERATE.DOCUMENTS and "docs/reference/cli.md" not in GENERATE.DOCUMENTS
     for name in GENERATE.DOCUMENTS:
         for path, body in GENERATE.includes((ROOT / name).read_text()):
             assert (ROOT / name).parent.joinpath(path).is_file(), (name, path)
@@ -57,7 +58,7 @@ def test_the_readme_includes_the_method_table_and_the_fashion_mnist_table():
 def test_every_registered_method_is_in_the_readme_table():
     from ltcache.stage2 import method_names
 
-    table = (ROOT / "docs" / "methods-table.md").read_text()
+    table = (ROOT / "docs" / "reference" / "methods-table.md").read_text()
     assert [line.split("`")[1] for line in table.splitlines()[2:]] == method_names()
 
 
@@ -119,4 +120,4 @@ def test_the_methods_command_prints_every_card_and_the_generated_pages():
     listing = json.loads(invoke("methods", "--json").stdout)
     assert listing and all(entry["card"]["paper"] and entry["card"]["reference_test"] for entry in listing)
     for kind, page in (("table", "methods-table.md"), ("reference", "methods.md")):
-        assert invoke("methods", "--markdown", kind).stdout == (ROOT / "docs" / page).read_text(), kind
+        assert invoke("methods", "--markdown", kind).stdout == (ROOT / "docs" / "reference" / page).read_text(), kind

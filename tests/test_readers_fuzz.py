@@ -19,8 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import TINY_CLIP, lab_data, write_toy_cache
-from ltcache.errors import LtcacheError
-from ltcache.params import MAX_CLASSES
+from ltcache.core.errors import LtcacheError
+from ltcache.core.params import MAX_CLASSES
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                           HealthCheck.too_slow])
@@ -77,7 +77,9 @@ def _write_mutated(document, data, new, file: Path) -> Path:
 
 def _use_results(file: Path) -> None:
     """What ltcache report does with a results.json short of drawing: read, aggregate, tabulate, CSV."""
-    from ltcache.htmlreport import Result, _table_context, aggregate_rows, csv_text, read_results_json, summary_table
+    from ltcache.report import Result, aggregate_rows, read_results_json, summary_table
+    from ltcache.report.page import _table_context
+    from ltcache.report.tables import csv_text
 
     results = read_results_json(file)
     loaded = [Result(file.parent, results, label="x")]
@@ -113,7 +115,7 @@ def test_results_json_from_any_bytes_is_read_or_refused(tmp_path, raw):
 @given(data=st.data(), new=JSON)
 def test_results_json_that_is_read_is_drawn(results_json, tmp_path, data, new):
     """Slow (it draws every figure): what the reader accepts, the page renders."""
-    from ltcache.htmlreport import Result, read_results_json, render_page
+    from ltcache.report import Result, read_results_json, render_page
 
     file = _write_mutated(results_json, data, new, tmp_path / "results.json")
     try:
@@ -132,7 +134,7 @@ VALID_LINE = {"split": "train", "shard": 3, "file": "train/00003.h5", "rows": 5,
 @given(line=st.text(max_size=200) | JSON.map(_json_text)
        | st.sampled_from(list(VALID_LINE)).flatmap(lambda key: JSON.map(lambda v: _json_text({**VALID_LINE, key: v}))))
 def test_journal_lines_are_valid_or_skipped(line):
-    from ltcache.extract import journal_entry
+    from ltcache.cache.journal import journal_entry
 
     item = journal_entry(line)
     if item is not None:
@@ -174,7 +176,7 @@ SENTINEL = "\x00CLASS\x00"
 @FUZZ
 @given(text=st.text(alphabet=string.printable + "{}{}{}é", max_size=60), junk=st.binary(max_size=4))
 def test_prompt_templates_format_one_class_name_or_are_refused(tmp_path, text, junk):
-    from ltcache.hub import read_templates
+    from ltcache.stage1.hub import read_templates
 
     file = tmp_path / "templates.txt"
     file.write_bytes(text.encode() + junk)
@@ -190,7 +192,7 @@ def test_prompt_templates_format_one_class_name_or_are_refused(tmp_path, text, j
 @FUZZ
 @given(raw=st.binary(max_size=80) | st.text(max_size=80).map(str.encode), count=st.integers(1, 6))
 def test_class_name_files_give_one_name_per_class_or_are_refused(tmp_path, raw, count):
-    from ltcache.fsutil import read_class_names
+    from ltcache.core.fsutil import read_class_names
 
     file = tmp_path / "names.txt"
     file.write_bytes(raw)
@@ -225,7 +227,7 @@ def test_webdataset_labels_are_class_numbers_or_refused(extension, raw):
 @FUZZ
 @given(data=st.data(), new=JSON | st.integers(min_value=-(2**40), max_value=2**40))
 def test_open_clip_configs_are_bounded_or_refused(tmp_path, data, new):
-    from ltcache.hub import MAX_CONFIG_INT, check_open_clip_config
+    from ltcache.stage1.hub import MAX_CONFIG_INT, check_open_clip_config
 
     file = _write_mutated(TINY_CLIP, data, new, tmp_path / "clip.json")
     try:

@@ -11,6 +11,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
+LINK = re.compile(r"\]\(([^)\s]+)\)")  # the target of a Markdown link or image
 
 
 def quickstart_commands() -> list[str]:
@@ -35,6 +36,23 @@ def test_ci_runs_the_readme_test_command_verbatim():
     assert ci_lines.index("python -m pytest -m slow") > ci_lines.index(quickstart_commands()[1])
 
 
+def test_the_readme_guides_in_at_most_200_lines_and_every_link_of_it_and_the_docs_resolves():
+    """The README guides; the reference lives in docs/. Every relative link (and image) of the README and of every
+    page under docs/ names a file that exists (an anchor after # is not checked)."""
+    assert len((ROOT / "README.md").read_text().splitlines()) <= 200
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+    assert len(pages) > 15
+    broken = []
+    for page in pages:
+        for target in LINK.findall(page.read_text()):
+            if re.match(r"[a-z]+://", target) or target.startswith("#"):
+                continue
+            if not (page.parent / target.split("#", 1)[0]).exists():
+                broken.append(f"{page.relative_to(ROOT)}: {target}")
+    assert broken == []
+    assert LINK.findall("see [x](no-such-file.md) and ![y](a/b.png)") == ["no-such-file.md", "a/b.png"]
+
+
 def test_python_dash_m_entry_point():
     result = subprocess.run([sys.executable, "-m", "ltcache", "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -43,7 +61,7 @@ def test_python_dash_m_entry_point():
 
 
 def test_every_recipe_loads_and_validates():
-    from ltcache.config import train_config_from
+    from ltcache.stage1.config import train_config_from
 
     recipes = sorted((ROOT / "experiments").glob("*.toml"))
     assert len(recipes) == 9
@@ -60,8 +78,8 @@ def test_every_recipe_loads_and_validates():
 def test_flags_win_over_the_recipe_and_unknown_keys_fail(tmp_path):
     import pytest
 
-    from ltcache.config import train_config_from
-    from ltcache.errors import LtcacheError
+    from ltcache.core.errors import LtcacheError
+    from ltcache.stage1.config import train_config_from
 
     recipe = ROOT / "experiments" / "inat2018_resnet50_200.toml"
     cfg = train_config_from({"epochs": 3, "batch_size": 128}, explicit={"epochs"}, recipe=recipe)
@@ -74,8 +92,8 @@ def test_flags_win_over_the_recipe_and_unknown_keys_fail(tmp_path):
 
 
 def test_the_digits_recipe_is_the_demo():
-    from ltcache.config import train_config_from
-    from ltcache.demo import DEMO_EPOCHS, DEMO_RECIPE
+    from ltcache.cli.demo import DEMO_EPOCHS, DEMO_RECIPE
+    from ltcache.stage1.config import train_config_from
 
     cfg = train_config_from({}, recipe=ROOT / "experiments" / "digits_lt.toml")
     assert {key: getattr(cfg, key) for key in DEMO_RECIPE} == DEMO_RECIPE

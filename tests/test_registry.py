@@ -2,8 +2,8 @@
 
 import pytest
 
-from ltcache.errors import LtcacheError
-from ltcache.registry import Registry
+from ltcache.core.errors import LtcacheError
+from ltcache.core.registry import Registry
 
 
 def test_register_get_and_errors():
@@ -32,8 +32,8 @@ def test_builtins_load_on_first_use_and_every_kind_uses_the_registry():
     assert {"joint", "ncm", "crt", "tau_norm", "lws"} <= set(METHODS)
     from ltcache.data import DATASETS
     from ltcache.data.samplers import SAMPLERS
-    from ltcache.losses import LOSSES
-    from ltcache.models import BACKBONES
+    from ltcache.stage1.losses import LOSSES
+    from ltcache.stage1.models import BACKBONES
 
     for registry in (DATASETS, SAMPLERS, LOSSES, BACKBONES):
         assert isinstance(registry, Registry) and len(registry) > 0

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from conftest import assert_one_line_error, checksum, run_ltcache, write_toy_cache
-from ltcache.errors import LtcacheError
-from ltcache.htmlreport import aggregate_rows, build_report, load_results
+from ltcache.core.errors import LtcacheError
 from ltcache.lab import compare
+from ltcache.report import aggregate_rows, build_report, load_results
 
 ARTIFACTS = Path(os.environ.get("LTCACHE_TEST_ARTIFACTS", Path(__file__).resolve().parent.parent / "test-artifacts"))
 TOY_METHODS = ["joint", "ncm", "tau_norm"]

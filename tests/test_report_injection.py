@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from conftest import run_ltcache, write_toy_cache
-from ltcache.htmlreport import Result, render_page
 from ltcache.lab import compare
+from ltcache.report import Result, render_page
 
 # No '/' (it must be a folder name too); every way in: an element, an image request, a navigation, a script, quotes
 # that would close an attribute, an entity, and mathtext for matplotlib.

@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import torch
 
+from ltcache.core.errors import LtcacheError
 from ltcache.data.samplers import EpochSampler, SamplerName
-from ltcache.errors import LtcacheError
-from ltcache.models import build_model, select_trainable
+from ltcache.stage1.models import build_model, select_trainable
 
 LABELS = np.array([0] * 900 + [1] * 90 + [2] * 10)
 

@@ -97,18 +97,23 @@ def test_every_method_is_listed_and_runs_on_a_cache(toy_cache, tmp_path):
     entries = json.loads(listed.stdout)
     names = [entry["method"] for entry in entries]
     assert sorted(names) == sorted(METHODS) and names[:5] == ["joint", "ncm", "crt", "tau_norm", "lws"]
-    steps = ("--set", "crt.min_steps=50", "--set", "lws.min_steps=50", "--set", "tau_learned.min_steps=50")
+    # toy caches, toy hyperparameters: every trained method at 50 steps instead of its default 500
+    steps = [arg for entry in entries if "min_steps" in entry["defaults"]
+             for arg in ("--set", f"{entry['method']}.min_steps=50")]
+    assert len(steps) >= 2 * 10
     with_text = write_toy_cache(tmp_path / "text", text_head=True)  # as extract --zero-shot writes it
-    result = invoke("compare", with_text, "--methods", "all", "--json", *steps)
+    result = invoke("compare", with_text, "--methods", "all", "--json", "--bootstrap", "0", *steps)
     assert result.exit_code == 0, result.output
     assert [row["method"] for row in json.loads(result.stdout)["rows"]] == names
     # Without a text head, --methods all is every other method.
-    result = invoke("compare", toy_cache, "--methods", "all", "--json", *steps)
+    result = invoke("compare", toy_cache, "--methods", "all", "--json", "--bootstrap", "0", *steps)
     assert result.exit_code == 0, result.output
     text_methods = {entry["method"] for entry in entries if entry["needs_text_head"]}
     assert text_methods == {"zero_shot", "zs_ensemble", "gla"}
     assert [row["method"] for row in json.loads(result.stdout)["rows"]] == [n for n in names if n not in text_methods]
-    default = json.loads(invoke("compare", toy_cache, "--json").stdout)["rows"]
+    default = invoke("compare", toy_cache, "--json", "--bootstrap", "0", "--set", "crt.min_steps=50", "--set",
+                     "lws.min_steps=50")
+    default = json.loads(default.stdout)["rows"]
     assert [row["method"] for row in default] == ["joint", "ncm", "crt", "tau_norm", "lws"]
 
 
@@ -128,7 +133,7 @@ def test_choices_never_depend_on_the_test_split(tmp_path, name):
     with h5py.File(test_shard, "r+") as f:
         f["labels"][:] = np.random.default_rng(0).permutation(f["labels"][:])
     reseal(second)
-    params = {m: {"min_steps": 50} for m in ("crt", "lws", "tau_learned") if m == name}
+    params = {name: {"min_steps": 50}} if "min_steps" in METHODS[name].defaults else {}  # toy cache, toy steps
     rows = [compare(path, methods=[name], params=params, write_reports=False, bootstrap=0).as_dict()["rows"][0]
             for path in (first, second)]
     assert rows[0]["chosen"] == rows[1]["chosen"]
@@ -225,7 +230,7 @@ def test_mlp_hidden_width_defaults_to_the_feature_size():
 
 
 def test_a_diverging_fit_fails_with_a_hint():
-    from ltcache.errors import LtcacheError
+    from ltcache.core.errors import LtcacheError
 
     with pytest.raises(LtcacheError, match="stopped being finite in epoch 1; lower the lr"):
         fit_method("crt", _imbalanced_toy(), {"epochs": 1, "min_steps": 20, "lr": 1e30})

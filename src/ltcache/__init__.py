@@ -31,14 +31,15 @@ _API = {
     "Figure": "ltcache.stage2.core", "Fitted": "ltcache.stage2.core", "LabData": "ltcache.stage2.core",
     "method_names": "ltcache.stage2.core", "with_defaults": "ltcache.stage2.core",
     "Card": "ltcache.stage2.cards", "Deviation": "ltcache.stage2.cards",
-    "TRAINING": "ltcache.stage2.training", "train_on_features": "ltcache.stage2.training",
+    "TRAINING": "ltcache.fitting", "train_on_features": "ltcache.fitting",
     "Head": "ltcache.heads", "LinearHead": "ltcache.heads", "head_kind": "ltcache.heads",
     "Evaluation": "ltcache.metrics", "GroupAccuracy": "ltcache.metrics", "Calibration": "ltcache.metrics",
     "ShotThresholds": "ltcache.metrics",
-    "Param": "ltcache.params", "GRID": "ltcache.params",
-    "Registry": "ltcache.registry", "LtcacheError": "ltcache.errors",
-    "FeatureCache": "ltcache.cache", "extract": "ltcache.extract", "import_features": "ltcache.import_features",
-    "build_report": "ltcache.htmlreport", "load_results": "ltcache.htmlreport",
+    "Param": "ltcache.core.params", "GRID": "ltcache.core.params",
+    "Registry": "ltcache.core.registry", "LtcacheError": "ltcache.core.errors",
+    "FeatureCache": "ltcache.cache", "extract": "ltcache.stage1.extract",
+    "import_features": "ltcache.stage1.import_features",
+    "build_report": "ltcache.report", "load_results": "ltcache.report",
 }
 
 __all__ = ["Calibration", "Card", "Comparison", "Curve", "Deviation", "Evaluation", "FeatureCache", "Figure", "Fitted",
@@ -63,15 +64,15 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
     from ltcache.cache import FeatureCache
-    from ltcache.errors import LtcacheError
-    from ltcache.extract import extract
+    from ltcache.core.errors import LtcacheError
+    from ltcache.core.params import GRID, Param
+    from ltcache.core.registry import Registry
+    from ltcache.fitting import TRAINING, train_on_features
     from ltcache.heads import Head, LinearHead, head_kind
-    from ltcache.htmlreport import build_report, load_results
-    from ltcache.import_features import import_features
     from ltcache.lab import Comparison, Curve, GridPoint, Lab, Row, compare, info, open_lab
     from ltcache.metrics import Calibration, Evaluation, GroupAccuracy, ShotThresholds
-    from ltcache.params import GRID, Param
-    from ltcache.registry import Registry
+    from ltcache.report import build_report, load_results
+    from ltcache.stage1.extract import extract
+    from ltcache.stage1.import_features import import_features
     from ltcache.stage2.cards import Card, Deviation
     from ltcache.stage2.core import METHODS, Figure, Fitted, LabData, Method, method, method_names, with_defaults
-    from ltcache.stage2.training import TRAINING, train_on_features

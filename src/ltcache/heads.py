@@ -9,10 +9,10 @@ cache.py stores and reloads any of them without knowing its math. A new kind is 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, ClassVar
 
-from ltcache.registry import Registry
+from ltcache.core.registry import Registry
 
 if TYPE_CHECKING:
     import torch
@@ -109,6 +109,12 @@ class LinearHead(Head):
     @property
     def num_classes(self) -> int:
         return len(self.weight)
+
+    def with_bias(self, bias: torch.Tensor) -> LinearHead:
+        """This head, bias-free, with `bias` added (what BlockLogits.with_bias builds on)."""
+        if self.bias is not None:
+            raise TypeError("with_bias needs a LinearHead without bias")
+        return replace(self, bias=bias)
 
     def chunk_logits(self, chunk: torch.Tensor, out: torch.Tensor) -> None:
         import torch

@@ -16,20 +16,20 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ltcache.cache import TEXT_HEAD, FeatureCache, Split
-from ltcache.errors import LtcacheError
-from ltcache.folders import folder_lock
+from ltcache.core.errors import LtcacheError
+from ltcache.core.folders import folder_lock
+from ltcache.core.options import COMPARE, check_thresholds
+from ltcache.core.params import GRID, MAX_GRID_POINTS, check_all
 from ltcache.heads import Head
 from ltcache.logits import resolve_budget
 from ltcache.metrics import Evaluation, GroupAccuracy, ShotThresholds, group_accuracy, shot_groups
-from ltcache.options import COMPARE, check_thresholds
-from ltcache.params import GRID, MAX_GRID_POINTS, check_all
 from ltcache.stage2.core import (
     METHODS,
     Fitted,
@@ -177,7 +177,7 @@ class Lab:
         head = fitted.head if isinstance(fitted, Fitted) else fitted
         if not isinstance(head, Head):
             raise LtcacheError(f"score needs a Fitted or a Head, got {type(fitted).__name__}")
-        from ltcache.distributed import all_reduce_sum, local_rows
+        from ltcache.core.distributed import all_reduce_sum, local_rows
         from ltcache.metrics.calibration import fit_temperature
         from ltcache.metrics.evaluation import evaluate_rows, row_statistics
 
@@ -319,21 +319,18 @@ class Lab:
 
     def _seed_statistics(self, name: str, params: dict, first: Evaluation, *, seeds: int) -> dict:
         """Refit `name` with the next seeds-1 seeds; mean and 95% t-interval of each metric over all seeds."""
-        from scipy import stats
+        from ltcache.report.stats import t_interval
 
         seed = self.data.seed
         runs = [first.accuracy]
         for offset in range(1, seeds):
             refit = run_fit(name, replace(self.data, seed=seed + offset), params)
             runs.append(self.score_accuracy(refit.head))
-        half = stats.t.ppf(0.975, seeds - 1)
         summary: dict[str, Any] = {"n": seeds, "seeds": list(range(seed, seed + seeds))}
         for key in SEED_KEYS:
-            values = np.array([getattr(run, key) for run in runs], dtype=np.float64)
-            width = half * values.std(ddof=1) / np.sqrt(seeds)
-            summary[key] = {"mean": float(values.mean()), "ci95": [float(values.mean() - width),
-                                                                 float(values.mean() + width)],
-                            "values": values.tolist()}
+            values = [float(getattr(run, key)) for run in runs]
+            mean, low, high = t_interval(values)
+            summary[key] = {"mean": mean, "ci95": [low, high], "values": values}
         return summary
 
     # ------------------------------------------------------------------------------------------ writing
@@ -343,8 +340,8 @@ class Lab:
         whole beside them and published at once under the folder's lock, only if the cache at the path is still the
         one that was read. An earlier comparison there moves to OUT/history/STAMP (results_folder.py). Returns the
         report paths."""
-        from ltcache import report  # matplotlib is only needed here
-        from ltcache.results_folder import check_results_folder, publish, results_lock, staging
+        from ltcache.cache.results import check_results_folder, publish, results_lock, staging
+        from ltcache.report import write_reports  # matplotlib is only needed here
 
         results = Path(out) if out is not None else self.cache.path
         check_results_folder(results, self.cache.path)
@@ -352,8 +349,8 @@ class Lab:
         with staging(results) as staged:
             for name, result in comparison.fitted.items():
                 self.cache.save_head(name, result.head, result.chosen, folder=staged / "heads")
-            written = report.write_reports(staged / "reports", comparison, ablation=ablation,
-                                           shown_as=results / "reports")
+            written = write_reports(staged / "reports", comparison.as_dict(),
+                                    ablation=comparison.ablation() if ablation else None, shown_as=results / "reports")
             with results_lock(results, cache_path=self.cache.path, generation=self.cache.generation,
                               in_cache=in_cache):
                 archived = publish(results, staged, cache_path=self.cache.path, in_cache=in_cache)
@@ -370,8 +367,8 @@ def provenance(cache: FeatureCache) -> dict:
     """Where a comparison's numbers come from: the cache's dataset, class counts, backbone (checkpoint sha256, its
     training config and command line), the extract command and versions, and this process's command line."""
     from ltcache._version import __version__
-    from ltcache.distributed import get_world_size
-    from ltcache.runtime import command_line
+    from ltcache.core.distributed import get_world_size
+    from ltcache.core.runtime import command_line
 
     manifest = cache.manifest
     backbone = manifest.get("backbone", {})
@@ -443,8 +440,8 @@ def open_lab(cache_path: Path | str, *, select: str = "val", seed: int = 0, devi
 
     The cache is read under a shared lock: a writer replacing it (extract --overwrite) waits, so the lab never
     holds a mix of two caches. Memory-mapped shards stay valid after a later swap deletes them."""
+    from ltcache.core.runtime import resolve_device
     from ltcache.heads import LinearHead
-    from ltcache.runtime import resolve_device
 
     check_all(COMPARE, {"select": select, "seed": seed, "many": thresholds.many, "few": thresholds.few})
     check_thresholds(thresholds.many, thresholds.few)
@@ -484,16 +481,15 @@ def compare(cache_path: Path, *, methods: list[str] | str | None = None, select:
     resolve_budget(memory_budget)
     results = Path(out) if out is not None else Path(cache_path)
     if write_reports:
-        from ltcache.results_folder import check_results_folder
+        from ltcache.cache.results import check_results_folder
 
         check_results_folder(results, cache_path)
-    from ltcache.distributed import barrier, init_distributed, is_main_process
-    from ltcache.runtime import resolve_device
+    from ltcache.core.distributed import barrier, is_main_process, process_group
+    from ltcache.core.runtime import resolve_device
 
     # Under torchrun: trained heads draw the same batches on every rank, each rank computing its own rows, and
     # scoring splits test and the selection split across ranks (see training.py and Lab.score); rank 0 writes.
-    created = init_distributed(resolve_device(device))
-    try:
+    with process_group(resolve_device(device)):
         lab = open_lab(cache_path, select=select, seed=seed, device=device, thresholds=thresholds,
                        train_views=train_views, memory_budget=memory_budget)
         comparison = lab.compare(methods if isinstance(methods, str) else names, params=params,  # 'all' stays 'all'
@@ -502,12 +498,37 @@ def compare(cache_path: Path, *, methods: list[str] | str | None = None, select:
         if write_reports and is_main_process():
             lab.save(comparison, out, ablation=ablation)
         barrier()
-    finally:
-        if created:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
     return comparison
+
+
+@dataclass(frozen=True)
+class TauSweep:
+    """What `ltcache sweep-tau` found: the curve on the selection split, the chosen tau and its test accuracy."""
+
+    method: str
+    best_tau: float
+    best_score: float
+    selected_on: str
+    curve: list[dict]
+    test: GroupAccuracy
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "test": self.test.as_dict()}
+
+
+def sweep_tau(cache_path: Path | str, *, taus: tuple[float, ...] | None = None, select: str = "val",
+              device: str | None = None, thresholds: ShotThresholds | None = None,
+              memory_budget: str | int | None = None) -> TauSweep:
+    """`ltcache sweep-tau`: the tau curve on the selection split, the best mean per-class accuracy chosen, test
+    scored once at that tau."""
+    from ltcache.stage2.methods.weight_norms import DEFAULT_TAUS, TAU_NORM, best_on_curve, validate_taus
+
+    taus = validate_taus(DEFAULT_TAUS if taus is None else taus)  # before loading anything: a bad grid fails at once
+    lab = open_lab(cache_path, select=select, device=device, thresholds=thresholds or ShotThresholds(),
+                   memory_budget=memory_budget)
+    fitted = lab.fit(TAU_NORM, taus=taus)
+    return TauSweep(TAU_NORM, fitted.chosen["tau"], best_on_curve(fitted.curve)["mean_per_class"], select,
+                    fitted.curve, lab.score_accuracy(fitted.head))
 
 
 def info(cache_path: Path, *, verify: bool = False) -> dict:

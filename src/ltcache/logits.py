@@ -18,14 +18,26 @@ import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
-from ltcache.errors import LtcacheError
+from ltcache.core.errors import LtcacheError
 
 if TYPE_CHECKING:
     import torch
 
-    from ltcache.heads import Head
+
+class Head(Protocol):
+    """What blocked logits need of a head (ltcache.heads.Head has it): its class count and its logits, whole or
+    written into a chunk. Declared here so that this module, below heads.py, imports nothing of it."""
+
+    @property
+    def num_classes(self) -> int: ...
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor: ...
+
+    def chunk_logits(self, chunk: torch.Tensor, out: torch.Tensor) -> None: ...
+
+    def to(self, device) -> Head: ...
 
 CHUNK_ELEMENTS = 1 << 22  # 16 MiB of float32: the temporaries of a softmax or top-k over a chunk stay this small
 MIN_BLOCK_ROWS = 1024  # below this a block's GEMM is inefficient; a budget that small still gets 1024-row blocks
@@ -138,16 +150,12 @@ class BlockLogits:
         self.head.to(out.device).chunk_logits(feature_buffer, out)
 
     def with_bias(self, bias: torch.Tensor | None) -> BlockLogits:
-        """These logits plus `bias` (a LinearHead without bias gains it)."""
-        from dataclasses import replace
-
-        from ltcache.heads import LinearHead
-
+        """These logits plus `bias` (a LinearHead without bias gains it: its `with_bias`)."""
         if bias is None:
             return self
-        if not isinstance(self.head, LinearHead) or self.head.bias is not None:
+        if not hasattr(self.head, "with_bias"):
             raise TypeError("with_bias needs the bias-free logits of a LinearHead")
-        return BlockLogits(replace(self.head, bias=bias), self.features, self.block_rows)
+        return BlockLogits(self.head.with_bias(bias), self.features, self.block_rows)
 
 
 def logits_within(head: Head, features: torch.Tensor, budget: int):

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ltcache.core.errors import LtcacheError
 from ltcache.data.datasets import DatasetSpec, _from_arrays, register_dataset
 from ltcache.data.profiles import exponential_profile
-from ltcache.errors import LtcacheError
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
 # name -> (folder, train files, test file, meta file, label key, names key, classes, n_max, torchvision class)

@@ -11,10 +11,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ltcache.config import DatasetSpec
+from ltcache.core.errors import LtcacheError
 from ltcache.data.profiles import carve_splits, exponential_profile
-from ltcache.errors import LtcacheError
-from ltcache.registry import Registry
+from ltcache.data.spec import DATASETS, DatasetSpec
 
 if TYPE_CHECKING:
     from torch.utils.data import Dataset
@@ -77,10 +76,6 @@ def _default(value, default):
 
 
 DatasetBuilder = Callable[[DatasetSpec], LongTailData]
-# The builders here register on import; cifar.py, files.py and tars.py register theirs when the registry is first
-# used.
-DATASETS: Registry[DatasetBuilder] = Registry("dataset", builtins=("ltcache.data.cifar", "ltcache.data.files",
-                                                                           "ltcache.data.tars"))
 
 
 def register_dataset(name: str):

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ltcache.core.errors import LtcacheError, unknown_name
+from ltcache.core.fsutil import read_text
+from ltcache.core.params import MAX_CLASSES
 from ltcache.data.datasets import DatasetSpec, LongTailData, register_dataset
 from ltcache.data.profiles import PROFILES, carve_splits
-from ltcache.errors import LtcacheError, unknown_name
-from ltcache.fsutil import read_text
-from ltcache.params import MAX_CLASSES
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 INAT_MEAN, INAT_STD = (0.466, 0.471, 0.380), (0.195, 0.194, 0.192)  # the official code's iNaturalist statistics
@@ -192,8 +192,8 @@ def inat_json_to_split_files(json_dir: Path, out_dir: Path, *, overwrite: bool =
         except (ValueError, KeyError, TypeError) as exc:  # JSON and UTF-8 decoding errors are ValueErrors
             raise LtcacheError(f"{path} is not an iNaturalist json ({type(exc).__name__}); pass the folder with the "
                                "official train2018.json and val2018.json") from None
-    from ltcache.folders import folder_lock
-    from ltcache.fsutil import atomic_write, sha256_file, write_json
+    from ltcache.core.folders import folder_lock
+    from ltcache.core.fsutil import atomic_write, sha256_file, write_json
 
     out_dir.mkdir(parents=True, exist_ok=True)
     with folder_lock(out_dir, shared=False, what="split folder"):
@@ -215,7 +215,7 @@ INAT_MARKER = "iNaturalist18.ltcache.json"  # which split files inat-splits wrot
 def _check_ours(marker: Path, existing: list[Path], sources: dict[str, Path]) -> None:
     """--overwrite replaces a split file only when inat-splits wrote it (its sha256 is in the marker) from the same
     json files: a user's own copy (say the official iNaturalist18_train.txt) is never replaced."""
-    from ltcache.fsutil import sha256_file
+    from ltcache.core.fsutil import sha256_file
 
     try:
         recorded = json.loads(marker.read_bytes().decode("utf-8"))

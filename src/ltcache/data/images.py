@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ltcache.errors import LtcacheError
+from ltcache.core.errors import LtcacheError
 
 
 class SplitDataset(Dataset):

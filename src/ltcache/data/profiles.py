@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from ltcache.errors import LtcacheError
+from ltcache.core.errors import LtcacheError
 
 
 def exponential_profile(num_classes: int, n_max: int, imbalance_factor: float) -> list[int]:

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
-from ltcache.sampling import (  # noqa: F401  (the strategies and Eq. 1 live in the torch-free sampling.py)
+from ltcache.core.sampling import (  # noqa: F401  (the strategies and Eq. 1 live in the torch-free sampling.py)
     SAMPLERS,
     class_probabilities,
     epoch_class_probabilities,

@@ -25,11 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ltcache.core.errors import LtcacheError
+from ltcache.core.fsutil import read_lines
+from ltcache.core.params import MAX_CLASSES
 from ltcache.data.datasets import DatasetSpec, LongTailData, register_dataset
 from ltcache.data.files import IMAGE_EXTENSIONS, _root, carve_val, check_labels, imagenet_transforms
-from ltcache.errors import LtcacheError
-from ltcache.fsutil import read_lines
-from ltcache.params import MAX_CLASSES
 
 LABEL_EXTENSIONS = (".cls", ".json")
 COMPRESSED = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst")

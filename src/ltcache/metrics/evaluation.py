@@ -92,7 +92,7 @@ class RowStatistics:
 
     def gathered(self, rows: int) -> RowStatistics:
         """Every rank's rows, in order (distributed.gather_rows); itself in a single process."""
-        from ltcache.distributed import gather_rows
+        from ltcache.core.distributed import gather_rows
 
         return RowStatistics(*(gather_rows(getattr(self, f.name), rows) for f in fields(self)))
 

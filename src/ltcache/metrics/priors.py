@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ltcache.errors import LtcacheError
-from ltcache.fsutil import read_text
+from ltcache.core.errors import LtcacheError
+from ltcache.core.fsutil import read_text
 
 SHIFT_FACTORS = (2, 5, 10, 25, 50)
 

@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ltcache.errors import LtcacheError, unknown_name
+from ltcache.core.errors import LtcacheError, unknown_name
+from ltcache.core.params import Param
+from ltcache.core.registry import Registry
 from ltcache.metrics.accuracy import ShotThresholds, evaluate, per_class_accuracy
 from ltcache.metrics.priors import prior_accuracy
-from ltcache.params import Param
-from ltcache.registry import Registry
 from ltcache.stage2.cards import Card
 
 if TYPE_CHECKING:
@@ -88,7 +88,7 @@ class LabData:
         """F @ W_joint.T (+ `bias`) of split `name`. When it fits the memory budget, the bias-free product is
         computed once per split and shared by the methods that rescale or shift it; otherwise it is a BlockLogits,
         computed block by block (or batch by batch, when a trainer gathers rows) each time it is read."""
-        from ltcache.distributed import get_world_size
+        from ltcache.core.distributed import get_world_size
         from ltcache.heads import LinearHead
         from ltcache.logits import BlockLogits, block_rows
 

@@ -24,9 +24,9 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from ltcache.errors import LtcacheError
+from ltcache.core.errors import LtcacheError
+from ltcache.core.params import GRID, Param
 from ltcache.heads import LOGIT_CHUNK_ROWS, LinearCosineHead, LinearHead
-from ltcache.params import GRID, Param
 from ltcache.stage2.cards import Card, Deviation
 from ltcache.stage2.core import Fitted, LabData, method, with_defaults
 from ltcache.stage2.training import TRAINER_DEVIATIONS, TRAINING, fit_on_train, trained_method

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ltcache.core.params import Param
 from ltcache.heads import LOGIT_CHUNK_ROWS, LinearHead
 from ltcache.logits import as_float32
-from ltcache.params import Param
 from ltcache.stage2.cards import CLASSIFIER_BALANCING, DECOUPLING, KANG_2020, Card, Deviation
 from ltcache.stage2.core import Fitted, LabData, method
 

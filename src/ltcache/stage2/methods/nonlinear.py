@@ -6,8 +6,8 @@ import functools
 
 import numpy as np
 
+from ltcache.core.params import Param
 from ltcache.heads import DisAlignHead, MLPHead
-from ltcache.params import Param
 from ltcache.stage2.cards import DECOUPLING, KANG_2020, Card, Deviation
 from ltcache.stage2.core import Fitted, LabData, with_defaults
 from ltcache.stage2.training import TRAINER_DEVIATIONS, TRAINING, fit_on_train, trained_method

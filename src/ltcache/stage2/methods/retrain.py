@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ltcache.errors import LtcacheError
+from ltcache.core.errors import LtcacheError
+from ltcache.core.params import GRID, Param
 from ltcache.heads import LinearHead
-from ltcache.params import GRID, Param
 from ltcache.stage2.cards import CLASSIFIER_BALANCING, DECOUPLING, KANG_2020, Card, Deviation
 from ltcache.stage2.core import Fitted, LabData, with_defaults
 from ltcache.stage2.methods.weight_norms import tau_normalize, weight_norms

@@ -4,16 +4,15 @@ sweep-tau study. Each grid point costs an O(N*C) rescale or shift of cached logi
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ltcache.errors import LtcacheError
+from ltcache.core.errors import LtcacheError
+from ltcache.core.params import GRID, Param
 from ltcache.heads import LinearHead
-from ltcache.metrics.accuracy import GroupAccuracy, per_class_accuracy
+from ltcache.metrics.accuracy import per_class_accuracy
 from ltcache.metrics.priors import parse_prior, prior_accuracy, shifted_priors
-from ltcache.params import GRID, Param
 from ltcache.stage2.cards import CLASSIFIER_BALANCING, DECOUPLING, KANG_2020, Card, Deviation
 from ltcache.stage2.core import Figure, Fitted, LabData, method
 
@@ -22,6 +21,7 @@ if TYPE_CHECKING:
 
     from ltcache.cache import Split
 
+TAU_NORM = "tau_norm"  # the method `ltcache sweep-tau` fits (lab.sweep_tau)
 DEFAULT_TAUS = tuple(round(0.1 * i, 1) for i in range(21))  # 0, 0.1, ..., 2.0
 
 
@@ -187,7 +187,7 @@ TAU_NORM_CARD = Card(
     reference_test="tests/test_reference.py::test_tau_norm_equals_the_official_pnorm_sweep_chosen_on_val")
 
 
-@method("tau_norm", TAUS, summary="W / ||w_j||^tau, bias dropped (Eq. 3); tau chosen on the selection split",
+@method(TAU_NORM, TAUS, summary="W / ||w_j||^tau, bias dropped (Eq. 3); tau chosen on the selection split",
         paper=4, weight_norms=True, figures=(TAU_CURVE,), card=TAU_NORM_CARD)
 def fit_tau_norm(data: LabData, *, taus) -> Fitted:
     curve = tau_curve(data, data.select, taus)
@@ -277,33 +277,3 @@ def fit_tau_norm_logit_adjustment(data: LabData, *, taus, la_taus) -> Fitted:
     best = best_on_curve(curve)
     head = LinearHead(tau_normalize(data.joint.weight, best["tau"]), -best["la_tau"] * prior)
     return Fitted(head, chosen_on_grid(data, best, "tau", "la_tau"), curve)
-
-
-@dataclass(frozen=True)
-class TauSweep:
-    """What `ltcache sweep-tau` found: the curve on the selection split, the chosen tau and its test accuracy."""
-
-    method: str
-    best_tau: float
-    best_score: float
-    selected_on: str
-    curve: list[dict]
-    test: GroupAccuracy
-
-    def as_dict(self) -> dict:
-        return {**asdict(self), "test": self.test.as_dict()}
-
-
-def sweep_tau(cache_path, *, taus=DEFAULT_TAUS, select: str = "val", device: str | None = None,
-              thresholds=None, memory_budget: str | int | None = None) -> TauSweep:
-    """`ltcache sweep-tau`: the tau curve on the selection split, the best mean per-class accuracy chosen, test
-    scored once at that tau."""
-    from ltcache.lab import open_lab
-    from ltcache.metrics.accuracy import ShotThresholds
-
-    taus = validate_taus(taus)  # before loading anything: a bad grid fails at once
-    lab = open_lab(cache_path, select=select, device=device, thresholds=thresholds or ShotThresholds(),
-                   memory_budget=memory_budget)
-    fitted = lab.fit("tau_norm", taus=taus)
-    return TauSweep("tau_norm", fitted.chosen["tau"], best_on_curve(fitted.curve)["mean_per_class"], select,
-                    fitted.curve, lab.score_accuracy(fitted.head))

@@ -1,0 +1,80 @@
+"""Reports: every table, figure and interval ltcache publishes, implemented once and drawn from results.json.
+
+- `inputs`: results.json read, validated and labelled (Result);
+- `stats`: the 95% t-interval and the aggregation over inputs;
+- `tables`: Markdown and CSV tables;
+- `figures`: every figure, on its own Agg canvas (a notebook's backend is never switched);
+- `page`: the self-contained HTML page (templates/report.html.j2, autoescaped) and `ltcache report`.
+
+`write_reports` writes a compare's files: it writes results.json first and draws everything else from that file, read
+back and validated like any input of `ltcache report`, so the two can never disagree. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+from ltcache.core.fsutil import atomic_write, write_json
+from ltcache.report.figures import (
+    figure_curves,
+    figure_reliability,
+    figure_weight_norms,
+    plain_text_figures,
+    plot_sampling_weights,
+    save_png,
+)
+from ltcache.report.inputs import Result, load_results, read_results_json
+from ltcache.report.page import build_report, render_page
+from ltcache.report.stats import aggregate_rows, mean_interval, t_interval
+from ltcache.report.tables import (
+    ablation_csv,
+    ablation_table,
+    accuracy_table,
+    curve_table,
+    markdown_table,
+    results_csv,
+    results_markdown,
+    summary_table,
+)
+
+
+def write_reports(folder: Path, summary: Mapping, *, ablation: list[dict] | None = None,
+                  shown_as: Path | None = None) -> dict[str, str]:
+    """A compare's files in `folder`: results.{json,csv,md}, the weight-norm, selection-curve and reliability plots,
+    index.html, and with `ablation` (Comparison.ablation(): every grid point) ablation.{json,csv,md}. Returns their
+    paths. `shown_as`: where the folder will be once published (the page names that, not the staging folder)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(folder / "results.json", dict(summary))
+    results = read_results_json(folder / "results.json")  # everything below is drawn from the file, as a report is
+    curves = list(results.get("curves") or {})
+    names = ["results.json", "results.csv", "results.md", "weight_norms.png", *(f"{name}.png" for name in curves),
+             "reliability.png", "index.html"]
+    if ablation is not None:
+        names += ["ablation.json", "ablation.csv", "ablation.md"]
+    paths = {name: folder / name for name in names}
+    atomic_write(paths["results.csv"], lambda tmp: tmp.write_text(results_csv(results["rows"])))
+    atomic_write(paths["results.md"], lambda tmp: tmp.write_text(results_markdown(results)))
+    result = Result(Path(shown_as or folder).parent, results, label=Path(results["cache"]).name)
+    with plain_text_figures():  # a method or cache named m$\foo$x is a label, not mathtext
+        save_png(figure_weight_norms([result]), paths["weight_norms.png"])
+        for name in curves:
+            save_png(figure_curves([result], name), paths[f"{name}.png"])
+        save_png(figure_reliability([result]), paths["reliability.png"])
+    page = render_page([result], title=f"ltcache compare: {result.label}")
+    atomic_write(paths["index.html"], lambda tmp: tmp.write_text(page, encoding="utf-8"))
+    if ablation is not None:
+        selected_on = results["selected_on"]
+        write_json(paths["ablation.json"], {"selected_on": selected_on, "points": ablation})
+        atomic_write(paths["ablation.csv"], lambda tmp: tmp.write_text(ablation_csv(ablation)))
+        text = (f"Every grid point, fitted on train and chosen on **{selected_on}** by mean per-class accuracy; test "
+                "numbers are reported after the choice and never used for it.\n\n")
+        table = ablation_table(ablation, groups=results.get("groups"), selected_on=selected_on)
+        atomic_write(paths["ablation.md"], lambda tmp: tmp.write_text(text + table + "\n"))
+    return {name: str(path) for name, path in paths.items()}
+
+
+__all__ = ["Result", "ablation_table", "accuracy_table", "aggregate_rows", "build_report", "curve_table",
+           "load_results", "markdown_table", "mean_interval", "plot_sampling_weights", "read_results_json",
+           "render_page", "results_csv", "results_markdown", "summary_table", "t_interval", "write_reports"]

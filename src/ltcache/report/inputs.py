@@ -1,0 +1,290 @@
+"""The report's inputs: results.json files that `ltcache compare` wrote, read, validated and labelled (`Result`).
+
+Each input is what `ltcache compare` wrote (a cache, or a compare --out folder, holding reports/results.json). Inputs
+are labelled by a provenance field (`--by backbone.resolved_config.sampler`; found automatically when the inputs
+differ in stage-1 sampler, loss, backbone, dataset or selection split), and inputs that share a label are replicate
+seeds: the page shows their mean with a 95% t-interval. A single input shows its own bootstrap interval.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ltcache.core.errors import LtcacheError
+
+KEYS = ("many", "medium", "few", "all", "mean_per_class", "harmonic_mean", "geometric_mean", "top5", "ece")
+HEADINGS = {"many": "Many", "medium": "Medium", "few": "Few", "all": "All", "mean_per_class": "mean/class",
+            "harmonic_mean": "HM", "geometric_mean": "GM", "top5": "top-5", "ece": "ECE"}
+LOWER_IS_BETTER = {"ece"}
+# Provenance fields that, when they differ between inputs, label them (the first that differ, joined).
+AUTO_BY = ("backbone.resolved_config.sampler", "backbone.resolved_config.loss", "backbone.arch", "dataset.name",
+           "selected_on")
+MAX_PANELS = 6
+
+
+@dataclass
+class Result:
+    """One comparison: the folder given, its results.json, the cache manifest when it can still be read, its label."""
+
+    path: Path
+    results: dict
+    manifest: dict = field(default_factory=dict)
+    label: str = ""
+
+    @property
+    def rows(self) -> list[dict]:
+        return self.results["rows"]
+
+    @property
+    def provenance(self) -> dict:
+        return self.results.get("provenance") or {}
+
+    @property
+    def seed(self):
+        stage1 = self.provenance.get("stage1_seed")
+        return stage1 if stage1 is not None else self.results.get("seed")
+
+    def lookup(self, dotted: str):
+        """A dotted field of results.json, or of the cache manifest (backbone.resolved_config.sampler, dataset.name)."""
+        parts = dotted.split(".")
+        if parts[:2] == ["backbone", "config"]:
+            parts[1] = "resolved_config"
+        for source in (self.results, self.manifest, {"provenance": self.provenance}):
+            value, found = source, True
+            for part in parts:
+                if isinstance(value, dict) and part in value:
+                    value = value[part]
+                else:
+                    found = False
+                    break
+            if found:
+                return value
+        known = sorted({*self.results, *self.manifest} - {"rows"})
+        raise LtcacheError(f"--by {dotted}: {self.path} has no such field; fields start with one of "
+                           f"{', '.join(known)} (e.g. backbone.resolved_config.sampler)")
+
+
+def results_file(path: Path) -> Path:
+    """The results.json of an input: a cache or compare --out folder, its reports/ folder, or the file itself."""
+    path = Path(path)
+    for candidate in (path / "reports" / "results.json", path / "results.json", path):
+        if candidate.is_file() and candidate.name == "results.json":
+            return candidate
+    if not path.exists():
+        raise LtcacheError(f"{path} does not exist; pass a cache (or compare --out folder) that ltcache compare wrote")
+    raise LtcacheError(f"{path} has no reports/results.json; run ltcache compare {path} first")
+
+
+def _read(path: Path) -> tuple[dict, dict]:
+    """An input's results.json and its cache's manifest, read under a shared lock on the folder that holds
+    reports/ (a cache or a compare --out folder): a compare publishing there at the same moment is waited for."""
+    from ltcache.core.folders import folder_lock
+
+    path = Path(path)
+    root = path if path.is_dir() and path.name != "reports" else (path.parent if path.is_dir() else path.parent.parent)
+    with folder_lock(root, shared=True, what="results folder"):
+        file = results_file(path)
+        results = read_results_json(file)
+    manifest = {}
+    from ltcache.cache.results import cache_of_results
+
+    cache = cache_of_results(file)  # from the file's own place, never the current folder
+    if cache is not None:
+        from ltcache.cache.reader import read_manifest
+
+        try:
+            manifest = read_manifest(cache)
+        except LtcacheError:
+            raise LtcacheError(f"the manifest of cache {cache} (behind {file}) is damaged; run ltcache info "
+                               f"{cache} --verify") from None
+        if manifest.get("generation") != results.get("cache_generation"):
+            raise LtcacheError(f"{file} was computed on an earlier version of cache {cache} (it was extracted again "
+                               f"since); re-run ltcache compare {cache}")
+    return results, manifest
+
+
+# ------------------------------------------------------------------------------------------- results.json
+
+
+def read_results_json(file: Path) -> dict:
+    """A results.json that ltcache compare wrote, validated as a whole: every field the report reads has its type
+    and its length (per-class arrays, weight norms), or a one-line LtcacheError names the first that does not."""
+    try:
+        results = json.loads(Path(file).read_bytes().decode("utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise LtcacheError(f"{file} is not readable JSON ({type(exc).__name__}); re-run ltcache compare") from None
+    rows = results.get("rows") if isinstance(results, dict) else None
+    if not isinstance(rows, list) or not rows or not all(_is_row(row) for row in rows):
+        raise LtcacheError(f"{file} is not an ltcache results.json (no rows with method, many, medium, few, all); "
+                           "re-run ltcache compare")
+    problem = results_problem(results)
+    if problem is not None:
+        raise LtcacheError(f"{file} is damaged: {problem}; re-run ltcache compare")
+    return results
+
+
+def _is_row(row) -> bool:
+    """A results.json row: a method name and the four accuracies (null where a group has no class)."""
+    return isinstance(row, dict) and isinstance(row.get("method"), str) and all(
+        key in row and (row[key] is None or isinstance(row[key], (int, float)) and not isinstance(row[key], bool))
+        for key in ("many", "medium", "few", "all"))
+
+
+def _number(value, *, optional: bool = True) -> bool:
+    if value is None:
+        return optional
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+        and abs(value) < 1e300
+
+
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**53
+
+
+def results_problem(results: dict) -> str | None:
+    """The first field of a results.json that is not what ltcache writes, or None."""
+    for key in ("cache", "selected_on"):
+        if key in results and not isinstance(results[key], str):
+            return f"'{key}' must be a string"
+    if "cache_generation" in results and not (results["cache_generation"] is None
+                                              or isinstance(results["cache_generation"], str)):
+        return "'cache_generation' must be a string"
+    if "seed" in results and not _count(results["seed"]):
+        return "'seed' must be a non-negative integer"
+    thresholds = results.get("thresholds")
+    if thresholds is not None and not (isinstance(thresholds, dict) and _count(thresholds.get("many"))
+                                       and _count(thresholds.get("few"))):
+        return "'thresholds' must hold integers 'many' and 'few'"
+    counts = results.get("class_counts")
+    if counts is not None and not (isinstance(counts, list) and len(counts) >= 1 and all(map(_count, counts))):
+        return "'class_counts' must be a list of non-negative integers"
+    classes = len(counts) if isinstance(counts, list) else None
+    for key in ("provenance", "groups"):
+        if results.get(key) is not None and not isinstance(results[key], dict):
+            return f"'{key}' must be a JSON object"
+    for index, row in enumerate(results["rows"]):
+        where = f"rows[{index}] ({row['method']!r})"
+        if not row["method"].strip():
+            return f"rows[{index}]: 'method' is empty"
+        for key in (*KEYS, "temperature"):
+            if key in row and not _number(row[key]):
+                return f"{where}: {key!r} must be a finite number or null"
+        for key in ("n_many", "n_medium", "n_few"):
+            if key in row and not _count(row[key]):
+                return f"{where}: {key!r} must be a non-negative integer"
+        ci = row.get("ci95")
+        if ci is not None:
+            if not isinstance(ci, dict) or not all(
+                    isinstance(v, list) and len(v) == 2 and all(map(_number, v)) for v in ci.values()):
+                return f"{where}: 'ci95' must map metrics to [low, high]"
+        per_class = row.get("per_class")
+        if per_class is not None:
+            if not isinstance(per_class, list) or not all(map(_number, per_class)):
+                return f"{where}: 'per_class' must be a list of numbers"
+            if classes is not None and len(per_class) != classes:
+                return f"{where}: 'per_class' has {len(per_class)} values for {classes} classes"
+        bins = row.get("reliability")
+        if bins is not None and not (isinstance(bins, list) and all(
+                isinstance(b, dict) and _number(b.get("confidence"), optional=False)
+                and _number(b.get("accuracy"), optional=False) for b in bins)):
+            return f"{where}: 'reliability' must be a list of bins with a confidence and an accuracy"
+        priors = row.get("shifted_priors")
+        if priors is not None and not (isinstance(priors, dict) and all(
+                isinstance(k, str) and _number(v, optional=False) for k, v in priors.items())):
+            return f"{where}: 'shifted_priors' must map priors to numbers"
+    norms = results.get("weight_norms")
+    if norms is not None:
+        if not isinstance(norms, dict):
+            return "'weight_norms' must be a JSON object"
+        for name, values in norms.items():
+            if not isinstance(values, list) or not all(_number(v, optional=False) for v in values):
+                return f"weight_norms[{name!r}] must be a list of numbers"
+            if classes is not None and len(values) != classes:
+                return f"weight_norms[{name!r}] has {len(values)} values for {classes} classes"
+    curves = results.get("curves")
+    if curves is not None:
+        if not isinstance(curves, dict):
+            return "'curves' must be a JSON object"
+        for name, curve in curves.items():
+            if not (isinstance(curve, dict) and isinstance(curve.get("param"), str) and isinstance(
+                    curve.get("entries"), list) and _number(curve.get("chosen"))):
+                return f"curves[{name!r}] must have a 'param', 'entries' and a numeric 'chosen'"
+            param = curve["param"]
+            for entry in curve["entries"]:
+                if not (isinstance(entry, dict) and _number(entry.get(param), optional=False)
+                        and all(_number(entry.get(key)) for key in ("many", "medium", "few", "all"))):
+                    return f"curves[{name!r}]: every entry needs a number {param!r} and the four accuracies"
+    return None
+
+
+def load_results(paths: Iterable[Path | str], *, by: str | None = None,
+                 labels: Sequence[str] | None = None) -> list[Result]:
+    """Read every input's results.json (an error names the first that is missing, damaged or stale) and label it:
+    with `labels` (one per input), else by the `by` fields (comma-separated dotted paths; an input that lacks one
+    shows '-' there), else by the provenance fields in which the inputs differ, else by folder name."""
+    paths = [Path(p) for p in paths]
+    if labels is not None and len(labels) != len(paths):
+        raise LtcacheError(f"{len(labels)} labels for {len(paths)} inputs; give one label per input")
+    if not paths:
+        raise LtcacheError("no inputs; pass one or more caches (or compare --out folders)")
+    seen = {}
+    for path in paths:
+        key = results_file(path).resolve()
+        if key in seen:
+            raise LtcacheError(f"{path} is given twice (also as {seen[key]}); pass each input once")
+        seen[key] = path
+    loaded = [Result(path, *_read(path)) for path in paths]
+    if labels is not None:
+        for result, label in zip(loaded, labels, strict=True):
+            result.label = str(label)
+        return loaded
+    fields = [f.strip() for f in by.split(",") if f.strip()] if by else _auto_by(loaded)
+    values = {}
+    for dotted in fields:
+        found = []
+        for result in loaded:
+            try:
+                found.append(_short(result.lookup(dotted)))
+            except LtcacheError as exc:
+                found.append(exc)
+        if all(isinstance(v, LtcacheError) for v in found):
+            raise found[0]  # no input has it: a misspelt field
+        values[dotted] = ["-" if isinstance(v, LtcacheError) else v for v in found]
+    for index, result in enumerate(loaded):
+        result.label = (" / ".join(values[f][index] for f in fields) if fields else _folder_name(result.path))
+    return loaded
+
+
+def _auto_by(results: list[Result]) -> list[str]:
+    if len(results) < 2:
+        return []
+    differing = []
+    for dotted in AUTO_BY:
+        try:
+            values = {json.dumps(r.lookup(dotted), sort_keys=True, default=str) for r in results}
+        except LtcacheError:
+            continue
+        if len(values) > 1:
+            differing.append(dotted)
+    return differing
+
+
+def _folder_name(path: Path) -> str:
+    path = Path(path).resolve()
+    if path.name == "results.json":
+        path = path.parent
+    if path.name == "reports":
+        path = path.parent
+    return path.name
+
+
+def _short(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
