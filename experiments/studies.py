@@ -9,8 +9,8 @@ STUDY is one of
   sampling-weights  Figure 3: the samplers' class probabilities p_j (and over epochs, progressive)
   mlp               Table 10: 1-, 2- and 3-layer classifiers re-trained on the frozen features
   findings          the paper's four findings tested on the runs above (paired differences over seeds)
-  headline          the README's table: the paper's five on instance-balanced features at the recipe's epochs,
-                    tau chosen on val and on train, each classifier - joint paired by seed
+  headline          the tutorial's table (docs/tutorial.md): the paper's five on instance-balanced features at the
+                    recipe's epochs, tau chosen on val and on train, each classifier - joint paired by seed
   foundation-heads  gla, gda and cos_la (official recipes) against ltcache's earlier forms, on a tiny random
                     open_clip model extracted with --zero-shot (a code-path check, not a CLIP result)
   all               the paper's studies: samplers, finetune, tau, sampling-weights, mlp and findings
@@ -21,9 +21,9 @@ comparison of that cache) and a killed run is resumed, so a rerun picks up where
 writes OUT/STUDY.md (its table), OUT/STUDY/index.html (`ltcache report` over its results) and OUT/STUDY.json.
 
 `--publish DIR` then copies each study's STUDY.md, STUDY.json and STUDY/ folder into DIR (the repository's
-experiments/reports/DATASET/) and rewrites every block of README.md and experiments/RESULTS.md that includes one of
-those files (`<!-- include: PATH -->` ... `<!-- end include -->`), so a published number is never typed by hand;
-tests/test_published.py fails when a block and its file disagree.
+experiments/reports/DATASET/) and rewrites every block of the documents (README.md, docs/, experiments/*.md) that
+includes one of those files (`<!-- include: PATH -->` ... `<!-- end include -->`), so a published number is never
+typed by hand; tests/test_published.py fails when a block and its file disagree.
 """
 
 from __future__ import annotations
@@ -283,7 +283,7 @@ class Study:
         self.write("findings", findings_markdown(samplers, tau), {"taus_val_train": taus})
 
     def headline(self) -> None:
-        """The README's table: the paper's five on instance-balanced features (the recipe as it is, at --epochs if
+        """The tutorial's table: the paper's five on instance-balanced features (the recipe as it is, at --epochs if
         given), mean and 95% t-interval over seeds; tau chosen on val and on the simulated-balanced train set per
         seed; each decoupled classifier - joint, paired by seed. The first seed's weight-norm and tau-curve figures
         (Fig. 2) go beside the page."""
@@ -376,7 +376,7 @@ class Study:
 
     def publish(self, studies: list[str], folder: Path) -> None:
         """Copy each study's table, data and page folder into `folder`, then rewrite every include block of the
-        README and experiments/*.md (docs/generate.py), so the published tables are the files just copied."""
+        README, docs/ and experiments/*.md (docs/generate.py), so the published tables are the files just copied."""
         import importlib.util
         import shutil
 
@@ -501,7 +501,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--root", default=None, help="dataset folder, if the recipe's default is not right")
     parser.add_argument("--device", default=None)
     parser.add_argument("--publish", default=None, help="copy the studies' tables, data and pages into this folder "
-                        "(e.g. experiments/reports/fashion-mnist-lt) and refresh the README's and RESULTS.md's "
+                        "(e.g. experiments/reports/fashion-mnist-lt) and refresh the documents' "
                         "include blocks of them")
     args = parser.parse_args(argv)
     try:

@@ -97,6 +97,15 @@ def toy_cache(tmp_path) -> Path:
     return write_toy_cache(tmp_path / "cache")
 
 
+
+def toy_steps(steps: int = 50) -> list[str]:
+    """`--set METHOD.min_steps=STEPS` for every method that trains with SGD: toy caches need toy hyperparameters
+    (the default 500 steps are for real data)."""
+    from ltcache.stage2 import METHODS
+
+    return [arg for name, entry in METHODS.items() if "min_steps" in entry.defaults
+            for arg in ("--set", f"{name}.min_steps={steps}")]
+
 @pytest.fixture(scope="session")
 def digits_run(tmp_path_factory) -> dict:
     """The README demo, run once through the CLI: digits-LT train -> extract -> compare."""

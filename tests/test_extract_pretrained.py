@@ -5,7 +5,7 @@ import json
 
 import torch
 
-from conftest import assert_clean_error, checksum, invoke
+from conftest import assert_clean_error, checksum, invoke, toy_steps
 from ltcache.cache import FeatureCache
 from ltcache.stage1.models import pretrained_preprocessing
 
@@ -27,7 +27,7 @@ def test_extract_a_backbone_without_a_checkpoint_then_compare_every_method(tmp_p
     predictions = (train.features @ weight.T + bias).argmax(1)
     majority = torch.bincount(train.labels).max().item() / len(train.labels)
     assert (predictions == train.labels).float().mean().item() > majority  # the probe learned more than the prior
-    compared = invoke("compare", tmp_path / "c", "--methods", "all", "--bootstrap", "0", "--json")
+    compared = invoke("compare", tmp_path / "c", "--methods", "all", "--bootstrap", "0", "--json", *toy_steps())
     assert compared.exit_code == 0, compared.output
     rows = json.loads(compared.stdout)["rows"]
     assert {"gda", "cos_la", "crt", "lws", "tau_norm"} <= {row["method"] for row in rows}

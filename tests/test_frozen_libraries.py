@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from conftest import TINY_CLIP, assert_clean_error, assert_one_line_error, checksum, invoke, lab_data
+from conftest import TINY_CLIP, assert_clean_error, assert_one_line_error, checksum, invoke, lab_data, toy_steps
 from ltcache.cache import FeatureCache
 from ltcache.data import DatasetSpec, build_dataset
 from ltcache.heads import LinearCosineHead, LinearHead
@@ -62,7 +62,7 @@ def test_a_timm_backbone_is_extracted_with_timm_features_and_preprocessing_then_
         with torch.inference_mode():
             expected = reference(transform(digit_image(index)[1].convert("RGB"))[None])[0]
         assert F.cosine_similarity(cached[index], expected, dim=0) > 0.999
-    compared = invoke("compare", tmp_path / "c", "--methods", "all", "--bootstrap", "0", "--json")
+    compared = invoke("compare", tmp_path / "c", "--methods", "all", "--bootstrap", "0", "--json", *toy_steps())
     assert compared.exit_code == 0, compared.output
     methods = {row["method"] for row in json.loads(compared.stdout)["rows"]}
     assert {"joint", "crt", "lws", "tau_norm", "gda", "cos_la"} <= methods

@@ -2,6 +2,7 @@
 torch, and no method is named outside the registry."""
 
 import ast
+import functools
 import re
 import subprocess
 import sys
@@ -42,7 +43,8 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def imports_of(path: Path) -> set[str]:
+@functools.cache
+def imports_of(path: Path) -> frozenset[str]:
     """Every module `path` imports, wherever the import stands: top level, inside a function, under TYPE_CHECKING.
     `from package import name` counts as an import of package.name when that is a module, else of package."""
     name = module_name(path)
@@ -59,7 +61,7 @@ def imports_of(path: Path) -> set[str]:
             for alias in node.names:
                 submodule = f"{base}.{alias.name}"
                 found.add(submodule if submodule in MODULES else base)
-    return found
+    return frozenset(found)
 
 
 MODULES = {module_name(p): p for p in SRC.rglob("*.py")}

@@ -90,16 +90,14 @@ def test_learned_tau_fixes_a_norm_bias():
 
 
 def test_every_method_is_listed_and_runs_on_a_cache(toy_cache, tmp_path):
-    from conftest import write_toy_cache
+    from conftest import toy_steps, write_toy_cache
 
     listed = invoke("methods", "--json")
     assert listed.exit_code == 0
     entries = json.loads(listed.stdout)
     names = [entry["method"] for entry in entries]
     assert sorted(names) == sorted(METHODS) and names[:5] == ["joint", "ncm", "crt", "tau_norm", "lws"]
-    # toy caches, toy hyperparameters: every trained method at 50 steps instead of its default 500
-    steps = [arg for entry in entries if "min_steps" in entry["defaults"]
-             for arg in ("--set", f"{entry['method']}.min_steps=50")]
+    steps = toy_steps()  # every trained method at 50 steps instead of its default 500
     assert len(steps) >= 2 * 10
     with_text = write_toy_cache(tmp_path / "text", text_head=True)  # as extract --zero-shot writes it
     result = invoke("compare", with_text, "--methods", "all", "--json", "--bootstrap", "0", *steps)

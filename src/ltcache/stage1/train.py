@@ -187,22 +187,7 @@ def _train(cfg: TrainConfig, data, folder: RunFolder, device: torch.device, *, s
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
 
-    sampler = EpochSampler(data.labels["train"], parse_sampler(cfg.sampler), total_epochs=cfg.epochs, seed=cfg.seed,
-                           rank=rank, world=world, samples_per_class=cfg.samples_per_class)
-    # Worker processes are started afresh every epoch and seeded from (seed, epoch) through the loader's generator,
-    # so an epoch's augmentations do not depend on what ran before it (a resumed run repeats them exactly).
-    loader_generator = torch.Generator()
-    loader_args = {"num_workers": cfg.workers, "pin_memory": device.type == "cuda"}
-    # batch_size is the global batch (the paper's 512), split evenly across torchrun ranks.
-    if cfg.batch_size % world:
-        raise LtcacheError(f"--batch-size {cfg.batch_size} does not split evenly across {world} processes")
-    rank_batch = cfg.batch_size // world
-    # BatchNorm cannot train on a batch of one: drop a trailing single-sample batch, and only that.
-    drop_last = len(sampler) % rank_batch == 1 and len(sampler) > 1
-    train_loader = DataLoader(data.splits["train"], batch_size=rank_batch, sampler=sampler, drop_last=drop_last,
-                              generator=loader_generator, **loader_args)
-    val_loader = DataLoader(data.splits["val"], batch_size=512, shuffle=False, **loader_args) \
-        if "val" in data.splits else None
+    sampler, loader_generator, train_loader, val_loader = _loaders(cfg, data, device, rank, world)
     optimizer = torch.optim.SGD(trainable, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scheduler = cosine_schedule(optimizer, cfg.epochs * len(train_loader))
     first_epoch = 0
@@ -253,6 +238,28 @@ def _train(cfg: TrainConfig, data, folder: RunFolder, device: torch.device, *, s
             folder.publish()  # the first checkpoint exists: the run (and only now) replaces what was at --out
         barrier()
     return folder.target
+
+
+def _loaders(cfg: TrainConfig, data, device: torch.device, rank: int, world: int):
+    """(sampler, generator, train loader, val loader): this rank's share of each epoch's draws, the generator that
+    seeds each epoch's worker processes, and the loaders (the val loader None without a val split)."""
+    sampler = EpochSampler(data.labels["train"], parse_sampler(cfg.sampler), total_epochs=cfg.epochs, seed=cfg.seed,
+                           rank=rank, world=world, samples_per_class=cfg.samples_per_class)
+    # Worker processes are started afresh every epoch and seeded from (seed, epoch) through the loader's generator,
+    # so an epoch's augmentations do not depend on what ran before it (a resumed run repeats them exactly).
+    loader_generator = torch.Generator()
+    loader_args = {"num_workers": cfg.workers, "pin_memory": device.type == "cuda"}
+    # batch_size is the global batch (the paper's 512), split evenly across torchrun ranks.
+    if cfg.batch_size % world:
+        raise LtcacheError(f"--batch-size {cfg.batch_size} does not split evenly across {world} processes")
+    rank_batch = cfg.batch_size // world
+    # BatchNorm cannot train on a batch of one: drop a trailing single-sample batch, and only that.
+    drop_last = len(sampler) % rank_batch == 1 and len(sampler) > 1
+    train_loader = DataLoader(data.splits["train"], batch_size=rank_batch, sampler=sampler, drop_last=drop_last,
+                              generator=loader_generator, **loader_args)
+    val_loader = DataLoader(data.splits["val"], batch_size=512, shuffle=False, **loader_args) \
+        if "val" in data.splits else None
+    return sampler, loader_generator, train_loader, val_loader
 
 
 def gather_rng() -> list[dict]:
