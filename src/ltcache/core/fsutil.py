@@ -21,7 +21,7 @@ _DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPE
 
 def write_error(path: Path, exc: BaseException) -> LtcacheError | None:
     """A one-line error for a write that the disk refused (full, read-only, too large), or None for anything else.
-    h5py and torch report the errno inside a multi-line message, so it is looked for there too."""
+    HDF5 and torch report the errno inside a multi-line message, so it is looked for there too."""
     code = getattr(exc, "errno", None)
     if code is None:
         found = re.search(r"errno = (\d+)", str(exc))
