@@ -147,3 +147,21 @@ def test_version_is_one_and_the_same_everywhere():
     assert importlib.metadata.version("ltcache") == ltcache.__version__
     citation = (Path(__file__).resolve().parent.parent / "CITATION.cff").read_text()
     assert re.search(r"^version: (\S+)$", citation, re.M).group(1) == ltcache.__version__
+
+
+def test_progress_draws_a_line_on_a_terminal_and_nothing_in_a_log(monkeypatch):
+    """core.console.progress (ltcache's own, so core needs no typer): every item passes through either way; a
+    terminal gets the count, total and percentage, a log file nothing."""
+    import io
+
+    from ltcache.core.console import progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    for stream, drawn in ((Terminal(), True), (io.StringIO(), False)):
+        monkeypatch.setattr("sys.stderr", stream)
+        assert list(progress(range(3), label="extract test")) == [0, 1, 2]
+        assert ("extract test  3/3 (100%)" in stream.getvalue()) is drawn
+        assert stream.getvalue().endswith("\n") is drawn

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     import torch
 
 
-class Head(Protocol):
+class LogitHead(Protocol):
     """What blocked logits need of a head (ltcache.heads.Head has it): its class count and its logits, whole or
     written into a chunk. Declared here so that this module, below heads.py, imports nothing of it."""
 
@@ -37,7 +37,7 @@ class Head(Protocol):
 
     def chunk_logits(self, chunk: torch.Tensor, out: torch.Tensor) -> None: ...
 
-    def to(self, device) -> Head: ...
+    def to(self, device) -> LogitHead: ...
 
 CHUNK_ELEMENTS = 1 << 22  # 16 MiB of float32: the temporaries of a softmax or top-k over a chunk stay this small
 MIN_BLOCK_ROWS = 1024  # below this a block's GEMM is inefficient; a budget that small still gets 1024-row blocks
@@ -122,7 +122,7 @@ class BlockLogits:
     `gather(index, out)` the rows of a batch. What a method gets from LabData.raw_logits (and the lab from
     Lab.logits) when the full matrix would not fit the memory budget; read it through `row_blocks`."""
 
-    head: Head
+    head: LogitHead
     features: torch.Tensor
     block_rows: int
 
@@ -158,7 +158,7 @@ class BlockLogits:
         return BlockLogits(self.head.with_bias(bias), self.features, self.block_rows)
 
 
-def logits_within(head: Head, features: torch.Tensor, budget: int):
+def logits_within(head: LogitHead, features: torch.Tensor, budget: int):
     """The logits of `head` over `features`: one tensor when they fit `budget`, else a BlockLogits."""
     if fits(len(features), head.num_classes, budget):
         return head.logits(features)

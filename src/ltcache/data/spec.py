@@ -15,7 +15,8 @@ DATASETS: Registry = Registry("dataset", builtins=("ltcache.data.datasets", "ltc
                                                    "ltcache.data.files", "ltcache.data.tars"))
 
 
-def _datasets() -> Registry:
+def dataset_registry() -> Registry:
+    """The dataset registry, as a declaration's `choices` (its names are read when a value is checked)."""
     return DATASETS
 
 
@@ -24,7 +25,7 @@ class DatasetSpec:
     """Which long-tailed dataset, as the user asked for it; the dataset's builder fills the None fields with its
     defaults. Each declared field is a train-backbone option and a recipe key (`name` is --dataset / dataset)."""
 
-    name: str = declared("digits-lt", "Registered dataset name.", choices=_datasets)
+    name: str = declared("digits-lt", "Registered dataset name.", choices=dataset_registry)
     root: str | None = declared(None, "Dataset folder (fashion-mnist-lt: the idx files).")
     imbalance_factor: float | None = declared(None, "n_max / n_min of the long-tail profile (dataset default).",
                                               low=1)

@@ -22,7 +22,7 @@ from ltcache.core.options import (  # noqa: F401  (the stage-2 and shared declar
 )
 from ltcache.core.params import Param, declared, params_of
 from ltcache.core.runtime import PAPER_BATCH, PAPER_LR, scaled_lr
-from ltcache.data.spec import DatasetSpec, _datasets  # noqa: F401  (DatasetSpec re-exported: TrainConfig.dataset)
+from ltcache.data.spec import DatasetSpec, dataset_registry  # noqa: F401  (DatasetSpec: re-exported)
 
 # Backbones sized for each dataset's images; anything else defaults to ResNet-50.
 DEFAULT_BACKBONE = {"digits-lt": "smallresnet8", "fashion-mnist-lt": "smallresnet14", "cifar10-lt": "resnet32",
@@ -151,7 +151,7 @@ TRAIN_EXTRA = (
 EXTRACT = (
     Param("out", Path, None, "Cache folder to create."),
     Param("dataset", str, None, "Without a checkpoint, or with a classifier-balancing one (which records neither): "
-          "the dataset whose splits to extract.", optional=True, choices=_datasets),
+          "the dataset whose splits to extract.", optional=True, choices=dataset_registry),
     Param("backbone", str, None, "Without a checkpoint: any torchvision model or ltcache backbone, timm:<name> "
           "(pip install 'ltcache[timm]') or open_clip:<arch>/<tag> (pip install 'ltcache[open_clip]'); with a "
           "classifier-balancing checkpoint: resnet10, resnext50_32x4d or resnext152_32x4d.", optional=True),
