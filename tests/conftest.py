@@ -49,7 +49,7 @@ def assert_clean_error(result, *fragments):
 
 def write_toy_cache(path: Path, *, class_counts=(30, 12, 3), feature_dim=4, seed=0, shard_rows=16,
                     overwrite=False, dtype="float32", noise=0.5, text_head=False, val_per_class=10,
-                    test_per_class=20, dataset_name="toy") -> Path:
+                    test_per_class=20, dataset_name="toy", class_names=None) -> Path:
     """A small cache of Gaussian blobs (one per class) with a joint head biased toward class 0; with `text_head`,
     also a zero-shot text head (as extract --zero-shot writes) near the class centres."""
     generator = torch.Generator().manual_seed(seed)
@@ -72,7 +72,8 @@ def write_toy_cache(path: Path, *, class_counts=(30, 12, 3), feature_dim=4, seed
     writer.write_joint_head(weight, torch.zeros(num_classes))
     if text_head:
         writer.write_text_head(20 * centers / 3 + torch.randn(num_classes, feature_dim, generator=generator))
-    dataset = {"name": dataset_name, "root": None, "class_names": [f"c{i}" for i in range(num_classes)],
+    names = list(class_names) if class_names is not None else [f"c{i}" for i in range(num_classes)]
+    dataset = {"name": dataset_name, "root": None, "class_names": names,
                "train_class_counts": list(class_counts)}
     return writer.commit(dataset=dataset, backbone={"arch": "none", "checkpoint_sha256": "0" * 64})
 

@@ -149,19 +149,33 @@ def test_version_is_one_and_the_same_everywhere():
     assert re.search(r"^version: (\S+)$", citation, re.M).group(1) == ltcache.__version__
 
 
-def test_progress_draws_a_line_on_a_terminal_and_nothing_in_a_log(monkeypatch):
+def test_progress_draws_a_bar_on_a_terminal_and_nothing_in_a_log_or_a_silenced_library(monkeypatch):
     """core.console.progress (ltcache's own, so core needs no typer): every item passes through either way; a
-    terminal gets the count, total and percentage, a log file nothing."""
+    terminal gets a bar, the count of units, the rate and the time left, a log file nothing, and nor does a
+    library whose "ltcache" logger does not show INFO (a script that never configured logging)."""
     import io
 
-    from ltcache.core.console import progress
+    from ltcache.core.console import cli_handler, progress, progress_line, remove_cli_handler
 
     class Terminal(io.StringIO):
         def isatty(self):
             return True
 
-    for stream, drawn in ((Terminal(), True), (io.StringIO(), False)):
+    batches = [list(range(4)), list(range(4)), list(range(2))]
+    for stream, handler, drawn in ((Terminal(), True, True), (io.StringIO(), True, False),
+                                   (Terminal(), False, False)):
         monkeypatch.setattr("sys.stderr", stream)
-        assert list(progress(range(3), label="extract test")) == [0, 1, 2]
-        assert ("extract test  3/3 (100%)" in stream.getvalue()) is drawn
-        assert stream.getvalue().endswith("\n") is drawn
+        if handler:
+            cli_handler()
+        try:
+            passed = list(progress(batches, label="extract test", unit="images", per_item=len, total_units=10))
+        finally:
+            remove_cli_handler()
+        assert passed == batches
+        text = stream.getvalue()
+        assert ("extract test  [####################]  10/10 images" in text) is drawn, text
+        assert ("images/s" in text and "0 s left" in text) is drawn
+        assert text.endswith("\n") is drawn
+    assert progress_line("epoch 1", 5, 10, 2.0, "images") == ("epoch 1  [##########----------]  5/10 images  "
+                                                               "2 images/s  2 s left")
+    assert progress_line("extract", 1200, None, 90.0, "images") == "extract  1,200 images  13 images/s  1 min 30 s"

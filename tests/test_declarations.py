@@ -42,7 +42,7 @@ def test_check_accepts_only_the_declared_type_and_range(param, value, ok):
     if ok:
         param.check(value)
     else:
-        with pytest.raises(LtcacheError, match=f"--{param.name}"):
+        with pytest.raises(LtcacheError, match=rf"^{param.name}\b"):  # from Python: the argument's name
             param.check(value)
 
 
@@ -109,7 +109,7 @@ def test_python_api_values_are_checked_like_command_line_ones(toy_cache):
 
     with pytest.raises(LtcacheError, match="crt.epochs must be an integer"):
         resolve_params("crt", {"epochs": 2.5})
-    with pytest.raises(LtcacheError, match="--bootstrap must be an integer >= 0"):
+    with pytest.raises(LtcacheError, match="^bootstrap must be an integer >= 0"):
         compare(toy_cache, bootstrap=-1)
     assert not (toy_cache / "heads").exists()
 

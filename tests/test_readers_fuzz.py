@@ -42,7 +42,8 @@ def results_json(tmp_path_factory) -> dict:
     from ltcache.lab import compare
 
     cache = write_toy_cache(tmp_path_factory.mktemp("fuzz") / "toy")
-    compare(cache, methods=["joint", "ncm", "tau_norm"], bootstrap=20)
+    compare(cache, methods=["joint", "ncm", "tau_norm", "crt"], bootstrap=20,  # a grid: results.json's "grids"
+            params={"crt": {"lr": [0.1, 0.2], "min_steps": 5}}, ablation=True)
     return json.loads((cache / "reports" / "results.json").read_text())
 
 
@@ -78,7 +79,13 @@ def _write_mutated(document, data, new, file: Path) -> Path:
 def _use_results(file: Path) -> None:
     """What ltcache report does with a results.json short of drawing: read, aggregate, tabulate, CSV."""
     from ltcache.report import Result, aggregate_rows, read_results_json, summary_table
-    from ltcache.report.page import _table_context
+    from ltcache.report.page import (
+        _confused_context,
+        _grid_context,
+        _per_class_context,
+        _provenance_context,
+        _table_context,
+    )
     from ltcache.report.tables import csv_text
 
     results = read_results_json(file)
@@ -87,6 +94,8 @@ def _use_results(file: Path) -> None:
     summary_table(table)
     _table_context(table)
     csv_text(loaded)
+    for context in (_per_class_context, _confused_context, _grid_context, _provenance_context):
+        context(loaded)  # the page's per-class, confusion, grid and provenance sections
 
 
 @FUZZ

@@ -98,7 +98,7 @@ def test_report_refuses_stale_damaged_and_unknown_inputs(tmp_path):
     with pytest.raises(LtcacheError, match="has no reports/results.json; run ltcache compare"):
         load_results([cache])
     other = compared_toy(tmp_path / "b")
-    with pytest.raises(LtcacheError, match="--by backbone.nope: .* has no such field"):
+    with pytest.raises(LtcacheError, match="by='backbone.nope': .* has no such field"):
         load_results([other], by="backbone.nope")
     with pytest.raises(LtcacheError, match="given twice"):
         load_results([other, other / "reports"])
@@ -134,18 +134,36 @@ def test_report_command_hostile_outputs_leave_everything_as_it_was(tmp_path):
     assert "<title>second</title>" in second and "<title>second</title>" not in first
 
 
-def test_report_renders_in_headless_chromium(digits_run, tmp_path):
-    from cdp import Browser, find_chromium
+NAMED = ("Ankle boot", "T-shirt/top", "Sneaker & sandal")  # names with a slash and an ampersand, as real ones have
+
+
+def _chromium():
+    from cdp import find_chromium
 
     executable = find_chromium()
     if executable is None:
         if os.environ.get("LTCACHE_REQUIRE_CHROMIUM"):  # CI sets it: there the check must run, not skip
             pytest.fail("chromium is not installed but LTCACHE_REQUIRE_CHROMIUM is set")
         pytest.skip("chromium is not installed (Debian package chromium; .ci/run installs it)")
-    toy = compared_toy(tmp_path / "toy")
+    return executable
+
+
+LAYOUT = ("({scroll: document.documentElement.scrollWidth, client: document.documentElement.clientWidth, "
+          "figures: [...document.querySelectorAll('figure')].map(f => ({id: f.id, wide: f.classList.contains('wide'),"
+          " width: f.querySelector('img').getBoundingClientRect().width, left: f.getBoundingClientRect().left})), "
+          "text: document.body.innerText})")
+
+
+def test_report_renders_in_headless_chromium(digits_run, tmp_path):
+    from cdp import Browser
+
+    executable = _chromium()
+    toy = write_toy_cache(tmp_path / "toy", class_names=NAMED)
+    compare(toy, methods=["joint", "ncm", "crt", "tau_norm"], params={"crt": {"lr": [0.05, 0.2], "weight_decay":
+            [1e-4, 5e-4], "min_steps": 20}}, bootstrap=50, ablation=True)
     paths = build_report([digits_run["cache"], toy], tmp_path / "report", title="browser check")
     page = Path(paths["index.html"]).resolve()
-    browser = Browser(executable)
+    browser = Browser(executable, width=1280)
     try:
         session = browser.open(page.as_uri())
         cells = browser.evaluate(session, "[...document.querySelectorAll('td[data-key]')].map(td => ({"
@@ -155,9 +173,16 @@ def test_report_renders_in_headless_chromium(digits_run, tmp_path):
                                            "natural: [img.naturalWidth, img.naturalHeight], shown: "
                                            "[img.getBoundingClientRect().width, img.getBoundingClientRect().height]}))")
         title = browser.evaluate(session, "document.title")
+        layout = browser.evaluate(session, LAYOUT)
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         browser.screenshot(session, ARTIFACTS / "report.png")
         requested = browser.requested_urls()
+    finally:
+        browser.close()
+    browser = Browser(executable, width=1280)
+    try:
+        own = browser.open((toy / "reports" / "index.html").resolve().as_uri())  # compare's own page of the toy
+        toy_layout = browser.evaluate(own, LAYOUT)
     finally:
         browser.close()
     assert title == "browser check"
@@ -165,8 +190,21 @@ def test_report_renders_in_headless_chromium(digits_run, tmp_path):
     assert len(images) >= 5 and all(i["complete"] and min(i["natural"]) > 0 and min(i["shown"]) > 0 for i in images)
     expected = {"smallresnet8 / digits-lt": rows_of(digits_run["cache"]), "none / toy": rows_of(toy)}
     assert {c["label"] for c in cells} == set(expected)  # labelled by the fields that differ: backbone, dataset
-    assert len(cells) == sum(len(rows) for rows in expected.values()) * 9
+    assert len(cells) == sum(len(rows) for rows in expected.values()) * 10
     for cell in cells:
         value = expected[cell["label"]][cell["method"]][cell["key"]]
         assert cell["text"] == ("-" if value is None else f"{value:.2f}"), cell  # None: a group with no class
+    for seen in (layout, toy_layout):
+        assert seen["scroll"] <= seen["client"], "the page scrolls sideways at 1280 px"
+        assert seen["figures"] and all(f["width"] >= 600 for f in seen["figures"]), seen["figures"]
+        assert len({round(f["left"]) for f in seen["figures"] if not f["wide"]}) == 2, "not two columns"
+    for text in (layout["text"], toy_layout["text"]):
+        assert all(name in text for name in NAMED), "a class name is missing from the page"
+    pairs = [pair for row in rows_of(toy).values() for pair in row["confused_pairs"][:5]]
+    assert pairs  # the toy's classes overlap: every method confuses some
+    for pair in pairs:  # by name, with its count
+        assert f"{NAMED[pair['true']]} → {NAMED[pair['predicted']]}: {pair['count']}" in toy_layout["text"]
+    figures = {f["id"] for f in toy_layout["figures"]}
+    assert {"fig-per_class", "fig-reliability", "fig-grid_crt", "fig-confusion_joint"} <= figures, figures
+    assert "fig-groups" not in figures  # one input: no Figure 1 across labels
     assert (ARTIFACTS / "report.png").stat().st_size > 10_000

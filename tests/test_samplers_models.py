@@ -90,7 +90,7 @@ def test_trainable_groups_freeze_the_rest():
     assert trainable and all(n.startswith(("backbone.layer4.", "fc.")) for n in trainable)
     assert len(chosen) == len(trainable)
     assert "fc.weight" in trainable and "backbone.layer3.0.conv1.weight" not in trainable
-    with pytest.raises(LtcacheError, match="--trainable 'layer9' names no parameter; groups are: .*layer4"):
+    with pytest.raises(LtcacheError, match="trainable='layer9' names no parameter; groups are: .*layer4"):
         select_trainable(model, "layer4,layer9")
 
 

@@ -8,13 +8,15 @@ torch is imported inside the functions, so the modules that import this one stay
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-import sys
 import time
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ltcache.core.console import duration, log
 from ltcache.core.errors import LtcacheError
 from ltcache.core.params import Param
 from ltcache.core.runtime import cosine_schedule, scaled_lr
@@ -29,7 +31,8 @@ if TYPE_CHECKING:
 TRAINING = (
     Param("epochs", int, 10, "Epochs of len(train) draws.", low=1, high=100_000),
     Param("batch_size", int, 512, "Batch size.", low=1, high=2**24),
-    Param("lr", float, None, "Peak lr, cosine to 0 (default 0.2 x batch / 512).", above=0, optional=True),
+    Param("lr", float, None, "Peak lr, cosine to 0 (default 0.2 x batch / 512).", above=0, optional=True,
+          default_text="0.2 x batch_size / 512"),
     Param("weight_decay", float, 5e-4, "SGD weight decay.", low=0),
     Param("momentum", float, 0.9, "SGD momentum.", low=0, below=1),
     Param("min_steps", int, 500, "Lengthen epochs on tiny data to reach this many steps in all.", low=0,
@@ -82,9 +85,11 @@ def train_on_features(module: nn.Module, inputs: torch.Tensor | tuple[torch.Tens
     share = local_rows(len(labels)) if get_world_size() > 1 else None
     parameters = [p for p in module.parameters() if p.requires_grad]
     reporter = EpochProgress(epochs)
+    losses = _LOSSES.get()
     for epoch in range(epochs):
         draws = torch.multinomial(weights, steps_per_epoch * batch_size, replacement=True, generator=generator)
         finite = torch.ones((), dtype=torch.bool, device=labels.device)
+        summed = torch.zeros((), dtype=torch.float64, device=labels.device) if losses is not None else None
         for batch in draws.to(labels.device).view(steps_per_epoch, batch_size):
             if share is not None:
                 whole_batch = batch_normalizer(criterion, labels[batch])
@@ -98,6 +103,8 @@ def train_on_features(module: nn.Module, inputs: torch.Tensor | tuple[torch.Tens
                 else:
                     loss = criterion(module(*batch_inputs), batch_labels)
                 finite &= torch.isfinite(loss.detach())  # checked once an epoch: no device sync per step
+                if summed is not None:
+                    summed += loss.detach()
                 if share is not None:  # this rank's sum of the batch's loss terms over the whole batch's normalizer
                     loss = loss * (batch_normalizer(criterion, batch_labels) / whole_batch)
                 loss.backward()
@@ -109,6 +116,8 @@ def train_on_features(module: nn.Module, inputs: torch.Tensor | tuple[torch.Tens
                 after_step(module)
         if not finite.item():
             raise LtcacheError(f"the stage-2 loss stopped being finite in epoch {epoch + 1}; lower the lr")
+        if summed is not None:
+            losses.append(summed.item() / steps_per_epoch)
         if on_epoch is not None:
             on_epoch(epoch + 1, module)
         reporter.epoch_done(epoch + 1)
@@ -197,4 +206,19 @@ class EpochProgress:
             return
         self.shown = True
         left = elapsed / epoch * (self.epochs - epoch)
-        print(f"  epoch {epoch}/{self.epochs}  {elapsed:.0f} s, about {left:.0f} s left", file=sys.stderr, flush=True)
+        log(f"  epoch {epoch}/{self.epochs}  {duration(elapsed)}, {duration(left)} left")
+
+
+_LOSSES: contextvars.ContextVar[list[float] | None] = contextvars.ContextVar("ltcache_losses", default=None)
+
+
+@contextlib.contextmanager
+def recording_losses():
+    """Within it, every train_on_features call appends each epoch's mean training loss to the list it yields (the
+    loss curve compare --tensorboard writes); outside, no loss is read back from the device."""
+    losses: list[float] = []
+    token = _LOSSES.set(losses)
+    try:
+        yield losses
+    finally:
+        _LOSSES.reset(token)

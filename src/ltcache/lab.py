@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 
 from ltcache.cache import TEXT_HEAD, FeatureCache, Split
+from ltcache.cache.reader import cache_folder
+from ltcache.core.console import log as console_log
 from ltcache.core.errors import LtcacheError
 from ltcache.core.folders import folder_lock
 from ltcache.core.options import COMPARE, check_thresholds
@@ -70,6 +72,7 @@ class Row:
     seeds: dict | None = None
     grid: list[GridPoint] | None = None
     audit: dict | None = None  # compare --protocol-audit: what choosing on test would have reported
+    losses: list[float] | None = None  # a trained head's mean training loss per epoch
 
     def as_dict(self) -> dict:
         """The row as results.json stores it."""
@@ -81,6 +84,8 @@ class Row:
             row["grid_points"] = len(self.grid)
         if self.audit is not None:
             row["protocol_audit"] = self.audit
+        if self.losses:
+            row["loss_curve"] = self.losses
         return row
 
 
@@ -138,6 +143,7 @@ class Comparison:
                                    for name, norms in self.weight_norms().items()}
         summary["curves"] = {name: {"param": curve.param, "title": curve.title, "chosen": curve.chosen,
                                     "entries": curve.entries} for name, curve in self.curves.items()}
+        summary["grids"] = self.ablation()  # every grid point (test scores only under --ablation), for the page
         summary["provenance"] = self.provenance
         if self.reports is not None:
             summary["reports"] = self.reports
@@ -146,10 +152,6 @@ class Comparison:
     def ablation(self) -> list[dict]:
         """Every grid point of every method, selection and test numbers, the selected point marked."""
         return [{"method": row.method, **point.as_dict()} for row in self.rows for point in (row.grid or [])]
-
-
-def _quiet(message: str) -> None:
-    pass
 
 
 @dataclass
@@ -224,7 +226,8 @@ class Lab:
         (after the choice, so it cannot influence it). With seeds > 1, every stochastic method is refitted with
         seeds seed .. seed+N-1 and the row gains the mean and a 95% t-interval. With `audit`, each row also gets
         what the method would report if its choices were made on test (the protocol audit; see `audit`): computed
-        after the row is final, it feeds back into nothing. `log` receives progress lines."""
+        after the row is final, it feeds back into nothing. `log` receives progress lines (default: the "ltcache"
+        logger at INFO, which a script shows with logging.basicConfig(level=logging.INFO))."""
         check_all(COMPARE, {"bootstrap": bootstrap, "seeds": seeds})
         names = resolve_method_list(methods)
         if isinstance(methods, str) and methods.strip() == "all" and self.data.text is None:
@@ -233,7 +236,7 @@ class Lab:
         for name in names:
             for point in grids[name]:
                 self.check(name, point)
-        log = log or _quiet
+        log = log or console_log  # the "ltcache" logger: silent in a script unless logging is configured
         rows, fitted = [], {}
         for index, name in enumerate(names, 1):
             log(f"[{index}/{len(names)}] {name}: fitting" + (f" {len(grids[name])} grid points" if len(grids[name]) > 1
@@ -249,7 +252,7 @@ class Lab:
             row = Row(name, evaluation, result.chosen, seconds,
                       analyses={key: analysis(self.data, self.test, chosen_params)
                                 for key, analysis in entry.analyses.items()},
-                      grid=points)
+                      grid=points, losses=result.losses)
             if seeds > 1 and entry.stochastic:
                 row.seeds = self._seed_statistics(name, chosen_params, evaluation, seeds=seeds)
             if audit:
@@ -285,12 +288,12 @@ class Lab:
         """Fit every point; choose on the selection split only. Test is read only after the choice (ablation)."""
         data = data if data is not None else self.data
         if len(grid) == 1:
-            return run_fit(name, data, grid[0]), grid[0], None
+            return _fit_recording(name, data, grid[0]), grid[0], None
         results, points = [], []
         varying = [key for key in grid[0] if any(point[key] != grid[0][key] for point in grid)]
         for values in grid:
             start = time.perf_counter()
-            result = run_fit(name, data, values)
+            result = _fit_recording(name, data, values)
             score = data.selection_score(result.head)
             points.append(GridPoint({key: values[key] for key in varying}, score, time.perf_counter() - start))
             results.append(result)
@@ -335,7 +338,8 @@ class Lab:
 
     # ------------------------------------------------------------------------------------------ writing
 
-    def save(self, comparison: Comparison, out: Path | None = None, *, ablation: bool = False) -> dict[str, str]:
+    def save(self, comparison: Comparison, out: Path | None = None, *, ablation: bool = False,
+             tensorboard: bool = False) -> dict[str, str]:
         """Write every fitted head to OUT/heads and the reports to OUT/reports (OUT: the cache by default), built
         whole beside them and published at once under the folder's lock, only if the cache at the path is still the
         one that was read. An earlier comparison there moves to OUT/history/STAMP (results_folder.py). Returns the
@@ -351,6 +355,8 @@ class Lab:
                 self.cache.save_head(name, result.head, result.chosen, folder=staged / "heads")
             written = write_reports(staged / "reports", comparison.as_dict(),
                                     ablation=comparison.ablation() if ablation else None, shown_as=results / "reports")
+            if tensorboard:
+                write_events(staged / "tensorboard", comparison)
             with results_lock(results, cache_path=self.cache.path, generation=self.cache.generation,
                               in_cache=in_cache):
                 archived = publish(results, staged, cache_path=self.cache.path, in_cache=in_cache)
@@ -358,6 +364,51 @@ class Lab:
         if archived is not None:
             comparison.reports["earlier"] = str(archived)
         return comparison.reports
+
+
+def write_events(folder: Path, comparison: Comparison) -> None:
+    """compare --tensorboard: under `folder`, one run per method (folder/METHOD) holding its row as hparams (the
+    method and every scalar it chose) with its test metrics, and its training loss per epoch as loss/METHOD."""
+    from ltcache.core.tensorboard import summary_writer
+
+    writer = summary_writer(folder)
+    try:
+        for row in comparison.rows:
+            hparams = {"method": row.method, **_scalars(row.chosen)}
+            accuracy = row.evaluation.accuracy.as_dict()
+            metrics = {f"test/{key}": float(accuracy[key]) for key in ("all", "mean_per_class", "many", "medium",
+                                                                      "few") if accuracy[key] == accuracy[key]}
+            metrics["test/ece"] = float(row.evaluation.calibration.ece)
+            writer.add_hparams(hparams, metrics, run_name=row.method)
+            for epoch, loss in enumerate(row.losses or [], 1):
+                writer.add_scalar(f"loss/{row.method}", loss, epoch)
+    finally:
+        writer.close()
+
+
+def _scalars(values: dict, prefix: str = "") -> dict:
+    """The int / float / str / bool leaves of a nested dict, keys joined with dots (TensorBoard's hparams types)."""
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_scalars(value, f"{prefix}{key}."))
+        elif isinstance(value, (bool, int, float, str)):
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _fit_recording(name: str, data, values: dict) -> Fitted:
+    """run_fit, the head's training loss per epoch kept on the result (Fitted.losses; None for an untrained one)."""
+    from ltcache.fitting import recording_losses
+
+    with recording_losses() as losses:
+        result = run_fit(name, data, values)
+    result.losses = [round(v, 6) for v in losses] or None
+    return result
+
+
+def _silent(message: str) -> None:
+    """Another rank's progress lines: rank 0 tells them."""
 
 
 SEED_KEYS = ("all", "mean_per_class", "many", "medium", "few")
@@ -437,9 +488,11 @@ def open_lab(cache_path: Path | str, *, select: str = "val", seed: int = 0, devi
 
     `memory_budget` ('2G', bytes, or None for a quarter of the machine's RAM, or of the GPU's memory on CUDA) is
     the most one split's logits may take whole; beyond it methods and scoring compute them in row blocks (logits.py).
+    `cache_path` may also be the cache's manifest.json.
 
     The cache is read under a shared lock: a writer replacing it (extract --overwrite) waits, so the lab never
     holds a mix of two caches. Memory-mapped shards stay valid after a later swap deletes them."""
+    cache_path = cache_folder(cache_path)
     from ltcache.core.runtime import resolve_device
     from ltcache.heads import LinearHead
 
@@ -467,18 +520,23 @@ def compare(cache_path: Path, *, methods: list[str] | str | None = None, select:
             thresholds: ShotThresholds = ShotThresholds(), bootstrap: int = 1000, seeds: int = 1,
             write_reports: bool = True, train_views: bool = True, out: Path | None = None, ablation: bool = False,
             protocol_audit: bool = False, memory_budget: str | int | None = None,
-            log: Callable[[str], None] | None = None) -> Comparison:
+            log: Callable[[str], None] | None = None, tensorboard: bool = False) -> Comparison:
     """`ltcache compare`: open the cache, `Lab.compare`, and write heads and reports to `out` (default: into the
     cache) once every method has been scored, only if the cache was not replaced meanwhile.
 
     Every argument is checked, every method name and hyperparameter resolved (grids included) and the results
     folder probed before any feature is loaded."""
+    cache_path = cache_folder(cache_path)
     check_all(COMPARE, {"seed": seed, "bootstrap": bootstrap, "seeds": seeds, "select": select,
                         "many": thresholds.many, "few": thresholds.few})
     check_thresholds(thresholds.many, thresholds.few)
     names = resolve_method_list(methods)
     expand_grids(names, params)  # a bad name, value or grid fails before anything is loaded
     resolve_budget(memory_budget)
+    if tensorboard:
+        from ltcache.core.tensorboard import require_tensorboard
+
+        require_tensorboard()
     results = Path(out) if out is not None else Path(cache_path)
     if write_reports:
         from ltcache.cache.results import check_results_folder
@@ -494,9 +552,9 @@ def compare(cache_path: Path, *, methods: list[str] | str | None = None, select:
                        train_views=train_views, memory_budget=memory_budget)
         comparison = lab.compare(methods if isinstance(methods, str) else names, params=params,  # 'all' stays 'all'
                                  bootstrap=bootstrap, seeds=seeds, ablation=ablation, audit=protocol_audit,
-                                 log=log if is_main_process() else None)
+                                 log=log if is_main_process() else _silent)
         if write_reports and is_main_process():
-            lab.save(comparison, out, ablation=ablation)
+            lab.save(comparison, out, ablation=ablation, tensorboard=tensorboard)
         barrier()
     return comparison
 
@@ -521,6 +579,7 @@ def sweep_tau(cache_path: Path | str, *, taus: tuple[float, ...] | None = None, 
               memory_budget: str | int | None = None) -> TauSweep:
     """`ltcache sweep-tau`: the tau curve on the selection split, the best mean per-class accuracy chosen, test
     scored once at that tau."""
+    cache_path = cache_folder(cache_path)
     from ltcache.stage2.methods.weight_norms import DEFAULT_TAUS, TAU_NORM, best_on_curve, validate_taus
 
     taus = validate_taus(DEFAULT_TAUS if taus is None else taus)  # before loading anything: a bad grid fails at once
@@ -536,6 +595,7 @@ def info(cache_path: Path, *, verify: bool = False) -> dict:
     split and the stage-1 classifier are read with all their checks: `corrupt_files` lists the files whose sha256
     disagrees with the manifest, `problems` everything found (empty when the cache is intact). Without verify, no
     torch is imported."""
+    cache_path = cache_folder(cache_path)
     with folder_lock(Path(cache_path), shared=True, what="cache"):
         cache = FeatureCache(cache_path, verify=False)
         summary = _summary(cache)

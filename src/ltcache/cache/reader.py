@@ -348,3 +348,9 @@ def read_manifest(path: Path) -> dict:
     """The manifest of the cache at `path`, checked (its keys and types) without reading a shard: what a report or
     a results folder needs to know of a cache (its generation, dataset, backbone)."""
     return FeatureCache(path, verify=False).manifest
+
+
+def cache_folder(path: Path | str) -> Path:
+    """The cache a user pointed at: the folder itself, or its manifest.json (a path a shell completes to)."""
+    path = Path(path)
+    return path.parent if path.name == "manifest.json" and path.is_file() else path

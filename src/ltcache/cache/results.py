@@ -44,7 +44,7 @@ from ltcache.core.folders import (
     write_marker,
 )
 
-ENTRIES = ("heads", "reports")  # published in this order: reports/results.json arriving is the commit
+ENTRIES = ("heads", "tensorboard", "reports")  # published in this order: reports/results.json arriving is the commit
 HISTORY = "history"
 STAGING_PREFIX = ".compare.staging-"
 _MARKER_KIND = "ltcache compare results"

@@ -16,8 +16,8 @@ import typer
 
 from ltcache.cli.reference import COMMANDS, Command
 from ltcache.core import options
-from ltcache.core.console import is_main_process
-from ltcache.core.errors import LtcacheError
+from ltcache.core.console import cli_handler, is_main_process, remove_cli_handler
+from ltcache.core.errors import LtcacheError, set_interface
 from ltcache.core.params import GRID, Param
 from ltcache.stage1 import config
 
@@ -40,6 +40,8 @@ def _global(debug: bool = typer.Option(False, "--debug", help="Show full traceba
             version: bool = typer.Option(False, "--version", is_eager=True, callback=_show_version,
                                          help="Print the version and exit.")):
     _state["debug"] = debug
+    cli_handler()  # the library's messages (logging, logger "ltcache") on stderr, bare
+    set_interface("cli")  # errors name --options; the command's finally (see `command`) sets "api" back
 
 
 def _run(fn: Callable, *args, **kwargs):
@@ -100,6 +102,8 @@ def _annotation(param: Param):
 
 def _typer_default(param: Param, *, argument: bool):
     help_text = param.help_text()
+    if param.name in options.LISTED_BY and (callable(param.choices) or param.name == "backbone"):
+        help_text += f" [ltcache list {options.LISTED_BY[param.name]} shows them]"
     if argument:
         return typer.Argument(None if param.optional else ..., help=help_text, show_default=False)
     if param.type is bool and not param.option:
@@ -151,16 +155,25 @@ def command(name: str, params: Iterable[Param], *, arguments: Iterable[Param] = 
                 from ltcache.core.runtime import record_command
 
                 record_command([])
+                set_interface("api")
+                remove_cli_handler()
 
         run.__signature__ = inspect.Signature(signature)
         run.__annotations__ = {p.name: p.annotation for p in signature}
         run.__doc__ = body.__doc__
         run.__name__ = body.__name__
-        app.command(name)(run)
+        app.command(name, short_help=_first_sentence(body.__doc__ or ""))(run)
         COMMANDS[name] = Command(name, body.__doc__ or "", arguments, params)
         return body
 
     return wrap
+
+
+def _first_sentence(doc: str) -> str:
+    """The command's summary in `ltcache --help`: its docstring's first sentence, whole (click would cut it)."""
+    text = " ".join(doc.split("\n\n")[0].split())
+    end = text.find(". ")
+    return text if end < 0 else text[: end + 1]
 
 
 def _record(ctx: typer.Context | None, name: str, arguments: tuple[Param, ...], params: tuple[Param, ...],
@@ -226,8 +239,9 @@ def _raise(message: str):
 
 
 @command("extract", config.EXTRACT,
-         arguments=[Param("checkpoint", Path, None, "checkpoint.pt from ltcache train-backbone (or the official "
-                          "code); omit it to extract a --backbone as it is, e.g. --backbone resnet50 --pretrained.",
+         arguments=[Param("checkpoint", Path, None, "A train-backbone run folder or its checkpoint.pt (or the "
+                          "official code's .pth); omit it to extract a --backbone as it is, e.g. --backbone "
+                          "resnet50 --pretrained.",
                           optional=True)])
 def extract_cmd(*, checkpoint: Path | None, out: Path, **options):
     """Cache penultimate features, labels and the jointly trained classifier (W, b) of train, val and test. Without
@@ -345,7 +359,8 @@ def methods_cmd(*, as_json: bool, markdown: str | None, plugin: list[str]):
             "needs_text_head": entry.text,
             "card": entry.card.as_dict() if entry.card is not None else None,
             "defaults": entry.defaults,
-            "hyperparameters": {p.name: {"default": p.default, "allowed": p.describe(), "help": p.help}
+            "hyperparameters": {p.name: {"default": p.default, "effective_default": p.shown_default(),
+                                         "allowed": p.describe(), "help": p.help}
                                 for p in entry.params}})
     if as_json:
         _echo_json(listing)
@@ -362,7 +377,8 @@ def methods_cmd(*, as_json: bool, markdown: str | None, plugin: list[str]):
             typer.echo(f"{'':15}{len(card['deviations'])} deviation(s) from it (ltcache methods --markdown "
                        "reference); reference test: " + (card["reference_test"] or "none"))
         for key, about in entry["hyperparameters"].items():
-            typer.echo(f"{'':15}{key}={_short(about['default'])}  ({about['allowed']})")
+            shown = about["effective_default"] or _short(about["default"])
+            typer.echo(f"{'':15}{key}={shown}  ({about['allowed']})")
     typer.echo("\n* run by default; `ltcache compare CACHE --methods all` runs every method.")
 
 
@@ -370,6 +386,47 @@ def _short(value) -> str:
     if isinstance(value, tuple) and len(value) > 4:
         return f"{value[0]:g}..{value[-1]:g} ({len(value)} values)"
     return str(value)
+
+
+def registered(kind: str) -> list[tuple[str, str]]:
+    """(name, one-line description) of every registered dataset, sampler, loss or backbone."""
+    from ltcache.stage1.config import _losses, _samplers
+
+    def summary(obj) -> str:
+        return " ".join(((getattr(obj, "__doc__", None) or "").split("\n\n")[0]).split())
+
+    if kind == "datasets":
+        from ltcache.data.spec import DATASETS
+
+        return [(name, summary(DATASETS[name])) for name in DATASETS]
+    if kind == "samplers":
+        samplers = _samplers()
+        return [(name, summary(samplers[name])) for name in samplers]
+    if kind == "losses":
+        losses = _losses()
+        return [(name, summary(losses[name][0]) + (" Parameters: " + ", ".join(p.name for p in losses[name][1])
+                                                    if losses[name][1] else "")) for name in losses]
+    from ltcache.stage1.models import BACKBONES, torchvision_classifiers
+
+    own = [(name, "ltcache's own: " + summary(BACKBONES[name])) for name in BACKBONES]
+    return own + [(name, "torchvision") for name in torchvision_classifiers() if name not in BACKBONES] + [
+        ("timm:NAME", "extract only: a frozen timm model (pip install 'ltcache[timm]')"),
+        ("open_clip:ARCH/TAG", "extract only: a frozen OpenCLIP model (pip install 'ltcache[open_clip]')")]
+
+
+@command("list", options.LISTS[1:], arguments=options.LISTS[:1])
+def list_cmd(*, kind: str | None, as_json: bool):
+    """List the registered datasets, stage-1 samplers, losses and backbones (the methods: ltcache methods)."""
+    kinds = [kind] if kind else list(options.LIST_KINDS)
+    listing = {name: [{"name": n, "summary": text} for n, text in _run(registered, name)] for name in kinds}
+    if as_json:
+        _echo_json(listing)
+        return
+    for name, entries in listing.items():
+        typer.echo(f"{name}:")
+        width = max(len(e["name"]) for e in entries)
+        for entry in entries:
+            typer.echo(f"  {entry['name']:<{width}}  {entry['summary']}".rstrip())
 
 
 @command("info", options.INFO, arguments=[_CACHE])
@@ -424,6 +481,7 @@ def demo_cmd(*, out: Path | None, **options):
 def main() -> None:
     """The console entry point: usage mistakes are one-line errors (exit 2) like every other bad input."""
     debug = "--debug" in sys.argv
+    set_interface("cli")
     try:
         result = app(standalone_mode=False)
         sys.exit(result if isinstance(result, int) else 0)

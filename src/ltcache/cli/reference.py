@@ -32,7 +32,7 @@ COMMANDS: dict[str, Command] = {}  # every command, in declaration order (ltcach
 def _defaults(entry: Method) -> str:
     if not entry.params:
         return "—"
-    return ", ".join(f"`{param.name}={_value(param.default)}`" for param in entry.params)
+    return ", ".join(f"`{param.name}={param.shown_default() or _value(param.default)}`" for param in entry.params)
 
 
 def _value(value) -> str:
@@ -93,8 +93,8 @@ def methods_reference(names: list[str], entries: dict[str, Method]) -> str:
             parts.append("")
         if entry.params:
             parts += ["| hyperparameter | default | allowed | meaning |", "|---|---|---|---|"]
-            parts += [f"| `{p.name}` | `{_value(p.default)}` | {_cell(p.describe())} | {_cell(p.help)} |"
-                      for p in entry.params]
+            parts += [f"| `{p.name}` | `{p.shown_default() or _value(p.default)}` | {_cell(p.describe())} | "
+                      f"{_cell(p.help)} |" for p in entry.params]
             parts.append("")
     return "\n".join(parts).rstrip("\n") + "\n"
 

@@ -43,6 +43,9 @@ COMPARE = (
           optional=True),
     Param("ablation", bool, False, "Also write reports/ablation.{md,csv,json}: every grid point's selection and "
           "test numbers, the selected point marked.", option="--ablation"),
+    Param("tensorboard", bool, False, "Also write TensorBoard events into OUT/tensorboard: each method's row as "
+          "hparams and metrics, each trained head's loss per epoch; needs pip install 'ltcache[tensorboard]'.",
+          option="--tensorboard"),
     Param("protocol_audit", bool, False, "Beside each row, what the method would report if its choices were made "
           "on test (as some official stage-2 code does), and the optimism; read only, never used.",
           option="--protocol-audit"),
@@ -69,6 +72,16 @@ METHODS_LIST = (
           optional=True),
     PLUGIN,
 )
+
+
+LIST_KINDS = ("datasets", "samplers", "losses", "backbones")
+LISTS = (
+    Param("kind", str, None, "What to list: datasets, samplers, losses or backbones (default: all four).",
+          choices=LIST_KINDS, optional=True),
+    AS_JSON,
+)
+# The registry behind each option whose choices are a registry: --help names the `ltcache list` that shows them.
+LISTED_BY = {"dataset": "datasets", "sampler": "samplers", "loss": "losses", "backbone": "backbones"}
 
 
 def check_thresholds(many: int, few: int) -> None:
@@ -104,7 +117,7 @@ def load_toml(path: Path) -> dict:
 
 
 COMPARE_RECIPE_KEYS = ("methods", "select", "set", "seed", "seeds", "bootstrap", "train_views", "ablation",
-                       "protocol_audit", "plugin", "many", "few")
+                       "protocol_audit", "plugin", "many", "few", "tensorboard")
 
 
 def compare_recipe(path: Path) -> dict:

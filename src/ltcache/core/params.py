@@ -48,6 +48,11 @@ class Param:
     optional: bool = False
     max_points: int = MAX_GRID_POINTS
     option: str | None = None  # the command-line flag when it is not --NAME-WITH-DASHES (e.g. --json)
+    default_text: str | None = None  # what a None default resolves to, e.g. '0.2 x batch_size / 512'
+
+    def shown_default(self) -> str | None:
+        """The effective default as the listings show it: `default_text` for a default decided from other values."""
+        return self.default_text if self.default is None and self.default_text else None
 
     @property
     def flag(self) -> str:

@@ -92,6 +92,7 @@ def carve_cifar(labels: np.ndarray, profile: list[int], val_per_class: int, seed
 
 
 def build_cifar_lt(spec: DatasetSpec):
+    """CIFAR-10/100 from torchvision's python batches under --root, made long-tailed (exponential profile)."""
     num_classes, default_n_max = CIFAR[spec.name][6], CIFAR[spec.name][7]
     if not spec.root:
         raise LtcacheError(f"{spec.name} needs --root, the folder with torchvision's CIFAR files")

@@ -140,6 +140,7 @@ def _class_names_from_paths(paths: list[str], labels: np.ndarray, num_classes: i
 
 
 def build_split_file_dataset(spec: DatasetSpec) -> LongTailData:
+    """The official split files (ImageNet-LT, Places-LT, iNaturalist 2018) under --split-dir, images under --root."""
     files, mean, std, jitter = SPLIT_FILE_DATASETS[spec.name]
     root = _root(spec)
     split_dir = Path(spec.split_dir).expanduser() if spec.split_dir else root

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from ltcache.logits import chunk_rows, exp_shifted_, labelled_blocks
 from ltcache.metrics.accuracy import GroupAccuracy, ShotThresholds, bootstrap_intervals, per_class_accuracy, summarize
 from ltcache.metrics.calibration import Calibration, calibration_from, fit_temperature
+from ltcache.metrics.confusion import MATRIX_CLASSES, confused_pairs, confusion_matrix, precision_recall_f1
 from ltcache.metrics.priors import shifted_prior_accuracy
 
 if TYPE_CHECKING:
@@ -29,6 +30,12 @@ class Evaluation:
     shifted_priors: dict[str, float]
     intervals: dict[str, tuple[float, float]] | None = None
     per_class: tuple[float, ...] | None = None  # test accuracy of each class in percent (NaN: no test sample)
+    # scikit-learn's per-class report: precision and F1 in percent (recall is per_class), test rows per class
+    precision: tuple[float, ...] | None = None
+    f1: tuple[float, ...] | None = None
+    support: tuple[int, ...] | None = None
+    confused: tuple[dict, ...] | None = None  # the most-confused (true, predicted) pairs, most first
+    confusion: tuple[tuple[int, ...], ...] | None = None  # counts[true][predicted], up to MATRIX_CLASSES classes
 
     # The accuracy keys, read directly: evaluation.all, evaluation.few, ...
     @property
@@ -60,8 +67,23 @@ class Evaluation:
         if self.intervals is not None:
             row["ci95"] = {key: list(bounds) for key, bounds in self.intervals.items()}
         if self.per_class is not None:
-            row["per_class"] = [None if v != v else round(v, 4) for v in self.per_class]  # JSON has no NaN
+            row["per_class"] = _rounded(self.per_class)
+        if self.precision is not None:
+            row.update({"per_class_precision": _rounded(self.precision), "per_class_f1": _rounded(self.f1),
+                        "per_class_support": list(self.support), "macro_precision": _nanmean(self.precision),
+                        "macro_f1": _nanmean(self.f1), "confused_pairs": [dict(p) for p in self.confused]})
+        if self.confusion is not None:
+            row["confusion"] = [list(line) for line in self.confusion]
         return row
+
+
+def _rounded(values) -> list:
+    return [None if v != v else round(v, 4) for v in values]  # JSON has no NaN
+
+
+def _nanmean(values) -> float | None:
+    present = [v for v in values if v == v]
+    return round(sum(present) / len(present), 4) if present else None
 
 
 def top_k_accuracy(logits, labels: torch.Tensor, k: int, chunk_rows: int = 16384) -> float:
@@ -149,4 +171,15 @@ def evaluate_rows(rows: RowStatistics, labels: torch.Tensor, class_counts, *, te
                       calibrated=calibration_from(rows.scaled_confidence, predictions, labels, class_counts,
                                                   thresholds),
                       shifted_priors=shifted_prior_accuracy(class_accuracy, class_counts), intervals=intervals,
-                      per_class=tuple(float(v) for v in class_accuracy))
+                      per_class=tuple(float(v) for v in class_accuracy), **_confusions(predictions, labels,
+                                                                                       len(class_counts)))
+
+
+def _confusions(predictions, labels, classes: int) -> dict:
+    """The Evaluation's per-class report and confusions (metrics.confusion)."""
+    report = precision_recall_f1(predictions, labels, classes)
+    matrix = (tuple(tuple(int(v) for v in line) for line in confusion_matrix(predictions, labels, classes))
+              if classes <= MATRIX_CLASSES else None)
+    return {"precision": tuple(float(v) for v in report["precision"]), "f1": tuple(float(v) for v in report["f1"]),
+            "support": tuple(int(v) for v in report["support"]),
+            "confused": tuple(confused_pairs(predictions, labels, classes)), "confusion": matrix}

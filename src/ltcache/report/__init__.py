@@ -16,15 +16,8 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from ltcache.core.fsutil import atomic_write, write_json
-from ltcache.report.figures import (
-    figure_curves,
-    figure_reliability,
-    figure_weight_norms,
-    plain_text_figures,
-    plot_sampling_weights,
-    save_png,
-)
-from ltcache.report.inputs import Result, load_results, read_results_json
+from ltcache.report.figures import page_figures, plain_text_figures, plot_sampling_weights, save_png
+from ltcache.report.inputs import Result, describe, load_results, read_results_json
 from ltcache.report.page import build_report, render_page
 from ltcache.report.stats import aggregate_rows, mean_interval, t_interval
 from ltcache.report.tables import (
@@ -41,30 +34,29 @@ from ltcache.report.tables import (
 
 def write_reports(folder: Path, summary: Mapping, *, ablation: list[dict] | None = None,
                   shown_as: Path | None = None) -> dict[str, str]:
-    """A compare's files in `folder`: results.{json,csv,md}, the weight-norm, selection-curve and reliability plots,
-    index.html, and with `ablation` (Comparison.ablation(): every grid point) ablation.{json,csv,md}. Returns their
-    paths. `shown_as`: where the folder will be once published (the page names that, not the staging folder)."""
+    """A compare's files in `folder`: results.{json,csv,md}, every figure of its page as a PNG (per-class accuracy,
+    weight norms, selection curves, reliability, shifted priors, confusions, grids), index.html, and with `ablation`
+    (Comparison.ablation(): every grid point with its test scores) ablation.{json,csv,md}. Returns their paths.
+    `shown_as`: where the folder will be once published (the page names that, not the staging folder)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     write_json(folder / "results.json", dict(summary))
     results = read_results_json(folder / "results.json")  # everything below is drawn from the file, as a report is
-    curves = list(results.get("curves") or {})
-    names = ["results.json", "results.csv", "results.md", "weight_norms.png", *(f"{name}.png" for name in curves),
-             "reliability.png", "index.html"]
-    if ablation is not None:
-        names += ["ablation.json", "ablation.csv", "ablation.md"]
-    paths = {name: folder / name for name in names}
+    paths = {name: folder / name for name in ("results.json", "results.csv", "results.md")}
     atomic_write(paths["results.csv"], lambda tmp: tmp.write_text(results_csv(results["rows"])))
     atomic_write(paths["results.md"], lambda tmp: tmp.write_text(results_markdown(results)))
-    result = Result(Path(shown_as or folder).parent, results, label=Path(results["cache"]).name)
+    result = Result(Path(shown_as or folder).parent, results)
+    result.label = describe(result)
     with plain_text_figures():  # a method or cache named m$\foo$x is a label, not mathtext
-        save_png(figure_weight_norms([result]), paths["weight_norms.png"])
-        for name in curves:
-            save_png(figure_curves([result], name), paths[f"{name}.png"])
-        save_png(figure_reliability([result]), paths["reliability.png"])
-    page = render_page([result], title=f"ltcache compare: {result.label}")
+        drawn = page_figures([result], aggregate_rows([result]))
+        for figure in drawn.all():
+            paths[f"{figure.name}.png"] = folder / f"{figure.name}.png"
+            save_png(figure, paths[f"{figure.name}.png"])
+        page = render_page([result], title=f"ltcache compare: {result.label}", drawn=drawn)
+    paths["index.html"] = folder / "index.html"
     atomic_write(paths["index.html"], lambda tmp: tmp.write_text(page, encoding="utf-8"))
     if ablation is not None:
+        paths.update({name: folder / name for name in ("ablation.json", "ablation.csv", "ablation.md")})
         selected_on = results["selected_on"]
         write_json(paths["ablation.json"], {"selected_on": selected_on, "points": ablation})
         atomic_write(paths["ablation.csv"], lambda tmp: tmp.write_text(ablation_csv(ablation)))

@@ -16,10 +16,12 @@ from pathlib import Path
 
 from ltcache.core.errors import LtcacheError
 
-KEYS = ("many", "medium", "few", "all", "mean_per_class", "harmonic_mean", "geometric_mean", "top5", "ece")
+KEYS = ("many", "medium", "few", "all", "mean_per_class", "harmonic_mean", "geometric_mean", "top5", "ece",
+        "ece_ts")
 HEADINGS = {"many": "Many", "medium": "Medium", "few": "Few", "all": "All", "mean_per_class": "mean/class",
-            "harmonic_mean": "HM", "geometric_mean": "GM", "top5": "top-5", "ece": "ECE"}
-LOWER_IS_BETTER = {"ece"}
+            "harmonic_mean": "HM", "geometric_mean": "GM", "top5": "top-5", "ece": "ECE",
+            "ece_ts": "ECE after TS"}
+LOWER_IS_BETTER = {"ece", "ece_ts"}
 # Provenance fields that, when they differ between inputs, label them (the first that differ, joined).
 AUTO_BY = ("backbone.resolved_config.sampler", "backbone.resolved_config.loss", "backbone.arch", "dataset.name",
            "selected_on")
@@ -187,6 +189,12 @@ def results_problem(results: dict) -> str | None:
                 return f"{where}: 'per_class' must be a list of numbers"
             if classes is not None and len(per_class) != classes:
                 return f"{where}: 'per_class' has {len(per_class)} values for {classes} classes"
+        curve = row.get("loss_curve")
+        if curve is not None and not (isinstance(curve, list) and all(_number(v, optional=False) for v in curve)):
+            return f"{where}: 'loss_curve' must be a list of numbers"
+        problem = _confusion_problem(row, classes)
+        if problem is not None:
+            return f"{where}: {problem}"
         bins = row.get("reliability")
         if bins is not None and not (isinstance(bins, list) and all(
                 isinstance(b, dict) and _number(b.get("confidence"), optional=False)
@@ -196,6 +204,13 @@ def results_problem(results: dict) -> str | None:
         if priors is not None and not (isinstance(priors, dict) and all(
                 isinstance(k, str) and _number(v, optional=False) for k, v in priors.items())):
             return f"{where}: 'shifted_priors' must map priors to numbers"
+    grids = results.get("grids")
+    if grids is not None and not (isinstance(grids, list) and all(_grid_point(point) for point in grids)):
+        return "'grids' must be a list of grid points with a method, params, a selection score and 'selected'"
+    names = results.get("provenance", {}).get("class_names") if isinstance(results.get("provenance"), dict) else None
+    if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)
+                                  and (classes is None or len(names) == classes)):
+        return "provenance 'class_names' must be a list of strings, one per class"
     norms = results.get("weight_norms")
     if norms is not None:
         if not isinstance(norms, dict):
@@ -219,6 +234,41 @@ def results_problem(results: dict) -> str | None:
                         and all(_number(entry.get(key)) for key in ("many", "medium", "few", "all"))):
                     return f"curves[{name!r}]: every entry needs a number {param!r} and the four accuracies"
     return None
+
+
+def _confusion_problem(row: dict, classes: int | None) -> str | None:
+    """The first per-class report or confusion field of a row that is not what ltcache writes, or None."""
+    for key in ("per_class_precision", "per_class_f1", "per_class_support"):
+        values = row.get(key)
+        if values is None:
+            continue
+        check = _count if key.endswith("support") else _number
+        if not isinstance(values, list) or not all(map(check, values)):
+            return f"{key!r} must be a list of {'counts' if key.endswith('support') else 'numbers'}"
+        if classes is not None and len(values) != classes:
+            return f"{key!r} has {len(values)} values for {classes} classes"
+    pairs = row.get("confused_pairs")
+    if pairs is not None and not (isinstance(pairs, list) and all(
+            isinstance(p, dict) and all(_count(p.get(k)) for k in ("true", "predicted", "count"))
+            and _number(p.get("share"), optional=False)
+            and (classes is None or max(p["true"], p["predicted"]) < classes)
+            for p in pairs)):
+        return "'confused_pairs' must be a list of {true, predicted, count, share} with class indices in range"
+    matrix = row.get("confusion")
+    if matrix is not None and not (isinstance(matrix, list) and (classes is None or len(matrix) == classes) and all(
+            isinstance(line, list) and len(line) == len(matrix) and all(map(_count, line)) for line in matrix)):
+        return "'confusion' must be a square list of counts, one row per class"
+    return None
+
+
+def _grid_point(point) -> bool:
+    return (isinstance(point, dict) and isinstance(point.get("method"), str) and isinstance(point.get("params"), dict)
+            and all(isinstance(k, str) and (_number(v) or isinstance(v, (str, bool)))
+                    for k, v in point["params"].items())
+            and _number(point.get("selection_mean_per_class"))
+            and isinstance(point.get("selected"), bool)
+            and (point.get("test") is None or isinstance(point["test"], dict) and all(
+                _number(point["test"].get(key)) for key in ("many", "medium", "few", "all", "mean_per_class"))))
 
 
 def load_results(paths: Iterable[Path | str], *, by: str | None = None,
@@ -254,9 +304,28 @@ def load_results(paths: Iterable[Path | str], *, by: str | None = None,
         if all(isinstance(v, LtcacheError) for v in found):
             raise found[0]  # no input has it: a misspelt field
         values[dotted] = ["-" if isinstance(v, LtcacheError) else v for v in found]
+    seeds = not fields and len(loaded) > 1 and _only_seeds_differ(loaded)
     for index, result in enumerate(loaded):
-        result.label = (" / ".join(values[f][index] for f in fields) if fields else _folder_name(result.path))
+        if fields:
+            result.label = " / ".join(values[f][index] for f in fields)
+        else:
+            result.label = describe(result) if seeds or len(loaded) == 1 else _folder_name(result.path)
     return loaded
+
+
+def describe(result: Result) -> str:
+    """'fashion-mnist-lt · resnet18': an input's dataset and backbone (else its folder name), for titles and labels."""
+    dataset = result.provenance.get("dataset") or (result.manifest.get("dataset") or {}).get("name")
+    backbone = result.provenance.get("backbone") or (result.manifest.get("backbone") or {}).get("arch")
+    parts = [str(p) for p in (dataset, backbone) if p]
+    return " · ".join(parts) if parts else _folder_name(result.path)
+
+
+def _only_seeds_differ(results: list[Result]) -> bool:
+    """Inputs that differ in their seed (stage 1's, else compare's) and in no labelling field: seeds of one
+    experiment, to be averaged under one label (never drawn as a variable)."""
+    seeds = [result.seed for result in results]
+    return None not in seeds and len(set(seeds)) == len(seeds) and len({describe(r) for r in results}) == 1
 
 
 def _auto_by(results: list[Result]) -> list[str]:

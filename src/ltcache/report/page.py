@@ -10,23 +10,26 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+
+import numpy as np
 
 from ltcache.core.errors import LtcacheError
 from ltcache.core.folders import FolderKind, StagedFolder, write_marker
 from ltcache.core.fsutil import atomic_write
 from ltcache.report.figures import (
+    Drawn,
+    PageFigures,
+    by_label,
+    class_names,
     encode_png,
-    figure_curves,
-    figure_groups,
-    figure_per_class,
-    figure_reliability,
-    figure_shifted_priors,
-    figure_weight_norms,
+    mean_series,
+    page_figures,
     plain_text_figures,
 )
-from ltcache.report.inputs import HEADINGS, KEYS, LOWER_IS_BETTER, Result, load_results, results_file
+from ltcache.report.inputs import HEADINGS, KEYS, LOWER_IS_BETTER, Result, _short, load_results, results_file
 from ltcache.report.stats import aggregate_rows, shared_groups
 from ltcache.report.tables import classes, csv_text, summary_table
 
@@ -47,7 +50,7 @@ def _table_context(table: dict[str, dict[str, dict]]) -> dict:
     """The results table as plain values for the template (escaped there, whatever their type)."""
     keys = KEYS
     groups = shared_groups(table) or {}
-    heads = [HEADINGS[k] + (f" ({classes(groups[k])})" if groups.get(k) is not None else "") for k in keys]
+    heads = [{"name": HEADINGS[k], "sub": classes(groups[k]) if groups.get(k) is not None else ""} for k in keys]
     best = {key: _best(table, key) for key in keys}
     rows = []
     for label, methods in table.items():
@@ -64,29 +67,155 @@ def _table_context(table: dict[str, dict[str, dict]]) -> dict:
                 cells.append({"key": key, "value": "-" if mean != mean else f"{mean:.2f}", "ci": ci, "best": marked})
             rows.append({"label": label, "method": method, "cells": cells, "n": stats["all"]["n"],
                          "sizes": " / ".join(str(stats["groups"].get(g)) for g in ("many", "medium", "few"))})
-    return {"heads": heads, "rows": rows, "own_sizes": not groups}
+    return {"heads": heads, "rows": rows, "own_sizes": not groups, "several": len(table) > 1}
 
 
-PROVENANCE_FIELDS = ("dataset", "class_counts", "backbone", "checkpoint_sha256", "checkpoint_format",
-                     "stage1_sampler", "stage1_seed", "stage1_epochs", "cache_ltcache_version", "ltcache_version",
-                     "train_command", "extract_command", "compare_command")
+PER_CLASS_ROWS = 100  # classes listed in full up to this many; beyond, the worst PER_CLASS_SHOWN
+PER_CLASS_SHOWN = 50
+CONFUSED_SHOWN = 5
 
 
-def _provenance_context(results: list[Result]) -> dict:
-    heads = [f.replace("_", " ") for f in ("input", "label", "selected on", *PROVENANCE_FIELDS)]
-    rows = []
+def _pct(value) -> str:
+    return "-" if value is None or value != value else f"{value:.1f}"
+
+
+def _per_class_context(results: list[Result]) -> list[dict]:
+    """Per label (its inputs averaged): every class with its train images, shot group and test accuracy per method,
+    the best marked, worst first; and per method scikit-learn's precision / recall / F1 / support, worst F1 first."""
+    sections = []
+    for label, members in by_label(results).items():
+        first = members[0]
+        counts = first.results.get("class_counts") or []
+        if not counts:
+            continue
+        names = class_names(first)
+        thresholds = first.results.get("thresholds") or {"many": 100, "few": 20}
+        methods = [m for m in dict.fromkeys(row["method"] for r in members for row in r.rows)
+                   if mean_series(members, m, "per_class") is not None]
+        if not methods:
+            continue
+        accuracy = np.array([mean_series(members, m, "per_class") for m in methods])  # methods x classes
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            order = sorted(range(len(counts)), key=lambda c: (np.nan_to_num(np.nanmean(accuracy[:, c]), nan=1e9), c))
+        shown = order if len(order) <= PER_CLASS_ROWS else order[:PER_CLASS_SHOWN]
+        rows = []
+        for c in shown:
+            values = accuracy[:, c]
+            present = values[~np.isnan(values)]
+            top = float(present.max()) if len(present) and present.min() < present.max() else None  # no tie of all
+            rows.append({"name": names[c], "index": c, "count": counts[c],
+                         "group": _group(counts[c], thresholds),
+                         "cells": [{"value": _pct(v), "best": top is not None and v == v
+                                    and round(v, 1) == round(top, 1)} for v in values]})
+        reports = []
+        for method in methods:
+            precision = mean_series(members, method, "per_class_precision")
+            f1 = mean_series(members, method, "per_class_f1")
+            if precision is None or f1 is None:
+                continue
+            recall = mean_series(members, method, "per_class")
+            support = next(row.get("per_class_support") for row in first.rows if row["method"] == method)
+            worst = sorted(range(len(counts)), key=lambda c: (np.nan_to_num(f1[c], nan=1e9), c))
+            listed = worst if len(worst) <= PER_CLASS_ROWS else worst[:PER_CLASS_SHOWN]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                macro = [_pct(float(np.nanmean(a))) for a in (precision, recall, f1)]
+            reports.append({"method": method, "macro": macro, "rows": [
+                {"name": names[c], "precision": _pct(precision[c]), "recall": _pct(recall[c]), "f1": _pct(f1[c]),
+                 "support": "-" if support is None else support[c]} for c in listed]})
+        sections.append({"label": label, "methods": methods, "rows": rows, "classes": len(counts),
+                         "cut": len(shown) < len(order), "shown": len(shown), "reports": reports,
+                         "seeds": len(members)})
+    return sections
+
+
+def _group(count: int, thresholds: dict) -> str:
+    many, few = thresholds.get("many"), thresholds.get("few")
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (count, many, few)):
+        return "-"  # never met in a results.json the reader accepted
+    return "Many" if count > many else ("Few" if count < few else "Medium")
+
+
+def _confused_context(results: list[Result]) -> list[dict]:
+    """Per label (its first input), per method: the most-confused (true, predicted) pairs with counts and names."""
+    sections = []
+    for label, members in by_label(results).items():
+        names = class_names(members[0])
+        methods = []
+        for row in members[0].rows:
+            pairs = row.get("confused_pairs")
+            if pairs:
+                methods.append({"method": row["method"], "pairs": [
+                    {"true": names[p["true"]], "predicted": names[p["predicted"]], "count": p["count"],
+                     "share": f"{p['share']:.0f}%"} for p in pairs[:CONFUSED_SHOWN]]})
+        if methods:
+            sections.append({"label": label, "methods": methods})
+    return sections
+
+
+def _grid_context(results: list[Result]) -> list[dict]:
+    """Every grid, as scikit-learn's cv_results_ reads: a row per point, its values, the selection score and its
+    rank, the test scores (with --ablation, computed after the choice), the chosen point marked."""
+    tables = []
+    for label, members in by_label(results).items():
+        points = members[0].results.get("grids") or []
+        for method in dict.fromkeys(p["method"] for p in points):
+            mine = [p for p in points if p["method"] == method]
+            keys = list(dict.fromkeys(k for p in mine for k in p["params"]))
+            scores = [round(_number(p["selection_mean_per_class"]), 6) for p in mine]
+            tested = any(p.get("test") for p in mine)
+            rows = []
+            for point in mine:
+                mine_score = round(_number(point["selection_mean_per_class"]), 6)
+                rank = 1 + sum(score > mine_score for score in scores)  # ties share the best rank (cv_results_)
+                test = point.get("test") or {}
+                rows.append({"params": [_short(point["params"].get(k)) for k in keys],
+                             "selection": _pct2(point["selection_mean_per_class"]), "rank": rank,
+                             "test": [_pct2(test.get(k)) for k in ("mean_per_class", "all", "many", "medium", "few")]
+                             if tested else [], "selected": point["selected"],
+                             "seconds": point.get("fit_seconds")})
+            tables.append({"label": label, "method": method, "columns": keys, "rows": rows, "tested": tested,
+                           "selected_on": str(members[0].results.get("selected_on"))})
+    return tables
+
+
+def _number(value) -> float:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else float("-inf")
+
+
+def _pct2(value) -> str:
+    return "-" if not isinstance(value, (int, float)) or value != value else f"{value:.2f}"
+
+
+PROVENANCE_FIELDS = ("dataset", "backbone", "checkpoint_sha256", "checkpoint_format", "stage1_sampler",
+                     "stage1_seed", "stage1_epochs", "cache_ltcache_version", "ltcache_version")
+COMMANDS = ("train_command", "extract_command", "compare_command")
+
+
+def _provenance_context(results: list[Result]) -> list[dict]:
+    """Per input: its path and label, the fields (a hash short, whole on hover), the class counts summarized (all of
+    them behind a disclosure), and its commands as monospace blocks that wrap at spaces."""
+    blocks = []
     for result in results:
         prov = result.provenance
-        cells = [{"text": str(result.path), "code": False}, {"text": result.label, "code": False},
-                 {"text": str(result.results.get("selected_on")), "code": False}]
+        fields = [{"name": "selected on", "text": str(result.results.get("selected_on")), "full": ""}]
         for key in PROVENANCE_FIELDS:
             value = prov.get(key)
-            if key == "class_counts" and value is None:
-                value = result.results.get("class_counts")
-            text = "-" if value is None else (", ".join(map(str, value)) if isinstance(value, list) else str(value))
-            cells.append({"text": text, "code": key.endswith(("command", "sha256"))})
-        rows.append(cells)
-    return {"heads": heads, "rows": rows}
+            if value is None:
+                continue
+            text = str(value)
+            hashed = key.endswith("sha256")  # short, the whole hash on hover (the same markup at any length)
+            fields.append({"name": key.replace("_", " "), "text": text[:12] + ("…" if len(text) > 12 else "")
+                           if hashed else text, "full": text if hashed else ""})
+        counts = prov.get("class_counts") or result.results.get("class_counts") or []
+        summary = (f"{len(counts)} classes, {min(counts)} to {max(counts)} train images (imbalance "
+                   f"{max(counts) / max(min(counts), 1):.0f})" if counts else "")
+        blocks.append({"label": result.label, "path": str(result.path), "fields": fields, "counts": summary,
+                       "all_counts": ", ".join(f"{n}: {c}" for n, c in zip(class_names(result), counts, strict=False)),
+                       "commands": [{"name": key.replace("_", " "), "text": str(prov[key])}
+                                    for key in COMMANDS if prov.get(key)]})
+    return blocks
 
 
 def _template():
@@ -97,37 +226,45 @@ def _template():
     return environment.get_template("report.html.j2")
 
 
-def render_page(results: list[Result], *, title: str | None = None) -> str:
+def _figure(drawn: Drawn) -> dict:
+    data, width, height = encode_png(drawn.png())
+    return {"name": drawn.name, "caption": drawn.caption, "data": data, "width": width, "height": height,
+            "wide": drawn.wide, "notes": drawn.notes}
+
+
+def _intro(results: list[Result], table: dict) -> list[str]:
+    """The page's first sentences, in words: what was compared, how inputs were grouped, how it was scored."""
+    methods = list(dict.fromkeys(m for methods in table.values() for m in methods))
+    labels = list(table)
+    if len(results) == 1:
+        first = (f"One comparison of {_count(len(methods), 'classifier')} on {labels[0]} features.")
+    elif len(labels) == 1:
+        first = (f"{len(results)} seeds of one experiment ({labels[0]}), {_count(len(methods), 'classifier')}: "
+                 "each number is their mean ± half its 95% t-interval.")
+    else:
+        seeded = [label for label in labels if sum(r.label == label for r in results) > 1]
+        first = (f"{len(results)} comparisons in {len(labels)} groups ({', '.join(labels)}), "
+                 f"{_count(len(methods), 'classifier')}."
+                 + (" Inputs that share a group are seeds: their mean is shown ± half its 95% t-interval."
+                    if seeded else ""))
+    return [first]
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def render_page(results: list[Result], *, title: str | None = None, drawn: PageFigures | None = None) -> str:
     """The self-contained HTML page for `results` (labelled already), rendered by templates/report.html.j2 with
-    autoescaping: every value is escaped, whatever its type."""
+    autoescaping: every value is escaped, whatever its type. `drawn`: the figures, when the caller drew them
+    already (compare writes the same ones as PNG files)."""
     table = aggregate_rows(results)
-    figures = []
     with plain_text_figures():
-        if len(table) > 1:
-            figures.append(("groups", figure_groups(table), "Many / Medium / Few / All test accuracy for each input "
-                            "label (Figure 1 style), a line per classifier; bars are 95% intervals (t over seeds when "
-                            "a label has several inputs, else the test bootstrap)."))
-        figures.append(("per-class", figure_per_class(results), "Per-class test accuracy against the class's number "
-                        "of train images (log scale), a series per method (mean over a label's inputs)."))
-        if any(r.results.get("weight_norms") for r in results):
-            figures.append(("weight-norms", figure_weight_norms(results), "Classifier weight norms ||w_j|| with "
-                            "classes sorted by train count (paper Fig. 2, left), for the methods that define "
-                            "per-class weights."))
-        curve_names = list(dict.fromkeys(n for r in results for n in (r.results.get("curves") or {})))
-        for name in curve_names:
-            figures.append((f"curve-{name}", figure_curves(results, name), f"Selection curve {name}: accuracy per "
-                            "group on the selection split against the hyperparameter (paper Fig. 2, right); the "
-                            "dashed line is the chosen value."))
-        figures.append(("reliability", figure_reliability(results), "Reliability diagrams: test accuracy against "
-                        "confidence per bin; the diagonal is perfect calibration."))
-        if any(row.get("shifted_priors") for r in results for row in r.rows):
-            figures.append(("shifted-priors", figure_shifted_priors(results), "Test accuracy if the test classes "
-                            "followed a long-tailed prior: forward keeps the train order, backward reverses it, at "
-                            "each imbalance factor."))
-        rendered = []
-        for name, fig, caption in figures:
-            data, width, height = encode_png(fig)
-            rendered.append({"name": name, "caption": caption, "data": data, "width": width, "height": height})
+        drawn = drawn if drawn is not None else page_figures(results, table)
+        figures = [_figure(d) for d in drawn.main]
+        confusion = [_figure(d) for d in drawn.confusion]
+        grid_figs = [_figure(d) for d in drawn.grids]
+        grid_notes = drawn.grid_notes
     groups = shared_groups(table)
     sizes = (f"({groups['many']} / {groups['medium']} / {groups['few']} classes)" if groups else
              "(the class counts of each input in the table's last column)")
@@ -136,8 +273,10 @@ def render_page(results: list[Result], *, title: str | None = None) -> str:
     many, few = ("/".join(str(json.loads(t)[key]) for t in sorted(thresholds)) for key in ("many", "few"))
     title = title or ("ltcache report: " + ", ".join(dict.fromkeys(r.label for r in results)))
     return _template().render(
-        title=title, inputs=len(results), groups=len(table), selected=", ".join(selected), many=many, few=few,
-        sizes=sizes, table=_table_context(table), figures=rendered, provenance=_provenance_context(results),
+        title=title, intro=_intro(results, table), selected=", ".join(selected), many=many, few=few,
+        sizes=sizes, table=_table_context(table), figures=figures, per_class=_per_class_context(results),
+        confusion=confusion, confused=_confused_context(results), grids=_grid_context(results),
+        grid_figures=grid_figs, grid_notes=grid_notes, provenance=_provenance_context(results),
         written=time.strftime("%Y-%m-%d %H:%M:%S"))
 
 

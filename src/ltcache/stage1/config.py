@@ -73,6 +73,8 @@ class TrainConfig:
     workers: int = declared(0, "Data-loading worker processes.", low=0, high=1024)
     device: str | None = declared(None, "cpu, cuda or cuda:N (default: CUDA when present).")
     overwrite: bool = declared(False, "Replace an existing run folder, once the new run has its first checkpoint.")
+    tensorboard: bool = declared(False, "Write TensorBoard events (loss, lr, images/s, val accuracy) into "
+                                 "RUN/tensorboard; needs pip install 'ltcache[tensorboard]'.")
     lr_rule: str | None = None  # how lr was set, stated in the resolved config (not a recipe key)
 
     def __post_init__(self):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,6 +72,7 @@ def extract(checkpoint: Path | None, out: Path, *, dataset: str | None = None, b
     """
     if train_views < 0:
         raise LtcacheError(f"--train-views must be >= 0, got {train_views}")
+    checkpoint = run_checkpoint(checkpoint)
     source = resolve_source(checkpoint, dataset=dataset, backbone=backbone, pretrained=pretrained, root=root,
                             split_dir=split_dir, joint_head=joint_head, zero_shot=zero_shot, templates=templates,
                             train_views=train_views)
@@ -119,6 +121,17 @@ def extract(checkpoint: Path | None, out: Path, *, dataset: str | None = None, b
         except BaseException:
             writer.abort()
             raise
+
+
+def run_checkpoint(checkpoint: Path | None) -> Path | None:
+    """A train-backbone run folder stands for its checkpoint.pt; any other folder is an error saying what to pass."""
+    if checkpoint is None or not Path(checkpoint).is_dir():
+        return checkpoint
+    inside = Path(checkpoint) / "checkpoint.pt"
+    if inside.is_file():
+        return inside
+    raise LtcacheError(f"{checkpoint} is a folder without a checkpoint.pt; pass a train-backbone run folder (or its "
+                       "checkpoint.pt), or an official classifier-balancing .pth file")
 
 
 def resolve_source(checkpoint: Path | None, *, dataset: str | None, backbone: str | None, pretrained: bool,
@@ -208,9 +221,13 @@ class RowWriter:
         self.loader_args = {"batch_size": batch_size, "shuffle": False, "num_workers": workers,
                             "pin_memory": device.type == "cuda"}
 
-    def write(self, split_writer, dataset, label: str, offset: int = 0, batches: list[list[int]] | None = None):
+    def write(self, split_writer, dataset, label: str, offset: int = 0, batches: list[list[int]] | None = None,
+              total: int | None = None):
         """Every row of `dataset` (or of `batches`, lists of indices that never cross a shard, so each shard's rows
-        are computed alike in any run, resumed or split), its index shifted by `offset`."""
+        are computed alike in any run, resumed or split), its index shifted by `offset`. On a terminal, a bar of
+        images, images/s and time left; under torchrun, rank 0 shows the global count of `total` rows (its own
+        times the processes, which take equal shares of whole shards)."""
+        world = get_world_size()
         if batches is None:
             loader = DataLoader(dataset, generator=torch.Generator().manual_seed(torch.initial_seed()),
                                 **self.loader_args)
@@ -218,7 +235,9 @@ class RowWriter:
             loader = DataLoader(dataset, batch_sampler=batches, num_workers=self.workers,
                                 pin_memory=self.device.type == "cuda")
         with torch.inference_mode():
-            for images, labels, index in progress(loader, label=label, length=len(loader)):
+            for images, labels, index in progress(loader, label=label, unit="images",
+                                                  per_item=lambda batch: len(batch[1]) * world,
+                                                  total_units=total if total is not None else len(dataset)):
                 features = self.model.backbone(images_to(images, self.device)).float()
                 split_writer.add(features.cpu().numpy(), labels.numpy(), index.numpy() + offset)
 
@@ -242,11 +261,15 @@ def write_splits(writer: CacheWriter, rows: RowWriter, data, plan: dict, *, shar
                                                     batch_size)]
         indices = np.asarray([i for batch in batches for i in batch], dtype=np.int64)
         split_writer = writer.split(split, shard_ids=todo, journal=writer.staging / f"journal-r{rank:03d}.jsonl")
+        begin = time.perf_counter()
+        left = len(dataset) - sum(min(shard_rows, len(dataset) - k * shard_rows) for k in finished)
         if batches:
-            rows.write(split_writer, dataset, f"extract {split}", batches=batches)
+            rows.write(split_writer, dataset, f"extract {split}", batches=batches, total=left)
         entry = split_writer.close(len(dataset), expected_index=indices)
         merge_split(writer, split, entry, split_writer.label_counts, finished, len(dataset), shards)
-        log(f"extracted {split}: {len(dataset)} rows x {rows.model.feature_dim}"
+        seconds = time.perf_counter() - begin
+        log(f"extracted {split}: {len(dataset)} rows x {rows.model.feature_dim} in {seconds:.1f} s"
+            + (f" ({left / seconds:,.0f} images/s)" if left and seconds > 0 else "")
             + (f" ({len(finished)} of {shards} shards kept from the interrupted run)" if finished else ""))
 
 

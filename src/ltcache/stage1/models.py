@@ -158,11 +158,13 @@ def resnet10(in_channels: int) -> nn.Module:
 
 @backbone("resnext101_32x4d")
 def resnext101_32x4d(in_channels: int) -> nn.Module:
+    """ResNeXt-101 32x4d of the official code (not in torchvision)."""
     return ResNet(Bottleneck, [3, 4, 23, 3], groups=32, width_per_group=4)
 
 
 @backbone("resnext152_32x4d")
 def resnext152_32x4d(in_channels: int) -> nn.Module:
+    """ResNeXt-152 32x4d of the paper's Places-LT and iNaturalist rows (not in torchvision)."""
     return ResNet(Bottleneck, [3, 8, 36, 3], groups=32, width_per_group=4)
 
 

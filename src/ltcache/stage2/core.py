@@ -137,6 +137,7 @@ class Fitted:
     chosen: dict
     curve: list[dict] | None = None
     method: str | None = None  # the registered name, set by fit_method
+    losses: list[float] | None = None  # the mean training loss of each epoch of a trained head (set by the lab)
 
 
 @dataclass(frozen=True)

@@ -182,7 +182,8 @@ def _gda_with_text(gda: LinearHead, text: LinearHead, alpha: float, normalize: b
 
 LIFT_LR, LIFT_BATCH = 0.01, 128  # configs/model/clip_vit_b16_peft.yaml: lr 0.01 at batch 128
 LIFT_TRAINING = tuple(
-    replace(param, help="Peak lr, cosine to 0 (default LIFT's 0.01 x batch / 128).") if param.name == "lr" else param
+    replace(param, help="Peak lr, cosine to 0 (default LIFT's 0.01 x batch / 128).",
+            default_text="0.01 x batch_size / 128") if param.name == "lr" else param
     for param in with_defaults(TRAINING, batch_size=LIFT_BATCH))
 COS_LA_CARD = Card(
     paper="Shi, Wei, Zhou, Shao, Han & Li, ICML 2024",
