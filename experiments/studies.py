@@ -544,8 +544,9 @@ def claim_folder(path: Path, option: str, *, check_only: bool = False) -> None:
 
 
 def main(argv=None) -> int:
-    from ltcache.core.errors import LtcacheError
+    from ltcache.core.errors import LtcacheError, set_interface
 
+    set_interface("cli")  # a command line: errors name its --options, not keyword arguments
     args = parse_args(argv)
     study = Study(args)
     begin = time.perf_counter()

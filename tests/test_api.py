@@ -31,23 +31,31 @@ def test_public_names_are_listed_and_documented():
         ltcache.not_a_name  # noqa: B018
 
 
-def test_readme_api_example_runs_verbatim(tmp_path, capsys):
-    """In an empty folder, as a new user runs it: the example makes its own cache (import_features)."""
+def test_readme_api_example_runs_verbatim_and_again(tmp_path, capsys):
+    """In an empty folder, as a new user runs it: the example makes its own cache (import_features); run a second
+    time in the same folder, as a user edits and reruns a script, it replaces what it made and runs through."""
     from ltcache.stage2 import METHODS
 
     code = readme_block("## Python API", "python")
     cwd = os.getcwd()
     os.chdir(tmp_path)
+    outputs = []
     try:
-        exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
+        for _ in range(2):
+            try:
+                exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
+            finally:
+                METHODS.remove("scaled_joint")
+            outputs.append(capsys.readouterr().out)
     finally:
         os.chdir(cwd)
-        METHODS.remove("scaled_joint")
-    out = capsys.readouterr().out
-    assert re.search(r"cRT: all \d+\.\d, few \d+\.\d, ECE \d+\.\d", out), out
+    for out in outputs:
+        assert re.search(r"cRT: all \d+\.\d, few \d+\.\d, ECE \d+\.\d", out), out
+        assert "scaled_joint" in out and "joint" in out and "'grid'" in out
+    assert outputs[0] == outputs[1]  # the same numbers the second time
     assert (tmp_path / "digits-cache" / "manifest.json").is_file()
     assert (tmp_path / "report" / "digits" / "index.html").is_file()
-    assert "scaled_joint" in out and "joint" in out and "'grid'" in out
+    assert len(list((tmp_path / "results" / "digits" / "history").iterdir())) == 1  # the first run's, kept
 
 
 def test_plugin_method_runs_beside_the_builtins_with_intervals_and_reports(tmp_path):

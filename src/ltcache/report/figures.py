@@ -82,7 +82,7 @@ def _panels(count: int, size: tuple[float, float] | None = None, columns: int = 
     if count == 1:
         fig, ax = new_figure(size or PANEL)
         return fig, [ax]
-    columns = min(count, columns)
+    columns = 2 if count == 4 and columns == 3 else min(count, columns)
     rows = math.ceil(count / columns)
     width, height = size or SMALL_PANEL
     fig, axes = new_figure((width * columns, height * rows), rows, columns, squeeze=False)
@@ -165,6 +165,13 @@ def _class_axis(ax, names: list[str], order: np.ndarray) -> None:
                       rotation_mode="anchor", fontsize=8)
 
 
+def method_colors(results: list[Result]) -> dict[str, str]:
+    """One colour per method on the whole page, in the order methods first appear (a method is the same colour in
+    every figure)."""
+    methods = dict.fromkeys(row["method"] for result in results for row in result.rows)
+    return {method: f"C{index % 10}" for index, method in enumerate(methods)}
+
+
 def _methods(members: list[Result]) -> list[str]:
     return list(dict.fromkeys(row["method"] for result in members for row in result.rows))
 
@@ -177,6 +184,7 @@ def figure_groups(table: dict[str, dict[str, dict]]):
     95% intervals as error bars."""
     labels = list(table)
     methods = list(dict.fromkeys(m for methods in table.values() for m in methods))
+    colors = {method: f"C{index % 10}" for index, method in enumerate(methods)}
     fig, axes = _panels(4, (4.4, 3.6), columns=4)
     x = np.arange(len(labels))
     for ax, key in zip(axes, ("many", "medium", "few", "all"), strict=True):
@@ -190,7 +198,8 @@ def figure_groups(table: dict[str, dict[str, dict]]):
                 low.append(mean - ci[0])
                 high.append(ci[1] - mean)
             shift = (offset - (len(methods) - 1) / 2) * 0.06
-            ax.errorbar(x + shift, means, yerr=[low, high], marker="o", markersize=4, capsize=2, label=method)
+            ax.errorbar(x + shift, means, yerr=[low, high], marker="o", markersize=4, capsize=2, label=method,
+                        color=colors[method])
         ax.set_xticks(x, labels, rotation=25, ha="right", rotation_mode="anchor", fontsize=8)
         ax.set_title(HEADINGS[key])
         ax.set_ylabel("test accuracy (%)")
@@ -202,6 +211,7 @@ def figure_groups(table: dict[str, dict[str, dict]]):
 def figure_per_class(results: list[Result]):
     """Per-class test accuracy, a series per method (mean over a label's inputs), a panel per label: classes by
     train count with their names where they fit, else against the train count on a log axis."""
+    colors = method_colors(results)
     grouped = by_label(results)
     fig, axes = _panels(len(grouped))
     for ax, (label, members) in zip(axes, grouped.items(), strict=True):
@@ -214,7 +224,7 @@ def figure_per_class(results: list[Result]):
             if values is None or not len(counts):
                 continue
             x = np.arange(len(order)) if named else counts[order]
-            ax.plot(x, values[order], marker="o", markersize=3, linewidth=1, label=method)
+            ax.plot(x, values[order], marker="o", markersize=3, linewidth=1, label=method, color=colors[method])
         if named:
             _class_axis(ax, names, order)
             _finish(ax, label, "classes by train images (most first)", "test accuracy of the class (%)")
@@ -231,6 +241,7 @@ def figure_weight_norms(results: list[Result], notes: list[str] | None = None):
     """Fig. 2 (left): per-class weight norms, classes sorted by train count (their counts as grey bars behind), a
     panel per label (its first input). A label none of whose methods has weight norms is left out (in `notes`);
     None when no label has any."""
+    colors = method_colors(results)
     grouped = {label: members for label, members in by_label(results).items()
                if members[0].results.get("weight_norms")}
     left_out = [label for label in by_label(results) if label not in grouped]
@@ -245,7 +256,8 @@ def figure_weight_norms(results: list[Result], notes: list[str] | None = None):
         counts = np.asarray(result.results.get("class_counts") or [], dtype=np.float64)
         order = np.argsort(-counts, kind="stable")
         for method, norms in result.results["weight_norms"].items():
-            ax.plot(np.asarray(norms)[order], marker="o", markersize=3, linewidth=1, label=method)
+            ax.plot(np.asarray(norms)[order], marker="o", markersize=3, linewidth=1, label=method,
+                    color=colors.get(method))
         if len(counts):
             behind = ax.twinx()
             behind.bar(range(len(order)), counts[order], color="grey", alpha=0.2)
@@ -282,8 +294,9 @@ def figure_curves(results: list[Result], name: str):
 def figure_reliability(results: list[Result]):
     """Reliability diagrams, a panel per label (its first input): accuracy against confidence per bin, a line per
     method with markers sized by the bin's test rows, and the bin counts as a histogram beneath."""
+    colors = method_colors(results)
     grouped = by_label(results)
-    columns = min(len(grouped), 3)
+    columns = 2 if len(grouped) == 4 else min(len(grouped), 3)
     rows = math.ceil(len(grouped) / columns)
     width, height = (PANEL[0], 5.4) if len(grouped) == 1 else (SMALL_PANEL[0], 4.6)
     fig, _ = new_figure((width * columns, height * rows), rows=0)
@@ -295,15 +308,17 @@ def figure_reliability(results: list[Result]):
         below = fig.add_subplot(grid[2 * row + 1, column], sharex=ax)
         ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="_diagonal")
         biggest = max((b.get("count", 1) for r in members[0].rows for b in (r.get("reliability") or [])), default=1)
-        for line, result_row in enumerate(members[0].rows):
+        eces: list[str] = []
+        for result_row in members[0].rows:
             bins = result_row.get("reliability") or []
             if not bins:
                 continue
-            color = f"C{line % 10}"
+            color = colors.get(result_row["method"])
             confidence = [b["confidence"] for b in bins]
             sizes = [8 + 120 * math.sqrt(b.get("count", biggest) / biggest) for b in bins]
             ax.plot(confidence, [b["accuracy"] for b in bins], color=color, linewidth=1,
-                    label=f"{result_row['method']} (ECE {_float(result_row.get('ece')):.1f})")
+                    label=result_row["method"])
+            eces.append(f"{result_row['method']} ECE {_float(result_row.get('ece')):.1f}")
             ax.scatter(confidence, [b["accuracy"] for b in bins], s=sizes, color=color, alpha=0.6, label="_bins")
             if all("count" in b for b in bins):
                 below.plot(confidence, [b["count"] for b in bins], color=color, marker=".", linewidth=1,
@@ -311,7 +326,8 @@ def figure_reliability(results: list[Result]):
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
         ax.tick_params(labelbottom=False)
-        _finish(ax, label, "", "accuracy", grid=False)
+        title = "\n".join([label, *(" · ".join(eces[i:i + 3]) for i in range(0, len(eces), 3))])
+        _finish(ax, title, "", "accuracy", grid=False)
         below.set_yscale("log")
         _log_scale(below.yaxis)
         _finish(below, "", "confidence (bins of 1/15)", "test rows", grid=True)
@@ -449,6 +465,7 @@ def _prior_axis(keys: Iterable[str]) -> list[tuple[str, float]]:
 def figure_shifted_priors(results: list[Result]):
     """Test accuracy if the test classes followed a long-tailed prior, forward (train order) or backward, against
     the prior's imbalance; a line per method, a panel per label (mean over its inputs)."""
+    colors = method_colors(results)
     grouped = by_label(results)
     fig, axes = _panels(len(grouped))
     for ax, (label, members) in zip(axes, grouped.items(), strict=True):
@@ -458,7 +475,8 @@ def figure_shifted_priors(results: list[Result]):
             if not axis:
                 continue
             values = [float(np.mean([row["shifted_priors"][key] for row in rows])) for key, _ in axis]
-            ax.plot([x for _, x in axis], values, marker="o", markersize=3, linewidth=1, label=method)
+            ax.plot([x for _, x in axis], values, marker="o", markersize=3, linewidth=1, label=method,
+                    color=colors[method])
         ticks = _prior_axis(members[0].rows[0].get("shifted_priors") or {})
         ax.set_xticks([x for _, x in ticks], [key.replace("ward_", " ") for key, _ in ticks], rotation=45, fontsize=8)
         _finish(ax, label, "test prior: backward ← uniform → forward (imbalance)", "test accuracy (%)")
