@@ -474,7 +474,7 @@ def demo_cmd(*, out: Path | None, **options):
     comparison, seconds = _run(run_demo, folder, **options)
     typer.echo(markdown_table(comparison.as_dict()))
     typer.echo(f"\ndigits-LT demo done in {seconds} s; selected on val, test scored once.")
-    for name in ("results.md", "weight_norms.png", *(f"{curve}.png" for curve in comparison.curves)):
+    for name in ("index.html", "results.md", "weight_norms.png", *(f"{curve}.png" for curve in comparison.curves)):
         typer.echo(f"  {name}: {comparison.reports[name]}")
 
 

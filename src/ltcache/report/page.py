@@ -8,6 +8,7 @@ Content-Security-Policy forbids any request, so it opens from disk anywhere. Not
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 import warnings
@@ -218,7 +219,9 @@ def _provenance_context(results: list[Result]) -> list[dict]:
     return blocks
 
 
+@functools.lru_cache(maxsize=1)
 def _template():
+    """The page's template, compiled once per process (every compare renders one)."""
     import jinja2
 
     environment = jinja2.Environment(loader=jinja2.PackageLoader("ltcache.report", "templates"), autoescape=True,
