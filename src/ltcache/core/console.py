@@ -76,7 +76,7 @@ def duration(seconds: float) -> str:
 
 
 def rate_text(done: float, elapsed: float, unit: str) -> str:
-    """'1,234 images/s' ('-' before the first second's worth)."""
+    """'1,234 images/s' ('- images/s' before any time has passed)."""
     return f"{done / elapsed:,.0f} {unit}/s" if elapsed > 0 else f"- {unit}/s"
 
 
