@@ -68,7 +68,7 @@ def test_train_and_extract_show_bars_and_epoch_lines_in_a_terminal(tmp_path):
     # into a log file the same lines come without a bar: tests/test_cli_errors.py (progress, not a terminal)
 
 
-def test_the_epoch_line_says_what_the_epoch_took_and_did_and_the_time_left():
+def test_the_epoch_line_says_what_the_epoch_took_and_did_and_the_time_left(tmp_path):
     """train-backbone's line per epoch (the terminal test, marked slow, sees it in a real pseudo-terminal)."""
     from ltcache.stage1.train import EpochEvents, epoch_line
 
@@ -79,7 +79,9 @@ def test_the_epoch_line_says_what_the_epoch_took_and_did_and_the_time_left():
     no_val = {key: value for key, value in record.items() if not key.startswith("val")}
     assert epoch_line(no_val, 3, left=0).endswith("lr 0.0225  0 s left")
     events = EpochEvents(enabled=False, steps=10)  # not asked for: no writer, no callback, nothing written
-    assert events.step_callback(0) is None and events.epoch(record, Path("nowhere")) is None
+    assert events.step_callback(0) is None
+    events.epoch(record, tmp_path)
+    assert events.writer is None and not events.pending and list(tmp_path.iterdir()) == []
 
 
 def test_library_messages_go_through_logging_and_a_script_that_configures_nothing_sees_none(tmp_path, caplog,

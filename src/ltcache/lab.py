@@ -216,7 +216,7 @@ class Lab:
 
     def compare(self, methods: list[str] | str | None = None, *, params: dict[str, dict] | None = None,
                 bootstrap: int = 1000, seeds: int = 1, ablation: bool = False, audit: bool = False,
-                log: Callable[[str], None] | None = None) -> Comparison:
+                log: Callable[[str], None] | None = None, loss_curves: bool = False) -> Comparison:
         """Fit every method on train, choose on the selection split, score test once per method.
 
         `methods`: names, a comma list, 'all', or None for the paper's five. `params`: {method: {key: value}};
@@ -227,7 +227,9 @@ class Lab:
         seeds seed .. seed+N-1 and the row gains the mean and a 95% t-interval. With `audit`, each row also gets
         what the method would report if its choices were made on test (the protocol audit; see `audit`): computed
         after the row is final, it feeds back into nothing. `log` receives progress lines (default: the "ltcache"
-        logger at INFO, which a script shows with logging.basicConfig(level=logging.INFO))."""
+        logger at INFO, which a script shows with logging.basicConfig(level=logging.INFO)). With `loss_curves`,
+        each trained head's mean loss per epoch is kept (Row.losses; compare --tensorboard writes it); without,
+        no loss is read back from the device."""
         check_all(COMPARE, {"bootstrap": bootstrap, "seeds": seeds})
         names = resolve_method_list(methods)
         if isinstance(methods, str) and methods.strip() == "all" and self.data.text is None:
@@ -242,7 +244,8 @@ class Lab:
             log(f"[{index}/{len(names)}] {name}: fitting" + (f" {len(grids[name])} grid points" if len(grids[name]) > 1
                                                               else ""))
             start = time.perf_counter()
-            result, chosen_params, points = self._fit_grid(name, grids[name], ablation=ablation)
+            result, chosen_params, points = self._fit_grid(name, grids[name], ablation=ablation,
+                                                           loss_curves=loss_curves)
             seconds = time.perf_counter() - start
             # Cached F @ W.T of train (and val) go before scoring: at ImageNet-LT shape the train logits are a third
             # of the cache's size, and a later method that needs them recomputes them in one GEMM.
@@ -283,17 +286,17 @@ class Lab:
                 "optimism_mean_per_class": chosen.mean_per_class - honest.mean_per_class,
                 "optimism_all": chosen.all - honest.all}
 
-    def _fit_grid(self, name: str, grid: list[dict], *, ablation: bool,
+    def _fit_grid(self, name: str, grid: list[dict], *, ablation: bool, loss_curves: bool = False,
                   data: LabData | None = None) -> tuple[Fitted, dict, list[GridPoint] | None]:
         """Fit every point; choose on the selection split only. Test is read only after the choice (ablation)."""
         data = data if data is not None else self.data
         if len(grid) == 1:
-            return _fit_recording(name, data, grid[0]), grid[0], None
+            return _fit(name, data, grid[0], loss_curves), grid[0], None
         results, points = [], []
         varying = [key for key in grid[0] if any(point[key] != grid[0][key] for point in grid)]
         for values in grid:
             start = time.perf_counter()
-            result = _fit_recording(name, data, values)
+            result = _fit(name, data, values, loss_curves)
             score = data.selection_score(result.head)
             points.append(GridPoint({key: values[key] for key in varying}, score, time.perf_counter() - start))
             results.append(result)
@@ -397,8 +400,11 @@ def _scalars(values: dict, prefix: str = "") -> dict:
     return flat
 
 
-def _fit_recording(name: str, data, values: dict) -> Fitted:
-    """run_fit, the head's training loss per epoch kept on the result (Fitted.losses; None for an untrained one)."""
+def _fit(name: str, data, values: dict, loss_curves: bool) -> Fitted:
+    """run_fit; with `loss_curves`, the head's training loss per epoch kept on the result (Fitted.losses; None for an
+    untrained one)."""
+    if not loss_curves:
+        return run_fit(name, data, values)
     from ltcache.fitting import recording_losses
 
     with recording_losses() as losses:
@@ -552,7 +558,7 @@ def compare(cache_path: Path, *, methods: list[str] | str | None = None, select:
                        train_views=train_views, memory_budget=memory_budget)
         comparison = lab.compare(methods if isinstance(methods, str) else names, params=params,  # 'all' stays 'all'
                                  bootstrap=bootstrap, seeds=seeds, ablation=ablation, audit=protocol_audit,
-                                 log=log if is_main_process() else _silent)
+                                 log=log if is_main_process() else _silent, loss_curves=tensorboard)
         if write_reports and is_main_process():
             lab.save(comparison, out, ablation=ablation, tensorboard=tensorboard)
         barrier()

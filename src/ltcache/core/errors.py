@@ -74,9 +74,10 @@ class LtcacheError(Exception):
         return text if _INTERFACE["name"] == "cli" else api_spelling(text)
 
 
-def unknown_name(kind: str, name: str, known) -> LtcacheError:
+def unknown_name(kind: str, name: str, known, *, instead: str | None = None) -> LtcacheError:
     """An error for a name missing from a registry: the closest names first (difflib), then the valid names (the
-    first 30 of a longer registry, with their count)."""
+    first 30 of a longer registry, with their count), or `instead` of them where there are too many to list (timm's
+    models: 'see timm.list_models()')."""
     import difflib
 
     known = sorted(str(k) for k in known)
@@ -84,5 +85,7 @@ def unknown_name(kind: str, name: str, known) -> LtcacheError:
     if not close:  # a prefix or a different case: 'Fashion' -> fashion-mnist-lt
         close = [k for k in known if k.lower().startswith(str(name).lower()[:4])][:3] if str(name).strip() else []
     hint = f"did you mean {' or '.join(close)}? " if close else ""
+    if instead is not None:
+        return LtcacheError(f"unknown {kind} {name!r}; {hint or ''}{instead}")
     listing = ", ".join(known) if len(known) <= 30 else ", ".join(known[:30]) + f", ... ({len(known)} in all)"
     return LtcacheError(f"unknown {kind} {name!r}; {hint}choose one of: {listing}")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ltcache.metrics.accuracy import to_numpy
+from ltcache.metrics.accuracy import per_class_accuracy, to_numpy
 
 MATRIX_CLASSES = 50  # the full confusion matrix is stored (and drawn as a heatmap) up to this many classes
 CONFUSED_PAIRS = 20  # the most-confused pairs stored per method
@@ -19,15 +19,14 @@ def precision_recall_f1(predictions, labels, num_classes: int) -> dict[str, np.n
     where undefined: precision of a class never predicted, recall of a class without test rows, F1 of a class
     neither present nor predicted. As scikit-learn's precision_recall_fscore_support(zero_division=nan)."""
     predictions, labels = to_numpy(predictions).astype(np.int64), to_numpy(labels).astype(np.int64)
-    hits = labels[predictions == labels]
-    true_positive = np.bincount(hits, minlength=num_classes).astype(np.float64)
+    true_positive = np.bincount(labels[predictions == labels], minlength=num_classes).astype(np.float64)
     predicted = np.bincount(predictions, minlength=num_classes).astype(np.float64)
-    support = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    support = np.bincount(labels, minlength=num_classes)
     with np.errstate(invalid="ignore", divide="ignore"):
         precision = np.where(predicted > 0, 100.0 * true_positive / predicted, np.nan)
-        recall = np.where(support > 0, 100.0 * true_positive / support, np.nan)
         f1 = np.where(predicted + support > 0, 200.0 * true_positive / (predicted + support), np.nan)
-    return {"precision": precision, "recall": recall, "f1": f1, "support": support.astype(np.int64)}
+    recall = per_class_accuracy(predictions, labels, num_classes)  # recall is the class's accuracy
+    return {"precision": precision, "recall": recall, "f1": f1, "support": support}
 
 
 def confusion_matrix(predictions, labels, num_classes: int) -> np.ndarray:

@@ -1,5 +1,5 @@
 """Every figure ltcache draws, drawn once: the compare folder's PNGs and the report page's inline figures come from
-`report_figures` (which figures a set of results gets, each with its caption) and the figure functions below. Each
+`page_figures` (which figures a set of results gets, each with its caption) and the figure functions below. Each
 figure has its own Agg canvas (new_figure): no pyplot, so a notebook's matplotlib backend is never switched.
 
 Legibility rules, checked by the browser test: a one-panel figure is drawn at about 7.2 x 4.6 inches (shown at 600
@@ -13,6 +13,7 @@ import base64
 import io
 import math
 import struct
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ltcache.core.fsutil import atomic_write
-from ltcache.report.inputs import HEADINGS, MAX_PANELS, Result
+from ltcache.report.inputs import HEADINGS, MAX_PANELS, Result, _short
 
 PANEL = (7.2, 4.6)  # inches of a one-panel figure (100 dpi: 720 x 460 pixels)
 SMALL_PANEL = (4.8, 3.7)  # each panel of a figure of several
@@ -82,7 +83,7 @@ def _panels(count: int, size: tuple[float, float] | None = None, columns: int = 
     if count == 1:
         fig, ax = new_figure(size or PANEL)
         return fig, [ax]
-    columns = 2 if count == 4 and columns == 3 else min(count, columns)
+    columns = _columns(count, columns)
     rows = math.ceil(count / columns)
     width, height = size or SMALL_PANEL
     fig, axes = new_figure((width * columns, height * rows), rows, columns, squeeze=False)
@@ -90,6 +91,11 @@ def _panels(count: int, size: tuple[float, float] | None = None, columns: int = 
     for extra in flat[count:]:
         extra.set_visible(False)
     return fig, flat[:count]
+
+
+def _columns(count: int, most: int = 3) -> int:
+    """Panels to a row: up to `most`, and four as two by two rather than three and a lone one."""
+    return 2 if count == 4 and most == 3 else min(count, most)
 
 
 def _legend(fig, axes: list, *, title: str | None = None) -> None:
@@ -149,13 +155,14 @@ def mean_series(members: list[Result], method: str, key: str) -> np.ndarray | No
     series = [row.get(key) for result in members for row in result.rows if row["method"] == method and row.get(key)]
     if not series:
         return None
-    values = np.array([[np.nan if v is None else v for v in s] for s in series], dtype=float)
-    with np.errstate(all="ignore"):
-        import warnings
+    return quiet_nanmean(np.array([[np.nan if v is None else v for v in s] for s in series], dtype=float), 0)
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # a class no input has: NaN, not a warning
-            return np.nanmean(values, 0)
+
+def quiet_nanmean(values: np.ndarray, axis: int | None = None):
+    """np.nanmean, NaN (without numpy's warning) where every value is NaN: a class no input has a number for."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(values, axis)
 
 
 def _class_axis(ax, names: list[str], order: np.ndarray) -> None:
@@ -165,11 +172,10 @@ def _class_axis(ax, names: list[str], order: np.ndarray) -> None:
                       rotation_mode="anchor", fontsize=8)
 
 
-def method_colors(results: list[Result]) -> dict[str, str]:
+def method_colors(methods: Iterable[str]) -> dict[str, str]:
     """One colour per method on the whole page, in the order methods first appear (a method is the same colour in
     every figure)."""
-    methods = dict.fromkeys(row["method"] for result in results for row in result.rows)
-    return {method: f"C{index % 10}" for index, method in enumerate(methods)}
+    return {method: f"C{index % 10}" for index, method in enumerate(dict.fromkeys(methods))}
 
 
 def _methods(members: list[Result]) -> list[str]:
@@ -184,7 +190,7 @@ def figure_groups(table: dict[str, dict[str, dict]]):
     95% intervals as error bars."""
     labels = list(table)
     methods = list(dict.fromkeys(m for methods in table.values() for m in methods))
-    colors = {method: f"C{index % 10}" for index, method in enumerate(methods)}
+    colors = method_colors(methods)
     fig, axes = _panels(4, (4.4, 3.6), columns=4)
     x = np.arange(len(labels))
     for ax, key in zip(axes, ("many", "medium", "few", "all"), strict=True):
@@ -211,7 +217,7 @@ def figure_groups(table: dict[str, dict[str, dict]]):
 def figure_per_class(results: list[Result]):
     """Per-class test accuracy, a series per method (mean over a label's inputs), a panel per label: classes by
     train count with their names where they fit, else against the train count on a log axis."""
-    colors = method_colors(results)
+    colors = method_colors(_methods(results))
     grouped = by_label(results)
     fig, axes = _panels(len(grouped))
     for ax, (label, members) in zip(axes, grouped.items(), strict=True):
@@ -241,7 +247,7 @@ def figure_weight_norms(results: list[Result], notes: list[str] | None = None):
     """Fig. 2 (left): per-class weight norms, classes sorted by train count (their counts as grey bars behind), a
     panel per label (its first input). A label none of whose methods has weight norms is left out (in `notes`);
     None when no label has any."""
-    colors = method_colors(results)
+    colors = method_colors(_methods(results))
     grouped = {label: members for label, members in by_label(results).items()
                if members[0].results.get("weight_norms")}
     left_out = [label for label in by_label(results) if label not in grouped]
@@ -294,9 +300,9 @@ def figure_curves(results: list[Result], name: str):
 def figure_reliability(results: list[Result]):
     """Reliability diagrams, a panel per label (its first input): accuracy against confidence per bin, a line per
     method with markers sized by the bin's test rows, and the bin counts as a histogram beneath."""
-    colors = method_colors(results)
+    colors = method_colors(_methods(results))
     grouped = by_label(results)
-    columns = 2 if len(grouped) == 4 else min(len(grouped), 3)
+    columns = _columns(len(grouped))
     rows = math.ceil(len(grouped) / columns)
     width, height = (PANEL[0], 5.4) if len(grouped) == 1 else (SMALL_PANEL[0], 4.6)
     fig, _ = new_figure((width * columns, height * rows), rows=0)
@@ -430,10 +436,8 @@ def figure_grid(points: list[dict], method: str, selected_on: str):
 
             ax.add_patch(Rectangle((chosen[1] - 0.5, chosen[0] - 0.5), 1, 1, fill=False, edgecolor="red",
                                    linewidth=2.5))
-        ax.set_xticks(range(len(column_values)), [f"{v:g}" if isinstance(v, float) else str(v)
-                                                 for v in column_values], fontsize=8)
-        ax.set_yticks(range(len(row_values)), [f"{v:g}" if isinstance(v, float) else str(v) for v in row_values],
-                      fontsize=8)
+        ax.set_xticks(range(len(column_values)), [_short(v) for v in column_values], fontsize=8)
+        ax.set_yticks(range(len(row_values)), [_short(v) for v in row_values], fontsize=8)
         ax.set_xlabel(columns_key)
         ax.set_ylabel(rows_key)
         ax.set_title(f"{method}: {title}", fontsize=10)
@@ -465,7 +469,7 @@ def _prior_axis(keys: Iterable[str]) -> list[tuple[str, float]]:
 def figure_shifted_priors(results: list[Result]):
     """Test accuracy if the test classes followed a long-tailed prior, forward (train order) or backward, against
     the prior's imbalance; a line per method, a panel per label (mean over its inputs)."""
-    colors = method_colors(results)
+    colors = method_colors(_methods(results))
     grouped = by_label(results)
     fig, axes = _panels(len(grouped))
     for ax, (label, members) in zip(axes, grouped.items(), strict=True):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import json
 import time
-import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from ltcache.report.figures import (
     mean_series,
     page_figures,
     plain_text_figures,
+    quiet_nanmean,
 )
 from ltcache.report.inputs import HEADINGS, KEYS, LOWER_IS_BETTER, Result, _short, load_results, results_file
 from ltcache.report.stats import aggregate_rows, shared_groups
@@ -76,8 +76,11 @@ PER_CLASS_SHOWN = 50
 CONFUSED_SHOWN = 5
 
 
-def _pct(value) -> str:
-    return "-" if value is None or value != value else f"{value:.1f}"
+def _pct(value, digits: int = 1) -> str:
+    """A percentage for the page; '-' for a missing one (null, NaN, or anything but a number)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value:
+        return "-"
+    return f"{value:.{digits}f}"
 
 
 def _per_class_context(results: list[Result]) -> list[dict]:
@@ -91,14 +94,14 @@ def _per_class_context(results: list[Result]) -> list[dict]:
             continue
         names = class_names(first)
         thresholds = first.results.get("thresholds") or {"many": 100, "few": 20}
-        methods = [m for m in dict.fromkeys(row["method"] for r in members for row in r.rows)
-                   if mean_series(members, m, "per_class") is not None]
+        series = {m: mean_series(members, m, "per_class") for m in dict.fromkeys(row["method"] for r in members
+                                                                                   for row in r.rows)}
+        methods = [m for m, values in series.items() if values is not None]
         if not methods:
             continue
-        accuracy = np.array([mean_series(members, m, "per_class") for m in methods])  # methods x classes
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            order = sorted(range(len(counts)), key=lambda c: (np.nan_to_num(np.nanmean(accuracy[:, c]), nan=1e9), c))
+        accuracy = np.array([series[m] for m in methods])  # methods x classes
+        worst = np.nan_to_num(quiet_nanmean(accuracy, 0), nan=1e9)  # a class without any number goes last
+        order = sorted(range(len(counts)), key=lambda c: (worst[c], c))
         shown = order if len(order) <= PER_CLASS_ROWS else order[:PER_CLASS_SHOWN]
         rows = []
         for c in shown:
@@ -115,13 +118,11 @@ def _per_class_context(results: list[Result]) -> list[dict]:
             f1 = mean_series(members, method, "per_class_f1")
             if precision is None or f1 is None:
                 continue
-            recall = mean_series(members, method, "per_class")
+            recall = series[method]
             support = next(row.get("per_class_support") for row in first.rows if row["method"] == method)
             worst = sorted(range(len(counts)), key=lambda c: (np.nan_to_num(f1[c], nan=1e9), c))
             listed = worst if len(worst) <= PER_CLASS_ROWS else worst[:PER_CLASS_SHOWN]
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                macro = [_pct(float(np.nanmean(a))) for a in (precision, recall, f1)]
+            macro = [_pct(float(quiet_nanmean(a))) for a in (precision, recall, f1)]
             reports.append({"method": method, "macro": macro, "rows": [
                 {"name": names[c], "precision": _pct(precision[c]), "recall": _pct(recall[c]), "f1": _pct(f1[c]),
                  "support": "-" if support is None else support[c]} for c in listed]})
@@ -172,8 +173,8 @@ def _grid_context(results: list[Result]) -> list[dict]:
                 rank = 1 + sum(score > mine_score for score in scores)  # ties share the best rank (cv_results_)
                 test = point.get("test") or {}
                 rows.append({"params": [_short(point["params"].get(k)) for k in keys],
-                             "selection": _pct2(point["selection_mean_per_class"]), "rank": rank,
-                             "test": [_pct2(test.get(k)) for k in ("mean_per_class", "all", "many", "medium", "few")]
+                             "selection": _pct(point["selection_mean_per_class"], 2), "rank": rank,
+                             "test": [_pct(test.get(k), 2) for k in ("mean_per_class", "all", "many", "medium", "few")]
                              if tested else [], "selected": point["selected"],
                              "seconds": point.get("fit_seconds")})
             tables.append({"label": label, "method": method, "columns": keys, "rows": rows, "tested": tested,
@@ -183,10 +184,6 @@ def _grid_context(results: list[Result]) -> list[dict]:
 
 def _number(value) -> float:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else float("-inf")
-
-
-def _pct2(value) -> str:
-    return "-" if not isinstance(value, (int, float)) or value != value else f"{value:.2f}"
 
 
 PROVENANCE_FIELDS = ("dataset", "backbone", "checkpoint_sha256", "checkpoint_format", "stage1_sampler",

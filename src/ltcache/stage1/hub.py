@@ -13,7 +13,6 @@ itself downloads nothing.
 from __future__ import annotations
 
 import contextlib
-import difflib
 import json
 import math
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ltcache.core.errors import LtcacheError
+from ltcache.core.errors import LtcacheError, unknown_name
 from ltcache.core.fsutil import read_class_names, read_lines
 from ltcache.stage1.preprocessing import Preprocessing, ToRGB  # noqa: F401  (re-exported)
 
@@ -71,11 +70,6 @@ def loading_weights(backbone: str, pretrained: bool):
                            "check the network, or the library's download cache (TORCH_HOME, HF_HOME)") from None
 
 
-def _unknown(kind: str, name: str, known: list[str], hint: str) -> LtcacheError:
-    close = difflib.get_close_matches(name, known, n=4, cutoff=0.6)
-    return LtcacheError(f"unknown {kind} {name!r}; " + (f"did you mean {', '.join(close)}?" if close else hint))
-
-
 # ---------------------------------------------------------------------------------------------------------- timm
 
 
@@ -95,7 +89,7 @@ def check_timm(name: str, pretrained: bool) -> None:
     timm = import_library("timm")
     architecture, _, tag = name.partition(".")
     if not timm.is_model(architecture):
-        raise _unknown("timm model", architecture, timm.list_models(), "see timm.list_models()")
+        raise unknown_name("timm model", architecture, timm.list_models(), instead="see timm.list_models()")
     if pretrained and not timm.list_pretrained(architecture + "*"):
         raise LtcacheError(f"timm has no pretrained weights for {architecture}; drop --pretrained")
     if pretrained and tag and name not in timm.list_pretrained(name):
@@ -241,7 +235,7 @@ def check_open_clip(name: str, pretrained: bool) -> None:
     open_clip = import_library("open_clip")
     arch, tag = open_clip_arch(name)
     if open_clip.get_model_config(arch) is None:
-        raise _unknown("open_clip model", arch, open_clip.list_models(), "see open_clip.list_models()")
+        raise unknown_name("open_clip model", arch, open_clip.list_models(), instead="see open_clip.list_models()")
     if pretrained and not tag:
         tags = open_clip.list_pretrained_tags_by_model(arch)
         raise LtcacheError(f"--pretrained needs a tag: open_clip:{arch}/TAG with TAG one of "

@@ -6,7 +6,6 @@ Any torchvision classification model works: its last nn.Linear (ResNet `fc`, VGG
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
 from functools import lru_cache
 
@@ -16,7 +15,7 @@ import torchvision
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
-from ltcache.core.errors import LtcacheError
+from ltcache.core.errors import LtcacheError, unknown_name
 from ltcache.core.registry import Registry
 
 
@@ -183,9 +182,7 @@ def check_backbone(arch: str, *, pretrained: bool = False) -> None:
         raise LtcacheError(f"{arch!r} is a model library's backbone, which ltcache extracts frozen (ltcache extract "
                            "--backbone NAME); train-backbone takes a torchvision model or ltcache backbone name")
     if arch not in BACKBONES and arch not in torchvision_classifiers():
-        close = difflib.get_close_matches(arch, backbone_names(), n=4, cutoff=0.5)
-        hint = f"did you mean {', '.join(close)}?" if close else "see torchvision.models.list_models()"
-        raise LtcacheError(f"unknown backbone {arch!r}; {hint}")
+        raise unknown_name("backbone", arch, backbone_names(), instead="ltcache list backbones shows them all")
     if pretrained and arch not in torchvision_classifiers():
         raise LtcacheError(f"torchvision has no pretrained weights for {arch!r}; drop --pretrained")
 
