@@ -198,8 +198,10 @@ def results_problem(results: dict) -> str | None:
         bins = row.get("reliability")
         if bins is not None and not (isinstance(bins, list) and all(
                 isinstance(b, dict) and _number(b.get("confidence"), optional=False)
-                and _number(b.get("accuracy"), optional=False) for b in bins)):
-            return f"{where}: 'reliability' must be a list of bins with a confidence and an accuracy"
+                and _number(b.get("accuracy"), optional=False) and ("count" not in b or _count(b["count"]))
+                for b in bins)):
+            return (f"{where}: 'reliability' must be a list of bins with a confidence, an accuracy and (optional) "
+                    "a count of test rows")
         priors = row.get("shifted_priors")
         if priors is not None and not (isinstance(priors, dict) and all(
                 isinstance(k, str) and _number(v, optional=False) for k, v in priors.items())):
