@@ -108,10 +108,11 @@ def step(name: str, cache: Path, budget: str | None, device: str = "cpu") -> dic
     """One measured step, in this (child) process. Returns seconds, peak memory and what the step adds."""
     import torch
 
+    from ltcache.fitting import BALANCED_DEFAULTS, train_on_features
     from ltcache.lab import open_lab
     from ltcache.logits import block_rows, fits, resolve_budget
     from ltcache.stage2 import fit_method
-    from ltcache.stage2.training import BALANCED_DEFAULTS, retrain_linear
+    from ltcache.stage2.methods.retrain import new_linear
 
     if name in ("crt_epoch", "lws_epoch"):
         import torch._dynamo  # noqa: F401  (a process's first optimizer step imports it: ~1 s, not an epoch's)
@@ -167,7 +168,8 @@ def step(name: str, cache: Path, budget: str | None, device: str = "cpu") -> dic
                       weight_grad_epoch=timings["weight_grad"] / 40 * steps, block_bytes=0)
     elif name == "crt_epoch":
         defaults = dict(BALANCED_DEFAULTS, min_steps=0)
-        retrain_linear(data, epochs=1, **defaults)
+        train_on_features(new_linear(data), data.train.features, data.train.labels, seed=data.seed, epochs=1,
+                          **defaults)
         result["block_bytes"] = 0
     elif name == "lws_epoch":
         fit_method("lws", data, {"epochs": 1, "min_steps": 0})

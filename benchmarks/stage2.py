@@ -25,12 +25,13 @@ from publish import publish
 
 from ltcache.cache import CacheWriter, FeatureCache
 from ltcache.data.profiles import exponential_profile
+from ltcache.fitting import BALANCED_DEFAULTS, train_on_features
 from ltcache.heads import LinearHead
 from ltcache.lab import open_lab
 from ltcache.metrics import evaluate
 from ltcache.stage2 import METHODS, fit_method
+from ltcache.stage2.methods.retrain import new_linear
 from ltcache.stage2.methods.weight_norms import DEFAULT_TAUS, tau_curve, tau_normalize
-from ltcache.stage2.training import BALANCED_DEFAULTS, retrain_linear
 
 # Runs the ltcache CLI and prints its own peak resident memory (VmHWM; ru_maxrss where /proc is missing).
 PEAK_REPORTING_CLI = """
@@ -209,7 +210,8 @@ def in_process_steps(path: Path, args, rows: list) -> str:
         crt_curve.append((fitting, accuracy))
 
     crt_defaults = {k: v for k, v in METHODS["crt"].defaults.items() if k in BALANCED_DEFAULTS or k == "epochs"}
-    retrain_linear(data, **crt_defaults, on_epoch=after_epoch)
+    train_on_features(new_linear(data), data.train.features, data.train.labels, seed=data.seed, **crt_defaults,
+                      on_epoch=after_epoch)
     crt_s, crt_acc = crt_curve[-1]
     floor = 10 * 2 * gemm_s  # per epoch: the forward GEMM and the weight-gradient GEMM
     rows.append(("cRT, 10 epochs (SGD, batch 512)", f"{crt_s:.1f} s, test mean/class {crt_acc:.2f}",

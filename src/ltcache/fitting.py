@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import math
 import time
 from typing import TYPE_CHECKING
@@ -50,7 +51,8 @@ def train_on_features(module: nn.Module, inputs: torch.Tensor | tuple[torch.Tens
 
     `inputs` is one tensor or a tuple of row-aligned tensors, passed to the module as separate arguments.
     sampling_q 0 (default) is class-balanced sampling, 1 instance-balanced. `criterion` defaults to CE;
-    `after_step(module)` runs after every optimizer step (e.g. a norm projection). An epoch is `epoch_rows`
+    `after_step(module)` runs after every optimizer step (e.g. a norm projection), as does the module class's own
+    `constrain_(state)` when it has one (see train_together). An epoch is `epoch_rows`
     draws (default len(labels)), as in the paper; `min_steps` lengthens epochs on tiny datasets, where 10 epochs
     of a few batches would not converge (at ImageNet-LT scale it is inactive). `on_epoch(epoch, module)` runs
     after every epoch (progress, learning curves). Returns the hyperparameters used.
@@ -64,13 +66,12 @@ def train_on_features(module: nn.Module, inputs: torch.Tensor | tuple[torch.Tens
         raise LtcacheError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
     inputs = inputs if isinstance(inputs, tuple) else (inputs,)
     lr = scaled_lr(batch_size) if lr is None else lr
-    rows = len(labels) if epoch_rows is None else epoch_rows
-    steps_per_epoch = max(math.ceil(rows / batch_size), math.ceil(min_steps / epochs))
-    labels_np = labels.cpu().numpy()
-    probs = class_probabilities(np.bincount(labels_np, minlength=int(labels_np.max()) + 1), sampling_q)
-    weights = torch.as_tensor(sample_weights(labels_np, probs))
+    steps_per_epoch = _steps_per_epoch(len(labels) if epoch_rows is None else epoch_rows, batch_size, epochs,
+                                       min_steps)
+    weights = _draw_weights(labels, sampling_q)
     generator = torch.Generator().manual_seed(seed)
     optimizer = _sgd(module, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    constrain = getattr(type(module), "constrain_", None)
     scheduler = cosine_schedule(optimizer, epochs * steps_per_epoch)
     own_loss = criterion is None and hasattr(module, "loss")
     criterion = criterion or nn.CrossEntropyLoss()
@@ -112,6 +113,9 @@ def train_on_features(module: nn.Module, inputs: torch.Tensor | tuple[torch.Tens
                 sum_gradients(parameters)
             optimizer.step()
             scheduler.step()
+            if constrain is not None:
+                with torch.no_grad():
+                    constrain({**dict(module.named_parameters()), **dict(module.named_buffers())})
             if after_step is not None:
                 after_step(module)
         if not finite.item():
@@ -123,6 +127,202 @@ def train_on_features(module: nn.Module, inputs: torch.Tensor | tuple[torch.Tens
         reporter.epoch_done(epoch + 1)
     return {"epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
             "momentum": momentum, "steps": epochs * steps_per_epoch}
+
+
+def _steps_per_epoch(rows: int, batch_size: int, epochs: int, min_steps: int) -> int:
+    """Steps of one epoch: `rows` draws in batches, lengthened so that all epochs make at least `min_steps`."""
+    return max(math.ceil(rows / batch_size), math.ceil(min_steps / epochs))
+
+
+def _draw_weights(labels: torch.Tensor, sampling_q: float) -> torch.Tensor:
+    """Each row's probability of being drawn under Eq. 1 with exponent `sampling_q` (a CPU tensor)."""
+    import torch
+
+    labels_np = labels.cpu().numpy()
+    probs = class_probabilities(np.bincount(labels_np, minlength=int(labels_np.max()) + 1), sampling_q)
+    return torch.as_tensor(sample_weights(labels_np, probs))
+
+
+def train_together(modules: list[nn.Module], inputs: torch.Tensor | tuple[torch.Tensor, ...], labels: torch.Tensor,
+                   *, seeds: list[int], epochs: int, batch_size: int, lrs: list[float | None],
+                   weight_decays: list[float], momentums: list[float], min_steps: int, sampling_q: float = 0.0,
+                   criteria: list | None = None, epoch_rows: int | None = None,
+                   losses: list[list[float]] | None = None) -> list[dict]:
+    """Train several heads of one structure in one pass, each exactly as train_on_features would train it alone
+    (same seed: same draws and the same steps, to float rounding), and leave each module holding its result.
+
+    The heads read the same batches: each distinct seed is a stream of draws (a grid shares one stream; compare
+    --seeds N gives N), and per step there is one draw per stream, one gather of the batch rows, one batched
+    product for every head of the stream (torch.func.vmap over the stacked parameters: [B, d] x [d, K*C] in one
+    bmm), one loss per head, and one vectorized SGD update in which every head keeps its own lr, weight decay and
+    momentum (tensors over the heads, not a Python loop over them). The modules must share their class and the
+    names and shapes of their parameters and buffers; what differs between heads (a smoothing, a norm cap, a loss
+    prior) lives in their buffers or their criterion's. A module class may supply `stacked_loss(state, inputs,
+    labels) -> [S, K]` (a hand-written batched loss) and `constrain_(state)` (an in-place projection after every
+    step, on parameters with any leading dimensions). `losses`, when given, receives each head's mean loss per
+    epoch. Returns the hyperparameters each head used, as train_on_features does.
+    """
+    import copy
+
+    import torch
+    from torch.func import functional_call, stack_module_state, vmap
+
+    count = len(modules)
+    if not (len(seeds) == len(lrs) == len(weight_decays) == len(momentums) == count) or count == 0:
+        raise LtcacheError("train_together needs one seed, lr, weight decay and momentum per module")
+    if epochs < 1 or batch_size < 1:
+        raise LtcacheError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
+    streams = list(dict.fromkeys(seeds))
+    per_stream = [[i for i in range(count) if seeds[i] == seed] for seed in streams]
+    if len({len(members) for members in per_stream}) > 1:  # not a rectangle of streams x heads: one pass per stream
+        used: list[dict] = [{}] * count
+        for members in per_stream:
+            def pick(values, members=members):
+                return [values[i] for i in members]
+
+            part_losses = [[] for _ in members] if losses is not None else None
+            for i, result in zip(members, train_together(
+                    pick(modules), inputs, labels, seeds=pick(seeds), epochs=epochs, batch_size=batch_size,
+                    lrs=pick(lrs), weight_decays=pick(weight_decays), momentums=pick(momentums), min_steps=min_steps,
+                    sampling_q=sampling_q, criteria=pick(criteria) if criteria is not None else None,
+                    epoch_rows=epoch_rows, losses=part_losses), strict=True):
+                used[i] = result
+            if losses is not None:
+                for i, part in zip(members, part_losses, strict=True):
+                    losses[i].extend(part)
+        return used
+    order = [i for members in per_stream for i in members]  # stream-major: row s * K + k of the stacked state
+    n_streams, per = len(streams), len(per_stream[0])
+    inputs = inputs if isinstance(inputs, tuple) else (inputs,)
+    device = labels.device
+    peaks = [scaled_lr(batch_size) if lr is None else lr for lr in lrs]
+    steps_per_epoch = _steps_per_epoch(len(labels) if epoch_rows is None else epoch_rows, batch_size, epochs,
+                                       min_steps)
+    total_steps = epochs * steps_per_epoch
+
+    objectives = [_objective(modules[i], criteria[i] if criteria is not None else None) for i in order]
+    signatures = {_signature(objective) for objective in objectives}
+    if len(signatures) > 1:
+        raise LtcacheError("train_together needs modules of one class with the same parameter and buffer shapes")
+    params, buffers = stack_module_state(objectives)
+    params = {key: value.detach().view(n_streams, per, *value.shape[1:]).requires_grad_() for key, value in
+              params.items()}
+    buffers = {key: value.view(n_streams, per, *value.shape[1:]) for key, value in buffers.items()}
+    module_class = type(objectives[0].module)
+    stacked_loss = getattr(module_class, "stacked_loss", None) if objectives[0].criterion is None else None
+    constrain = getattr(module_class, "constrain_", None)
+    if stacked_loss is not None:
+        def loss_of(params, buffers, batch_inputs, batch_labels):
+            state = {key.removeprefix("module."): value for key, value in {**params, **buffers}.items()}
+            return stacked_loss(state, batch_inputs, batch_labels)
+    else:
+        base = copy.deepcopy(objectives[0]).to("meta")
+        arguments = len(inputs) + 1
+
+        def one(params, buffers, *batch):
+            return functional_call(base, (params, buffers), batch)
+
+        per_head = vmap(one, in_dims=(0, 0) + (None,) * arguments)  # the heads of a stream: shared batch
+        per_stream_fn = vmap(per_head, in_dims=(0, 0) + (0,) * arguments)  # the streams: their own batches
+
+        def loss_of(params, buffers, batch_inputs, batch_labels):
+            return per_stream_fn(params, buffers, *batch_inputs, batch_labels)
+
+    def column(values):  # one value per head, as [S, K] on the device
+        return torch.tensor([values[i] for i in order], dtype=torch.float32, device=device).view(n_streams, per)
+
+    peak, decay, momentum = column(peaks), column(weight_decays), column(momentums)
+    decays = bool((decay != 0).any())
+    trained = [value for value in params.values()]
+    momenta = [torch.zeros_like(value) for value in trained]
+
+    weights = _draw_weights(labels, sampling_q)
+    generators = [torch.Generator().manual_seed(seed) for seed in streams]
+    rows_per_step = n_streams * batch_size
+    gathers = [_gatherer(t, rows_per_step) for t in inputs]
+    label_buffer = labels.new_empty(rows_per_step)
+    reporter = EpochProgress(epochs)
+    step = 0
+    for epoch in range(epochs):
+        draws = torch.stack([torch.multinomial(weights, steps_per_epoch * batch_size, replacement=True,
+                                               generator=generator) for generator in generators])
+        draws = draws.to(device).view(n_streams, steps_per_epoch, batch_size).transpose(0, 1)
+        finite = torch.ones((), dtype=torch.bool, device=device)
+        summed = torch.zeros((n_streams, per), dtype=torch.float64, device=device) if losses is not None else None
+        for batch in draws:
+            flat = batch.reshape(-1)
+            batch_inputs = [gather(flat).view(n_streams, batch_size, *source.shape[1:])
+                            for gather, source in zip(gathers, inputs, strict=True)]
+            batch_labels = torch.index_select(labels, 0, flat, out=label_buffer).view(n_streams, batch_size)
+            for value in trained:
+                value.grad = None
+            loss = loss_of(params, buffers, batch_inputs, batch_labels)
+            finite &= torch.isfinite(loss.detach()).all()  # checked once an epoch: no device sync per step
+            if summed is not None:
+                summed += loss.detach()
+            loss.sum().backward()  # the heads are independent: each gets the gradient of its own loss
+            factor = 0.5 * (1 + math.cos(math.pi * step / total_steps))  # cosine_schedule's factor at this step
+            with torch.no_grad():
+                for value, velocity in zip(trained, momenta, strict=True):
+                    shape = (n_streams, per) + (1,) * (value.dim() - 2)
+                    gradient = value.grad
+                    if decays:
+                        gradient = gradient.addcmul(value, decay.view(shape))
+                    velocity.mul_(momentum.view(shape)).add_(gradient)
+                    value.addcmul_(velocity, (peak * factor).view(shape), value=-1)
+                if constrain is not None:
+                    constrain({key.removeprefix("module."): value for key, value in {**params, **buffers}.items()})
+            step += 1
+        if not finite.item():
+            raise LtcacheError(f"the stage-2 loss stopped being finite in epoch {epoch + 1}; lower the lr")
+        if summed is not None:
+            means = (summed / steps_per_epoch).reshape(-1).tolist()
+            for position, i in enumerate(order):
+                losses[i].append(means[position])
+        reporter.epoch_done(epoch + 1)
+    with torch.no_grad():  # every module holds its trained values, as after train_on_features
+        for position, objective in enumerate(objectives):
+            s, k = divmod(position, per)
+            for key, value in objective.named_parameters():
+                value.copy_(params[key][s, k])
+    return [{"epochs": epochs, "batch_size": batch_size, "lr": peaks[i], "weight_decay": weight_decays[i],
+             "momentum": momentums[i], "steps": total_steps} for i in range(count)]
+
+
+def _objective(module, criterion):
+    """A head and its criterion as one module whose forward is the loss (what train_together stacks and maps):
+    criterion(module(*inputs), labels), the module's own `loss` where it has one and no criterion is given, CE
+    otherwise."""
+    return _objective_class()(module, criterion)
+
+
+@functools.cache
+def _objective_class():
+    """The nn.Module class behind _objective, defined on first use so that importing this file needs no torch."""
+    from torch import nn
+
+    class Objective(nn.Module):
+        def __init__(self, module, criterion):
+            super().__init__()
+            self.module = module
+            self.criterion = criterion
+            self._own_loss = criterion is None and hasattr(module, "loss")
+            self._default = nn.CrossEntropyLoss() if criterion is None else None
+
+        def forward(self, *batch):
+            *features, labels = batch
+            if self._own_loss:
+                return self.module.loss(*features, labels)
+            return (self.criterion or self._default)(self.module(*features), labels)
+
+    return Objective
+
+
+def _signature(objective) -> tuple:
+    """What must agree for heads to be stacked: the classes, and every parameter's and buffer's name and shape."""
+    return (type(objective.module), type(objective.criterion),
+            tuple((key, tuple(value.shape), value.dtype) for key, value in objective.named_parameters()),
+            tuple((key, tuple(value.shape), value.dtype) for key, value in objective.named_buffers()))
 
 
 def batch_normalizer(criterion, labels: torch.Tensor):

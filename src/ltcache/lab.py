@@ -42,6 +42,7 @@ from ltcache.stage2.core import (
     resolve_params,
     run_fit,
 )
+from ltcache.stage2.training import fit_points
 
 
 @dataclass
@@ -288,19 +289,29 @@ class Lab:
 
     def _fit_grid(self, name: str, grid: list[dict], *, ablation: bool, loss_curves: bool = False,
                   data: LabData | None = None) -> tuple[Fitted, dict, list[GridPoint] | None]:
-        """Fit every point; choose on the selection split only. Test is read only after the choice (ablation)."""
+        """Fit every point; choose on the selection split only. Test is read only after the choice (ablation).
+        A trained method's points train together, in one pass per group of points that draw the same batches
+        (stage2/training.py); each point's fit_seconds is then its share of its pass."""
         data = data if data is not None else self.data
         if len(grid) == 1:
             return _fit(name, data, grid[0], loss_curves), grid[0], None
-        results, points = [], []
         varying = [key for key in grid[0] if any(point[key] != grid[0][key] for point in grid)]
-        for values in grid:
+        if METHODS[name].plan is not None:
             start = time.perf_counter()
-            result = _fit(name, data, values, loss_curves)
-            score = data.selection_score(result.head)
-            points.append(GridPoint({key: values[key] for key in varying}, score, time.perf_counter() - start))
-            results.append(result)
-            data.clear_cached_logits()
+            results = fit_points(name, [(data, values) for values in grid], loss_curves=loss_curves)
+            shares = [(time.perf_counter() - start) / len(grid)] * len(grid)
+        else:
+            results, shares = [], []
+            for values in grid:
+                start = time.perf_counter()
+                results.append(_fit(name, data, values, loss_curves))
+                shares.append(time.perf_counter() - start)
+                data.clear_cached_logits()
+        points = []
+        for values, result, seconds in zip(grid, results, shares, strict=True):
+            points.append(GridPoint({key: values[key] for key in varying}, data.selection_score(result.head),
+                                    seconds))
+        data.clear_cached_logits()
         best = max(range(len(points)), key=lambda i: (points[i].selection, -i))
         points[best].selected = True
         if ablation:  # after the choice: these numbers cannot influence it
@@ -328,10 +339,10 @@ class Lab:
         from ltcache.report.stats import t_interval
 
         seed = self.data.seed
-        runs = [first.accuracy]
-        for offset in range(1, seeds):
-            refit = run_fit(name, replace(self.data, seed=seed + offset), params)
-            runs.append(self.score_accuracy(refit.head))
+        # a trained method's replicates train in one pass, one stream of draws per seed (stage2/training.py)
+        refits = fit_points(name, [(replace(self.data, seed=seed + offset), params) for offset in range(1, seeds)])
+        self.data.clear_cached_logits()
+        runs = [first.accuracy] + [self.score_accuracy(refit.head) for refit in refits]
         summary: dict[str, Any] = {"n": seeds, "seeds": list(range(seed, seed + seeds))}
         for key in SEED_KEYS:
             values = [float(getattr(run, key)) for run in runs]
@@ -403,6 +414,8 @@ def _scalars(values: dict, prefix: str = "") -> dict:
 def _fit(name: str, data, values: dict, loss_curves: bool) -> Fitted:
     """run_fit; with `loss_curves`, the head's training loss per epoch kept on the result (Fitted.losses; None for an
     untrained one)."""
+    if METHODS[name].plan is not None:
+        return fit_points(name, [(data, values)], loss_curves=loss_curves)[0]
     if not loss_curves:
         return run_fit(name, data, values)
     from ltcache.fitting import recording_losses

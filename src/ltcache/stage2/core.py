@@ -101,7 +101,15 @@ class LabData:
         raw = self._raw_logits[name]
         if bias is None:
             return raw
-        return raw.with_bias(bias) if isinstance(raw, BlockLogits) else raw + bias
+        if isinstance(raw, BlockLogits):
+            return raw.with_bias(bias)
+        if bias is not self.joint.bias:
+            return raw + bias
+        # with the joint bias (LWS with_bias, DisAlign): kept too, so the points of a grid share one tensor
+        key = f"{name}+joint_bias"
+        if key not in self._raw_logits:
+            self._raw_logits[key] = raw + bias
+        return self._raw_logits[key]
 
     def clear_cached_logits(self) -> None:
         self._raw_logits.clear()
@@ -168,6 +176,8 @@ class Method:
       cache without one.
     - `card`: where it comes from (paper, official code, deviations, reference test; stage2/cards.py). None: a
       method registered without one, listed as such.
+    - `plan(data, **params) -> Plan`: what it trains, as data (stage2/training.py), so that the points of a grid
+      and the seeds of --seeds train in one pass. None (a plugin's method): fitted point by point with `fit`.
     """
 
     name: str
@@ -182,6 +192,7 @@ class Method:
     check: Callable[[dict, np.ndarray], Any] | None = None
     text: bool = False
     card: Card | None = None
+    plan: Callable[..., Any] | None = None
 
     @property
     def defaults(self) -> dict:
@@ -198,7 +209,7 @@ METHODS: Registry[Method] = Registry("method", builtins=("ltcache.stage2.methods
 
 def method(name: str, *params: Param, summary: str, paper: int | None = None, stochastic: bool = False,
            weight_norms: bool = False, figures: tuple[Figure, ...] = (), analyses: dict | None = None,
-           check=None, text: bool = False, card: Card | None = None, replace: bool = False):
+           check=None, text: bool = False, card: Card | None = None, replace: bool = False, plan=None):
     """Register `fit(data: LabData, **hyperparameters) -> Fitted` as stage-2 method `name`.
 
     Each hyperparameter is a `Param` (type, default, range or choices, help): `compare --set NAME.KEY=VALUE` and
@@ -222,7 +233,7 @@ def method(name: str, *params: Param, summary: str, paper: int | None = None, st
         existing = METHODS.entries.get(name)
         again = existing is not None and _origin(existing.fit) == _origin(fit) != (None, None)
         METHODS.add(name, Method(name, fit, tuple(params), summary, paper, stochastic, weight_norms, tuple(figures),
-                                 dict(analyses or {}), check, text, card), replace=replace or again)
+                                 dict(analyses or {}), check, text, card, plan), replace=replace or again)
         return fit
 
     return wrap
@@ -297,10 +308,6 @@ def check_data(name: str, data: LabData) -> None:
 def run_fit(name: str, data: LabData, params: dict) -> Fitted:
     """Call method `name`'s fit with resolved `params` and check what it returns: a Fitted holding a Head and a
     dict of what it chose (a user method that returns something else is a one-line error naming it)."""
-    import dataclasses
-
-    from ltcache.heads import HEAD_KINDS, Head
-
     check_data(name, data)
     fit = METHODS[name].fit
     trusted = getattr(fit, "__module__", "").startswith("ltcache.")
@@ -309,6 +316,16 @@ def run_fit(name: str, data: LabData, params: dict) -> Fitted:
     if before is not None and shared_fingerprint(data) != before:
         raise LtcacheError(f"method {name} changed the shared features, labels or joint head in place; a method must "
                            "not modify its inputs (copy them first, e.g. data.train.features.clone())")
+    return checked_fit(name, data, fitted)
+
+
+def checked_fit(name: str, data: LabData, fitted) -> Fitted:
+    """What every fit returns, checked: a Fitted holding a registered head kind with finite tensors that scores the
+    cache's features (check_head), and a dict of what it chose. Sets `fitted.method`."""
+    import dataclasses
+
+    from ltcache.heads import HEAD_KINDS, Head
+
     if not isinstance(fitted, Fitted):
         raise LtcacheError(f"method {name} returned {type(fitted).__name__}, not ltcache.Fitted(head, chosen)")
     if not isinstance(fitted.head, Head) or not isinstance(fitted.chosen, dict):

@@ -59,27 +59,39 @@ class ScaledCrossEntropy(torch.autograd.Function):
     """CE(raw * scales, labels) with its gradient for `scales` only, written out: one exp pass gives both the loss
     (log-sum-exp, exact) and the softmax p; then d/ds_j = mean_i (p_ij - [y_i = j]) raw_ij. Autograd's generic
     path over the same ops took about 2.5x as long on a 512 x 1000 batch, and LWS and learned tau spend their
-    whole fit here."""
+    whole fit here.
+
+    Shapes broadcast over leading dimensions: raw [..., B, C], scales [..., C], labels [..., B] give one mean loss
+    per leading index (a scalar for raw [B, C], scales [C]; [S, K] for K heads of S streams in one pass, raw
+    [S, 1, B, C] and scales [S, K, C])."""
 
     @staticmethod
     def forward(ctx, raw: torch.Tensor, scales: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        logits = raw * scales
-        peak = logits.amax(1, keepdim=True)
+        logits = raw * scales.unsqueeze(-2)
+        lead, rows = logits.shape[:-2], logits.shape[-2]
+        index = labels.expand(*lead, rows).unsqueeze(-1)
+        peak = logits.amax(-1, keepdim=True)
+        # -log p_y = log sum_j exp(z_j - max) - (z_y - max), with z_y read before the logits are exponentiated
+        target = logits.gather(-1, index)[..., 0] - peak[..., 0]
         p = exp_shifted_(logits.sub_(peak))  # exp(z - max), in place, without subnormal floats (logits.py)
-        total = p.sum(1, keepdim=True)
-        rows = torch.arange(len(labels), device=labels.device)
-        # -log p_y = log sum_j exp(z_j - max) - (z_y - max), with z_y - max read back from the unexponentiated value
-        target = (raw[rows, labels] * scales[labels] - peak[:, 0])
-        loss = (total[:, 0].log() - target).mean()
-        ctx.save_for_backward(raw, p.div_(total), labels)
+        total = p.sum(-1, keepdim=True)
+        loss = (total[..., 0].log() - target).mean(-1)
+        ctx.save_for_backward(raw, p.div_(total), index)
+        ctx.scales_shape = scales.shape
         return loss
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        raw, p, labels = ctx.saved_tensors
+        raw, p, index = ctx.saved_tensors
         grad = p.clone()  # the saved p stays intact for a repeated backward
-        grad[torch.arange(len(labels), device=labels.device), labels] -= 1
-        return None, grad.mul_(raw).sum(0) * (grad_output / len(labels)), None
+        grad.scatter_add_(-1, index, torch.full_like(index, -1, dtype=grad.dtype))
+        per_class = grad.mul_(raw).sum(-2) * (grad_output.unsqueeze(-1) / p.shape[-2])
+        return None, per_class.sum_to_size(ctx.scales_shape), None
+
+
+def scaled_cross_entropy(raw: torch.Tensor, scales: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The mean CE of raw * scales (ScaledCrossEntropy), differentiable in `scales`."""
+    return ScaledCrossEntropy.apply(raw, scales, labels)
 
 
 class ScaleLogits(nn.Module):
@@ -94,7 +106,12 @@ class ScaleLogits(nn.Module):
         return raw_logits * self.scales
 
     def loss(self, raw_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return ScaledCrossEntropy.apply(raw_logits, self.scales, labels)
+        return scaled_cross_entropy(raw_logits, self.scales, labels)
+
+    @staticmethod
+    def stacked_loss(state: dict, inputs: list, labels: torch.Tensor) -> torch.Tensor:
+        """The loss of K stacked heads per stream (fitting.train_together): scales [S, K, C] on raw [S, B, C]."""
+        return scaled_cross_entropy(inputs[0].unsqueeze(1), state["scales"], labels.unsqueeze(1))
 
 
 class LearnedTau(nn.Module):
@@ -102,14 +119,36 @@ class LearnedTau(nn.Module):
 
     def __init__(self, log_norms: torch.Tensor):
         super().__init__()
-        self.log_norms = log_norms
+        self.register_buffer("log_norms", log_norms)
         self.tau = nn.Parameter(torch.zeros((), device=log_norms.device))
 
     def forward(self, raw_logits: torch.Tensor) -> torch.Tensor:
         return raw_logits * torch.exp(-self.tau * self.log_norms)
 
     def loss(self, raw_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return ScaledCrossEntropy.apply(raw_logits, torch.exp(-self.tau * self.log_norms), labels)
+        return scaled_cross_entropy(raw_logits, torch.exp(-self.tau * self.log_norms), labels)
+
+    @staticmethod
+    def stacked_loss(state: dict, inputs: list, labels: torch.Tensor) -> torch.Tensor:
+        """K stacked heads per stream: tau [S, K] and log_norms [S, K, C] on raw [S, B, C]."""
+        scales = torch.exp(-state["tau"].unsqueeze(-1) * state["log_norms"])
+        return scaled_cross_entropy(inputs[0].unsqueeze(1), scales, labels.unsqueeze(1))
+
+
+class MaxNormLinear(nn.Linear):
+    """A linear classifier whose rows are projected back into the ball ||w_j|| <= cap after every optimizer step
+    (Alshammari et al. 2022's MaxNorm by projected gradient descent). Initialized as nn.Linear."""
+
+    def __init__(self, in_features: int, out_features: int, cap: float):
+        super().__init__(in_features, out_features)
+        self.register_buffer("cap", torch.tensor(float(cap)))
+
+    @staticmethod
+    def constrain_(state: dict) -> None:
+        """The PGD step, in place: rows outside the ball go to its surface (weights with any leading dims)."""
+        weight, cap = state["weight"], state["cap"]
+        norms = weight.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        weight.mul_((cap[..., None, None] / norms).clamp(max=1.0))
 
 
 class DisAlign(nn.Module):

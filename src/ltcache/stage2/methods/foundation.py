@@ -29,7 +29,7 @@ from ltcache.core.params import GRID, Param
 from ltcache.heads import LOGIT_CHUNK_ROWS, LinearCosineHead, LinearHead
 from ltcache.stage2.cards import Card, Deviation
 from ltcache.stage2.core import Fitted, LabData, method, with_defaults
-from ltcache.stage2.training import TRAINER_DEVIATIONS, TRAINING, fit_on_train, trained_method
+from ltcache.stage2.training import TRAINER_DEVIATIONS, TRAINING, Plan, lab_training, planned_method
 
 if TYPE_CHECKING:
     import torch
@@ -216,7 +216,7 @@ COS_LA_CARD = Card(
     reference_test="tests/test_reference.py::test_trained_head_equals_hand_written_sgd[cos_la]")
 
 
-@trained_method("cos_la", *LIFT_TRAINING,
+@planned_method("cos_la", *LIFT_TRAINING,
                 Param("scale", float, 25.0, "Fixed scale s of the cosine logits (LIFT's 25).", above=0, high=1000),
                 Param("tau", float, 1.0, "Logit adjustment of the loss: CE(s cos + tau log prior).", low=0, high=10),
                 Param("init", str, "auto", "Initial class weights: auto (the text head when the cache has one, as "
@@ -226,7 +226,7 @@ COS_LA_CARD = Card(
                 "batches, LIFT's classifier (Shi et al. ICML 2024); initialized from CLIP's text head when the cache "
                 "has one, else from the class means", card=COS_LA_CARD)
 def fit_cos_la(data: LabData, *, scale: float, tau: float, init: str, lr: float | None, batch_size: int,
-               **hyperparameters) -> Fitted:
+               **hyperparameters) -> Plan:
     """The loss adds tau log(prior) to the logits during training only, so the trained cosine logits aim at a
     balanced test set as they are (no post-hoc shift)."""
     import torch
@@ -253,11 +253,15 @@ def fit_cos_la(data: LabData, *, scale: float, tau: float, init: str, lr: float 
                               weight=initial)
     criterion = BalancedSoftmax(data.class_counts.tolist(), tau).to(device)
     lr = LIFT_LR * batch_size / LIFT_BATCH if lr is None else lr
-    used = fit_on_train(module, data, sampling_q=1.0, criterion=criterion, lr=lr, batch_size=batch_size,
-                        **hyperparameters)
-    weight = (scale * F.normalize(module.weight, dim=1)).detach().clone()
-    return Fitted(LinearHead(weight, None, normalize_input=True),
-                  {**used, "scale": scale, "tau": tau, "init": init, "sampling": "instance"})
+    training = lab_training(module, data, sampling_q=1.0, criterion=criterion, lr=lr, batch_size=batch_size,
+                            **hyperparameters)
+
+    def finish(used: list[dict]) -> Fitted:
+        weight = (scale * F.normalize(module.weight, dim=1)).detach().clone()
+        return Fitted(LinearHead(weight, None, normalize_input=True),
+                      {**used[0], "scale": scale, "tau": tau, "init": init, "sampling": "instance"})
+
+    return Plan([training], finish)
 
 # ------------------------------------------------------------------------------ with CLIP's zero-shot text head
 

@@ -10,7 +10,7 @@ from ltcache.core.params import Param
 from ltcache.heads import DisAlignHead, MLPHead
 from ltcache.stage2.cards import DECOUPLING, KANG_2020, Card, Deviation
 from ltcache.stage2.core import Fitted, LabData, with_defaults
-from ltcache.stage2.training import TRAINER_DEVIATIONS, TRAINING, fit_on_train, trained_method
+from ltcache.stage2.training import TRAINER_DEVIATIONS, TRAINING, Plan, lab_training, planned_method
 
 REFERENCE = "tests/test_reference.py::test_trained_head_equals_hand_written_sgd[{}]"
 
@@ -43,11 +43,11 @@ DISALIGN_CARD = Card(
     reference_test=REFERENCE.format("disalign"))
 
 
-@trained_method("disalign", *with_defaults(TRAINING, weight_decay=0.0, lr=0.02),
+@planned_method("disalign", *with_defaults(TRAINING, weight_decay=0.0, lr=0.02),
                   Param("exp_scale", float, 1.2, "rho of the generalized re-weighting, w_c ~ (1/r_c)^rho.", low=0),
                   summary="DisAlign (Zhang et al. 2021): per-class magnitude and margin on the joint logits, a "
                   "confidence gate, generalized re-weighting loss (instance sampling)", card=DISALIGN_CARD)
-def fit_disalign(data: LabData, *, exp_scale: float, **hyperparameters) -> Fitted:
+def fit_disalign(data: LabData, *, exp_scale: float, **hyperparameters) -> Plan:
     """lr 0.02, not cRT's 0.2: alpha and beta act on the logits directly, and at 0.2 they overshot on
     fashion-mnist-lt (val mean/class 67.0 against 76.5, alpha went negative); on digits-lt and the synthetic
     ImageNet-LT shape 0.02 was within 0.5 points of 0.2 on val."""
@@ -64,17 +64,21 @@ def fit_disalign(data: LabData, *, exp_scale: float, **hyperparameters) -> Fitte
     module = DisAlign(split.features.shape[1], data.num_classes, split.features.device)
     weights = generalized_reweighting(data.class_counts, exp_scale).to(split.features.device)
     # The loss re-weights toward the balanced reference distribution, so batches follow the data (q = 1).
-    used = fit_on_train(module, data, (split.features, joint_logits), sampling_q=1.0,
-                        criterion=nn.CrossEntropyLoss(weight=weights), **hyperparameters)
-    head = DisAlignHead(data.joint.weight, bias.to(data.joint.weight.device),
-                        *(t.detach().clone() for t in (module.alpha, module.beta, module.confidence.weight[0],
-                                                       module.confidence.bias[0])))
-    ranges = {f"{name}_{end}": round(getattr(tensor, end)().item(), 4)
-              for name, tensor in (("alpha", module.alpha), ("beta", module.beta)) for end in ("min", "max")}
-    return Fitted(head, {**used, "exp_scale": exp_scale, "sampling": "instance", **ranges})
+    training = lab_training(module, data, (split.features, joint_logits), sampling_q=1.0,
+                            criterion=nn.CrossEntropyLoss(weight=weights), **hyperparameters)
+
+    def finish(used: list[dict]) -> Fitted:
+        head = DisAlignHead(data.joint.weight, bias.to(data.joint.weight.device),
+                            *(t.detach().clone() for t in (module.alpha, module.beta, module.confidence.weight[0],
+                                                           module.confidence.bias[0])))
+        ranges = {f"{name}_{end}": round(getattr(tensor, end)().item(), 4)
+                  for name, tensor in (("alpha", module.alpha), ("beta", module.beta)) for end in ("min", "max")}
+        return Fitted(head, {**used[0], "exp_scale": exp_scale, "sampling": "instance", **ranges})
+
+    return Plan([training], finish)
 
 
-def fit_mlp(data: LabData, *, layers: int, hidden: int, **hyperparameters) -> Fitted:
+def fit_mlp(data: LabData, *, layers: int, hidden: int, **hyperparameters) -> Plan:
     """Appendix B.6: `layers` Linear layers with ReLU between, `hidden` units each (0: the feature size),
     re-trained on frozen features with class-balanced sampling and a cosine lr, like cRT."""
     import torch
@@ -86,10 +90,14 @@ def fit_mlp(data: LabData, *, layers: int, hidden: int, **hyperparameters) -> Fi
     dim = data.train.features.shape[1]
     width = hidden or dim
     module = MLP([dim] + [width] * (layers - 1) + [data.num_classes], data.train.features.device)
-    used = fit_on_train(module, data, **hyperparameters)
-    linears = [m for m in module if isinstance(m, nn.Linear)]
-    head = MLPHead(tuple(m.weight.detach().clone() for m in linears), tuple(m.bias.detach().clone() for m in linears))
-    return Fitted(head, {**used, "layers": layers, "hidden": width})
+
+    def finish(used: list[dict]) -> Fitted:
+        linears = [m for m in module if isinstance(m, nn.Linear)]
+        head = MLPHead(tuple(m.weight.detach().clone() for m in linears),
+                       tuple(m.bias.detach().clone() for m in linears))
+        return Fitted(head, {**used[0], "layers": layers, "hidden": width})
+
+    return Plan([lab_training(module, data, **hyperparameters)], finish)
 
 
 def mlp_card(layers: int) -> Card:
@@ -102,7 +110,7 @@ def mlp_card(layers: int) -> Card:
 
 
 for _layers in (2, 3):
-    trained_method(f"mlp{_layers}", *TRAINING,
+    planned_method(f"mlp{_layers}", *TRAINING,
                      Param("hidden", int, 0, "Units per hidden layer (0: the feature size).", low=0, high=1 << 20),
                      summary=f"{_layers}-layer MLP (ReLU) re-trained on frozen features, class-balanced "
                      "(Appendix B.6, Table 10)", card=mlp_card(_layers))(functools.partial(fit_mlp, layers=_layers))

@@ -13,14 +13,7 @@ from ltcache.heads import LinearHead
 from ltcache.stage2.cards import CLASSIFIER_BALANCING, DECOUPLING, KANG_2020, Card, Deviation
 from ltcache.stage2.core import Fitted, LabData, with_defaults
 from ltcache.stage2.methods.weight_norms import tau_normalize, weight_norms
-from ltcache.stage2.training import (
-    TRAINER_DEVIATIONS,
-    TRAINING,
-    fit_on_train,
-    linear_head,
-    retrain_linear,
-    trained_method,
-)
+from ltcache.stage2.training import TRAINER_DEVIATIONS, TRAINING, Plan, lab_training, linear_head, planned_method
 
 REFERENCE = "tests/test_reference.py::test_trained_head_equals_hand_written_sgd[{}]"
 
@@ -36,16 +29,35 @@ CRT_CARD = Card(
     reference_test=REFERENCE.format("crt"))
 
 
-@trained_method("crt", *TRAINING, Param("solver", str, "sgd", "sgd (the paper), or lbfgs: full batch, class "
+@planned_method("crt", *TRAINING, Param("solver", str, "sgd", "sgd (the paper), or lbfgs: full batch, class "
                 "weights 1/n_y.", choices=("sgd", "lbfgs")),
                 Param("lbfgs_steps", int, 100, "L-BFGS iterations (solver=lbfgs).", low=1, high=100_000),
                 summary="re-initialized linear classifier re-trained on frozen features, class-balanced; "
                 "solver=lbfgs fits it full-batch", paper=3, weight_norms=True, card=CRT_CARD)
-def fit_crt(data: LabData, *, solver: str, lbfgs_steps: int, **hyperparameters) -> Fitted:
-    if solver == "lbfgs":
-        return fit_crt_lbfgs(data, steps=lbfgs_steps, weight_decay=hyperparameters["weight_decay"])
-    linear, used = retrain_linear(data, **hyperparameters)
-    return Fitted(linear_head(linear), used)
+def fit_crt(data: LabData, *, solver: str, lbfgs_steps: int, **hyperparameters) -> Plan:
+    if solver == "lbfgs":  # full batch: nothing to share with other points, it only finishes
+        return Plan([], lambda used: fit_crt_lbfgs(data, steps=lbfgs_steps,
+                                                   weight_decay=hyperparameters["weight_decay"]))
+    return retrain_plan(data, lambda linear, used: Fitted(linear_head(linear), used), **hyperparameters)
+
+
+def new_linear(data: LabData, linear_class=None, **options):
+    """A freshly initialized linear classifier on the train features' device, drawn after torch.manual_seed(seed), as
+    every re-trained head starts (so a point fitted in a grid starts where it would start alone)."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(data.seed)
+    features = data.train.features
+    return (linear_class or nn.Linear)(features.shape[1], data.num_classes, **options).to(features.device)
+
+
+def retrain_plan(data: LabData, finish, *, sampling_q: float = 0.0, criterion=None, linear=None,
+                 **hyperparameters) -> Plan:
+    """The plan of a linear classifier re-trained on the frozen train features: `finish(linear, used)`."""
+    linear = new_linear(data) if linear is None else linear
+    training = lab_training(linear, data, sampling_q=sampling_q, criterion=criterion, **hyperparameters)
+    return Plan([training], lambda used: finish(linear, used[0]))
 
 
 def fit_crt_lbfgs(data: LabData, *, steps: int, weight_decay: float) -> Fitted:
@@ -97,16 +109,17 @@ CRT_BSM_CARD = Card(
     reference_test=REFERENCE.format("crt_bsm"))
 
 
-@trained_method("crt_bsm", *TRAINING,
+@planned_method("crt_bsm", *TRAINING,
                 summary="classifier re-trained with Balanced Softmax (Ren et al. 2020), instance sampling",
                 card=CRT_BSM_CARD)
-def fit_crt_balanced_softmax(data: LabData, **hyperparameters) -> Fitted:
+def fit_crt_balanced_softmax(data: LabData, **hyperparameters) -> Plan:
     from ltcache.stage2.modules import BalancedSoftmax
 
     # The loss already corrects for the train prior, so batches follow the data (q = 1), not class-balanced.
+    linear = new_linear(data)
     criterion = BalancedSoftmax(data.class_counts.tolist()).to(data.train.features.device)
-    linear, used = retrain_linear(data, sampling_q=1.0, criterion=criterion, **hyperparameters)
-    return Fitted(linear_head(linear), {**used, "sampling": "instance"})
+    return retrain_plan(data, lambda linear, used: Fitted(linear_head(linear), {**used, "sampling": "instance"}),
+                        sampling_q=1.0, criterion=criterion, linear=linear, **hyperparameters)
 
 
 def label_aware_smoothing(class_counts, head: float, tail: float):
@@ -133,17 +146,20 @@ CRT_LAS_CARD = Card(
     reference_test=REFERENCE.format("crt_las"))
 
 
-@trained_method("crt_las", *TRAINING,
+@planned_method("crt_las", *TRAINING,
                 Param("smooth_head", float, 0.4, "Smoothing of the most frequent class.", low=0, below=1),
                 Param("smooth_tail", float, 0.1, "Smoothing of the rarest class.", low=0, below=1),
                 summary="classifier re-trained with label-aware smoothing (Zhong et al. 2021), class-balanced",
                 card=CRT_LAS_CARD)
-def fit_crt_label_aware_smoothing(data: LabData, *, smooth_head: float, smooth_tail: float, **hyperparameters):
+def fit_crt_label_aware_smoothing(data: LabData, *, smooth_head: float, smooth_tail: float,
+                                  **hyperparameters) -> Plan:
     from ltcache.stage2.modules import SmoothedCrossEntropy
 
+    linear = new_linear(data)
     epsilon = label_aware_smoothing(data.class_counts, smooth_head, smooth_tail).to(data.train.features.device)
-    linear, used = retrain_linear(data, criterion=SmoothedCrossEntropy(epsilon), **hyperparameters)
-    return Fitted(linear_head(linear), {**used, "smooth_head": smooth_head, "smooth_tail": smooth_tail})
+    return retrain_plan(data, lambda linear, used: Fitted(linear_head(linear), {
+        **used, "smooth_head": smooth_head, "smooth_tail": smooth_tail}),
+        criterion=SmoothedCrossEntropy(epsilon), linear=linear, **hyperparameters)
 
 
 CRT_MAXNORM_CARD = Card(
@@ -165,33 +181,32 @@ CRT_MAXNORM_CARD = Card(
     reference_test=REFERENCE.format("crt_maxnorm"))
 
 
-@trained_method("crt_maxnorm", *with_defaults(TRAINING, weight_decay=5e-3),
+@planned_method("crt_maxnorm", *with_defaults(TRAINING, weight_decay=5e-3),
                 Param("max_norms", GRID, (0.5, 1.0, 2.0, 4.0, 8.0), "Norm caps to choose among, in multiples of "
                       "the joint head's median row norm.", above=0, max_points=100),
                 summary="classifier re-trained with weight decay + MaxNorm (Alshammari et al. 2022) projected after "
                 "every step; the norm cap chosen on the selection split", card=CRT_MAXNORM_CARD)
-def fit_crt_maxnorm(data: LabData, *, max_norms, **hyperparameters) -> Fitted:
-    """max_norms are multiples of the joint classifier's median row norm; each is fitted, the best kept."""
-    import torch
+def fit_crt_maxnorm(data: LabData, *, max_norms, **hyperparameters) -> Plan:
+    """max_norms are multiples of the joint classifier's median row norm; each is fitted (in one pass), the best
+    on the selection split kept."""
+    from ltcache.stage2.modules import MaxNormLinear
 
     scale = data.joint.weight.norm(dim=1).median().item()
-    candidates = []
-    for multiple in max_norms:
-        cap = float(multiple) * scale
+    multiples = [float(multiple) for multiple in max_norms]
+    linears = [new_linear(data, MaxNormLinear, cap=multiple * scale) for multiple in multiples]
+    trainings = [lab_training(linear, data, **hyperparameters) for linear in linears]
 
-        def project(linear, cap=cap) -> None:  # PGD step: rows outside the ball go to its surface
-            with torch.no_grad():
-                norms = linear.weight.norm(dim=1, keepdim=True).clamp_min(1e-12)
-                linear.weight.mul_((cap / norms).clamp(max=1.0))
+    def finish(used: list[dict]) -> Fitted:
+        candidates = []
+        for linear, multiple, point in zip(linears, multiples, used, strict=True):
+            head = linear_head(linear)
+            candidates.append((data.selection_score(head), -multiple, head, point, multiple))
+        score, _, head, point, multiple = max(candidates, key=lambda c: (c[0], c[1]))
+        return Fitted(head, {**point, "max_norm": round(multiple * scale, 4), "max_norm_multiple": multiple,
+                             "selected_on": data.selected_on, "selection_mean_per_class": round(score, 4)},
+                      [{"max_norm_multiple": c[4], "mean_per_class": c[0]} for c in candidates])
 
-        linear, used = retrain_linear(data, after_step=project, **hyperparameters)
-        head = linear_head(linear)
-        score = data.selection_score(head)
-        candidates.append((score, -float(multiple), head, used, float(multiple)))
-    score, _, head, used, multiple = max(candidates, key=lambda c: (c[0], c[1]))
-    return Fitted(head, {**used, "max_norm": round(multiple * scale, 4), "max_norm_multiple": multiple,
-                         "selected_on": data.selected_on, "selection_mean_per_class": round(score, 4)},
-                  [{"max_norm_multiple": c[4], "mean_per_class": c[0]} for c in candidates])
+    return Plan(trainings, finish)
 
 
 COS_CARD = Card(
@@ -208,10 +223,10 @@ COS_CARD = Card(
     reference_test=REFERENCE.format("cos"))
 
 
-@trained_method("cos", *TRAINING, Param("scale", float, 16.0, "Initial scale s (learned).", above=0),
+@planned_method("cos", *TRAINING, Param("scale", float, 16.0, "Initial scale s (learned).", above=0),
                 summary="cosine classifier with a learned scale re-trained on frozen features (Table 12)",
                 card=COS_CARD)
-def fit_cosine_classifier(data: LabData, *, scale: float, **hyperparameters) -> Fitted:
+def fit_cosine_classifier(data: LabData, *, scale: float, **hyperparameters) -> Plan:
     import torch
     import torch.nn.functional as F
 
@@ -220,9 +235,13 @@ def fit_cosine_classifier(data: LabData, *, scale: float, **hyperparameters) -> 
     torch.manual_seed(data.seed)
     features = data.train.features
     module = CosineClassifier(features.shape[1], data.num_classes, scale, features.device)
-    used = fit_on_train(module, data, **hyperparameters)
-    weight = (module.scale * F.normalize(module.weight, dim=1)).detach().clone()
-    return Fitted(LinearHead(weight, None, normalize_input=True), {**used, "scale": round(module.scale.item(), 4)})
+
+    def finish(used: list[dict]) -> Fitted:
+        weight = (module.scale * F.normalize(module.weight, dim=1)).detach().clone()
+        return Fitted(LinearHead(weight, None, normalize_input=True),
+                      {**used[0], "scale": round(module.scale.item(), 4)})
+
+    return Plan([lab_training(module, data, **hyperparameters)], finish)
 
 
 LWS_CARD = Card(
@@ -237,21 +256,24 @@ LWS_CARD = Card(
     reference_test=REFERENCE.format("lws"))
 
 
-@trained_method("lws", *with_defaults(TRAINING, epochs=5),
+@planned_method("lws", *with_defaults(TRAINING, epochs=5),
                 Param("with_bias", bool, False, "Scale the joint bias too (the official code)."),
                 summary="learnable per-class scales f_j on the joint W (Eq. 4), class-balanced; with_bias scales b "
                 "too, as the official code", paper=5, weight_norms=True, card=LWS_CARD)
-def fit_lws(data: LabData, *, with_bias: bool, **hyperparameters) -> Fitted:
+def fit_lws(data: LabData, *, with_bias: bool, **hyperparameters) -> Plan:
     from ltcache.stage2.modules import ScaleLogits
 
     bias = data.joint.bias if with_bias and data.joint.bias is not None else None
     raw = data.raw_logits(data.fitting, bias)  # whole when it fits the memory budget, else per batch
     scaling = ScaleLogits(data.num_classes, raw.device)
-    used = fit_on_train(scaling, data, raw, **hyperparameters)
-    scales = scaling.scales.detach().clone().to(data.joint.weight.device)
-    head = LinearHead(data.joint.weight * scales[:, None], bias * scales if bias is not None else None)
-    scale_range = {"scale_min": round(scales.min().item(), 4), "scale_max": round(scales.max().item(), 4)}
-    return Fitted(head, {**used, "with_bias": with_bias, **scale_range})
+
+    def finish(used: list[dict]) -> Fitted:
+        scales = scaling.scales.detach().clone().to(data.joint.weight.device)
+        head = LinearHead(data.joint.weight * scales[:, None], bias * scales if bias is not None else None)
+        scale_range = {"scale_min": round(scales.min().item(), 4), "scale_max": round(scales.max().item(), 4)}
+        return Fitted(head, {**used[0], "with_bias": with_bias, **scale_range})
+
+    return Plan([lab_training(scaling, data, raw, **hyperparameters)], finish)
 
 
 TAU_LEARNED_CARD = Card(
@@ -264,15 +286,18 @@ TAU_LEARNED_CARD = Card(
     reference_test=REFERENCE.format("tau_learned"))
 
 
-@trained_method("tau_learned", *with_defaults(TRAINING, epochs=5, weight_decay=0.0),
+@planned_method("tau_learned", *with_defaults(TRAINING, epochs=5, weight_decay=0.0),
                 summary="tau learned with class-balanced sampling, W fixed (Appendix B.5)", card=TAU_LEARNED_CARD)
-def fit_tau_learned(data: LabData, **hyperparameters) -> Fitted:
+def fit_tau_learned(data: LabData, **hyperparameters) -> Plan:
     import torch
 
     from ltcache.stage2.modules import LearnedTau
 
     raw = data.raw_logits(data.fitting)
     module = LearnedTau(torch.log(weight_norms(data.joint.weight)).to(raw.device))
-    used = fit_on_train(module, data, raw, **hyperparameters)
-    tau = round(module.tau.item(), 4)
-    return Fitted(LinearHead(tau_normalize(data.joint.weight, tau)), {"tau": tau, **used})
+
+    def finish(used: list[dict]) -> Fitted:
+        tau = round(module.tau.item(), 4)
+        return Fitted(LinearHead(tau_normalize(data.joint.weight, tau)), {"tau": tau, **used[0]})
+
+    return Plan([lab_training(module, data, raw, **hyperparameters)], finish)
