@@ -45,6 +45,11 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--torchrun", type=int, default=None, help="processes for the torchrun mode (0: one per GPU)")
+    parser.add_argument("--grid-shape", choices=("imagenet-lt", "inat", "none"), default="inat",
+                        help="also time a K = 1, 4, 16 grid of cRT and LWS in one pass against point by point "
+                        "(benchmarks/grid.py) at this shape")
+    parser.add_argument("--grid-scale", type=float, default=1.0, help="iNaturalist grid shape: shrink the counts")
+    parser.add_argument("--grid-dim", type=int, default=2048)
     args = parser.parse_args()
 
     device = resolve_device(args.device)
@@ -77,7 +82,23 @@ def main() -> None:
         report["test_all"] = {row.method: round(row.evaluation.all, 2) for row in summary.rows}
         if args.torchrun is not None:
             report["torchrun"] = torchrun_mode(args, device, run, cache, Path(tmp), summary)
+    if args.grid_shape != "none":
+        report["grid"] = grid_mode(args.grid_shape, device, args.grid_scale, args.grid_dim)
     print(json.dumps(report, indent=2))
+
+
+def grid_mode(shape: str, device, scale: float, dim: int) -> dict:
+    """benchmarks/grid.py on this device: one epoch per fit, K = 1, 4 and 16, cRT against its product floor."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    import grid
+
+    data = grid.make_data(grid.shape_counts(shape, scale), dim, str(device))
+    floor, rows = grid.measure_grids(data, sizes=[1, 4, 16], methods=["crt", "lws"], epochs=1, device=str(device))
+    return {"shape": shape, "crt_floor_seconds": round(floor, 3),
+            "rows": [{"method": method, **{key: round(value, 4) if isinstance(value, float) else value
+                                           for key, value in result.items()},
+                      "one_pass_over_k_floors": round(result["one_pass"] / (result["k"] * floor), 3)}
+                     for method, result in rows]}
 
 
 def torchrun_mode(args, device, run: Path, cache: Path, tmp: Path, single) -> dict:

@@ -46,9 +46,10 @@ def imagenet_lt_counts() -> list[int]:
     return counts()
 
 
-def make_data(counts: list[int], dim: int, device: str, seed: int = 0) -> LabData:
+def make_data(counts: list[int], dim: int, device: str, seed: int = 0, test_per_class: int = 0) -> LabData:
     """Features with class structure (ReLU of a class mean plus unit noise), 20 val rows per class, and a joint
-    head whose norms grow with the class size, as a jointly trained one's do."""
+    head whose norms grow with the class size, as a jointly trained one's do; with `test_per_class`, also a test
+    split (LabData.test, an attribute the lab never has: a benchmark scores it)."""
     classes = len(counts)
     generator = torch.Generator().manual_seed(seed)
     means = torch.randn(classes, dim, generator=generator) * 0.15
@@ -65,7 +66,9 @@ def make_data(counts: list[int], dim: int, device: str, seed: int = 0) -> LabDat
     scale = 1 + 0.3 * torch.log(torch.tensor(counts, dtype=torch.float32) / min(counts))
     joint = LinearHead((means * scale[:, None]).to(device), (0.5 * torch.log(torch.tensor(counts) / sum(counts))
                                                                ).float().to(device))
-    return LabData(split(counts), split([20] * classes), joint, np.asarray(counts))
+    data = LabData(split(counts), split([20] * classes), joint, np.asarray(counts))
+    data.test = split([test_per_class] * classes) if test_per_class else None
+    return data
 
 
 def sync(device: str) -> None:
@@ -119,6 +122,34 @@ def measure(method: str, data: LabData, k: int, epochs: int, device: str) -> dic
     return {"k": k, "one_pass": one_pass, "serial": serial, "difference": difference, "scale": scale}
 
 
+def shape_counts(shape: str, scale: float = 1.0, classes: int | None = None) -> list[int]:
+    """The class counts of `shape` (imagenet-lt, or inat shrunk by `scale`), or ImageNet-LT's cut to `classes`."""
+    if shape == "inat":
+        from inat_shape import inat_counts
+
+        return inat_counts(scale)
+    counts = imagenet_lt_counts()
+    return counts[:: max(1, len(counts) // classes)][:classes] if classes else counts
+
+
+def measure_grids(data: LabData, *, sizes: list[int], methods: list[str], epochs: int, device: str,
+                  batch: int = 512) -> tuple[float, list[tuple[str, dict]]]:
+    """cRT's matrix-product floor of one fit, and every (method, K) measured (measure), after a warm-up."""
+    steps = epochs * -(-len(data.train) // batch)
+    floor = floor_seconds(data, batch, steps, device)
+    for method in methods:  # warm up: a process's first optimizer step and vmap import their code
+        warm = resolve_params(method, {"epochs": 1, "min_steps": 0, "batch_size": batch})
+        fit_points(method, [(data, warm), (data, {**warm, "lr": 0.01})])
+        run_fit(method, data, warm)
+    rows = []
+    for method in methods:
+        for k in sizes:
+            result = measure(method, data, k, epochs, device)
+            rows.append((method, result))
+            print(method, result, flush=True)
+    return floor, rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=("imagenet-lt", "inat"), default="imagenet-lt")
@@ -134,25 +165,12 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=Path(__file__).with_name("RESULTS.md"))
     args = parser.parse_args()
 
-    if args.shape == "inat":
-        from inat_shape import inat_counts
-
-        counts = inat_counts(args.scale)
-    else:
-        counts = imagenet_lt_counts()
-        if args.classes:
-            counts = counts[:: max(1, len(counts) // args.classes)][: args.classes]
+    counts = shape_counts(args.shape, args.scale, args.classes)
     data = make_data(counts, args.dim, args.device)
-    sizes = [int(k) for k in args.sizes.split(",")]
     batch = 512
     steps = args.epochs * -(-len(data.train) // batch)
-    floor = floor_seconds(data, batch, steps, args.device)
-    rows = []
-    for method in args.methods.split(","):
-        for k in sizes:
-            result = measure(method, data, k, args.epochs, args.device)
-            rows.append((method, result))
-            print(method, result, flush=True)
+    floor, rows = measure_grids(data, sizes=[int(k) for k in args.sizes.split(",")],
+                                methods=args.methods.split(","), epochs=args.epochs, device=args.device, batch=batch)
 
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({platform.machine()})"

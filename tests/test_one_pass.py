@@ -146,3 +146,21 @@ def test_compare_grids_and_seeds_use_one_pass_and_choose_as_before(lab, passes):
     assert chosen_lr == (0.02, 0.1, 0.4)[max(range(3), key=lambda i: (scores[i], -i))]
     assert [point.selection for point in row.grid] == pytest.approx(scores, abs=1e-9)
     assert row.seeds["n"] == 3 and len(row.seeds["mean_per_class"]["values"]) == 3
+
+
+@pytest.mark.parametrize("name", ["crt", "crt_las", "cos", "mlp2"])
+def test_bf16_one_pass_stays_near_each_point_alone_and_near_float32(lab, name):
+    """With bf16 products (--precision bf16) the one pass and the point alone round differently, so they agree to
+    bf16's precision, not float32's; and both stay near the float32 head."""
+    grid, _ = GRIDS[name]
+    resolved = [resolve_params(name, {**TOY, **point}) for point in points(grid)][:4]
+    rounded = replace(lab.data, precision="bf16")
+    together = fit_points(name, [(rounded, params) for params in resolved])
+    for params, fitted in zip(resolved, together, strict=True):
+        alone = fit_points(name, [(rounded, params)])[0]
+        exact = lab.fit(name, **params)
+        assert fitted.chosen["precision"] == alone.chosen["precision"] == "bf16" and "precision" not in exact.chosen
+        for key, tensor in fitted.head.tensors().items():
+            scale = float(exact.head.tensors()[key].abs().max())
+            torch.testing.assert_close(tensor, alone.head.tensors()[key], rtol=0, atol=0.02 * scale, msg=key)
+            torch.testing.assert_close(tensor, exact.head.tensors()[key], rtol=0, atol=0.05 * scale, msg=key)

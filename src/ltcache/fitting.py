@@ -46,7 +46,7 @@ PROGRESS_AFTER_SECONDS = 5.0  # an epoch loop that takes longer than this shows 
 def train_on_features(module: nn.Module, inputs: torch.Tensor | tuple[torch.Tensor, ...], labels: torch.Tensor, *,
                       epochs: int, batch_size: int, lr: float | None, weight_decay: float, momentum: float,
                       min_steps: int, seed: int, sampling_q: float = 0.0, criterion=None, after_step=None,
-                      epoch_rows: int | None = None, on_epoch=None) -> dict:
+                      epoch_rows: int | None = None, on_epoch=None, precision: str = "float32") -> dict:
     """Fit `module` (inputs -> logits) with SGD and a cosine lr to 0, drawing batches by Eq. 1.
 
     `inputs` is one tensor or a tuple of row-aligned tensors, passed to the module as separate arguments.
@@ -55,7 +55,8 @@ def train_on_features(module: nn.Module, inputs: torch.Tensor | tuple[torch.Tens
     `constrain_(state)` when it has one (see train_together). An epoch is `epoch_rows`
     draws (default len(labels)), as in the paper; `min_steps` lengthens epochs on tiny datasets, where 10 epochs
     of a few batches would not converge (at ImageNet-LT scale it is inactive). `on_epoch(epoch, module)` runs
-    after every epoch (progress, learning curves). Returns the hyperparameters used.
+    after every epoch (progress, learning curves). `precision` bf16 runs the products in bfloat16 (autocast; the
+    weights, their gradients and the loss stay float32). Returns the hyperparameters used.
     """
     import torch
     from torch import nn
@@ -99,10 +100,11 @@ def train_on_features(module: nn.Module, inputs: torch.Tensor | tuple[torch.Tens
             if len(batch):
                 batch_inputs = [gather(batch) for gather in gathers]
                 batch_labels = torch.index_select(labels, 0, batch, out=label_buffer[: len(batch)])
-                if own_loss:  # the module computes CE itself, faster than criterion(module(...)) (ScaledCrossEntropy)
-                    loss = module.loss(*batch_inputs, batch_labels)
-                else:
-                    loss = criterion(module(*batch_inputs), batch_labels)
+                with lower_precision(precision, labels.device):
+                    if own_loss:  # the module computes CE itself, faster than criterion(module(...))
+                        loss = module.loss(*batch_inputs, batch_labels)
+                    else:
+                        loss = criterion(module(*batch_inputs), batch_labels)
                 finite &= torch.isfinite(loss.detach())  # checked once an epoch: no device sync per step
                 if summed is not None:
                     summed += loss.detach()
@@ -126,7 +128,26 @@ def train_on_features(module: nn.Module, inputs: torch.Tensor | tuple[torch.Tens
             on_epoch(epoch + 1, module)
         reporter.epoch_done(epoch + 1)
     return {"epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
-            "momentum": momentum, "steps": epochs * steps_per_epoch}
+            "momentum": momentum, "steps": epochs * steps_per_epoch, **_precision_note(precision)}
+
+
+def lower_precision(precision: str, device):
+    """A context in which torch's matrix products run in bfloat16 (precision bf16: torch.autocast on the device's
+    type, float32 master weights), or a no-op (float32)."""
+    import torch
+
+    from ltcache.logits import PRECISIONS
+
+    if precision not in PRECISIONS:
+        raise LtcacheError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    if precision == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+
+
+def _precision_note(precision: str) -> dict:
+    """What a fit records of its precision: nothing in float32 (the default), else the precision."""
+    return {} if precision == "float32" else {"precision": precision}
 
 
 def _steps_per_epoch(rows: int, batch_size: int, epochs: int, min_steps: int) -> int:
@@ -147,7 +168,7 @@ def train_together(modules: list[nn.Module], inputs: torch.Tensor | tuple[torch.
                    *, seeds: list[int], epochs: int, batch_size: int, lrs: list[float | None],
                    weight_decays: list[float], momentums: list[float], min_steps: int, sampling_q: float = 0.0,
                    criteria: list | None = None, epoch_rows: int | None = None,
-                   losses: list[list[float]] | None = None) -> list[dict]:
+                   losses: list[list[float]] | None = None, precision: str = "float32") -> list[dict]:
     """Train several heads of one structure in one pass, each exactly as train_on_features would train it alone
     (same seed: same draws and the same steps, to float rounding), and leave each module holding its result.
 
@@ -160,12 +181,11 @@ def train_together(modules: list[nn.Module], inputs: torch.Tensor | tuple[torch.
     prior) lives in their buffers or their criterion's. A module class may supply `stacked_loss(state, inputs,
     labels) -> [S, K]` (a hand-written batched loss) and `constrain_(state)` (an in-place projection after every
     step, on parameters with any leading dimensions). `losses`, when given, receives each head's mean loss per
-    epoch. Returns the hyperparameters each head used, as train_on_features does.
+    epoch; `precision` is train_on_features's. Returns the hyperparameters each head used, as train_on_features
+    does.
     """
-    import copy
-
     import torch
-    from torch.func import functional_call, stack_module_state, vmap
+    from torch.func import stack_module_state
 
     count = len(modules)
     if not (len(seeds) == len(lrs) == len(weight_decays) == len(momentums) == count) or count == 0:
@@ -209,32 +229,13 @@ def train_together(modules: list[nn.Module], inputs: torch.Tensor | tuple[torch.
               params.items()}
     buffers = {key: value.view(n_streams, per, *value.shape[1:]) for key, value in buffers.items()}
     module_class = type(objectives[0].module)
-    stacked_loss = getattr(module_class, "stacked_loss", None) if objectives[0].criterion is None else None
     constrain = getattr(module_class, "constrain_", None)
-    if stacked_loss is not None:
-        def loss_of(params, buffers, batch_inputs, batch_labels):
-            state = {key.removeprefix("module."): value for key, value in {**params, **buffers}.items()}
-            return stacked_loss(state, batch_inputs, batch_labels)
-    else:
-        base = copy.deepcopy(objectives[0]).to("meta")
-        arguments = len(inputs) + 1
-
-        def one(params, buffers, *batch):
-            return functional_call(base, (params, buffers), batch)
-
-        per_head = vmap(one, in_dims=(0, 0) + (None,) * arguments)  # the heads of a stream: shared batch
-        per_stream_fn = vmap(per_head, in_dims=(0, 0) + (0,) * arguments)  # the streams: their own batches
-
-        def loss_of(params, buffers, batch_inputs, batch_labels):
-            return per_stream_fn(params, buffers, *batch_inputs, batch_labels)
 
     def column(values):  # one value per head, as [S, K] on the device
         return torch.tensor([values[i] for i in order], dtype=torch.float32, device=device).view(n_streams, per)
 
-    peak, decay, momentum = column(peaks), column(weight_decays), column(momentums)
-    decays = bool((decay != 0).any())
-    trained = [value for value in params.values()]
-    momenta = [torch.zeros_like(value) for value in trained]
+    sgd = _StackedSgd(params, column(peaks), column(weight_decays), column(momentums))
+    step_of = _stacked_step(objectives[0], len(inputs), params, precision)
 
     weights = _draw_weights(labels, sampling_q)
     generators = [torch.Generator().manual_seed(seed) for seed in streams]
@@ -254,23 +255,13 @@ def train_together(modules: list[nn.Module], inputs: torch.Tensor | tuple[torch.
             batch_inputs = [gather(flat).view(n_streams, batch_size, *source.shape[1:])
                             for gather, source in zip(gathers, inputs, strict=True)]
             batch_labels = torch.index_select(labels, 0, flat, out=label_buffer).view(n_streams, batch_size)
-            for value in trained:
-                value.grad = None
-            loss = loss_of(params, buffers, batch_inputs, batch_labels)
-            finite &= torch.isfinite(loss.detach()).all()  # checked once an epoch: no device sync per step
+            sgd.factor = 0.5 * (1 + math.cos(math.pi * step / total_steps))  # cosine_schedule's factor at this step
+            loss = step_of(params, buffers, batch_inputs, batch_labels, sgd)  # computes and takes every head's step
+            finite &= torch.isfinite(loss).all()  # checked once an epoch: no device sync per step
             if summed is not None:
-                summed += loss.detach()
-            loss.sum().backward()  # the heads are independent: each gets the gradient of its own loss
-            factor = 0.5 * (1 + math.cos(math.pi * step / total_steps))  # cosine_schedule's factor at this step
-            with torch.no_grad():
-                for value, velocity in zip(trained, momenta, strict=True):
-                    shape = (n_streams, per) + (1,) * (value.dim() - 2)
-                    gradient = value.grad
-                    if decays:
-                        gradient = gradient.addcmul(value, decay.view(shape))
-                    velocity.mul_(momentum.view(shape)).add_(gradient)
-                    value.addcmul_(velocity, (peak * factor).view(shape), value=-1)
-                if constrain is not None:
+                summed += loss
+            if constrain is not None:
+                with torch.no_grad():
                     constrain({key.removeprefix("module."): value for key, value in {**params, **buffers}.items()})
             step += 1
         if not finite.item():
@@ -286,7 +277,223 @@ def train_together(modules: list[nn.Module], inputs: torch.Tensor | tuple[torch.
             for key, value in objective.named_parameters():
                 value.copy_(params[key][s, k])
     return [{"epochs": epochs, "batch_size": batch_size, "lr": peaks[i], "weight_decay": weight_decays[i],
-             "momentum": momentums[i], "steps": total_steps} for i in range(count)]
+             "momentum": momentums[i], "steps": total_steps, **_precision_note(precision)} for i in range(count)]
+
+
+class _StackedSgd:
+    """SGD with momentum and weight decay as torch.optim.SGD defines it (velocity = momentum * velocity + gradient +
+    decay * weight; weight -= lr * velocity), for stacked heads [S, K, ...], each head with its own lr (the peak times
+    the schedule's `factor` of the step), weight decay and momentum: [S, K] tensors, in place, one pass of a few
+    element-wise operations per parameter tensor (or per block of heads: `update`'s `heads`), no loop over heads."""
+
+    def __init__(self, params: dict, peak, decay, momentum):
+        import torch
+
+        self.peak, self.decay, self.momentum = peak, decay, momentum
+        self.decays = bool((decay != 0).any())
+        self.velocity = {key: torch.zeros_like(value) for key, value in params.items()}
+        self.factor = 1.0
+
+    def update(self, key: str, value, gradient, heads: tuple = (slice(None), slice(None))) -> None:
+        """One step of parameter `key` (value [S, K, ...] or the block `heads` of it) from its `gradient`."""
+        import torch
+
+        with torch.no_grad():
+            velocity = self.velocity[key][heads]
+            shape = velocity.shape[:2] + (1,) * (velocity.dim() - 2)
+            velocity.mul_(self.momentum[heads].view(shape)).add_(gradient)
+            if self.decays:
+                velocity.addcmul_(value, self.decay[heads].view(shape))
+            value.addcmul_(velocity, (self.peak[heads] * self.factor).view(shape), value=-1)
+
+    def update_all(self, params: dict) -> None:
+        for key, value in params.items():
+            self.update(key, value.detach(), value.grad)
+
+
+def _stacked_step(objective, arguments: int, params: dict, precision: str = "float32"):
+    """`step(params, buffers, inputs, labels, sgd) -> [S, K]`: the mean loss of every stacked head of `objective`'s
+    structure (parameters and buffers stacked [S, K, ...], inputs [S, B, ...] and labels [S, B] per stream), each
+    head's gradient computed and its SGD step taken (sgd: _StackedSgd).
+
+    - A plain linear classifier (nn.Linear's own forward: cRT and its variants) takes the logits of all heads of a
+      stream in one product, [B, d] x [d, K*C], and writes its gradients with two more products into buffers
+      allocated once (a fresh K x C x d gradient every step cost more in page faults than its product);
+      autograd only runs the loss over the logits.
+    - A module class with `stacked_loss` (LWS, learned tau) computes its loss by hand.
+    - Any other module is mapped over the heads and the streams (torch.func.vmap of functional_call).
+    The loss is cross-entropy over every head's logits at once, or the criterion mapped over the heads with its own
+    stacked buffers (a smoothing, a prior, class weights). `precision` bf16 runs the products in bfloat16 (the
+    linear step casts its operands; the others run under autocast).
+    """
+    import copy
+
+    from torch import nn
+    from torch.func import functional_call, vmap
+
+    module, criterion = objective.module, objective.criterion
+
+    def backward_of(loss_of):
+        def step(params, buffers, inputs, labels, sgd):
+            for value in params.values():
+                value.grad = None
+            with lower_precision(precision, labels.device):
+                loss = loss_of(params, buffers, inputs, labels).float()
+            loss.sum().backward()  # the heads are independent: each gets the gradient of its own loss
+            sgd.update_all(params)
+            return loss.detach()
+
+        return step
+
+    stacked_loss = getattr(type(module), "stacked_loss", None)
+    if stacked_loss is not None and criterion is None:
+        return backward_of(lambda params, buffers, inputs, labels: stacked_loss(
+            _part({**params, **buffers}, "module."), inputs, labels))
+    if criterion is None and hasattr(module, "loss"):  # a module's own loss without a batched form: map it whole
+        base = copy.deepcopy(objective).to("meta")
+
+        def whole(params, buffers, *batch):
+            return functional_call(base, (params, buffers), batch, tie_weights=False)  # no head ties weights
+
+        mapped = vmap(vmap(whole, in_dims=(0, 0) + (None,) * (arguments + 1)), in_dims=(0, 0) + (0,) * (arguments + 1))
+        return backward_of(lambda params, buffers, inputs, labels: mapped(params, buffers, *inputs, labels))
+    if isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward:
+        return _linear_step(None if criterion is None else _criterion_loss(criterion, head_dim=2), params,
+                            precision)
+
+    base_module = copy.deepcopy(module).to("meta")
+
+    def forward(state, *batch):
+        return functional_call(base_module, state, batch, tie_weights=False)
+
+    mapped_forward = vmap(vmap(forward, in_dims=(0,) + (None,) * arguments), in_dims=(0,) + (0,) * arguments)
+    loss_over = _criterion_loss(criterion, head_dim=1)  # the mapped logits are [S, K, B, C]
+    return backward_of(lambda params, buffers, inputs, labels: loss_over(
+        {**params, **buffers}, mapped_forward(_part({**params, **buffers}, "module."), *inputs), labels))
+
+
+def _part(state: dict, prefix: str) -> dict:
+    return {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+
+
+def _criterion_loss(criterion, head_dim: int):
+    """`loss(state, logits, labels) -> [S, K]` over the logits of every head (the heads on dimension `head_dim` of
+    [S, ..., C]): cross-entropy of all rows at once, or `criterion` mapped over the heads with its stacked buffers
+    (state's criterion.* entries)."""
+    import copy
+
+    import torch.nn.functional as F
+    from torch.func import functional_call, vmap
+
+    if criterion is None:
+        def cross_entropy(state, logits, labels):
+            targets = labels.unsqueeze(head_dim).expand(logits.shape[:-1])
+            losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+            per_head = losses.view(logits.shape[:-1]).mean(3 - head_dim)  # the mean over the rows of each head
+            return per_head.view(logits.shape[0], logits.shape[head_dim])
+
+        return cross_entropy
+    base = copy.deepcopy(criterion).to("meta")
+
+    def one(state, logits, labels):
+        return functional_call(base, state, (logits, labels), tie_weights=False)
+
+    mapped = vmap(vmap(one, in_dims=(0, head_dim - 1, None)), in_dims=(0, 0, 0))
+    return lambda state, logits, labels: mapped(_part(state, "criterion."), logits, labels)
+
+
+CACHE_BYTES = 32 << 20  # on a CPU, the heads of a linear block keep weight, gradient and velocity within this
+
+
+def _linear_step(loss_over, params: dict, precision: str = "float32"):
+    """The step of stacked linear classifiers (see _stacked_step), a block of heads at a time: their logits
+    x W^T + b from one product [B, d] x [d, h*C], the loss's gradient G over them (cross-entropy written out when
+    `loss_over` is None, else by autograd), dW = G^T x and db = sum G into buffers allocated once, and the block's
+    SGD step. On a GPU a block is every head of a stream (one product fills it); on a CPU it is as many heads as keep
+    their weights, gradients and velocities within CACHE_BYTES, so that the step's passes over them stay in the
+    cache (K = 8 ImageNet-LT heads as one block streamed 190 MB from memory per step and ran 10% slower than the
+    eight fits alone). In bf16 both products take bfloat16 operands (as autocast would), the logits and gradients
+    land in float32."""
+    import torch
+
+    weight, bias = params["module.weight"], params.get("module.bias")
+    streams, heads, classes, dim = weight.shape
+    if weight.device.type == "cpu":
+        block = max(1, min(heads, CACHE_BYTES // (3 * classes * (dim + 1) * weight.element_size())))
+    else:
+        block = heads
+    blocks = [(s, k, min(k + block, heads)) for s in range(streams) for k in range(0, heads, block)]
+    grad_weight = torch.empty((block * classes, dim), dtype=weight.dtype, device=weight.device)
+    grad_bias = torch.empty(block * classes, dtype=weight.dtype, device=weight.device)
+    low = torch.bfloat16 if precision == "bf16" else None
+    logits_buffer: list = []
+
+    def logits_of(features, w, b, rows):  # [B, h*C] float32
+        if low is not None:  # a fresh float32 result: bf16 products cannot write into one
+            features, w = features.to(low), w.to(low)
+            out = torch.mm(features, w.T) if b is None else torch.addmm(b.to(low), features, w.T)
+            return out.float()
+        if not logits_buffer or logits_buffer[0].shape[0] != rows:
+            logits_buffer[:] = [features.new_empty((rows, block * classes))]
+        out = logits_buffer[0][:, : w.shape[0]]
+        return torch.mm(features, w.T, out=out) if b is None else torch.addmm(b, features, w.T, out=out)
+
+    def step(params, buffers, inputs, labels, sgd):
+        features = inputs[0]
+        rows = features.shape[1]
+        state = {**params, **buffers}
+        losses = []
+        for s, first, last in blocks:
+            count = last - first
+            w = weight.detach()[s, first:last].reshape(count * classes, dim)
+            b = None if bias is None else bias.detach()[s, first:last].reshape(count * classes)
+            with torch.no_grad():
+                flat = logits_of(features[s], w, b, rows)
+            if loss_over is None:
+                loss, gradient = _cross_entropy_and_gradient(flat.view(1, rows, count, classes), labels[s : s + 1])
+            else:
+                logits = flat.view(1, rows, count, classes).requires_grad_()
+                part = {key: value[s : s + 1, first:last] for key, value in state.items()}
+                loss = loss_over(part, logits, labels[s : s + 1])
+                gradient = torch.autograd.grad(loss.sum(), logits)[0]
+            gradient = gradient.reshape(rows, count * classes)
+            with torch.no_grad():
+                gw = grad_weight[: count * classes]
+                if low is not None:
+                    gw.copy_(torch.mm(gradient.T.to(low), features[s].to(low)))
+                else:
+                    torch.mm(gradient.T, features[s], out=gw)
+                heads_of = (slice(s, s + 1), slice(first, last))
+                sgd.update("module.weight", weight.detach()[heads_of], gw.view(1, count, classes, dim), heads_of)
+                if bias is not None:
+                    gb = torch.sum(gradient, dim=0, out=grad_bias[: count * classes])
+                    sgd.update("module.bias", bias.detach()[heads_of], gb.view(1, count, classes), heads_of)
+            losses.append((s, first, last, loss.detach()))
+        out = weight.new_empty((streams, heads))
+        for s, first, last, loss in losses:
+            out[s, first:last] = loss[0]
+        return out
+
+    return step
+
+
+def _cross_entropy_and_gradient(logits, labels):
+    """The mean cross-entropy of each head, logits [S, B, K, C] and labels [S, B]: losses [S, K] and their gradient
+    over the logits, (softmax - onehot) / B, written out in one exp pass. The logits are overwritten. The exp avoids
+    subnormal floats (logits.exp_shifted_): F.cross_entropy's log-softmax took 20x longer on the logits of a head
+    trained at a high lr, whose far-off classes underflow."""
+    from ltcache.logits import exp_shifted_
+
+    rows = logits.shape[1]
+    index = labels[:, :, None, None].expand(*logits.shape[:-1], 1)
+    peak = logits.amax(-1, keepdim=True)
+    target = logits.gather(-1, index) - peak
+    probabilities = exp_shifted_(logits.sub_(peak))
+    total = probabilities.sum(-1, keepdim=True)
+    losses = (total.log() - target)[..., 0].mean(1)
+    gradient = probabilities.div_(total.mul_(rows))
+    gradient.scatter_add_(-1, index, gradient.new_full(index.shape, -1.0 / rows))
+    return losses, gradient
 
 
 def _objective(module, criterion):
@@ -318,8 +525,13 @@ def _objective_class():
     return Objective
 
 
+def stack_signature(module, criterion=None) -> tuple:
+    """What must agree for heads to be trained together (train_together): the classes of the module and of its
+    criterion, and every parameter's and buffer's name, shape and dtype."""
+    return _signature(_objective(module, criterion))
+
+
 def _signature(objective) -> tuple:
-    """What must agree for heads to be stacked: the classes, and every parameter's and buffer's name and shape."""
     return (type(objective.module), type(objective.criterion),
             tuple((key, tuple(value.shape), value.dtype) for key, value in objective.named_parameters()),
             tuple((key, tuple(value.shape), value.dtype) for key, value in objective.named_buffers()))

@@ -501,13 +501,14 @@ def expand_grids(methods: list[str], params: dict[str, dict] | None) -> dict[str
 
 def open_lab(cache_path: Path | str, *, select: str = "val", seed: int = 0, device: str | None = None,
              thresholds: ShotThresholds = ShotThresholds(), train_views: bool = True,
-             memory_budget: str | int | None = None) -> Lab:
+             memory_budget: str | int | None = None, precision: str = "float32") -> Lab:
     """Load train / val / test features (and the augmented train views, if any and wanted) and the stage-1
     classifier onto `device` (CUDA when present), every file checked against its sha256 on the way.
 
     `memory_budget` ('2G', bytes, or None for a quarter of the machine's RAM, or of the GPU's memory on CUDA) is
     the most one split's logits may take whole; beyond it methods and scoring compute them in row blocks (logits.py).
-    `cache_path` may also be the cache's manifest.json.
+    `cache_path` may also be the cache's manifest.json. `precision` bf16 trains the learned heads with bfloat16
+    products (float32 weights; every score stays float32).
 
     The cache is read under a shared lock: a writer replacing it (extract --overwrite) waits, so the lab never
     holds a mix of two caches. Memory-mapped shards stay valid after a later swap deletes them."""
@@ -515,7 +516,8 @@ def open_lab(cache_path: Path | str, *, select: str = "val", seed: int = 0, devi
     from ltcache.core.runtime import resolve_device
     from ltcache.heads import LinearHead
 
-    check_all(COMPARE, {"select": select, "seed": seed, "many": thresholds.many, "few": thresholds.few})
+    check_all(COMPARE, {"select": select, "seed": seed, "many": thresholds.many, "few": thresholds.few,
+                        "precision": precision})
     check_thresholds(thresholds.many, thresholds.few)
     run_device = resolve_device(device)
     budget = resolve_budget(memory_budget, run_device)
@@ -530,7 +532,8 @@ def open_lab(cache_path: Path | str, *, select: str = "val", seed: int = 0, devi
         text = cache.text_head()
         data = LabData(load("train"), load("val"), stage1, cache.class_counts, select=select, seed=seed,
                        thresholds=thresholds, train_views=load("train_views") if train_views else None,
-                       memory_budget=budget, text=text.to(run_device) if text is not None else None)
+                       memory_budget=budget, text=text.to(run_device) if text is not None else None,
+                       precision=precision)
         return Lab(cache, data, cache.load_split("test").to(run_device))
 
 
@@ -539,7 +542,8 @@ def compare(cache_path: Path, *, methods: list[str] | str | None = None, select:
             thresholds: ShotThresholds = ShotThresholds(), bootstrap: int = 1000, seeds: int = 1,
             write_reports: bool = True, train_views: bool = True, out: Path | None = None, ablation: bool = False,
             protocol_audit: bool = False, memory_budget: str | int | None = None,
-            log: Callable[[str], None] | None = None, tensorboard: bool = False) -> Comparison:
+            log: Callable[[str], None] | None = None, tensorboard: bool = False,
+            precision: str = "float32") -> Comparison:
     """`ltcache compare`: open the cache, `Lab.compare`, and write heads and reports to `out` (default: into the
     cache) once every method has been scored, only if the cache was not replaced meanwhile.
 
@@ -547,7 +551,7 @@ def compare(cache_path: Path, *, methods: list[str] | str | None = None, select:
     folder probed before any feature is loaded."""
     cache_path = cache_folder(cache_path)
     check_all(COMPARE, {"seed": seed, "bootstrap": bootstrap, "seeds": seeds, "select": select,
-                        "many": thresholds.many, "few": thresholds.few})
+                        "many": thresholds.many, "few": thresholds.few, "precision": precision})
     check_thresholds(thresholds.many, thresholds.few)
     names = resolve_method_list(methods)
     expand_grids(names, params)  # a bad name, value or grid fails before anything is loaded
@@ -568,7 +572,7 @@ def compare(cache_path: Path, *, methods: list[str] | str | None = None, select:
     # scoring splits test and the selection split across ranks (see training.py and Lab.score); rank 0 writes.
     with process_group(resolve_device(device)):
         lab = open_lab(cache_path, select=select, seed=seed, device=device, thresholds=thresholds,
-                       train_views=train_views, memory_budget=memory_budget)
+                       train_views=train_views, memory_budget=memory_budget, precision=precision)
         comparison = lab.compare(methods if isinstance(methods, str) else names, params=params,  # 'all' stays 'all'
                                  bootstrap=bootstrap, seeds=seeds, ablation=ablation, audit=protocol_audit,
                                  log=log if is_main_process() else _silent, loss_curves=tensorboard)
@@ -595,18 +599,38 @@ class TauSweep:
 
 def sweep_tau(cache_path: Path | str, *, taus: tuple[float, ...] | None = None, select: str = "val",
               device: str | None = None, thresholds: ShotThresholds | None = None,
-              memory_budget: str | int | None = None) -> TauSweep:
+              memory_budget: str | int | None = None, precision: str = "float32") -> TauSweep:
     """`ltcache sweep-tau`: the tau curve on the selection split, the best mean per-class accuracy chosen, test
-    scored once at that tau."""
-    cache_path = cache_folder(cache_path)
-    from ltcache.stage2.methods.weight_norms import DEFAULT_TAUS, TAU_NORM, best_on_curve, validate_taus
+    scored once at that tau.
 
+    It reads only what it uses: the manifest, the stage-1 classifier, the selection split and test (never train with
+    --select val), each file hashed and checked as it is read. On the CPU in float32 it runs on numpy alone, without
+    importing torch; `precision` bf16, or a GPU, computes the two products with torch (logits.matrix_product)."""
+    from ltcache.core.runtime import cpu_without_torch
+    from ltcache.logits import matrix_product
+    from ltcache.stage2.methods.weight_norms import DEFAULT_TAUS, TAU_NORM, sweep_tau_arrays, validate_taus
+
+    cache_path = cache_folder(cache_path)
     taus = validate_taus(DEFAULT_TAUS if taus is None else taus)  # before loading anything: a bad grid fails at once
-    lab = open_lab(cache_path, select=select, device=device, thresholds=thresholds or ShotThresholds(),
-                   memory_budget=memory_budget)
-    fitted = lab.fit(TAU_NORM, taus=taus)
-    return TauSweep(TAU_NORM, fitted.chosen["tau"], best_on_curve(fitted.curve)["mean_per_class"], select,
-                    fitted.curve, lab.score_accuracy(fitted.head))
+    thresholds = thresholds or ShotThresholds()
+    check_all(COMPARE, {"select": select, "many": thresholds.many, "few": thresholds.few, "precision": precision})
+    check_thresholds(thresholds.many, thresholds.few)
+    run_device = None
+    if not (precision == "float32" and cpu_without_torch(device)):
+        from ltcache.core.runtime import resolve_device
+
+        run_device = resolve_device(device)
+    budget = resolve_budget(memory_budget, run_device)
+    with folder_lock(Path(cache_path), shared=True, what="cache"):
+        cache = FeatureCache(cache_path)
+        if select == "val" and not cache.has_split("val"):
+            raise LtcacheError("the cache has no val split to select on; pass --select train")
+        weight, _ = cache.joint_arrays()
+        selection, test = cache.read_split(select), cache.read_split("test")
+        curve, best, accuracy = sweep_tau_arrays(selection, test, weight, cache.class_counts, taus,
+                                                 thresholds=thresholds, budget=budget,
+                                                 product=matrix_product(precision, run_device))
+    return TauSweep(TAU_NORM, best["tau"], best["mean_per_class"], select, curve, accuracy)
 
 
 def info(cache_path: Path, *, verify: bool = False) -> dict:

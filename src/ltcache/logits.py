@@ -89,6 +89,37 @@ def default_budget(device=None) -> int:
     return total // 4 if total else FALLBACK_BUDGET
 
 
+PRECISIONS = ("float32", "bf16")
+
+
+def matrix_product(precision: str, device=None):
+    """`product(rows, weight) -> float32 numpy logits rows @ weight.T` for numpy inputs, on `device` (a torch device;
+    None: the CPU) in `precision`: float32, or bf16 (inputs rounded to bfloat16; the products accumulate in float32
+    on CPUs with AVX-512 BF16 or AMX and on GPUs, and the logits come back as float32). float32 on the CPU is numpy's
+    own matmul, which needs no torch."""
+    import numpy as np
+
+    if precision not in PRECISIONS:
+        raise LtcacheError(f"--precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    cpu = device is None or getattr(device, "type", str(device)) == "cpu"
+    if precision == "float32" and cpu:
+        return lambda rows, weight: np.asarray(rows, dtype=np.float32) @ np.asarray(weight, dtype=np.float32).T
+    import torch
+
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    cached: dict = {}
+
+    def product(rows, weight):
+        key = id(weight)
+        if key not in cached:  # the weight is moved and rounded once per matrix, not per block
+            cached.clear()
+            cached[key] = (weight, torch.from_numpy(np.ascontiguousarray(weight)).to(device or "cpu", dtype).T)
+        block = torch.from_numpy(np.ascontiguousarray(rows)).to(device or "cpu", dtype)
+        return (block @ cached[key][1]).float().cpu().numpy()
+
+    return product
+
+
 def resolve_budget(budget: str | int | None, device=None) -> int:
     """The budget in bytes: `budget` parsed, or the default for `device`."""
     return default_budget(device) if budget is None else parse_size(budget)

@@ -130,7 +130,15 @@ class FeatureCache:
 
     def load_split(self, name: str) -> Split:
         """All rows of a split as features in the cache's dtype (float32, or float16: stage 2 upcasts a block at a
-        time) and int64 labels, ordered by sample index, checked on the way.
+        time) and int64 labels, ordered by sample index, checked on the way (read_split, as torch tensors)."""
+        import torch
+
+        features, labels = self.read_split(name)
+        return Split(torch.from_numpy(features), torch.from_numpy(labels))
+
+    def read_split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """A split's features and labels as numpy arrays, ordered by sample index, with every check load_split makes
+        (its shards' sha256, shapes, labels, indices, finite features); no torch is imported.
 
         When the shards hold rows of the cache's dtype in index order, page-aligned (as CacheWriter writes them), the
         features are memory-mapped (mapping.py): no read, no copy. Otherwise they are read into memory.
@@ -170,9 +178,7 @@ class FeatureCache:
                               (rows, dim), dtype)
         features = mapped if mapped is not None else self._read_features(shards, rows)
         check_finite(features, f"split {name} of cache {self.path}")
-        import torch
-
-        return Split(torch.from_numpy(features), torch.from_numpy(labels))
+        return features, labels
 
     def _read_shard(self, path: Path, rows: int, dim: int) -> tuple[np.ndarray, np.ndarray, int | None]:
         """A shard's index and labels, checked against the manifest's shape; the byte offset of its features when
@@ -254,6 +260,13 @@ class FeatureCache:
 
     def joint_head(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The jointly trained classifier (W [C, d], b [C]), checked: hash, shapes, finite, no all-zero row."""
+        import torch
+
+        weight, bias = self.joint_arrays()
+        return torch.from_numpy(weight), torch.from_numpy(bias)
+
+    def joint_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """joint_head as float32 numpy arrays, with the same checks; no torch is imported."""
         self._verify_recorded(HEAD)
         where = str(self.path / HEAD)
         try:
@@ -265,9 +278,7 @@ class FeatureCache:
         if weight is None:
             raise _damaged(where, "it has no 'weight'")
         check_head_arrays(weight, bias, num_classes=self.num_classes, feature_dim=self.feature_dim, where=where)
-        import torch
-
-        return torch.from_numpy(weight), torch.from_numpy(bias)
+        return weight, bias
 
     def text_head(self) -> LinearHead | None:
         """The zero-shot text head (extract --zero-shot) as a head on normalized features, checked like the joint

@@ -257,13 +257,14 @@ def extract_cmd(*, checkpoint: Path | None, out: Path, **options):
 
 @command("sweep-tau", options.SWEEP_TAU, arguments=[_CACHE])
 def sweep_tau_cmd(*, cache: Path, taus, select: str, as_json: bool, device: str | None, many: int, few: int,
-                  memory_budget: str | None):
+                  memory_budget: str | None, precision: str):
     """Tau-normalization: Many/Medium/Few/All for every tau on the selection split, then test at the chosen tau."""
     from ltcache.lab import sweep_tau
     from ltcache.report import accuracy_table, curve_table
 
     result = _run(lambda: sweep_tau(cache, taus=taus, select=select, device=device,
-                                    thresholds=_thresholds(many, few), memory_budget=memory_budget))
+                                    thresholds=_thresholds(many, few), memory_budget=memory_budget,
+                                    precision=precision))
     if as_json:
         _echo_json(result.as_dict())
         return

@@ -28,6 +28,9 @@ SHARD_ROWS = Param("shard_rows", int, 65536, "Rows per HDF5 shard.", low=1, high
 MEMORY_BUDGET = Param("memory_budget", str, None, "Most memory one split's logits may take whole, e.g. 2G; beyond it "
                       "they are computed in row blocks (default: a quarter of the RAM, or of the GPU's memory).",
                       optional=True)
+PRECISION = Param("precision", str, "float32", "Precision of the stage-2 matrix products: float32, or bf16 (inputs "
+                  "rounded to bfloat16, float32 accumulation; fast on GPUs and on CPUs with AVX-512 BF16 or AMX).",
+                  choices=("float32", "bf16"))
 
 COMPARE = (
     Param("methods", str, None, "Comma-separated list, or 'all' (default: the paper's five).", optional=True),
@@ -52,12 +55,12 @@ COMPARE = (
     PLUGIN,
     Param("config", Path, None, "TOML recipe whose [compare] table gives methods, select, set, seeds, ...; flags "
           "given on the command line win.", optional=True),
-    AS_JSON, DEVICE, MANY, FEW, MEMORY_BUDGET,
+    AS_JSON, DEVICE, MANY, FEW, MEMORY_BUDGET, PRECISION,
 )
 
 SWEEP_TAU = (
     Param("taus", GRID, "0:2:0.1", "Grid: 0,0.5,1 or start:stop:step.", low=0, high=100),
-    SELECT, AS_JSON, DEVICE, MANY, FEW, MEMORY_BUDGET,
+    SELECT, AS_JSON, DEVICE, MANY, FEW, MEMORY_BUDGET, PRECISION,
 )
 
 INFO = (

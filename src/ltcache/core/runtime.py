@@ -40,6 +40,15 @@ def resolve_device(name: str | None) -> torch.device:
     return torch.device("cpu")
 
 
+def cpu_without_torch(name: str | None) -> bool:
+    """Whether `name` (a --device value) surely means the CPU, told without importing torch: `cpu`, or no device
+    named on a machine without the NVIDIA driver (no /proc/driver/nvidia), where CUDA cannot be present. A command
+    that can run on numpy alone (sweep-tau) then skips torch's import, its largest start-up cost."""
+    if name:
+        return name == "cpu"
+    return not os.path.exists("/proc/driver/nvidia")
+
+
 def images_to(images: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Move a batch to the device; channels_last on CUDA, where convolutions run faster in that layout."""
     import torch

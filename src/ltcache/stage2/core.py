@@ -44,6 +44,7 @@ class LabData:
     memory_budget: int | None = None  # bytes a split's logits may take whole (logits.py); None: the default
     text: LinearHead | None = None  # CLIP's zero-shot text head (extract --zero-shot), on normalized features
     selection_name: str | None = None  # what the selection split is, when not `select` (the protocol audit: test)
+    precision: str = "float32"  # of the trained heads' products: float32, or bf16 (fitting.lower_precision)
     _raw_logits: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def __post_init__(self):

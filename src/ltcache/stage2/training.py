@@ -59,20 +59,21 @@ class Training:
     criterion: nn.Module | None = None
     epoch_rows: int | None = None
     extra: dict = field(default_factory=dict)  # added to what train_on_features reports (train_views)
+    precision: str = "float32"  # of the products (fitting.lower_precision)
 
     def shares_batches_with(self) -> tuple:
         """What decides the batches and the stacking: heads with equal keys train together (their seeds become
         streams). The tensors are compared by identity: the same cached rows, not equal copies."""
-        from ltcache.fitting import _objective, _signature
+        from ltcache.fitting import stack_signature
 
         return (tuple(id(t) for t in self.inputs), id(self.labels), self.epochs, self.batch_size, self.min_steps,
-                self.sampling_q, self.epoch_rows, _signature(_objective(self.module, self.criterion)))
+                self.sampling_q, self.epoch_rows, self.precision, stack_signature(self.module, self.criterion))
 
     def train_alone(self) -> dict:
         used = train_on_features(self.module, self.inputs, self.labels, seed=self.seed, epochs=self.epochs,
                                  batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
                                  momentum=self.momentum, min_steps=self.min_steps, sampling_q=self.sampling_q,
-                                 criterion=self.criterion, epoch_rows=self.epoch_rows)
+                                 criterion=self.criterion, epoch_rows=self.epoch_rows, precision=self.precision)
         return {**used, **self.extra}
 
 
@@ -85,7 +86,7 @@ def lab_training(module: nn.Module, data: LabData, inputs=None, *, epochs: int, 
     inputs = split.features if inputs is None else inputs
     return Training(module, inputs if isinstance(inputs, tuple) else (inputs,), split.labels, data.seed, epochs,
                     batch_size, lr, weight_decay, momentum, min_steps, sampling_q, criterion, len(data.train),
-                    {"train_views": data.views} if data.fitting == "train_views" else {})
+                    {"train_views": data.views} if data.fitting == "train_views" else {}, data.precision)
 
 
 @dataclass
@@ -127,7 +128,8 @@ def run_plans(plans: list[Plan], *, loss_curves: bool = False) -> list[Fitted]:
             weight_decays=[t.weight_decay for t in trainings], momentums=[t.momentum for t in trainings],
             min_steps=first.min_steps, sampling_q=first.sampling_q,
             criteria=[t.criterion for t in trainings] if first.criterion is not None else None,
-            epoch_rows=first.epoch_rows, losses=[losses[p, t] for p, t, _ in members] if loss_curves else None)
+            epoch_rows=first.epoch_rows, losses=[losses[p, t] for p, t, _ in members] if loss_curves else None,
+            precision=first.precision)
         for (p, t, training), result in zip(members, results, strict=True):
             used[p, t] = {**result, **training.extra}
     fitted = []

@@ -3,7 +3,10 @@ sweep-tau study. Each grid point costs an O(N*C) rescale or shift of cached logi
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -11,7 +14,7 @@ import numpy as np
 from ltcache.core.errors import LtcacheError
 from ltcache.core.params import GRID, Param
 from ltcache.heads import LinearHead
-from ltcache.metrics.accuracy import per_class_accuracy
+from ltcache.metrics.accuracy import GroupAccuracy, evaluate, per_class_accuracy, to_numpy, top_k_hits_array
 from ltcache.metrics.priors import parse_prior, prior_accuracy, shifted_priors
 from ltcache.stage2.cards import CLASSIFIER_BALANCING, DECOUPLING, KANG_2020, Card, Deviation
 from ltcache.stage2.core import Figure, Fitted, LabData, method
@@ -38,12 +41,11 @@ def weight_norms(weight: torch.Tensor) -> torch.Tensor:
 MAX_LOG_SCALE = 30 * 2.302585092994046  # ||w_j||^-tau kept within 1e±30: float32 logits stay finite
 
 
-def check_finite_scales(norms: torch.Tensor, taus) -> None:
+def check_finite_scales(norms, taus) -> None:
     """Refuse a tau for which ||w_j||^-tau leaves float32 (1e6 on norms below 1 gives inf, and the argmax over inf
-    and NaN logits would be chosen as if it meant something)."""
-    import torch
-
-    span = float(torch.log(norms.double()).abs().max())
+    and NaN logits would be chosen as if it meant something). `norms`: a tensor or a numpy array."""
+    norms = to_numpy(norms)
+    span = float(np.abs(np.log(norms.astype(np.float64))).max())
     bad = [tau for tau in taus if tau * span > MAX_LOG_SCALE]
     if bad:
         raise LtcacheError(f"tau = {bad[0]:g} scales the classes by ||w_j||^-tau beyond float32 for these weights "
@@ -62,9 +64,7 @@ SWEEP_CHUNK_ROWS = 256  # rows x classes of float32 that stay in a core's cache 
 def affine_argmax(raw: torch.Tensor, scales: torch.Tensor | None, shifts: torch.Tensor | None) -> torch.Tensor:
     """argmax_j(raw_ij * scales[p, j] + shifts[p, j]) for every grid point p: predictions [P, N].
 
-    On CPU, rows are taken a cache-sized chunk at a time and every point is scored while the chunk is hot (one
-    pass over `raw` in all), with numpy's argmax (several times faster than torch's on CPU) and one thread per
-    torch thread; float32 arithmetic as torch.mul / torch.add, so the result is the same bit for bit.
+    On CPU the points are scored by affine_argmax_numpy (one pass over `raw`); on a GPU, point by point.
     """
     import torch
 
@@ -72,9 +72,20 @@ def affine_argmax(raw: torch.Tensor, scales: torch.Tensor | None, shifts: torch.
     if raw.device.type != "cpu":
         return torch.stack([(raw * scales[p] if scales is not None else raw)
                             .add(shifts[p] if shifts is not None else 0).argmax(1) for p in range(points)])
-    values = raw.numpy()
-    scale = None if scales is None else scales.cpu().numpy()
-    shift = None if shifts is None else shifts.cpu().numpy()
+    return torch.from_numpy(affine_argmax_numpy(raw.numpy(), None if scales is None else scales.cpu().numpy(),
+                                                None if shifts is None else shifts.cpu().numpy(),
+                                                threads=torch.get_num_threads()))
+
+
+def affine_argmax_numpy(values: np.ndarray, scale: np.ndarray | None, shift: np.ndarray | None, *,
+                        threads: int | None = None) -> np.ndarray:
+    """affine_argmax over float32 numpy arrays: predictions [P, N] int64.
+
+    Rows are taken a cache-sized chunk at a time and every point is scored while the chunk is hot (one pass over
+    `values` in all), with numpy's argmax (several times faster than torch's on CPU) and `threads` threads (default:
+    the CPU count); float32 arithmetic as torch.mul / torch.add, so the result is the same bit for bit.
+    """
+    points = len(scale if scale is not None else shift)
     predictions = np.empty((points, len(values)), dtype=np.int64)
 
     def rows(first: int, last: int) -> None:
@@ -91,14 +102,15 @@ def affine_argmax(raw: torch.Tensor, scales: torch.Tensor | None, shifts: torch.
                     np.add(chunk, shift[p], out=out)
                 predictions[p, start : start + len(chunk)] = out.argmax(1)
 
-    workers = max(1, min(torch.get_num_threads(), len(values) // SWEEP_CHUNK_ROWS))
+    threads = threads if threads is not None else (os.cpu_count() or 1)
+    workers = max(1, min(threads, len(values) // SWEEP_CHUNK_ROWS))
     bounds = np.linspace(0, len(values), workers + 1).astype(int)
     if workers == 1:
         rows(0, len(values))
     else:
         with ThreadPoolExecutor(workers) as pool:  # numpy releases the GIL in both loops
             list(pool.map(rows, bounds[:-1], bounds[1:]))
-    return torch.from_numpy(predictions)
+    return predictions
 
 
 def grid_curve(data: LabData, split: str, grid: list[dict], *, scales=None, shifts=None, prior=None) -> list[dict]:
@@ -118,6 +130,50 @@ def grid_curve(data: LabData, split: str, grid: list[dict], *, scales=None, shif
     else:
         predictions = affine_argmax(raw, scales, shifts)
     return [{**point, **data.score(predictions[p], split, prior)} for p, point in enumerate(grid)]
+
+
+def sweep_tau_arrays(selection: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray],
+                     weight: np.ndarray, class_counts, taus, *, thresholds, budget: int,
+                     product: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
+                     ) -> tuple[list[dict], dict, GroupAccuracy]:
+    """`ltcache sweep-tau` over numpy arrays (FeatureCache.read_split): the tau curve of Eq. 3 on the selection rows,
+    its best entry (best_on_curve: mean per-class accuracy, ties toward the smaller tau), and the test accuracy of
+    the tau-normalized head at that tau, top-5 included.
+
+    It costs one product over the selection rows, computed block by block within `budget` bytes of logits with every
+    tau scored on each block while it is hot (affine_argmax_numpy), and one product over test for the chosen tau.
+    `product(rows, weight)` returns float32 logits rows @ weight.T; the default is numpy's float32 matmul (a float16
+    cache's rows upcast a block at a time), which needs no torch (logits.matrix_product gives bf16 or a GPU).
+    """
+    from ltcache.logits import block_rows
+
+    product = product or _float32_product
+    taus = validate_taus(taus)
+    weight = np.asarray(weight, dtype=np.float32)
+    norms = np.maximum(np.linalg.norm(weight, axis=1), np.float32(1e-12))
+    check_finite_scales(norms, taus)
+    rows = block_rows(len(weight), budget)
+    features, labels = selection
+    scales = np.stack([norms ** np.float32(-tau) for tau in taus]).astype(np.float32)
+    blocks = [affine_argmax_numpy(product(features[start : start + rows], weight), scales, None)
+              for start in range(0, len(features), rows)]
+    predictions = np.concatenate(blocks, axis=1) if blocks else np.empty((len(taus), 0), dtype=np.int64)
+    curve = [{"tau": tau, **evaluate(predictions[p], labels, class_counts, thresholds)} for p, tau in enumerate(taus)]
+    best = best_on_curve(curve)
+    normalized = weight / (norms ** np.float32(best["tau"]))[:, None]
+    features, labels = test
+    chosen, hits = [], 0
+    for start in range(0, len(features), rows):
+        logits = product(features[start : start + rows], normalized)
+        chosen.append(logits.argmax(1))
+        hits += int(top_k_hits_array(logits, labels[start : start + rows], 5).sum())
+    predictions = np.concatenate(chosen) if chosen else np.empty(0, dtype=np.int64)
+    accuracy = GroupAccuracy(**evaluate(predictions, labels, class_counts, thresholds))
+    return curve, best, replace(accuracy, top5=100.0 * hits / len(labels) if len(labels) else float("nan"))
+
+
+def _float32_product(rows: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    return np.asarray(rows, dtype=np.float32) @ weight.T
 
 
 def log_prior(data: LabData, device) -> torch.Tensor:
