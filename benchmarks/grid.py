@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -146,7 +147,7 @@ def measure_grids(data: LabData, *, sizes: list[int], methods: list[str], epochs
         for k in sizes:
             result = measure(method, data, k, epochs, device)
             rows.append((method, result))
-            print(method, result, flush=True)
+            print(method, result, file=sys.stderr, flush=True)  # stdout stays the table (gpu_smoke: its JSON)
     return floor, rows
 
 
