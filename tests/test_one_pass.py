@@ -164,3 +164,27 @@ def test_bf16_one_pass_stays_near_each_point_alone_and_near_float32(lab, name):
             scale = float(exact.head.tensors()[key].abs().max())
             torch.testing.assert_close(tensor, alone.head.tensors()[key], rtol=0, atol=0.02 * scale, msg=key)
             torch.testing.assert_close(tensor, exact.head.tensors()[key], rtol=0, atol=0.05 * scale, msg=key)
+
+
+def test_a_plugin_planned_method_trains_its_grid_in_one_pass(lab, passes):
+    """The public API: a plugin's trained method written as a plan (ltcache.planned_method, Plan, lab_training)
+    trains its grid in one pass, each point equal to the point alone."""
+    import ltcache
+    from ltcache.stage2.core import METHODS as REGISTRY
+
+    @ltcache.planned_method("probe_plugin", *ltcache.TRAINING, summary="a linear probe, class-balanced",
+                            card=ltcache.Card(paper="this test", code=None, reference_test=None))
+    def probe(data: ltcache.LabData, **schedule) -> ltcache.Plan:
+        torch.manual_seed(data.seed)
+        linear = torch.nn.Linear(data.train.features.shape[1], data.num_classes)
+        return ltcache.Plan([ltcache.lab_training(linear, data, **schedule)], lambda used: ltcache.Fitted(
+            ltcache.LinearHead(linear.weight.detach().clone(), linear.bias.detach().clone()), used[0]))
+
+    try:
+        resolved = [resolve_params("probe_plugin", {**TOY, "lr": lr}) for lr in (0.05, 0.1, 0.3)]
+        together = fit_points("probe_plugin", [(lab.data, params) for params in resolved])
+        assert passes == [3]
+        for params, fitted in zip(resolved, together, strict=True):
+            assert_same_fit(fitted, lab.fit("probe_plugin", **params))
+    finally:
+        REGISTRY.entries.pop("probe_plugin", None)

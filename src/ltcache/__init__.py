@@ -32,6 +32,8 @@ _API = {
     "method_names": "ltcache.stage2.core", "with_defaults": "ltcache.stage2.core",
     "Card": "ltcache.stage2.cards", "Deviation": "ltcache.stage2.cards",
     "TRAINING": "ltcache.fitting", "train_on_features": "ltcache.fitting",
+    "planned_method": "ltcache.stage2.training", "Plan": "ltcache.stage2.training",
+    "Training": "ltcache.stage2.training", "lab_training": "ltcache.stage2.training",
     "Head": "ltcache.heads", "LinearHead": "ltcache.heads", "head_kind": "ltcache.heads",
     "Evaluation": "ltcache.metrics", "GroupAccuracy": "ltcache.metrics", "Calibration": "ltcache.metrics",
     "ShotThresholds": "ltcache.metrics",
@@ -44,9 +46,9 @@ _API = {
 
 __all__ = ["Calibration", "Card", "Comparison", "Curve", "Deviation", "Evaluation", "FeatureCache", "Figure", "Fitted",
            "GRID", "GridPoint", "GroupAccuracy", "Head", "Lab", "LabData", "LinearHead", "LtcacheError", "METHODS",
-           "Method", "Param", "Registry", "Row", "ShotThresholds", "TRAINING", "build_report", "compare", "extract",
-           "head_kind", "import_features", "info", "load_results", "method", "method_names", "open_lab",
-           "train_on_features", "with_defaults"]
+           "Method", "Param", "Plan", "Registry", "Row", "ShotThresholds", "TRAINING", "Training", "build_report",
+           "compare", "extract", "head_kind", "import_features", "info", "lab_training", "load_results", "method",
+           "method_names", "open_lab", "planned_method", "train_on_features", "with_defaults"]
 
 
 def __getattr__(name: str) -> Any:
@@ -76,3 +78,4 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from ltcache.stage1.import_features import import_features
     from ltcache.stage2.cards import Card, Deviation
     from ltcache.stage2.core import METHODS, Figure, Fitted, LabData, Method, method, method_names, with_defaults
+    from ltcache.stage2.training import Plan, Training, lab_training, planned_method
