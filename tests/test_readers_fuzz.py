@@ -98,6 +98,18 @@ def _use_results(file: Path) -> None:
         context(loaded)  # the page's per-class, confusion, grid and provenance sections
 
 
+
+@pytest.mark.parametrize("value", [True, 3, "30,12,3", [30, 12], [30, -1, 3], [30, 12.5, 3], []])
+def test_provenance_class_counts_of_the_wrong_kind_are_refused(results_json, tmp_path, value):
+    """A case the fuzz test below found (provenance.class_counts = true reached the page and failed there):
+    provenance's class counts are a list of non-negative integers, one per class, or the file is refused."""
+    document = json.loads(json.dumps(results_json))
+    document["provenance"]["class_counts"] = value
+    file = tmp_path / "results.json"
+    file.write_text(json.dumps(document))
+    with pytest.raises(LtcacheError, match="provenance 'class_counts' must be a list of non-negative integers"):
+        _use_results(file)
+
 @FUZZ
 @given(data=st.data(), new=JSON)
 def test_results_json_with_any_field_replaced_is_read_whole_or_refused(results_json, tmp_path, data, new):

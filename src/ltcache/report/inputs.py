@@ -209,10 +209,15 @@ def results_problem(results: dict) -> str | None:
     grids = results.get("grids")
     if grids is not None and not (isinstance(grids, list) and all(_grid_point(point) for point in grids)):
         return "'grids' must be a list of grid points with a method, params, a selection score and 'selected'"
-    names = results.get("provenance", {}).get("class_names") if isinstance(results.get("provenance"), dict) else None
+    provenance = results.get("provenance") if isinstance(results.get("provenance"), dict) else {}
+    names = provenance.get("class_names")
     if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)
                                   and (classes is None or len(names) == classes)):
         return "provenance 'class_names' must be a list of strings, one per class"
+    counted = provenance.get("class_counts")
+    if counted is not None and not (isinstance(counted, list) and len(counted) >= 1 and all(map(_count, counted))
+                                    and (classes is None or len(counted) == classes)):
+        return "provenance 'class_counts' must be a list of non-negative integers, one per class"
     norms = results.get("weight_norms")
     if norms is not None:
         if not isinstance(norms, dict):

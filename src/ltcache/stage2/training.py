@@ -80,7 +80,7 @@ class Training:
 def lab_training(module: nn.Module, data: LabData, inputs=None, *, epochs: int, batch_size: int, lr: float | None,
                  weight_decay: float, momentum: float, min_steps: int, sampling_q: float = 0.0,
                  criterion=None) -> Training:
-    """A Training over the rows trained heads fit on (data.fitting), as fit_on_train trains: the train features or
+    """A Training over the rows trained heads fit on (data.fitting): the train features or
     their augmented views (an epoch stays len(train) draws), or row-aligned `inputs` (their cached logits)."""
     split = data.split(data.fitting)
     inputs = split.features if inputs is None else inputs
