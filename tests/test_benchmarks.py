@@ -84,6 +84,7 @@ def test_grid_benchmark_runs_and_checks_heads_equal(tmp_path):
     assert "Command: `python benchmarks/grid.py --classes 20 --dim 16 --sizes 1,4`" in out
 
 
+@pytest.mark.slow  # about 18 s: CI runs it (.ci/run)
 def test_precision_benchmark_runs(tmp_path):
     from conftest import write_toy_cache
 
@@ -119,6 +120,7 @@ for tau in np.linspace(0, 2, 21):
 """
 
 
+@pytest.mark.slow  # about 9 s: CI runs it (.ci/run)
 def test_official_tau_benchmark_skips_without_the_script_and_runs_with_one(tmp_path):
     results = tmp_path / "RESULTS.md"
     out = run_script("benchmarks/tau_official.py", "--official", tmp_path / "nowhere", "--classes", "30", "--dim",
