@@ -131,6 +131,10 @@ def test_uneven_streams_split_into_passes(lab, passes):
         from ltcache.stage2.core import run_fit
 
         assert_same_fit(fitted, run_fit("lws", data, params))
+    passes.clear()
+    rounded = [(replace(data, precision="bf16"), params) for data, params in runs]
+    assert [fitted.chosen.get("precision") for fitted in fit_points("lws", rounded)] == ["bf16"] * 3
+    assert passes == [3, 2, 1], passes  # the split passes keep the precision they were given
 
 
 def test_compare_grids_and_seeds_use_one_pass_and_choose_as_before(lab, passes):

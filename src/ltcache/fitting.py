@@ -205,7 +205,7 @@ def train_together(modules: list[nn.Module], inputs: torch.Tensor | tuple[torch.
                     pick(modules), inputs, labels, seeds=pick(seeds), epochs=epochs, batch_size=batch_size,
                     lrs=pick(lrs), weight_decays=pick(weight_decays), momentums=pick(momentums), min_steps=min_steps,
                     sampling_q=sampling_q, criteria=pick(criteria) if criteria is not None else None,
-                    epoch_rows=epoch_rows, losses=part_losses), strict=True):
+                    epoch_rows=epoch_rows, losses=part_losses, precision=precision), strict=True):
                 used[i] = result
             if losses is not None:
                 for i, part in zip(members, part_losses, strict=True):
