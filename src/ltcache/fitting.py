@@ -20,7 +20,7 @@ import numpy as np
 from ltcache.core.console import duration, log
 from ltcache.core.errors import LtcacheError
 from ltcache.core.params import Param
-from ltcache.core.runtime import cosine_schedule, scaled_lr
+from ltcache.core.runtime import cosine_factor, cosine_schedule, scaled_lr
 from ltcache.core.sampling import class_probabilities, sample_weights
 
 if TYPE_CHECKING:
@@ -136,7 +136,7 @@ def lower_precision(precision: str, device):
     type, float32 master weights), or a no-op (float32)."""
     import torch
 
-    from ltcache.logits import PRECISIONS
+    from ltcache.core.options import PRECISIONS
 
     if precision not in PRECISIONS:
         raise LtcacheError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
@@ -173,10 +173,10 @@ def train_together(modules: list[nn.Module], inputs: torch.Tensor | tuple[torch.
     (same seed: same draws and the same steps, to float rounding), and leave each module holding its result.
 
     The heads read the same batches: each distinct seed is a stream of draws (a grid shares one stream; compare
-    --seeds N gives N), and per step there is one draw per stream, one gather of the batch rows, one batched
-    product for every head of the stream (torch.func.vmap over the stacked parameters: [B, d] x [d, K*C] in one
-    bmm), one loss per head, and one vectorized SGD update in which every head keeps its own lr, weight decay and
-    momentum (tensors over the heads, not a Python loop over them). The modules must share their class and the
+    --seeds N gives N), and per step there is one draw per stream, one gather of the batch rows, the heads' logits
+    and losses (_stacked_step: a block of linear heads from one product, other modules mapped with torch.func.vmap),
+    and a vectorized SGD update in which every head keeps its own lr, weight decay and momentum (_StackedSgd:
+    tensors over the heads, not a Python loop over them). The modules must share their class and the
     names and shapes of their parameters and buffers; what differs between heads (a smoothing, a norm cap, a loss
     prior) lives in their buffers or their criterion's. A module class may supply `stacked_loss(state, inputs,
     labels) -> [S, K]` (a hand-written batched loss) and `constrain_(state)` (an in-place projection after every
@@ -255,7 +255,7 @@ def train_together(modules: list[nn.Module], inputs: torch.Tensor | tuple[torch.
             batch_inputs = [gather(flat).view(n_streams, batch_size, *source.shape[1:])
                             for gather, source in zip(gathers, inputs, strict=True)]
             batch_labels = torch.index_select(labels, 0, flat, out=label_buffer).view(n_streams, batch_size)
-            sgd.factor = 0.5 * (1 + math.cos(math.pi * step / total_steps))  # cosine_schedule's factor at this step
+            sgd.factor = cosine_factor(step, total_steps)  # the lr cosine_schedule gives a fit alone
             loss = step_of(params, buffers, batch_inputs, batch_labels, sgd)  # computes and takes every head's step
             finite &= torch.isfinite(loss).all()  # checked once an epoch: no device sync per step
             if summed is not None:
@@ -316,10 +316,10 @@ def _stacked_step(objective, arguments: int, params: dict, precision: str = "flo
     structure (parameters and buffers stacked [S, K, ...], inputs [S, B, ...] and labels [S, B] per stream), each
     head's gradient computed and its SGD step taken (sgd: _StackedSgd).
 
-    - A plain linear classifier (nn.Linear's own forward: cRT and its variants) takes the logits of all heads of a
-      stream in one product, [B, d] x [d, K*C], and writes its gradients with two more products into buffers
-      allocated once (a fresh K x C x d gradient every step cost more in page faults than its product);
-      autograd only runs the loss over the logits.
+    - A plain linear classifier (nn.Linear's own forward: cRT and its variants) takes its step a block of heads at a
+      time (_linear_step): the block's logits from one product, its gradients from one more into buffers allocated
+      once (a fresh K x C x d gradient every step cost more in page faults than its product); autograd runs at most
+      the loss over the logits.
     - A module class with `stacked_loss` (LWS, learned tau) computes its loss by hand.
     - Any other module is mapped over the heads and the streams (torch.func.vmap of functional_call).
     The loss is cross-entropy over every head's logits at once, or the criterion mapped over the heads with its own

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from ltcache.core.errors import LtcacheError
+from ltcache.core.options import PRECISIONS
 
 if TYPE_CHECKING:
     import torch
@@ -87,9 +88,6 @@ def default_budget(device=None) -> int:
         return torch.cuda.get_device_properties(device).total_memory // 4
     total = machine_memory()
     return total // 4 if total else FALLBACK_BUDGET
-
-
-PRECISIONS = ("float32", "bf16")
 
 
 def matrix_product(precision: str, device=None):

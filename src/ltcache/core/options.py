@@ -28,9 +28,10 @@ SHARD_ROWS = Param("shard_rows", int, 65536, "Rows per HDF5 shard.", low=1, high
 MEMORY_BUDGET = Param("memory_budget", str, None, "Most memory one split's logits may take whole, e.g. 2G; beyond it "
                       "they are computed in row blocks (default: a quarter of the RAM, or of the GPU's memory).",
                       optional=True)
+PRECISIONS = ("float32", "bf16")  # of the stage-2 matrix products (fitting.lower_precision, logits.matrix_product)
 PRECISION = Param("precision", str, "float32", "Precision of the stage-2 matrix products: float32, or bf16 (inputs "
                   "rounded to bfloat16, float32 accumulation; fast on GPUs and on CPUs with AVX-512 BF16 or AMX).",
-                  choices=("float32", "bf16"))
+                  choices=PRECISIONS)
 
 COMPARE = (
     Param("methods", str, None, "Comma-separated list, or 'all' (default: the paper's five).", optional=True),

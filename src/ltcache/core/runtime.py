@@ -68,11 +68,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def cosine_factor(step: int, total_steps: int) -> float:
+    """(1 + cos(pi * step / total)) / 2: the share of the peak lr at `step` (1 at step 0, 0 after the end)."""
+    return 0.5 * (1 + math.cos(math.pi * step / total_steps))
+
+
 def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """lr(step) = peak * (1 + cos(pi * step / total)) / 2: step 0 uses the peak, and it reaches 0 after the end."""
+    """lr(step) = peak * cosine_factor(step, total): step 0 uses the peak, and it reaches 0 after the end."""
     import torch
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total_steps)))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: cosine_factor(step, total_steps))
 
 
 _COMMAND: list[str] = []  # the ltcache command line being run, as the CLI parsed it (empty when called from Python)
