@@ -318,6 +318,24 @@ def maxnorm_case(data, *, lr, weight_decay):
     return reference_crt(data, lr=lr, weight_decay=weight_decay, after_step=project)
 
 
+def reference_marc(data, *, lr, weight_decay, rho=1.2):
+    """Imbalance-VLM's MARC_Net: a * z + b * ||w||, z = W x + b_joint frozen, trained with grw_loss (class weights
+    (1 / n_c)^rho, mean 1: F.cross_entropy's weighted mean) on instance batches."""
+    scale = torch.ones(len(COUNTS), requires_grad=True)
+    margin = torch.zeros(len(COUNTS), requires_grad=True)
+    norms = data.joint.weight.norm(dim=1)
+    features, labels = data.train.features, data.train.labels
+    weights = 1 / torch.tensor(COUNTS, dtype=torch.float64) ** rho
+    weights = (weights / weights.sum() * len(COUNTS)).float()
+
+    def logits_of(x):
+        return scale * (x @ data.joint.weight.T + data.joint.bias) + margin * norms
+
+    hand_sgd([scale, margin], lambda batch: F.cross_entropy(logits_of(features[batch]), labels[batch], weight=weights),
+             labels, q=1.0, lr=lr, weight_decay=weight_decay, seed=data.seed, **SCHEDULE)
+    return lambda x: logits_of(x).detach()
+
+
 TRAINED = {  # method: (its overrides, the hand-written reference)
     "crt": ({"lr": 0.3}, lambda d: reference_crt(d, lr=0.3, weight_decay=5e-4)),
     "crt_bsm": ({"lr": 0.3}, lambda d: reference_crt(d, lr=0.3, weight_decay=5e-4, loss="balanced_softmax", q=1.0)),
@@ -328,6 +346,7 @@ TRAINED = {  # method: (its overrides, the hand-written reference)
     "lws": ({"lr": 0.3}, lambda d: reference_lws(d, lr=0.3, weight_decay=5e-4)),
     "tau_learned": ({"lr": 0.3}, lambda d: reference_tau_learned(d, lr=0.3, weight_decay=0.0)),
     "disalign": ({}, lambda d: reference_disalign(d, lr=0.02, weight_decay=0.0)),
+    "marc": ({}, lambda d: reference_marc(d, lr=0.03, weight_decay=5e-4)),
     "mlp2": ({"lr": 0.1}, lambda d: reference_mlp(d, layers=2, lr=0.1, weight_decay=5e-4)),
     "mlp3": ({"lr": 0.1}, lambda d: reference_mlp(d, layers=3, lr=0.1, weight_decay=5e-4)),
 }

@@ -107,7 +107,7 @@ def test_every_method_is_listed_and_runs_on_a_cache(toy_cache, tmp_path):
     result = invoke("compare", toy_cache, "--methods", "all", "--json", "--bootstrap", "0", *steps)
     assert result.exit_code == 0, result.output
     text_methods = {entry["method"] for entry in entries if entry["needs_text_head"]}
-    assert text_methods == {"zero_shot", "zs_ensemble", "gla"}
+    assert text_methods == {"zero_shot", "zs_ensemble", "gla", "tip_adapter", "tip_adapter_f", "lp_pp"}
     assert [row["method"] for row in json.loads(result.stdout)["rows"]] == [n for n in names if n not in text_methods]
     default = invoke("compare", toy_cache, "--json", "--bootstrap", "0", "--set", "crt.min_steps=50", "--set",
                      "lws.min_steps=50")

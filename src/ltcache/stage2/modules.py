@@ -166,6 +166,19 @@ class DisAlign(nn.Module):
                                self.confidence.bias[0])
 
 
+class MarginCalibration(nn.Module):
+    """MARC (Wang et al. 2022): a_j z_j + b_j ||w_j|| on the frozen joint logits z, a starting at 1 and b at 0."""
+
+    def __init__(self, norms: torch.Tensor):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones_like(norms))
+        self.margin = nn.Parameter(torch.zeros_like(norms))
+        self.register_buffer("norms", norms)
+
+    def forward(self, joint_logits: torch.Tensor) -> torch.Tensor:
+        return self.scale * joint_logits + self.margin * self.norms
+
+
 class MLP(nn.Sequential):
     def __init__(self, sizes: list[int], device):
         layers: list[nn.Module] = []

@@ -44,7 +44,7 @@ def class_statistics(features: torch.Tensor, labels: torch.Tensor, num_classes: 
     time: S = (sum_i f_i f_i^T - sum_k n_k mu_k mu_k^T) / N, the covariance of each row about its class mean."""
     import torch
 
-    dim = features.shape[1]
+    dim = (features[:1] if transform is None else transform(features[:1])).shape[1]  # a transform may project
     sums = torch.zeros(num_classes, dim, dtype=torch.float64, device=features.device)
     gram = torch.zeros(dim, dim, dtype=torch.float64, device=features.device)
     for chunk, chunk_labels in zip(features.split(LOGIT_CHUNK_ROWS), labels.split(LOGIT_CHUNK_ROWS), strict=True):
@@ -138,7 +138,13 @@ def fit_gda(data: LabData, *, normalize: bool, shrinkage: str, shrinkages, zero_
     import torch.nn.functional as F
 
     split = data.split(data.fitting)
-    transform = (lambda chunk: F.normalize(chunk.float(), dim=1)) if normalize else None
+    text = data.text if zero_shot and data.text is not None else None
+    projection = None if text is None or text.projection is None else text.projection.to(split.features.device)
+    if projection is not None:  # pre-projection features (--features both): GDA in the text head's space
+        transform = (lambda chunk: F.normalize(chunk.float() @ projection, dim=1)) if normalize else \
+            (lambda chunk: chunk.float() @ projection)
+    else:
+        transform = (lambda chunk: F.normalize(chunk.float(), dim=1)) if normalize else None
     means, covariance = class_statistics(split.features, split.labels, data.num_classes, transform)
     eigen = torch.linalg.eigh(covariance)
     if shrinkage == "closed_form":
@@ -146,7 +152,6 @@ def fit_gda(data: LabData, *, normalize: bool, shrinkage: str, shrinkages, zero_
         candidates = [(official, scale)]
     else:
         candidates = [(float(a), 1.0) for a in shrinkages]
-    text = data.text if zero_shot and data.text is not None else None
     curve, best = [], None
     for amount, scale in candidates:
         gda = gda_head(means, covariance, amount, eigen, scale)
@@ -156,7 +161,7 @@ def fit_gda(data: LabData, *, normalize: bool, shrinkage: str, shrinkages, zero_
                 curve.append({**point, "mean_per_class": float("nan")})
                 continue
             head = _gda_with_text(gda, text, float(alpha), normalize) if text is not None else \
-                replace(gda, normalize_input=normalize)
+                replace(gda, normalize_input=normalize, projection=projection)
             score = data.selection_score(head)
             curve.append({**point, "mean_per_class": score})
             if best is None or score > best[0]:
@@ -176,7 +181,11 @@ def _gda_with_text(gda: LinearHead, text: LinearHead, alpha: float, normalize: b
     text head on their normalized copy."""
     if normalize:
         return LinearHead(text.weight.to(gda.weight.device) + alpha * gda.weight, alpha * gda.bias,
-                          normalize_input=True)
+                          normalize_input=True, projection=text.projection)
+    if text.projection is not None:  # GDA over the projected features, unnormalized
+        weight = text.projection.to(gda.weight.device) @ (alpha * gda.weight).T
+        return LinearCosineHead(weight.T.contiguous(), text.weight.to(gda.weight.device), alpha * gda.bias,
+                                text.projection)
     return LinearCosineHead(alpha * gda.weight, text.weight.to(gda.weight.device), alpha * gda.bias)
 
 
@@ -245,7 +254,10 @@ def fit_cos_la(data: LabData, *, scale: float, tau: float, init: str, lr: float 
         if data.text is None:
             raise LtcacheError("cos_la.init=text needs CLIP's zero-shot text head; extract with --backbone "
                                "open_clip:ARCH/TAG --zero-shot, or use init=means")
-        initial = F.normalize(data.text.weight.to(device), dim=1)
+        text = data.text.weight.to(device)
+        if data.text.projection is not None:  # LIFT's init_head_text_feat: text features mapped back through proj^T
+            text = text @ data.text.projection.to(device).T
+        initial = F.normalize(text, dim=1)
     elif init == "means":
         initial = F.normalize(class_means(split.features, split.labels, data.num_classes,
                                           lambda chunk: F.normalize(chunk, dim=1)), dim=1)
@@ -315,7 +327,7 @@ def fit_zs_ensemble(data: LabData, *, alphas, la_tau: float) -> Fitted:
     curve, best = [], None
     for alpha in alphas:
         alpha = float(alpha)
-        head = LinearCosineHead((1 - alpha) * weight, alpha * text, (1 - alpha) * bias)
+        head = LinearCosineHead((1 - alpha) * weight, alpha * text, (1 - alpha) * bias, data.text.projection)
         score = data.selection_score(head)
         curve.append({"alpha": alpha, "mean_per_class": score})
         if best is None or score > best[0]:
@@ -428,13 +440,13 @@ def fit_gla(data: LabData, *, calibrate: bool, estimate_on: str) -> Fitted:
                                              class_weights=to_train_prior) if calibrate else 1.0
     t_text = confidence_matched_temperature(data.logits(text, selection.features), selection.labels) \
         if calibrate else 1.0
-    text = LinearHead(text.weight / t_text, None, normalize_input=True)
+    text = LinearHead(text.weight / t_text, None, normalize_input=True, projection=text.projection)
     counts = torch.bincount(estimation.labels, minlength=data.num_classes).cpu().numpy()
     log_q, evaluations, loss = estimate_label_bias(data.logits(text, estimation.features), estimation.labels, counts)
     device = joint.weight.device
     bias = joint.bias if joint.bias is not None else torch.zeros(data.num_classes, device=device)
     head = LinearCosineHead(joint.weight / t_joint, text.weight,
-                            bias / t_joint - log_prior(data, device) - log_q.to(device))
+                            bias / t_joint - log_prior(data, device) - log_q.to(device), text.projection)
     spread = log_q.max().item() - log_q.min().item()
     chosen = {"calibrate": calibrate, "estimate_on": estimate_on, "temperature_joint": round(t_joint, 6),
               "temperature_zero_shot": round(t_text, 6), "bias_spread": round(spread, 4),
@@ -442,3 +454,109 @@ def fit_gla(data: LabData, *, calibrate: bool, estimate_on: str) -> Fitted:
     if calibrate:
         chosen["selected_on"] = data.selected_on
     return Fitted(head, chosen)
+
+
+# ------------------------------------------------------------------------------------------------------- LP++
+
+LP_PP_EPOCHS, LP_PP_ALPHA_EVERY = 300, 10  # configs/base.yaml train_epoch (linear probe: 300); alpha every 10 epochs
+LP_PP_CARD = Card(
+    paper="Huang, Shakeri, Dolz, Boudiaf, Bahig & Ben Ayed, CVPR 2024",
+    title="LP++: A Surprisingly Strong Linear Probe for Few-Shot CLIP",
+    code="FereshteShakeri/FewShot-CLIP-Strong-Baseline: methods/linear_probe_p2.py (LinearProbe_P2, calculate_lr_w, "
+         "calculate_init_alpha, calculate_lr_alpha), methods/utils.py (compute_centroids), configs/base.yaml",
+    matches=("logits = W f + b + alpha_j (f . t_j), f the L2-normalized image feature and t_j the normalized text "
+             "embedding of class j: a linear probe blended class-wise with the zero-shot head.",
+             "W starts at the per-class sums of the train features (compute_centroids), b at nn.Linear's default, "
+             "alpha at 250 x the mean over classes of each class's mean text similarity (calculate_init_alpha).",
+             "Full-batch gradient steps: SGD with momentum 0.9 on W and b at lr 4N / lambda_max(F^T F); alpha "
+             "stepped every 10 epochs at lr N / (4 max_j sum_i (f_i . t_j)^2) along its gradient, which the official "
+             "loop never zeroes (so the step uses the gradients summed since the start); 300 epochs.",
+             "The head of the epoch best on the selection split is kept (ties: the later epoch, as acc_val >= "
+             "best_acc)."),
+    deviations=(Deviation("The epoch is chosen by mean per-class accuracy on the selection split (the official code: "
+                          "accuracy on val).",
+                          "Every ltcache choice uses mean per-class accuracy; on a balanced val split they agree."),
+                Deviation("init=means starts W at the class means instead of the sums.",
+                          "An option beyond the official method: on a long-tailed train set the sums give the head "
+                          "classes much larger initial weights, which the few-shot setting (equal shots) never "
+                          "sees."),
+                Deviation("The gradients are computed a block of train rows at a time in float32.",
+                          "The same full-batch step; the official code holds the N x C logits whole, in CLIP's "
+                          "dtype.")),
+    features="CLIP's projected image embedding and its text head (extract --zero-shot; with --features both the "
+             "pre-projection features are projected first).",
+    reference_test="tests/test_frontier_heads.py::test_lp_pp_equals_the_official_loop")
+
+
+@method("lp_pp",
+        Param("epochs", int, LP_PP_EPOCHS, "Full-batch gradient steps (the official train_epoch).", low=1,
+              high=100_000),
+        Param("alpha_every", int, LP_PP_ALPHA_EVERY, "Epochs between the steps of alpha (the official 10).", low=1,
+              high=100_000),
+        Param("init", str, "sums", "Initial W: sums (the official per-class sums of the train features) or means.",
+              choices=("sums", "means")),
+        summary="LP++ (Huang et al. CVPR 2024): a linear probe plus class-wise weights alpha_j on CLIP's zero-shot "
+        "logits, full-batch steps at data-derived step sizes, the epoch chosen on the selection split", text=True,
+        stochastic=True, card=LP_PP_CARD)
+def fit_lp_pp(data: LabData, *, epochs: int, alpha_every: int, init: str) -> Fitted:
+    import torch
+    import torch.nn.functional as F
+
+    from ltcache.stage2.methods.neighbours import text_space
+
+    train = data.train
+    features = text_space(data, train.features)
+    labels = train.labels
+    rows, dim = features.shape
+    device = features.device
+    text = F.normalize(data.text.weight.to(device).float(), dim=1)  # t_j, without CLIP's logit scale
+    classes = data.num_classes
+    torch.manual_seed(data.seed)
+    counts = torch.bincount(labels, minlength=classes).float()
+    weight = torch.zeros(classes, dim, device=device).index_add_(0, labels, features)
+    if init == "means":
+        weight /= counts.clamp_min(1)[:, None]
+    bias = torch.nn.Linear(dim, classes).bias.detach().to(device)  # nn.Linear's default bias, drawn after its weight
+    similarity_sums = torch.zeros(classes, device=device)
+    squares = torch.zeros(classes, device=device)
+    gram = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+    for block, block_labels in zip(features.split(LOGIT_CHUNK_ROWS), labels.split(LOGIT_CHUNK_ROWS), strict=True):
+        similarity = block @ text.T
+        similarity_sums.index_add_(0, block_labels, similarity.gather(1, block_labels[:, None])[:, 0])
+        squares += similarity.square().sum(0)
+        gram += block.double().T @ block.double()
+    present = counts > 0
+    alpha = torch.full((classes,), 250 * float((similarity_sums[present] / counts[present]).mean()), device=device)
+    lr_w = 4 * rows / float(torch.linalg.eigvalsh(gram).max())
+    lr_alpha = rows / (4 * float(squares.max()))
+    velocity_w, velocity_b = torch.zeros_like(weight), torch.zeros_like(bias)
+    alpha_gradient = torch.zeros_like(alpha)
+    best = None
+    for epoch in range(1, epochs + 1):
+        grad_w, grad_b = torch.zeros_like(weight), torch.zeros_like(bias)
+        for block, block_labels in zip(features.split(LOGIT_CHUNK_ROWS), labels.split(LOGIT_CHUNK_ROWS),
+                                       strict=True):
+            similarity = block @ text.T
+            logits = torch.addmm(bias, block, weight.T) + alpha * similarity
+            residual = torch.softmax(logits, dim=1)
+            residual[torch.arange(len(block_labels), device=device), block_labels] -= 1
+            residual /= rows  # d(mean CE)/d logits
+            grad_w.addmm_(residual.T, block)
+            grad_b += residual.sum(0)
+            alpha_gradient += (residual * similarity).sum(0)  # never zeroed, as the official loop
+        for parameter, velocity, gradient in ((weight, velocity_w, grad_w), (bias, velocity_b, grad_b)):
+            velocity.mul_(0.9).add_(gradient) if epoch > 1 else velocity.copy_(gradient)
+            parameter.sub_(lr_w * velocity)
+        if epoch % alpha_every == 0:
+            alpha -= lr_alpha * alpha_gradient
+        head = LinearHead(weight + alpha[:, None] * text, bias.clone(), normalize_input=True,
+                          projection=data.text.projection)
+        score = data.selection_score(head)
+        if best is None or score >= best[0]:
+            best = (score, LinearHead(head.weight.clone(), head.bias, True, None, head.projection), epoch,
+                    alpha.clone())
+    score, head, epoch, alpha = best
+    return Fitted(head, {"epochs": epochs, "epoch_kept": epoch, "init": init, "alpha_every": alpha_every,
+                         "lr_w": round(lr_w, 6), "lr_alpha": round(lr_alpha, 6),
+                         "alpha_min": round(alpha.min().item(), 4), "alpha_max": round(alpha.max().item(), 4),
+                         "selected_on": data.selected_on, "selection_mean_per_class": round(score, 4)})

@@ -1,4 +1,4 @@
-"""The two stage-2 heads that are not linear in the features: DisAlign and the MLP classifier."""
+"""Calibrations of the joint logits trained with generalized re-weighting (DisAlign, MARC) and the MLP classifier."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import functools
 import numpy as np
 
 from ltcache.core.params import Param
-from ltcache.heads import DisAlignHead, MLPHead
+from ltcache.heads import DisAlignHead, LinearHead, MLPHead
 from ltcache.stage2.cards import DECOUPLING, KANG_2020, Card, Deviation
 from ltcache.stage2.core import Fitted, LabData, with_defaults
 from ltcache.stage2.training import TRAINER_DEVIATIONS, TRAINING, Plan, lab_training, planned_method
@@ -76,6 +76,58 @@ def fit_disalign(data: LabData, *, exp_scale: float, **hyperparameters) -> Plan:
         return Fitted(head, {**used[0], "exp_scale": exp_scale, "sampling": "instance", **ranges})
 
     return Plan([training], finish)
+
+
+MARC_CARD = Card(
+    paper="Wang, Zhang, Xiang, Leung, Zhu & Tao, ACML 2022",
+    title="Margin Calibration for Long-Tailed Visual Recognition",
+    code="Imbalance-VLM/Imbalance-VLM: imblearn/algorithms/supervised/utils.py (MARC_Net, grw_loss), supervised.py, "
+         "config/imb_clip_stage2_algs/supervised/imagenet_lt_grw_loss_None_marc_0.yaml",
+    matches=("The joint logits z = W f + b recalibrated per class, a_j z_j + b_j ||w_j||, a starting at 1 and b at "
+             "0, W and b frozen (MARC_Net).",
+             "The generalized re-weighting loss (grw_loss: class weights (1 / n_c)^1.2, mean 1) on instance-sampled "
+             "batches; SGD lr 0.03 at batch 256, momentum 0.9, weight decay 5e-4, 10 epochs."),
+    deviations=TRAINER_DEVIATIONS[1:] + (
+        Deviation("Every epoch is trained (10 epochs of len(train) rows).",
+                  "The Imbalance-VLM config also sets num_train_iter 30, which stops its loop after about 30 "
+                  "steps; ltcache trains the epochs the config names."),),
+    features="Any features with a joint head; Imbalance-VLM's are CLIP's image features under its linear head.",
+    reference_test=REFERENCE.format("marc"))
+
+
+@planned_method("marc", *with_defaults(TRAINING, epochs=10, batch_size=256, lr=0.03),
+                Param("exp_scale", float, 1.2, "rho of the generalized re-weighting loss, w_c ~ (1/n_c)^rho.", low=0),
+                summary="MARC margin calibration (Wang et al. ACML 2022, as Imbalance-VLM): per-class a_j z_j + b_j "
+                "||w_j|| on the frozen joint logits, generalized re-weighting loss", card=MARC_CARD)
+def fit_marc(data: LabData, *, exp_scale: float, **hyperparameters) -> Plan:
+    """A linear head in the end: a_j (w_j . f + b_j) + b'_j ||w_j||."""
+    import torch
+    from torch import nn
+
+    from ltcache.stage2.modules import MarginCalibration
+
+    torch.manual_seed(data.seed)
+    split = data.split(data.fitting)
+    device = split.features.device
+    bias = data.joint.bias if data.joint.bias is not None else torch.zeros(data.num_classes)
+    joint_logits = data.raw_logits(data.fitting, bias.to(device))
+    norms = data.joint.weight.norm(dim=1).to(device)
+    module = MarginCalibration(norms)
+    weights = generalized_reweighting(data.class_counts, exp_scale).to(device)
+    training = lab_training(module, data, joint_logits, sampling_q=1.0,
+                            criterion=nn.CrossEntropyLoss(weight=weights), **hyperparameters)
+
+    def finish(used: list[dict]) -> Fitted:
+        scale, margin = module.scale.detach().clone(), module.margin.detach().clone()
+        weight = data.joint.weight * scale[:, None].to(data.joint.weight.device)
+        head_bias = (scale * bias.to(device) + margin * norms).to(data.joint.weight.device)
+        ranges = {f"{name}_{end}": round(getattr(tensor, end)().item(), 4)
+                  for name, tensor in (("scale", scale), ("margin", margin)) for end in ("min", "max")}
+        return Fitted(LinearHead(weight, head_bias), {**used[0], "exp_scale": exp_scale, "sampling": "instance",
+                                                       **ranges})
+
+    return Plan([training], finish)
+
 
 
 def fit_mlp(data: LabData, *, layers: int, hidden: int, **hyperparameters) -> Plan:
