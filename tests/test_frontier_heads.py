@@ -109,7 +109,7 @@ def official_search(features, labels, keys, values, text, betas, alphas):
 
 def test_tip_adapter_equals_the_official_formula():
     data = toy_data(seed=8, text=True)
-    grid = {"beta_scale": 7.0, "beta_steps": 20, "alpha_scale": 3.0, "alpha_steps": 6}
+    grid = {"beta_scale": 7.0, "beta_steps": 20, "alpha_scale": 3.0, "alpha_steps": 6, "shots": 0}
     fitted = fit_method("tip_adapter", data, grid)
     keys = F.normalize(data.train.features, dim=1)
     values = F.one_hot(data.train.labels).float()
@@ -138,6 +138,8 @@ def test_tip_adapter_keys_average_the_train_views_and_shots_balance_the_cache():
     assert torch.allclose(keys, expected, atol=1e-6) and torch.equal(labels, data.train.labels)
     keys, labels = cache_keys(data, 4)
     assert torch.bincount(labels).tolist() == [min(4, n) for n in COUNTS]
+    assert fit_method("tip_adapter", data, {"beta_steps": 2, "alpha_steps": 2}).chosen["keys"] == \
+        sum(min(16, n) for n in COUNTS)  # the paper's 16 shots by default
     again, labels_again = cache_keys(data, 4)
     assert torch.equal(keys, again) and torch.equal(labels, labels_again)  # the seed draws the same subsample
 
@@ -146,7 +148,7 @@ def test_tip_adapter_f_equals_a_hand_written_adamw_loop():
     """run_tip_adapter_F on the cached rows: nn.Linear keys, AdamW eps 1e-4, CosineAnnealingLR per step, CE at
     init_beta 1 and init_alpha 1.17; the epoch best on val at those values kept; then the search."""
     data = toy_data(seed=8, text=True)
-    settings = {"epochs": 4, "batch_size": 16, "lr": 0.01, "beta_steps": 10, "alpha_steps": 5}
+    settings = {"epochs": 4, "batch_size": 16, "lr": 0.01, "beta_steps": 10, "alpha_steps": 5, "shots": 0}
     fitted = fit_method("tip_adapter_f", data, settings)
     features, labels = F.normalize(data.train.features, dim=1), data.train.labels
     values = F.one_hot(labels).float()
@@ -250,7 +252,7 @@ def test_a_text_head_over_pre_projection_features_is_the_projected_head():
                      joint=LinearHead(data.joint.weight @ projection.T, data.joint.bias),
                      text=replace(data.text, projection=projection), _raw_logits={})
     queries = toy_data(seed=9).val.features
-    for name, settings in (("zero_shot", {}), ("tip_adapter", {"beta_steps": 10, "alpha_steps": 5}),
+    for name, settings in (("zero_shot", {}), ("tip_adapter", {"beta_steps": 10, "alpha_steps": 5, "shots": 0}),
                            ("lp_pp", {"epochs": 20}), ("gda", {}), ("zs_ensemble", {}), ("gla", {})):
         plain = fit_method(name, data, settings)
         projected = fit_method(name, lifted, settings)

@@ -232,8 +232,8 @@ def test_the_joint_head_is_the_models_own_only_when_its_classes_are_the_datasets
 
     real = hub.timm_model
 
-    def with_ten_classes(name, pretrained):
-        features, dim, _, _, preprocessing = real(name, pretrained)
+    def with_ten_classes(name, pretrained, features="auto"):
+        features, dim, _, _, preprocessing = real(name, pretrained, features)
         weight, bias = torch.randn(10, dim), torch.randn(10)
         return features, dim, (weight, bias), None, preprocessing
 

@@ -658,6 +658,18 @@ def info(cache_path: Path, *, verify: bool = False) -> dict:
     return summary
 
 
+def _extraction_options(manifest: dict) -> dict:
+    """What extract's feature and crop options recorded (absent from a cache made without them)."""
+    model = manifest["backbone"].get("model")
+    options = {}
+    if isinstance(model, dict) and isinstance(model.get("features"), dict):
+        options["features"] = model["features"].get("kind")
+    crops = manifest.get("test_crops")
+    if isinstance(crops, dict):
+        options["test_crops"] = f"{crops.get('count')} ({crops.get('geometry')})"
+    return options
+
+
 def _summary(cache: FeatureCache) -> dict:
     manifest = cache.manifest
     counts = cache.class_counts
@@ -676,6 +688,7 @@ def _summary(cache: FeatureCache) -> dict:
         "checkpoint_sha256": manifest["backbone"].get("checkpoint_sha256"),
         **({"weights": manifest["backbone"]["model"].get("weights")}  # extracted as it is: no checkpoint
            if isinstance(manifest["backbone"].get("model"), dict) else {}),
+        **_extraction_options(manifest),
         "zero_shot_head": TEXT_HEAD in manifest.get("files", {}),
         "created": manifest.get("created"),
         "generation": cache.generation,

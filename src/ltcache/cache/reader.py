@@ -290,15 +290,23 @@ class FeatureCache:
         try:
             with h5py.File(self._file(TEXT_HEAD), "r") as f:
                 weight = np.asarray(f["weight"][()], dtype=np.float32) if "weight" in f else None
+                projection = np.asarray(f["projection"][()], dtype=np.float32) if "projection" in f else None
         except (OSError, ValueError, TypeError) as exc:
             raise _damaged(where, f"it is unreadable ({type(exc).__name__})") from None
         if weight is None:
             raise _damaged(where, "it has no 'weight'")
-        check_head_arrays(weight, None, num_classes=self.num_classes, feature_dim=self.feature_dim, where=where,
+        width = self.feature_dim
+        if projection is not None:  # extract --features both: the head reads normalize(f @ projection)
+            if projection.ndim != 2 or projection.shape[0] != self.feature_dim or not np.isfinite(projection).all():
+                raise _damaged(where, f"its projection {projection.shape} does not map the {self.feature_dim}-d "
+                               "features to finite values")
+            width = projection.shape[1]
+        check_head_arrays(weight, None, num_classes=self.num_classes, feature_dim=width, where=where,
                           has_bias=False)
         import torch
 
-        return LinearHead(torch.from_numpy(weight), None, normalize_input=True)
+        return LinearHead(torch.from_numpy(weight), None, normalize_input=True,
+                          projection=None if projection is None else torch.from_numpy(projection))
 
     @property
     def heads_dir(self) -> Path:

@@ -166,16 +166,25 @@ class CacheWriter:
 
         atomic_write(self.staging / HEAD, write)
 
-    def write_text_head(self, weight: torch.Tensor) -> None:
+    def write_text_head(self, weight: torch.Tensor, projection: torch.Tensor | None = None) -> None:
         """The zero-shot text head W [C, d] (class text embeddings times CLIP's logit scale), applied to the
-        L2-normalized features."""
+        L2-normalized features; with `projection` [feature_dim, d] (extract --features both), to the normalized
+        projected features f @ projection."""
         weight = weight.detach().cpu().float().numpy()
-        check_head_arrays(weight, None, num_classes=len(weight), feature_dim=self.feature_dim,
+        width = self.feature_dim
+        if projection is not None:
+            projection = projection.detach().cpu().float().numpy()
+            if projection.shape[0] != self.feature_dim or not np.isfinite(projection).all():
+                raise LtcacheError(f"the projection {projection.shape} does not map the {self.feature_dim}-d features")
+            width = projection.shape[1]
+        check_head_arrays(weight, None, num_classes=len(weight), feature_dim=width,
                           where="the zero-shot text head", has_bias=False)
 
         def write(tmp: Path) -> None:
             with h5py.File(tmp, "w") as f:
                 f.create_dataset("weight", data=weight)
+                if projection is not None:
+                    f.create_dataset("projection", data=projection)
 
         atomic_write(self.staging / TEXT_HEAD, write)
 

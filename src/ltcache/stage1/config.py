@@ -170,6 +170,12 @@ EXTRACT = (
           optional=True),
     Param("templates", str, "openai", "With --zero-shot: the prompts, openai (CLIP's 80 ImageNet prompts), simple "
           "(its 7) or a text file with one prompt per line, {} for the class name."),
+    Param("features", str, "auto", "Without a checkpoint, what the backbone gives: auto (timm's pre-logits feature, "
+          "CLIP's projected embedding); for a timm ViT cls, cls_patch (DINOv2's linear protocol: class token + mean "
+          "patch token) or cls4_patch (class tokens of the last 4 blocks + mean patch token); for CLIP projected, "
+          "pre_projection (the tower before its projection, LIFT's features) or both (pre-projection features plus "
+          "the projection, so --zero-shot still applies).",
+          choices=("auto", "cls", "cls_patch", "cls4_patch", "projected", "pre_projection", "both")),
     Param("root", str, None, "Dataset folder, if it moved since training (always, for a classifier-balancing "
           "checkpoint).", optional=True),
     Param("split_dir", str, None, "Split-file folder, if it moved since training.", optional=True),

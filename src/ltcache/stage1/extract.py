@@ -50,7 +50,8 @@ def extract(checkpoint: Path | None, out: Path, *, dataset: str | None = None, b
             pretrained: bool = False, root: str | None = None, split_dir: str | None = None, dtype: str = "float32",
             batch_size: int = 512, workers: int = 0, device: str | None = None, shard_rows: int = SHARD_ROWS.default,
             overwrite: bool = False, train_views: int = 0, resume: bool = False, joint_head: str = "auto",
-            zero_shot: bool = False, class_names: Path | None = None, templates: str = "openai") -> Path:
+            zero_shot: bool = False, class_names: Path | None = None, templates: str = "openai",
+            features: str = "auto") -> Path:
     """Write penultimate features, labels and sample indices of every split, plus the joint head, to `out`.
 
     `checkpoint` None extracts `backbone` as it is (hub.py): a torchvision model or ltcache backbone, `timm:<name>`
@@ -60,7 +61,9 @@ def extract(checkpoint: Path | None, out: Path, *, dataset: str | None = None, b
     the model's own classifier when its classes are the dataset's (`auto`) or when asked (`own`), else an
     instance-balanced linear probe fitted on the cached train features. `zero_shot` (CLIP) also stores a text head
     built from the class names (`class_names` file, else the dataset's) and prompt `templates` (openai, simple or a
-    file). The manifest records the library, the model, the weights, the preprocessing and the heads' sources.
+    file). `features` chooses what a library backbone gives (hub.FEATURES: DINOv2's class + patch tokens of a timm
+    ViT, CLIP's features before its projection, or those with the projection kept for the text head). The manifest
+    records the library, the model, the weights, the preprocessing, the features and the heads' sources.
 
     With train_views K > 0, also a `train_views` split of K augmented views of every train image (the stage-1
     train transform, seeded by the run's seed and the view number): row k * len(train) + i is view k of image i.
@@ -75,13 +78,14 @@ def extract(checkpoint: Path | None, out: Path, *, dataset: str | None = None, b
     checkpoint = run_checkpoint(checkpoint)
     source = resolve_source(checkpoint, dataset=dataset, backbone=backbone, pretrained=pretrained, root=root,
                             split_dir=split_dir, joint_head=joint_head, zero_shot=zero_shot, templates=templates,
-                            train_views=train_views)
+                            train_views=train_views, features=features)
     inputs = [checkpoint, source.spec.root, source.spec.split_dir]  # the cache may not hold what it is made from
     writer_args = {"dtype": dtype, "shard_rows": shard_rows, "overwrite": overwrite, "inputs": inputs,
                    "source": {"dataset": source.spec.name, "backbone": source.backbone}}
     CacheWriter.check_target(Path(out), **writer_args)
     plan = {"checkpoint_sha256": sha256_file(Path(checkpoint)) if checkpoint is not None else None,
             "model": source.model, "dtype": dtype, "shard_rows": shard_rows, "train_views": train_views,
+            "features": features,
             "dataset": source.spec.to_dict(),
             # eval-mode features do not depend on the batch in exact arithmetic, but BLAS and cuDNN pick kernels by
             # shape, so two batch sizes give features that differ in the last bits: one cache, one batch size
@@ -90,7 +94,7 @@ def extract(checkpoint: Path | None, out: Path, *, dataset: str | None = None, b
     data, augmented_train = load_splits(source)
     model, frozen = build_source_model(source, data, pretrained=pretrained, joint_head=joint_head,
                                        zero_shot=zero_shot, class_names=class_names, templates=templates,
-                                       device=device)
+                                       device=device, features=features)
     run_device = resolve_device(device)
     with process_group(run_device):  # under torchrun: every rank extracts its own shards
         if (get_world_size() > 1 or resume) and train_views:
@@ -136,14 +140,15 @@ def run_checkpoint(checkpoint: Path | None) -> Path | None:
 
 def resolve_source(checkpoint: Path | None, *, dataset: str | None, backbone: str | None, pretrained: bool,
                    root: str | None, split_dir: str | None, joint_head: str, zero_shot: bool, templates: str,
-                   train_views: int) -> Source:
+                   train_views: int, features: str = "auto") -> Source:
     """Which of the three modes this extract is, its options checked for that mode before anything is read beyond
     the checkpoint (no dataset, no weight downloaded)."""
     if checkpoint is None:
         if dataset is None or backbone is None:
             raise LtcacheError("without a checkpoint, pass --backbone and --dataset (e.g. --backbone resnet50 "
                                "--pretrained --dataset imagefolder --root /data/images)")
-        check_frozen(backbone, pretrained, joint_head=joint_head, zero_shot=zero_shot, templates=templates)
+        check_frozen(backbone, pretrained, joint_head=joint_head, zero_shot=zero_shot, templates=templates,
+                     features=features)
         if train_views and (pretrained or split_name(backbone)[0] is not None):  # before any weight is fetched
             raise LtcacheError("--train-views augments with the dataset's own transform, not this backbone's "
                                "preprocessing; drop --train-views")
@@ -151,8 +156,9 @@ def resolve_source(checkpoint: Path | None, *, dataset: str | None, backbone: st
         config = {"backbone": backbone, "seed": 0, "source": model["weights"] or "random weights"}
         return Source(None, DatasetSpec.from_dict({"name": dataset}, root=root, split_dir=split_dir),
                       {"name": dataset}, config, None, {"format": "none", "epoch": None}, model)
-    if pretrained or zero_shot or joint_head != "auto":
-        flag = "--pretrained" if pretrained else "--zero-shot" if zero_shot else "--joint-head"
+    if pretrained or zero_shot or joint_head != "auto" or features != "auto":
+        flag = "--pretrained" if pretrained else "--zero-shot" if zero_shot else "--joint-head" \
+            if joint_head != "auto" else "--features"
         raise LtcacheError(f"{flag} is for extracting a --backbone without a checkpoint; {checkpoint} brings its own "
                            f"weights and classifier, so drop {flag}")
     weights, about = read_weights(checkpoint)
@@ -187,7 +193,7 @@ def load_splits(source: Source):
 
 
 def build_source_model(source: Source, data, *, pretrained: bool, joint_head: str, zero_shot: bool,
-                       class_names: Path | None, templates: str, device: str | None):
+                       class_names: Path | None, templates: str, device: str | None, features: str = "auto"):
     """(model, frozen): the checkpoint's model, or a library model as it is (hub.Frozen: its own preprocessing,
     classifier and text head; the dataset's splits then get the library's transform)."""
     if source.checkpoint is not None:
@@ -195,7 +201,8 @@ def build_source_model(source: Source, data, *, pretrained: bool, joint_head: st
     torch.manual_seed(int(source.config["seed"]))  # random weights (and the text tower's) alike in every run
     frozen = build_frozen(source.backbone, pretrained, num_classes=data.num_classes, in_channels=data.in_channels,
                           class_names=data.class_names, joint_head=joint_head, zero_shot=zero_shot,
-                          names_file=class_names, templates=templates, device=resolve_device(device))
+                          names_file=class_names, templates=templates, device=resolve_device(device),
+                          features=features)
     model, source.model = frozen.classifier, {**source.model, **frozen.about}
     if frozen.transform is not None:  # the library's own resize, crop, mean and std, not the dataset's
         for split in list(data.splits):
@@ -300,7 +307,7 @@ def commit(writer: CacheWriter, source: Source, data, model, frozen, plan: dict)
     else:
         writer.write_joint_head(model.fc.weight, model.fc.bias)
     if frozen is not None and frozen.text is not None:
-        writer.write_text_head(frozen.text)
+        writer.write_text_head(frozen.text, frozen.projection)
     writer.write_membership(data.source_index)
     checkpoint = source.checkpoint
     backbone = {"arch": source.backbone,

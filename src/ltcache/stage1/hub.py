@@ -73,6 +73,22 @@ def loading_weights(backbone: str, pretrained: bool):
 # ---------------------------------------------------------------------------------------------------------- timm
 
 
+# What extract --features takes: the library's own feature (auto), a ViT's tokens as DINOv2's linear protocol builds
+# them (dinov2/eval/linear.py, create_linear_input), or a CLIP image tower's output before / after its projection.
+FEATURES = {
+    "auto": "the library's own: timm's pre-logits feature, CLIP's projected embedding",
+    "cls": "timm ViT: the class token after the final norm",
+    "cls_patch": "timm ViT: the class token and the mean of the patch tokens (DINOv2's linear protocol, 1 block)",
+    "cls4_patch": "timm ViT: the class tokens of the last 4 blocks and the mean patch token of the last (DINOv2's "
+                  "linear protocol, n_last_blocks 4)",
+    "projected": "CLIP: the image embedding after the projection (the text head's space; auto)",
+    "pre_projection": "CLIP ViT: the image tower's output before the projection (LIFT's and CLIP's linear probes)",
+    "both": "CLIP ViT: the pre-projection features stored with the projection, so the zero-shot head still applies",
+}
+TIMM_TOKEN_FEATURES = {"cls": (1, False), "cls_patch": (1, True), "cls4_patch": (4, True)}  # (blocks, patch mean)
+CLIP_FEATURES = ("projected", "pre_projection", "both")
+
+
 class TimmFeatures(nn.Module):
     """A timm model's pre-logits features: forward_head(forward_features(x), pre_logits=True), the input of its
     classifier (pooled, after any head norm)."""
@@ -85,8 +101,125 @@ class TimmFeatures(nn.Module):
         return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
 
 
+class TimmTokenFeatures(nn.Module):
+    """DINOv2's linear-protocol feature from a timm ViT (dinov2/eval/linear.py, create_linear_input): the class tokens
+    of the last `blocks` blocks, each after the final norm, then (`patch_mean`) the mean of the last block's patch
+    tokens (registers and other prefix tokens left out), concatenated."""
+
+    def __init__(self, model: nn.Module, blocks: int, patch_mean: bool):
+        super().__init__()
+        self.model, self.blocks, self.patch_mean = model, blocks, patch_mean
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.blocks == 1:
+            tokens = self.model.forward_features(x)  # the last block's tokens after the final norm
+            layers = [(tokens[:, self.model.num_prefix_tokens:], tokens[:, : self.model.num_prefix_tokens])]
+        else:
+            layers = self.model.forward_intermediates(x, indices=self.blocks, norm=True, output_fmt="NLC",
+                                                      intermediates_only=True, return_prefix_tokens=True)
+        parts = [prefix[:, 0] for _, prefix in layers]
+        if self.patch_mean:
+            parts.append(layers[-1][0].mean(1))
+        return torch.cat(parts, dim=-1)
+
+
+def check_features(library: str | None, name: str, features: str) -> None:
+    """--features against the backbone's library, before anything is built."""
+    if features == "auto":
+        return
+    if features in TIMM_TOKEN_FEATURES and library != "timm":
+        raise LtcacheError(f"--features {features} reads a timm ViT's tokens; use --backbone timm:<vit name>, or "
+                           "--features auto")
+    if features in CLIP_FEATURES and library != "open_clip":
+        raise LtcacheError(f"--features {features} is for CLIP image towers; use --backbone open_clip:ARCH/TAG, or "
+                           "--features auto")
+
+
+def timm_token_features(model: nn.Module, name: str, features: str) -> tuple[nn.Module, int]:
+    """(module, dim) of a ViT's token features, or a one-line error for a model without a class token."""
+    blocks, patch_mean = TIMM_TOKEN_FEATURES[features]
+    if getattr(model, "cls_token", None) is None or not hasattr(model, "forward_intermediates") \
+            or not hasattr(model, "blocks"):
+        raise LtcacheError(f"--features {features} needs a ViT with a class token; timm:{name} has none (use "
+                           "--features auto)")
+    if blocks > len(model.blocks):
+        raise LtcacheError(f"--features {features} reads the last {blocks} blocks; timm:{name} has {len(model.blocks)}")
+    return TimmTokenFeatures(model, blocks, patch_mean), model.embed_dim * (blocks + int(patch_mean))
+
+
+TIMM_CONFIG_KEYS = ("architecture", "kwargs")
+
+
+def read_timm_config(name: str) -> tuple[str, dict]:
+    """(architecture, kwargs) of a timm model config .json: {"architecture": NAME, "kwargs": {...}}, how a custom or
+    tiny model is named (e.g. a DINOv2 ViT with 4 blocks of width 48). Checked before timm builds anything: UTF-8
+    JSON, a known architecture, kwargs of numbers, strings, booleans and lists of them, every integer from 0 to
+    2**20, every number finite, and a transformer small enough to allocate."""
+    from ltcache.core.fsutil import read_text
+
+    timm = import_library("timm")
+    path = Path(name).expanduser()
+    if not path.is_file():
+        raise LtcacheError(f"timm model config {path} does not exist; pass a timm model name or the path of a .json "
+                           'with {"architecture": NAME, "kwargs": {...}}')
+    try:
+        config = json.loads(read_text(path, "timm model config"))
+    except ValueError as exc:
+        raise LtcacheError(f"timm model config {path} is not valid JSON ({exc})") from None
+    if not isinstance(config, dict) or set(config) - set(TIMM_CONFIG_KEYS) or \
+            not isinstance(config.get("architecture"), str) or not isinstance(config.get("kwargs", {}), dict):
+        raise LtcacheError(f'timm model config {path} needs "architecture" (a timm model name) and optionally '
+                           '"kwargs" (an object), nothing else')
+    architecture, kwargs = config["architecture"], config.get("kwargs", {})
+    if not timm.is_model(architecture):
+        raise unknown_name("timm model", architecture, timm.list_models(), instead="see timm.list_models()")
+
+    def check(value, where: str) -> None:
+        if isinstance(value, list):
+            for index, item in enumerate(value):
+                check(item, f"{where}[{index}]")
+        elif isinstance(value, bool) or isinstance(value, str) or value is None:
+            return
+        elif isinstance(value, int):
+            if not 0 <= value <= MAX_CONFIG_INT:
+                raise LtcacheError(f"timm model config {path}: {where} = {value} must be an integer from 0 to "
+                                   f"{MAX_CONFIG_INT}")
+        elif isinstance(value, float):
+            if not math.isfinite(value):
+                raise LtcacheError(f"timm model config {path}: {where} must be a finite number")
+        else:
+            raise LtcacheError(f"timm model config {path}: {where} must be a number, string, boolean or list")
+
+    for key, value in kwargs.items():
+        check(value, f"kwargs.{key}")
+    width, depth = kwargs.get("embed_dim", 0), kwargs.get("depth", 0)
+    if isinstance(width, int) and isinstance(depth, int) and 12 * depth * width * width > MAX_TOWER_PARAMETERS:
+        raise LtcacheError(f"timm model config {path}: embed_dim {width} and depth {depth} would hold more than 10^10 "
+                           "weights; check them")
+    return architecture, kwargs
+
+
+def create_timm(name: str, pretrained: bool):
+    """timm.create_model of a model name, or of a model config .json (random weights); a config's kwargs that the
+    architecture does not take are a one-line error."""
+    timm = import_library("timm")
+    if not name.endswith(".json"):
+        return timm.create_model(name, pretrained=pretrained)
+    architecture, kwargs = read_timm_config(name)
+    try:
+        return timm.create_model(architecture, pretrained=False, **kwargs)
+    except (TypeError, ValueError, AssertionError, RuntimeError) as exc:
+        reason = " ".join(str(exc).split())[:160]
+        raise LtcacheError(f"timm cannot build {architecture} from {name} ({type(exc).__name__}: {reason})") from None
+
+
 def check_timm(name: str, pretrained: bool) -> None:
     timm = import_library("timm")
+    if name.endswith(".json"):
+        if pretrained:
+            raise LtcacheError("a timm model config describes an architecture with random weights; drop --pretrained")
+        read_timm_config(name)
+        return
     architecture, _, tag = name.partition(".")
     if not timm.is_model(architecture):
         raise unknown_name("timm model", architecture, timm.list_models(), instead="see timm.list_models()")
@@ -105,16 +238,19 @@ def timm_preprocessing(model: nn.Module) -> Preprocessing:
 
     config = resolve_model_data_config(model)
     height, width = config["input_size"][1:]
+    fixed = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if fixed is not None and not getattr(model, "dynamic_img_size", False):  # a ViT built for another size (kwargs)
+        height, width = int(fixed[0]), int(fixed[1])
     crop_pct = config.get("crop_pct") or 1.0
     squash = config.get("crop_mode") == "squash"
     return Preprocessing((height, width), math.floor(min(height, width) / crop_pct), config["interpolation"],
                          tuple(config["mean"]), tuple(config["std"]), squash)
 
 
-def timm_model(name: str, pretrained: bool):
-    """(features module, feature dim, own classifier (W, b) or None, label names or None, preprocessing)."""
-    timm = import_library("timm")
-    model = timm.create_model(name, pretrained=pretrained)
+def timm_model(name: str, pretrained: bool, features: str = "auto"):
+    """(features module, feature dim, own classifier (W, b) or None, label names or None, preprocessing). The own
+    classifier reads the pre-logits feature, so it is kept only with features auto."""
+    model = create_timm(name, pretrained)
     classifier = model.get_classifier()
     own = None
     if isinstance(classifier, nn.Linear) and classifier.bias is not None:
@@ -129,6 +265,9 @@ def timm_model(name: str, pretrained: bool):
         labels = list(ImageNetInfo(subset).label_names()) if subset else None
     except (ImportError, ValueError, KeyError, OSError):
         labels = None
+    if features in TIMM_TOKEN_FEATURES:
+        module, dim = timm_token_features(model, name, features)
+        return module, dim, None, labels, timm_preprocessing(model)
     return TimmFeatures(model), dim, own, labels, timm_preprocessing(model)
 
 
@@ -136,11 +275,21 @@ def timm_model(name: str, pretrained: bool):
 
 
 class ClipImageFeatures(nn.Module):
-    """A CLIP image tower's embedding (after the projection, in the text tower's space; not normalized)."""
+    """A CLIP image tower's embedding (after the projection, in the text tower's space; not normalized), or with
+    `pre_projection` its output before the projection (the tower's `proj` is then taken out of it and kept as
+    `projection` [width, embed_dim]: the projected embedding is features @ projection)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, pre_projection: bool = False):
         super().__init__()
         self.visual = model.visual
+        self.projection = None
+        if pre_projection:
+            proj = getattr(self.visual, "proj", None)
+            if not isinstance(proj, torch.Tensor):
+                raise LtcacheError(f"--features pre_projection / both needs a CLIP ViT image tower with a separate "
+                                   f"projection; {type(self.visual).__name__} has none (use --features projected)")
+            self.projection = proj.detach().float().clone()
+            self.visual.proj = None  # open_clip's ViT skips its projection when proj is None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.visual(x)
@@ -245,9 +394,10 @@ def check_open_clip(name: str, pretrained: bool) -> None:
         raise LtcacheError(f"open_clip has no pretrained tag {tag!r} for {arch}; tags: {', '.join(tags[:6]) or 'none'}")
 
 
-def open_clip_model(name: str, pretrained: bool):
+def open_clip_model(name: str, pretrained: bool, features: str = "auto"):
     """(CLIP model, features module, feature dim, tokenizer, preprocessing). Without `pretrained` the weights are
-    random, but a tag still chooses its preprocessing (e.g. the OpenAI mean and std)."""
+    random, but a tag still chooses its preprocessing (e.g. the OpenAI mean and std). With features pre_projection
+    or both, the module gives the tower's output before its projection (ClipImageFeatures.projection)."""
     open_clip = import_library("open_clip")
     arch, tag = open_clip_arch(name)
     extra = {}
@@ -255,8 +405,10 @@ def open_clip_model(name: str, pretrained: bool):
         extra["force_quick_gelu"] = bool(open_clip.get_pretrained_cfg(arch, tag).get("quick_gelu", False))
     model = open_clip.create_model(arch, pretrained=tag if pretrained else None, **extra)
     model.eval()
-    dim = int(open_clip.get_model_config(arch)["embed_dim"])
-    return model, ClipImageFeatures(model), dim, open_clip.get_tokenizer(arch), open_clip_preprocessing(arch, tag)
+    module = ClipImageFeatures(model, pre_projection=features in ("pre_projection", "both"))
+    dim = int(open_clip.get_model_config(arch)["embed_dim"]) if module.projection is None \
+        else int(module.projection.shape[0])
+    return model, module, dim, open_clip.get_tokenizer(arch), open_clip_preprocessing(arch, tag)
 
 
 def open_clip_preprocessing(arch: str, tag: str | None) -> Preprocessing:
@@ -373,15 +525,26 @@ class Frozen:
     own: tuple[torch.Tensor, torch.Tensor] | None
     text: torch.Tensor | None
     about: dict
+    projection: torch.Tensor | None = None  # --features both: CLIP's projection, stored with the text head
 
 
 def check_frozen(backbone: str, pretrained: bool, *, joint_head: str = "auto", zero_shot: bool = False,
-                 templates: str | None = None) -> None:
+                 templates: str | None = None, features: str = "auto") -> None:
     """Everything about a frozen backbone that can be judged before the dataset is read or a weight downloaded
-    (`joint_head`'s value is checked by its declaration, config.EXTRACT)."""
+    (`joint_head`'s and `features`' values are checked by their declarations, config.EXTRACT)."""
     from ltcache.stage1.models import check_backbone
 
     library, name = split_name(backbone)
+    check_features(library, name, features)
+    if features == "both" and not zero_shot:
+        raise LtcacheError("--features both keeps CLIP's projection for the zero-shot text head; add --zero-shot, or "
+                           "use --features pre_projection")
+    if features == "pre_projection" and zero_shot:
+        raise LtcacheError("the zero-shot text head reads projected features; use --features both (pre-projection "
+                           "features plus the projection) with --zero-shot")
+    if features in TIMM_TOKEN_FEATURES and joint_head == "own":
+        raise LtcacheError(f"the model's own classifier reads its pre-logits feature, not --features {features}; use "
+                           "--joint-head probe")
     if library is None:
         check_backbone(name, pretrained=pretrained)
     elif library == "timm":
@@ -423,27 +586,35 @@ def describe_frozen(backbone: str, pretrained: bool) -> dict:
             about["model_config"] = {"path": str(config.resolve()), "sha256": sha256_file(config)}
     else:
         about["weights"] = name if pretrained else None
+        if name.endswith(".json"):
+            from ltcache.core.fsutil import sha256_file
+
+            config = Path(name).expanduser()
+            about.update(name=read_timm_config(name)[0], model_config={"path": str(config.resolve()),
+                                                                       "sha256": sha256_file(config)})
     return about
 
 
 def build_frozen(backbone: str, pretrained: bool, *, num_classes: int, in_channels: int, class_names: list[str],
                  joint_head: str = "auto", zero_shot: bool = False, names_file: Path | None = None,
-                 templates: str = "openai", device=None) -> Frozen:
+                 templates: str = "openai", device=None, features: str = "auto") -> Frozen:
     """Build the backbone (the library downloads pretrained weights on first use), its preprocessing, its own
-    classifier when the joint head is to be it, and the zero-shot text head when asked."""
+    classifier when the joint head is to be it, and the zero-shot text head when asked; `features` chooses what
+    the backbone gives (FEATURES)."""
     with loading_weights(backbone, pretrained):
         return _build_frozen(backbone, pretrained, num_classes=num_classes, in_channels=in_channels,
                              class_names=class_names, joint_head=joint_head, zero_shot=zero_shot,
-                             names_file=names_file, templates=templates, device=device)
+                             names_file=names_file, templates=templates, device=device, features=features)
 
 
 def _build_frozen(backbone: str, pretrained: bool, *, num_classes: int, in_channels: int, class_names: list[str],
-                  joint_head: str, zero_shot: bool, names_file: Path | None, templates: str, device) -> Frozen:
+                  joint_head: str, zero_shot: bool, names_file: Path | None, templates: str, device,
+                  features: str) -> Frozen:
     from ltcache.stage1.models import Classifier, build_with_own_head, pretrained_categories, pretrained_preprocessing
 
     library, name = split_name(backbone)
     about: dict = {}
-    own, labels, text, preprocessing = None, None, None, None
+    own, labels, text, preprocessing, projection = None, None, None, None, None
     if library is None:
         classifier, layer = build_with_own_head(name, num_classes, 3 if pretrained else in_channels,
                                                 pretrained=pretrained)
@@ -454,11 +625,12 @@ def _build_frozen(backbone: str, pretrained: bool, *, num_classes: int, in_chann
         if layer is not None and layer.bias is not None:
             own = (layer.weight.detach().clone(), layer.bias.detach().clone())
     elif library == "timm":
-        features, dim, own, labels, preprocessing = timm_model(name, pretrained)
-        classifier = Classifier(features, dim, num_classes)
+        module, dim, own, labels, preprocessing = timm_model(name, pretrained, features)
+        classifier = Classifier(module, dim, num_classes)
     else:
-        model, features, dim, tokenizer, preprocessing = open_clip_model(name, pretrained)
-        classifier = Classifier(features, dim, num_classes)
+        model, module, dim, tokenizer, preprocessing = open_clip_model(name, pretrained, features)
+        classifier = Classifier(module, dim, num_classes)
+        projection = module.projection if features == "both" else None
         if zero_shot:
             prompts = read_templates(templates)
             names, source = prompt_names(class_names, names_file)
@@ -470,10 +642,16 @@ def _build_frozen(backbone: str, pretrained: bool, *, num_classes: int, in_chann
                                                else prompts[0](names[0])]}
     about["preprocessing"] = preprocessing.describe() if preprocessing is not None \
         else "the dataset's test-time transform"
+    if library is not None:
+        about["features"] = {"kind": "projected" if features == "auto" and library == "open_clip" else features,
+                             "dim": int(dim), "about": FEATURES["projected" if features == "auto" and
+                                                                library == "open_clip" else features]}
+        if projection is not None:
+            about["features"]["projection"] = list(projection.shape)
     use_own, about["joint_head_choice"] = choose_joint_head(joint_head, own, labels, class_names, pretrained,
                                                             backbone, num_classes)
     return Frozen(classifier, preprocessing.transform() if preprocessing is not None else None,
-                  own if use_own else None, text, about)
+                  own if use_own else None, text, about, projection)
 
 
 def choose_joint_head(mode: str, own, labels, class_names: list[str], pretrained: bool, backbone: str,

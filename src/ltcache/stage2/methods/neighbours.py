@@ -97,6 +97,7 @@ def fit_knn(data: LabData, *, ks, temperature: float) -> Fitted:
 TIP_BETA_SCALE, TIP_ALPHA_SCALE, TIP_BETA_STEPS, TIP_ALPHA_STEPS = 7.0, 3.0, 200, 20  # configs/imagenet.yaml
 TIP_INIT_BETA, TIP_INIT_ALPHA = 1.0, 1.17
 TIP_LR, TIP_EPOCHS, TIP_BATCH = 0.001, 20, 256
+TIP_SHOTS = 16  # the paper's largest few-shot cache
 
 
 def search_grid(scale: float, steps: int) -> list[float]:
@@ -181,9 +182,9 @@ def search_alpha_beta(data: LabData, text_logits_of, keys: torch.Tensor, key_lab
 
 
 TIP_PARAMS = (
-    Param("shots", int, 0, "Keys per class: 0 keeps every train image as a key (the long-tailed cache); N > 0 keeps "
-          "at most N per class, drawn with the seed (a class-balanced cache, as the few-shot setting).", low=0,
-          high=10**6),
+    Param("shots", int, TIP_SHOTS, "Keys per class: at most N train images of each class, drawn with the seed (the "
+          "paper's 16-shot cache, class-balanced up to the tail's own counts); 0 keeps every train image (a "
+          "long-tailed cache, whose votes favour the head classes).", low=0, high=10**6),
     Param("beta_scale", float, TIP_BETA_SCALE, "Largest beta searched (the official search_scale[0]).", above=0.1,
           high=1000),
     Param("alpha_scale", float, TIP_ALPHA_SCALE, "Largest alpha searched (search_scale[1]).", above=0.1, high=1000),
@@ -198,10 +199,12 @@ TIP_DEVIATIONS = (
     Deviation("alpha and beta are searched on the selection split by mean per-class accuracy.",
               "The official ImageNet script searches them on test (search_hp over test_features); its other "
               "datasets search on val by accuracy."),
-    Deviation("By default every train image is a key (shots=0); shots=N keeps a class-balanced subsample of N per "
-              "class.",
-              "The paper's cache is the few-shot train set itself; at long-tail sizes the whole train set is the "
-              "natural cache, and the similarities are computed in tiles, so its size costs time, not memory."),
+    Deviation("The cache is at most 16 train images per class (shots=16), drawn with the seed; a class with fewer "
+              "gives all of its images. shots=0 keeps every train image.",
+              "The paper's cache is the whole few-shot train set, balanced by construction. A long-tailed train set "
+              "as the cache makes the summed votes grow with the class counts: on a tiny CLIP fashion-mnist-lt "
+              "test the all-images cache predicted the head class for every image. The similarities are computed "
+              "in tiles either way, so a large cache costs time, not memory."),
     Deviation("The zero-shot logits use the model's own logit scale (100 for pretrained CLIP).",
               "The official code writes 100 x f @ W_text; the cache's text head carries CLIP's learned scale, which is "
               "100 for every released CLIP and differs only for random test towers."),
