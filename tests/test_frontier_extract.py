@@ -147,3 +147,94 @@ def test_bad_feature_options_are_one_line_errors_and_write_nothing(tmp_path, con
     assert_one_line_error(run, ["--features cls_patch reads a timm ViT's tokens"])
     assert checksum(tmp_path) == before and checksum(toy_cache) == cache_before
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+# ------------------------------------------------------------------------------------------- test-time crops
+
+
+def test_ten_crops_are_torchvisions_ten_crops_of_the_enlarged_image(tmp_path, configs):
+    from torchvision.transforms import v2
+    from torchvision.transforms.functional import ten_crop
+
+    out = tmp_path / "crops"
+    result = invoke("extract", "--backbone", f"timm:{configs / 'tiny-dinov2.json'}", "--features", "cls",
+                    "--test-crops", "10", "--crop-expand", "8", "--dataset", "digits-lt", "--out", out)
+    assert result.exit_code == 0, result.output
+    cache = FeatureCache(out)
+    assert cache.manifest["test_crops"]["geometry"] == "tencrop" and cache.manifest["test_crops"]["resize"] == 36
+    crops, test = cache.load_split("test_crops"), cache.load_split("test")
+    assert len(crops) == 10 * len(test) and torch.equal(crops.labels, test.labels.repeat(10))
+    assert cache.manifest["splits"]["val_crops"]["views"] == 10 and cache.manifest["splits"]["val_crops"]["of"] == "val"
+    torch.manual_seed(0)
+    model = timm.create_model(TINY_DINOV2["architecture"], **TINY_DINOV2["kwargs"]).eval()
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    image = digits("test").images[7].expand(3, 8, 8)
+    enlarged = v2.Resize(36, interpolation=v2.InterpolationMode.BICUBIC, antialias=True)(image)
+    views = torch.stack([v2.Normalize(mean, std)(v2.ToDtype(torch.float32, scale=True)(crop))
+                         for crop in ten_crop(enlarged, [28, 28])])
+    with torch.inference_mode():
+        expected = model.forward_features(views)[:, 0]
+    ours = crops.features[torch.arange(10) * len(test) + 7]  # row k * n + i: crop k of image i
+    assert torch.allclose(ours, expected, atol=1e-4), (ours - expected).abs().max()
+
+
+def test_tta_averages_the_logits_of_the_crops_and_equals_one_view_when_the_crops_are_the_view(tmp_path, configs):
+    backbone = f"timm:{configs / 'tiny-dinov2.json'}"
+    same, flip = tmp_path / "same", tmp_path / "flip"
+    for out, crops in ((same, ("--test-crops", "5", "--crop-expand", "0")), (flip, ("--test-crops", "2"))):
+        result = invoke("extract", "--backbone", backbone, "--features", "cls_patch", *crops, "--dataset",
+                        "digits-lt", "--out", out)
+        assert result.exit_code == 0, result.output
+    # crop size + 0 pixels: every one of the five crops is the test view itself, so TTA changes nothing
+    lab = open_lab(same, tta=True)
+    comparison = lab.compare(["joint", "knn"], bootstrap=0, tta=True)
+    for row in comparison.rows:
+        assert row.tta.as_dict() == row.evaluation.accuracy.as_dict() and row.crops == 5
+    # the view and its mirror: the mean of the two logit matrices, by hand
+    lab = open_lab(flip, tta=True)
+    features = FeatureCache(flip).load_split("test_crops").features
+    assert torch.allclose(features[: len(lab.test)], lab.test.features)
+    mirror = features[len(lab.test):]
+    head = fit_method("crt", lab.data, {"min_steps": 50})
+    mean = (head.head.logits(lab.test.features) + head.head.logits(mirror)) / 2
+    ensembled = lab.tta_accuracy(head.head)
+    labels = lab.test.labels
+    assert ensembled.all == pytest.approx(100.0 * (mean.argmax(1) == labels).float().mean().item())
+    assert ensembled.top5 == pytest.approx(100.0 * (mean.topk(5, 1).indices == labels[:, None]).any(1).float()
+                                           .mean().item())
+    result = invoke("compare", flip, "--methods", "joint,crt", "--tta", "--bootstrap", "0", "--set",
+                    "crt.min_steps=50", "--out", tmp_path / "results")
+    assert result.exit_code == 0, result.output
+    assert "All, 2 crops" in result.output
+    rows = json.loads((tmp_path / "results" / "reports" / "results.json").read_text())["rows"]
+    assert all(row["tta"]["crops"] == 2 for row in rows)
+    csv_header = (tmp_path / "results" / "reports" / "results.csv").read_text().splitlines()[0]
+    assert "tta_mean_per_class" in csv_header and "tta_crops" in csv_header
+    report = invoke("report", tmp_path / "results", "--out", tmp_path / "page")
+    assert report.exit_code == 0, report.output
+    assert "crt (2 crops)" in (tmp_path / "page" / "results.md").read_text()
+
+
+def test_bad_crop_options_are_one_line_errors_and_write_nothing(tmp_path, configs, toy_cache, digits_run):
+    before, cache_before = checksum(tmp_path), checksum(toy_cache)
+    out = ("--dataset", "digits-lt", "--out", tmp_path / "a")
+    backbone = ("--backbone", f"timm:{configs / 'tiny-dinov2.json'}")
+    assert_clean_error(invoke("extract", *backbone, "--test-crops", "3", *out), "--test-crops 3", "2 (the view")
+    checkpoint = digits_run["run"] / "checkpoint.pt"
+    assert_clean_error(invoke("extract", checkpoint, "--test-crops", "5", "--out", tmp_path / "a"), "--test-crops 2")
+    assert_clean_error(invoke("compare", toy_cache, "--tta", "--bootstrap", "0"), "--tta needs test crops",
+                       "--test-crops K")
+    assert checksum(tmp_path) == before and checksum(toy_cache) == cache_before and not (tmp_path / "a").exists()
+
+
+def test_a_damaged_tta_entry_in_results_json_is_refused(tmp_path):
+    from ltcache.core.errors import LtcacheError
+    from ltcache.report.inputs import read_results_json
+
+    row = {"method": "crt", "many": 1.0, "medium": 2.0, "few": 3.0, "all": 4.0, "chosen": {}}
+    for bad in ({"crops": 0, "many": 1.0, "medium": 1.0, "few": 1.0, "all": 1.0}, {"crops": 2, "all": "x"},
+                {"crops": True, "many": 1.0, "medium": 1.0, "few": 1.0, "all": 1.0}, [1, 2], "tta"):
+        file = tmp_path / "results.json"
+        file.write_text(json.dumps({"rows": [{**row, "tta": bad}]}))
+        with pytest.raises(LtcacheError, match="'tta' must hold"):
+            read_results_json(file)

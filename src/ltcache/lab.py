@@ -74,6 +74,8 @@ class Row:
     grid: list[GridPoint] | None = None
     audit: dict | None = None  # compare --protocol-audit: what choosing on test would have reported
     losses: list[float] | None = None  # a trained head's mean training loss per epoch
+    tta: GroupAccuracy | None = None  # compare --tta: test accuracy with the logits averaged over the test crops
+    crops: int = 0
 
     def as_dict(self) -> dict:
         """The row as results.json stores it."""
@@ -87,6 +89,8 @@ class Row:
             row["protocol_audit"] = self.audit
         if self.losses:
             row["loss_curve"] = self.losses
+        if self.tta is not None:
+            row["tta"] = {**self.tta.as_dict(), "crops": self.crops}
         return row
 
 
@@ -163,6 +167,12 @@ class Lab:
     cache: FeatureCache
     data: LabData
     test: Split
+    test_crops: Split | None = None  # K views of every test image, row k * len(test) + i (extract --test-crops)
+
+    @property
+    def crops(self) -> int:
+        """Views per test image in test_crops (0: none loaded)."""
+        return 0 if self.test_crops is None else len(self.test_crops) // len(self.test)
 
     # ------------------------------------------------------------------------------------------ one method
 
@@ -206,6 +216,30 @@ class Lab:
                                   self.data.thresholds)
         return replace(accuracy, top5=top_k_accuracy(logits, self.test.labels, 5))
 
+    def tta_accuracy(self, head: Head) -> GroupAccuracy:
+        """Test accuracy, shot groups and top-5 of `head` with its logits averaged over the K test crops (LIFT's
+        test-time ensemble: the mean of the crops' logits), a block of test rows at a time within the memory
+        budget."""
+        import torch
+
+        from ltcache.logits import block_rows
+        from ltcache.metrics.evaluation import top_k_accuracy
+
+        if self.test_crops is None:
+            raise LtcacheError("this lab has no test crops; open it with tta=True on a cache extracted with "
+                               "--test-crops K")
+        count, crops, features = len(self.test), self.crops, self.test_crops.features
+        rows = max(1, block_rows(head.num_classes, self.data.budget) // max(1, crops))
+        predictions, top5_hits = [], 0.0
+        for start in range(0, count, rows):
+            stop = min(count, start + rows)
+            mean = sum(head.logits(features[k * count + start : k * count + stop]) for k in range(crops)) / crops
+            predictions.append(mean.argmax(1))
+            top5_hits += top_k_accuracy(mean, self.test.labels[start:stop], 5) * (stop - start)
+        accuracy = group_accuracy(torch.cat(predictions), self.test.labels, self.data.class_counts,
+                                  self.data.thresholds)
+        return replace(accuracy, top5=top5_hits / max(1, count))
+
     def check(self, method: str, params: dict) -> None:
         """The values only this cache can judge (a target prior's length, ...), before any fit."""
         entry = METHODS[method]
@@ -217,7 +251,8 @@ class Lab:
 
     def compare(self, methods: list[str] | str | None = None, *, params: dict[str, dict] | None = None,
                 bootstrap: int = 1000, seeds: int = 1, ablation: bool = False, audit: bool = False,
-                log: Callable[[str], None] | None = None, loss_curves: bool = False) -> Comparison:
+                log: Callable[[str], None] | None = None, loss_curves: bool = False,
+                tta: bool = False) -> Comparison:
         """Fit every method on train, choose on the selection split, score test once per method.
 
         `methods`: names, a comma list, 'all', or None for the paper's five. `params`: {method: {key: value}};
@@ -230,8 +265,12 @@ class Lab:
         after the row is final, it feeds back into nothing. `log` receives progress lines (default: the "ltcache"
         logger at INFO, which a script shows with logging.basicConfig(level=logging.INFO)). With `loss_curves`,
         each trained head's mean loss per epoch is kept (Row.losses; compare --tensorboard writes it); without,
-        no loss is read back from the device."""
+        no loss is read back from the device. With `tta`, each row also gets its test accuracy with the logits
+        averaged over the test crops (Row.tta; the lab must hold them: open_lab(tta=True)); every choice stays on the
+        one-view selection split."""
         check_all(COMPARE, {"bootstrap": bootstrap, "seeds": seeds})
+        if tta and self.test_crops is None:
+            raise LtcacheError("--tta needs the cache's test crops; extract with --test-crops K (2, 5 or 10)")
         names = resolve_method_list(methods)
         if isinstance(methods, str) and methods.strip() == "all" and self.data.text is None:
             names = [name for name in names if not METHODS[name].text]  # no text head: the text methods sit out
@@ -261,6 +300,8 @@ class Lab:
                 row.seeds = self._seed_statistics(name, chosen_params, evaluation, seeds=seeds)
             if audit:
                 row.audit = self.audit(name, grids[name], evaluation.accuracy)
+            if tta:
+                row.tta, row.crops = self.tta_accuracy(result.head), self.crops
             self.data.clear_cached_logits()
             rows.append(row)
             fitted[name] = result
@@ -501,10 +542,11 @@ def expand_grids(methods: list[str], params: dict[str, dict] | None) -> dict[str
 
 def open_lab(cache_path: Path | str, *, select: str = "val", seed: int = 0, device: str | None = None,
              thresholds: ShotThresholds = ShotThresholds(), train_views: bool = True,
-             memory_budget: str | int | None = None, precision: str = "float32") -> Lab:
+             memory_budget: str | int | None = None, precision: str = "float32", tta: bool = False) -> Lab:
     """Load train / val / test features (and the augmented train views, if any and wanted) and the stage-1
     classifier onto `device` (CUDA when present), every file checked against its sha256 on the way.
 
+    With `tta`, the test crops (extract --test-crops) are loaded too, for Lab.tta_accuracy and compare --tta.
     `memory_budget` ('2G', bytes, or None for a quarter of the machine's RAM, or of the GPU's memory on CUDA) is
     the most one split's logits may take whole; beyond it methods and scoring compute them in row blocks (logits.py).
     `cache_path` may also be the cache's manifest.json. `precision` bf16 trains the learned heads with bfloat16
@@ -534,7 +576,13 @@ def open_lab(cache_path: Path | str, *, select: str = "val", seed: int = 0, devi
                        thresholds=thresholds, train_views=load("train_views") if train_views else None,
                        memory_budget=budget, text=text.to(run_device) if text is not None else None,
                        precision=precision)
-        return Lab(cache, data, cache.load_split("test").to(run_device))
+        crops = None
+        if tta:
+            if not cache.has_split("test_crops"):
+                raise LtcacheError(f"--tta needs test crops, which {cache_path} lacks; extract with --test-crops K "
+                                   "(2: the view and its mirror, 5 or 10: five / ten crops)")
+            crops = load("test_crops")
+        return Lab(cache, data, cache.load_split("test").to(run_device), crops)
 
 
 def compare(cache_path: Path, *, methods: list[str] | str | None = None, select: str = "val",
@@ -543,7 +591,7 @@ def compare(cache_path: Path, *, methods: list[str] | str | None = None, select:
             write_reports: bool = True, train_views: bool = True, out: Path | None = None, ablation: bool = False,
             protocol_audit: bool = False, memory_budget: str | int | None = None,
             log: Callable[[str], None] | None = None, tensorboard: bool = False,
-            precision: str = "float32") -> Comparison:
+            precision: str = "float32", tta: bool = False) -> Comparison:
     """`ltcache compare`: open the cache, `Lab.compare`, and write heads and reports to `out` (default: into the
     cache) once every method has been scored, only if the cache was not replaced meanwhile.
 
@@ -572,10 +620,10 @@ def compare(cache_path: Path, *, methods: list[str] | str | None = None, select:
     # scoring splits test and the selection split across ranks (see training.py and Lab.score); rank 0 writes.
     with process_group(resolve_device(device)):
         lab = open_lab(cache_path, select=select, seed=seed, device=device, thresholds=thresholds,
-                       train_views=train_views, memory_budget=memory_budget, precision=precision)
+                       train_views=train_views, memory_budget=memory_budget, precision=precision, tta=tta)
         comparison = lab.compare(methods if isinstance(methods, str) else names, params=params,  # 'all' stays 'all'
                                  bootstrap=bootstrap, seeds=seeds, ablation=ablation, audit=protocol_audit,
-                                 log=log if is_main_process() else _silent, loss_curves=tensorboard)
+                                 log=log if is_main_process() else _silent, loss_curves=tensorboard, tta=tta)
         if write_reports and is_main_process():
             lab.save(comparison, out, ablation=ablation, tensorboard=tensorboard)
         barrier()

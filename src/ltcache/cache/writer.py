@@ -212,7 +212,9 @@ class CacheWriter:
             raise LtcacheError(f"the train labels give class counts {train.tolist()[:5]}... but the dataset says "
                                f"{list(class_counts)[:5]}...")
 
-    def commit(self, *, dataset: dict, backbone: dict) -> Path:
+    def commit(self, *, dataset: dict, backbone: dict, test_crops: dict | None = None) -> Path:
+        """Write the manifest (the cache's commit point) and publish the staging folder; `test_crops`: the geometry
+        of the val_crops / test_crops splits (extract --test-crops)."""
         if "train" in self.label_counts:
             self._check_labels(dataset["train_class_counts"])
         manifest = {
@@ -232,6 +234,8 @@ class CacheWriter:
         }
         if (self.staging / MEMBERSHIP).is_file():
             manifest["membership"] = MEMBERSHIP
+        if test_crops is not None:
+            manifest["test_crops"] = test_crops
         manifest["manifest_sha256"] = canonical_sha256(manifest)
         write_json(self.staging / MANIFEST, manifest)
         path = self.folder.publish()

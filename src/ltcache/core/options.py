@@ -50,6 +50,9 @@ COMPARE = (
     Param("tensorboard", bool, False, "Also write TensorBoard events into OUT/tensorboard: each method's row as "
           "hparams and metrics, each trained head's loss per epoch; needs pip install 'ltcache[tensorboard]'.",
           option="--tensorboard"),
+    Param("tta", bool, False, "Also score every method with its logits averaged over the cache's test crops "
+          "(extract --test-crops K): test-time ensembling, reported beside the one-view numbers; choices stay on the "
+          "one-view selection split.", option="--tta"),
     Param("protocol_audit", bool, False, "Beside each row, what the method would report if its choices were made "
           "on test (as some official stage-2 code does), and the optimism; read only, never used.",
           option="--protocol-audit"),

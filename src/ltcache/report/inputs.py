@@ -90,7 +90,7 @@ def _read(path: Path) -> tuple[dict, dict]:
     root = path if path.is_dir() and path.name != "reports" else (path.parent if path.is_dir() else path.parent.parent)
     with folder_lock(root, shared=True, what="results folder"):
         file = results_file(path)
-        results = read_results_json(file)
+        results = with_ensemble_rows(read_results_json(file))
     manifest = {}
     from ltcache.cache.results import cache_of_results
 
@@ -127,6 +127,24 @@ def read_results_json(file: Path) -> dict:
     if problem is not None:
         raise LtcacheError(f"{file} is damaged: {problem}; re-run ltcache compare")
     return results
+
+
+TTA_KEYS = ("many", "medium", "few", "all", "mean_per_class", "harmonic_mean", "geometric_mean", "top5")
+
+
+def with_ensemble_rows(results: dict) -> dict:
+    """compare --tta's accuracies as rows of their own, 'METHOD (K crops)' after each method's row, so that every
+    table and figure of `ltcache report` shows them beside the one-view numbers (compare's own tables give them as
+    columns)."""
+    rows = []
+    for row in results["rows"]:
+        rows.append(row)
+        tta = row.get("tta")
+        if tta:
+            rows.append({"method": f"{row['method']} ({tta['crops']} crops)", "chosen": row.get("chosen", {}),
+                         **{key: row[key] for key in ("n_many", "n_medium", "n_few") if key in row},
+                         **{key: tta[key] for key in TTA_KEYS if key in tta}})
+    return {**results, "rows": rows}
 
 
 def _is_row(row) -> bool:
@@ -202,6 +220,12 @@ def results_problem(results: dict) -> str | None:
                 for b in bins)):
             return (f"{where}: 'reliability' must be a list of bins with a confidence, an accuracy and (optional) "
                     "a count of test rows")
+        tta = row.get("tta")
+        if tta is not None and not (isinstance(tta, dict) and isinstance(tta.get("crops"), int)
+                                    and not isinstance(tta["crops"], bool) and tta["crops"] >= 1
+                                    and all(_number(tta.get(key)) for key in TTA_KEYS)
+                                    and all(key in tta for key in ("many", "medium", "few", "all"))):
+            return f"{where}: 'tta' must hold the test-crop accuracies (many, medium, few, all) and 'crops' >= 1"
         priors = row.get("shifted_priors")
         if priors is not None and not (isinstance(priors, dict) and all(
                 isinstance(k, str) and _number(v, optional=False) for k, v in priors.items())):

@@ -57,12 +57,15 @@ def markdown_table(summary: Mapping) -> str:
     intervals = any(row.get("ci95") for row in rows)
     seeded = any(row.get("seeds") for row in rows)
     audited = any(row.get("protocol_audit") for row in rows)
+    ensembled = [row.get("tta") for row in rows if row.get("tta")]
     header = (f"| method | {group_headers(summary.get('groups'))} | All | mean/class | HM | GM | top-5 | All 95% CI "
               "| ECE |")
     header += " All over seeds |" if seeded else ""
     header += " mean/class if chosen on test | optimism |" if audited else ""
+    header += (f" Few, {ensembled[0]['crops']} crops | All, {ensembled[0]['crops']} crops | mean/class, "
+               f"{ensembled[0]['crops']} crops |") if ensembled else ""
     lines = [header + " chosen |", "|---|" + "---:|" * 10 + ("---:|" if seeded else "")
-             + ("---:|---:|" if audited else "") + "---|"]
+             + ("---:|---:|" if audited else "") + ("---:|" * 3 if ensembled else "") + "---|"]
     for row in rows:
         cells = " | ".join(_pct(row[c]) for c in (*COLUMNS, *MORE))
         ci = (row.get("ci95") or {}).get("all")
@@ -76,6 +79,9 @@ def markdown_table(summary: Mapping) -> str:
             audit = row.get("protocol_audit") or {}
             extra += (f" | {_pct(audit['test_if_chosen_on_test']['mean_per_class'])} | "
                       f"{audit['optimism_mean_per_class']:+.2f}" if audit else " | - | -")
+        if ensembled:
+            tta = row.get("tta")
+            extra += "".join(f" | {_pct(tta[key])}" if tta else " | -" for key in ("few", "all", "mean_per_class"))
         lines.append(f"| {row['method']} | {cells}{extra} | {format_chosen(row['chosen'])} |")
     return "\n".join(lines)
 
@@ -137,7 +143,10 @@ def results_csv(rows: list[Mapping]) -> str:
     calibration = (*CALIBRATION, "temperature", *(f"{key}_ts" for key in CALIBRATION))
     audit = ["mean_per_class_if_chosen_on_test", "optimism_mean_per_class"]
     sizes = ["n_many", "n_medium", "n_few"]  # the classes in each shot group
-    writer.writerow(["method", *COLUMNS, *MORE, *calibration, *intervals, *audit, "chosen", "fit_seconds", *sizes])
+    ensembled = any(row.get("tta") for row in rows)
+    tta = [f"tta_{key}" for key in (*COLUMNS, "top5")] + ["tta_crops"] if ensembled else []
+    writer.writerow(["method", *COLUMNS, *MORE, *calibration, *intervals, *audit, "chosen", "fit_seconds", *sizes,
+                     *tta])
     for row in rows:
         ci = row.get("ci95")
         bounds = [_rounded(v) for key in INTERVAL_KEYS for v in ci[key]] if ci else [""] * len(intervals)
@@ -145,8 +154,12 @@ def results_csv(rows: list[Mapping]) -> str:
         checked = row.get("protocol_audit")
         audited = ([_rounded(checked["test_if_chosen_on_test"]["mean_per_class"]),
                     _rounded(checked["optimism_mean_per_class"])] if checked else ["", ""])
+        ensemble = row.get("tta")
+        tta_cells = ([*(_rounded(ensemble.get(key)) for key in (*COLUMNS, "top5")), ensemble.get("crops")]
+                     if ensemble else [""] * len(tta))
         writer.writerow([row["method"], *(_rounded(v) for v in values), *bounds, *audited,
-                         format_chosen(row["chosen"]), round(row["fit_seconds"], 3), *(row.get(s) for s in sizes)])
+                         format_chosen(row["chosen"]), round(row["fit_seconds"], 3), *(row.get(s) for s in sizes),
+                         *tta_cells])
     return buffer.getvalue()
 
 

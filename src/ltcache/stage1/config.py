@@ -187,6 +187,11 @@ EXTRACT = (
     Param("overwrite", bool, False, "Replace an existing cache (only once the new one is complete)."),
     Param("train_views", int, 0, "Also store K augmented views of every train image; cRT, LWS, DisAlign and the "
           "other trained heads then sample among them.", low=0, high=1000),
+    Param("test_crops", int, 0, "Also store K views of every val and test image for test-time ensembling (compare "
+          "--tta): 2 (the test view and its mirror), 5 or 10 (LIFT's five / ten crops of the image resized to the "
+          "crop size + --crop-expand; a library backbone or pretrained weights).", low=0, high=10),
+    Param("crop_expand", int, 24, "With --test-crops 5 or 10: pixels added to the crop size before cropping "
+          "(LIFT's expand).", low=0, high=4096),
     Param("resume", bool, False, "Continue a killed extract of the same checkpoint and options into --out: the "
           "finished shards (sha256-checked) are kept, only the rest is extracted, under any number of processes."),
 )

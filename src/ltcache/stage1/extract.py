@@ -24,6 +24,7 @@ from ltcache.stage1.checkpoint import CHECKPOINT_FORMAT, OFFICIAL, load_model_st
 from ltcache.stage1.config import EXTRACT
 from ltcache.stage1.hub import build_frozen, check_frozen, describe_frozen, split_name
 from ltcache.stage1.models import build_model, check_backbone
+from ltcache.stage1.preprocessing import CROP_EXPAND, TEST_CROPS, test_views
 
 
 @dataclass
@@ -51,7 +52,7 @@ def extract(checkpoint: Path | None, out: Path, *, dataset: str | None = None, b
             batch_size: int = 512, workers: int = 0, device: str | None = None, shard_rows: int = SHARD_ROWS.default,
             overwrite: bool = False, train_views: int = 0, resume: bool = False, joint_head: str = "auto",
             zero_shot: bool = False, class_names: Path | None = None, templates: str = "openai",
-            features: str = "auto") -> Path:
+            features: str = "auto", test_crops: int = 0, crop_expand: int = CROP_EXPAND) -> Path:
     """Write penultimate features, labels and sample indices of every split, plus the joint head, to `out`.
 
     `checkpoint` None extracts `backbone` as it is (hub.py): a torchvision model or ltcache backbone, `timm:<name>`
@@ -67,6 +68,9 @@ def extract(checkpoint: Path | None, out: Path, *, dataset: str | None = None, b
 
     With train_views K > 0, also a `train_views` split of K augmented views of every train image (the stage-1
     train transform, seeded by the run's seed and the view number): row k * len(train) + i is view k of image i.
+    With test_crops K > 0, also `val_crops` and `test_crops`, K fixed views of every val and test image in the same
+    layout (preprocessing.test_views: the view and its mirror, or LIFT's five / ten crops), for compare --tta; they
+    are sharded, journalled and resumed like the other splits.
 
     Shard k of a split holds sample indices [k * shard_rows, (k + 1) * shard_rows), whichever process writes it, so
     the cache is the same under any number of torchrun processes. Each finished shard is journalled in the staging
@@ -75,6 +79,8 @@ def extract(checkpoint: Path | None, out: Path, *, dataset: str | None = None, b
     """
     if train_views < 0:
         raise LtcacheError(f"--train-views must be >= 0, got {train_views}")
+    if test_crops not in TEST_CROPS:
+        test_views(test_crops, None, None)  # the one-line error naming the geometries
     checkpoint = run_checkpoint(checkpoint)
     source = resolve_source(checkpoint, dataset=dataset, backbone=backbone, pretrained=pretrained, root=root,
                             split_dir=split_dir, joint_head=joint_head, zero_shot=zero_shot, templates=templates,
@@ -85,7 +91,7 @@ def extract(checkpoint: Path | None, out: Path, *, dataset: str | None = None, b
     CacheWriter.check_target(Path(out), **writer_args)
     plan = {"checkpoint_sha256": sha256_file(Path(checkpoint)) if checkpoint is not None else None,
             "model": source.model, "dtype": dtype, "shard_rows": shard_rows, "train_views": train_views,
-            "features": features,
+            "features": features, "test_crops": test_crops, "crop_expand": crop_expand if test_crops > 2 else None,
             "dataset": source.spec.to_dict(),
             # eval-mode features do not depend on the batch in exact arithmetic, but BLAS and cuDNN pick kernels by
             # shape, so two batch sizes give features that differ in the last bits: one cache, one batch size
@@ -95,6 +101,7 @@ def extract(checkpoint: Path | None, out: Path, *, dataset: str | None = None, b
     model, frozen = build_source_model(source, data, pretrained=pretrained, joint_head=joint_head,
                                        zero_shot=zero_shot, class_names=class_names, templates=templates,
                                        device=device, features=features)
+    crops = add_test_crops(data, frozen, test_crops, crop_expand) if test_crops else None
     run_device = resolve_device(device)
     with process_group(run_device):  # under torchrun: every rank extracts its own shards
         if (get_world_size() > 1 or resume) and train_views:
@@ -113,7 +120,7 @@ def extract(checkpoint: Path | None, out: Path, *, dataset: str | None = None, b
             if get_rank() != 0:
                 barrier()  # rank 0 commits; the cache exists when every rank returns
                 return Path(out)
-            path = commit(writer, source, data, model, frozen, plan)
+            path = commit(writer, source, data, model, frozen, plan, crops)
             barrier()
             return path
         except KeyboardInterrupt:  # the finished shards stay for --resume (as after a kill); nothing is published
@@ -249,12 +256,45 @@ class RowWriter:
                 split_writer.add(features.cpu().numpy(), labels.numpy(), index.numpy() + offset)
 
 
+class StackedViews(torch.utils.data.Dataset):
+    """K views of every image of a split, row k * n + i being view k of image i (each view a dataset of the same
+    images with its own transform): what the *_crops splits hold. Returns (image, label, row)."""
+
+    def __init__(self, views: list):
+        self.views, self.count = views, len(views[0])
+
+    def __len__(self) -> int:
+        return len(self.views) * self.count
+
+    def __getitem__(self, row: int):
+        view, index = divmod(row, self.count)
+        image, label, _ = self.views[view][index]
+        return image, label, row
+
+
+CROP_SPLITS = {"val_crops": "val", "test_crops": "test"}
+
+
+def add_test_crops(data, frozen, count: int, expand: int) -> dict:
+    """`val_crops` and `test_crops` (StackedViews of the split's test-time views, preprocessing.test_views) added to
+    the splits to extract; returns the geometry, which the manifest records as test_crops."""
+    preprocessing = frozen.preprocessing if frozen is not None else None
+    about = None
+    for name, of in CROP_SPLITS.items():
+        if of not in data.splits:
+            continue
+        base = data.splits[of]
+        transforms, about = test_views(count, preprocessing, base.transform, expand)
+        data.splits[name] = StackedViews([base.with_transform(transform) for transform in transforms])
+    return about
+
+
 def write_splits(writer: CacheWriter, rows: RowWriter, data, plan: dict, *, shard_rows: int, batch_size: int) -> None:
     """Every split's shards that this rank takes and an interrupted run did not finish, then the split's manifest
     entry merged from every rank's shards on rank 0."""
     rank, world = get_rank(), get_world_size()
     done = journalled_shards(writer.staging, plan)  # {} for a new extract, which records its plan
-    for split in (name for name in SPLITS if name in data.splits):
+    for split in (name for name in (*SPLITS, *CROP_SPLITS) if name in data.splits):
         dataset = data.splits[split]
         shards = -(-len(dataset) // shard_rows)
         first, count = rank_slice(shards, rank, world)  # whole shards per rank: the same cache for any N
@@ -274,6 +314,8 @@ def write_splits(writer: CacheWriter, rows: RowWriter, data, plan: dict, *, shar
             rows.write(split_writer, dataset, f"extract {split}", batches=batches, total=left)
         entry = split_writer.close(len(dataset), expected_index=indices)
         merge_split(writer, split, entry, split_writer.label_counts, finished, len(dataset), shards)
+        if split in CROP_SPLITS and get_rank() == 0:
+            writer.splits[split].update(views=len(dataset.views), of=CROP_SPLITS[split])
         seconds = time.perf_counter() - begin
         log(f"extracted {split}: {len(dataset)} rows x {rows.model.feature_dim} in {seconds:.1f} s"
             + (f" ({left / seconds:,.0f} images/s)" if left and seconds > 0 else "")
@@ -291,7 +333,7 @@ def write_views(writer: CacheWriter, rows: RowWriter, augmented_train, views: in
     log(f"extracted {views} augmented views of train: {views * count} rows")
 
 
-def commit(writer: CacheWriter, source: Source, data, model, frozen, plan: dict) -> Path:
+def commit(writer: CacheWriter, source: Source, data, model, frozen, plan: dict, crops: dict | None = None) -> Path:
     """Rank 0: the joint head (the checkpoint's, the library model's own, or a linear probe), the text head, the
     membership and the manifest, written last: the cache exists from here on."""
     for bookkeeping in [writer.staging / PLAN, *writer.staging.glob("journal-r*.jsonl")]:
@@ -315,7 +357,7 @@ def commit(writer: CacheWriter, source: Source, data, model, frozen, plan: dict)
                 "checkpoint_sha256": plan["checkpoint_sha256"], "epoch": source.about["epoch"],
                 "checkpoint_format": source.about["format"], "command": command_line(),
                 "resolved_config": source.config, **({"model": model_source} if model_source else {})}
-    return writer.commit(dataset=data.describe(), backbone=backbone)
+    return writer.commit(dataset=data.describe(), backbone=backbone, test_crops=crops)
 
 
 def probe_on_written(writer: CacheWriter, num_classes: int):

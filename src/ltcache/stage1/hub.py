@@ -526,6 +526,7 @@ class Frozen:
     text: torch.Tensor | None
     about: dict
     projection: torch.Tensor | None = None  # --features both: CLIP's projection, stored with the text head
+    preprocessing: Preprocessing | None = None  # the library's own (None: the dataset's test transform)
 
 
 def check_frozen(backbone: str, pretrained: bool, *, joint_head: str = "auto", zero_shot: bool = False,
@@ -651,7 +652,7 @@ def _build_frozen(backbone: str, pretrained: bool, *, num_classes: int, in_chann
     use_own, about["joint_head_choice"] = choose_joint_head(joint_head, own, labels, class_names, pretrained,
                                                             backbone, num_classes)
     return Frozen(classifier, preprocessing.transform() if preprocessing is not None else None,
-                  own if use_own else None, text, about, projection)
+                  own if use_own else None, text, about, projection, preprocessing)
 
 
 def choose_joint_head(mode: str, own, labels, class_names: list[str], pretrained: bool, backbone: str,
