@@ -91,6 +91,8 @@ class Row:
             row["loss_curve"] = self.losses
         if self.tta is not None:
             row["tta"] = {**self.tta.as_dict(), "crops": self.crops}
+        if METHODS[self.method].task is not None:
+            row["task"] = METHODS[self.method].task
         return row
 
 

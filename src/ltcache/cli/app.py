@@ -18,6 +18,7 @@ from ltcache.cli.reference import COMMANDS, Command
 from ltcache.core import options
 from ltcache.core.console import cli_handler, is_main_process, remove_cli_handler
 from ltcache.core.errors import LtcacheError, set_interface
+from ltcache.core.options import parse_params  # noqa: F401  (the --set parser, used by the commands)
 from ltcache.core.params import GRID, Param
 from ltcache.stage1 import config
 
@@ -64,19 +65,10 @@ def one_line(message: str) -> str:
     return " ".join(lines)
 
 
-def parse_params(items: list[str], *, later_wins: bool = False) -> dict[str, dict]:
-    """['m.epochs=20', 'n.metric=euclidean'] -> {'m': {'epochs': '20'}, 'n': {'metric': 'euclidean'}}.
-    A key given twice is an error, unless later_wins (a recipe's set, then the command line's)."""
-    params: dict[str, dict] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        method, dot, name = key.partition(".")
-        if not sep or not dot or not method or not name:
-            raise LtcacheError(f"--set {item!r} must look like METHOD.PARAM=VALUE; ltcache methods lists both")
-        if name in params.get(method, {}) and not later_wins:
-            raise LtcacheError(f"--set gives {method}.{name} twice; give each hyperparameter once")
-        params.setdefault(method, {})[name] = value
-    return params
+def _matrix_params():
+    from ltcache.cli.matrix import MATRIX
+
+    return MATRIX
 
 
 def _thresholds(many: int, few: int):
@@ -321,6 +313,19 @@ def compare_cmd(ctx: typer.Context, *, cache: Path, config: Path | None, as_json
     typer.echo(f"\nselected on {options['select']}; reports in {Path(comparison.reports['results.md']).parent}")
     if "earlier" in comparison.reports:
         typer.echo(f"the earlier comparison there is kept in {comparison.reports['earlier']}")
+
+
+@command("matrix", _matrix_params())
+def matrix_cmd(**options):
+    """Extract and compare every backbone x dataset pair in one command, then one report over all of them.
+
+    Each pair gets a cache in OUT/caches; OUT/report holds the page, the merged results.csv and clip_benchmark.csv
+    (CLIP_benchmark-style rows). Run the same command again after a kill: finished pairs are skipped and a killed
+    extract continues where it stopped."""
+    from ltcache.cli.matrix import run_matrix
+
+    result = _run(run_matrix, **options)
+    typer.echo(f"report: {result['report']['index.html']}")
 
 
 @command("report", options.REPORT,

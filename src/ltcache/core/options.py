@@ -167,3 +167,18 @@ REPORT = (
     Param("title", str, None, "Page title.", optional=True),
     Param("overwrite", bool, False, "Replace an earlier ltcache report folder at --out, once the new one is complete."),
 )
+
+
+def parse_params(items: list[str], *, later_wins: bool = False) -> dict[str, dict]:
+    """['m.epochs=20', 'n.metric=euclidean'] -> {'m': {'epochs': '20'}, 'n': {'metric': 'euclidean'}}.
+    A key given twice is an error, unless later_wins (a recipe's set, then the command line's)."""
+    params: dict[str, dict] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        method, dot, name = key.partition(".")
+        if not sep or not dot or not method or not name:
+            raise LtcacheError(f"--set {item!r} must look like METHOD.PARAM=VALUE; ltcache methods lists both")
+        if name in params.get(method, {}) and not later_wins:
+            raise LtcacheError(f"--set gives {method}.{name} twice; give each hyperparameter once")
+        params.setdefault(method, {})[name] = value
+    return params

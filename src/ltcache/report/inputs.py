@@ -142,6 +142,7 @@ def with_ensemble_rows(results: dict) -> dict:
         tta = row.get("tta")
         if tta:
             rows.append({"method": f"{row['method']} ({tta['crops']} crops)", "chosen": row.get("chosen", {}),
+                         **({"task": row["task"]} if "task" in row else {}),
                          **{key: row[key] for key in ("n_many", "n_medium", "n_few") if key in row},
                          **{key: tta[key] for key in TTA_KEYS if key in tta}})
     return {**results, "rows": rows}

@@ -32,7 +32,7 @@ from ltcache.report.figures import (
 )
 from ltcache.report.inputs import HEADINGS, KEYS, LOWER_IS_BETTER, Result, _short, load_results, results_file
 from ltcache.report.stats import aggregate_rows, shared_groups
-from ltcache.report.tables import classes, csv_text, summary_table
+from ltcache.report.tables import classes, clip_benchmark_csv, csv_text, summary_table
 
 REPORT = FolderKind("report folder", "report.json", "index.html", ("report_version", "sources"),
                     self_hash="report_sha256")
@@ -284,7 +284,8 @@ def build_report(inputs: Iterable[Path | str], out: Path | str, *, by: str | Non
                  overwrite: bool = False, labels: Sequence[str] | None = None) -> dict[str, str]:
     """`ltcache report`: read every input's results.json, label it (`labels`, one per input, or see `load_results`),
     write OUT/index.html (self-contained), results.md and
-    results.csv (merged over inputs) and report.json (what was read). OUT is built beside its place and moved in
+    results.csv (merged over inputs), clip_benchmark.csv (the same rows as CLIP_benchmark's) and report.json (what
+    was read). OUT is built beside its place and moved in
     whole; with `overwrite` it replaces an earlier report folder, and nothing else, once the new one is complete."""
     inputs = [Path(p) for p in inputs]
     results = load_results(inputs, by=by, labels=labels)
@@ -304,6 +305,7 @@ def build_report(inputs: Iterable[Path | str], out: Path | str, *, by: str | Non
         atomic_write(staged.path / "index.html", lambda tmp: tmp.write_text(page, encoding="utf-8"))
         atomic_write(staged.path / "results.md", lambda tmp: tmp.write_text(markdown))
         atomic_write(staged.path / "results.csv", lambda tmp: tmp.write_text(csv_text(results)))
+        atomic_write(staged.path / "clip_benchmark.csv", lambda tmp: tmp.write_text(clip_benchmark_csv(results)))
         write_marker(staged.path, REPORT, {
             "report_version": REPORT_VERSION, "by": by, "title": title,
             "sources": [{"input": str(r.path), "results": str(results_file(r.path).resolve()), "label": r.label,
@@ -315,4 +317,5 @@ def build_report(inputs: Iterable[Path | str], out: Path | str, *, by: str | Non
         raise
     finally:
         staged.close()
-    return {name: str(folder / name) for name in ("index.html", "results.md", "results.csv", "report.json")}
+    return {name: str(folder / name) for name in ("index.html", "results.md", "results.csv", "clip_benchmark.csv",
+                                                   "report.json")}

@@ -255,3 +255,51 @@ def csv_text(results: list[Result]) -> str:
                              *("" if not isinstance(row.get(k), (int, float)) else round(row[k], 4) for k in KEYS),
                              *ci, result.results.get("selected_on"), *(row.get(size) for size in sizes)])
     return buffer.getvalue()
+
+
+CLIP_BENCHMARK_COLUMNS = ("dataset", "model", "pretrained", "task", "acc1", "acc5", "mean_per_class_recall", "method",
+                          "many", "medium", "few", "selected_on", "input")
+
+
+def clip_benchmark_model(result: Result) -> tuple[str, str]:
+    """(model, pretrained) as CLIP_benchmark names them: open_clip's arch and tag, timm's model name and its weights,
+    or the backbone and the checkpoint (its sha256 prefix) for an ltcache-trained one; 'random' for random weights."""
+    backbone = (result.manifest.get("backbone") or {})
+    model = backbone.get("model") if isinstance(backbone.get("model"), dict) else {}
+    arch = backbone.get("arch") or result.provenance.get("backbone") or "-"
+    if model:
+        return str(model.get("name") or arch), str(model.get("tag") or model.get("weights") or "random")
+    sha = backbone.get("checkpoint_sha256") or result.provenance.get("checkpoint_sha256")
+    return str(arch), f"checkpoint:{sha[:12]}" if isinstance(sha, str) else "-"
+
+
+def _fraction(value) -> float | str:
+    """A percentage as CLIP_benchmark's fraction of 1; '' for a missing or NaN one."""
+    return "" if not isinstance(value, (int, float)) or value != value else round(value / 100, 6)
+
+
+def clip_benchmark_csv(results: list[Result]) -> str:
+    """Every (input, method) as a CLIP_benchmark row: dataset, model, pretrained, task, acc1, acc5 and
+    mean_per_class_recall as fractions (CLIP_benchmark's own scale), then ltcache's method, shot groups, selection
+    split and input, so the rows merge into a table of CLIP_benchmark results. The task is the one the method's
+    registration names (Method.task: zeroshot_classification for CLIP's zero-shot head, linear_probe for a frozen
+    backbone's stage-1 head, a probe fitted on train), else ltcache/METHOD."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(CLIP_BENCHMARK_COLUMNS)
+    for result in results:
+        model, pretrained = clip_benchmark_model(result)
+        dataset = result.provenance.get("dataset") or (result.manifest.get("dataset") or {}).get("name") or "-"
+        frozen = isinstance((result.manifest.get("backbone") or {}).get("model"), dict)
+        for row in result.rows:
+            method = row["method"]
+            base = method.split(" (")[0]
+            task = row.get("task") if isinstance(row.get("task"), str) else None
+            if task is None or (task == "linear_probe" and not frozen):  # a trained classifier is not a probe
+                task = f"ltcache/{base}"
+
+            overall = [_fraction(row.get(key)) for key in ("all", "top5", "mean_per_class")]
+            groups = [_fraction(row.get(key)) for key in ("many", "medium", "few")]
+            writer.writerow([dataset, model, pretrained, task, *overall, method, *groups,
+                             result.results.get("selected_on"), str(result.path)])
+    return buffer.getvalue()

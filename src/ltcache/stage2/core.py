@@ -177,6 +177,8 @@ class Method:
       cache without one.
     - `card`: where it comes from (paper, official code, deviations, reference test; stage2/cards.py). None: a
       method registered without one, listed as such.
+    - `task`: the task CLIP_benchmark would file its rows under (zeroshot_classification, linear_probe), for the
+      report's clip_benchmark.csv; None: ltcache/NAME.
     - `plan(data, **params) -> Plan`: what it trains, as data (stage2/training.py), so that the points of a grid
       and the seeds of --seeds train in one pass. None (a plugin's method): fitted point by point with `fit`.
     """
@@ -194,6 +196,7 @@ class Method:
     text: bool = False
     card: Card | None = None
     plan: Callable[..., Any] | None = None
+    task: str | None = None  # CLIP_benchmark's task name for its rows (report's clip_benchmark.csv)
 
     @property
     def defaults(self) -> dict:
@@ -210,7 +213,8 @@ METHODS: Registry[Method] = Registry("method", builtins=("ltcache.stage2.methods
 
 def method(name: str, *params: Param, summary: str, paper: int | None = None, stochastic: bool = False,
            weight_norms: bool = False, figures: tuple[Figure, ...] = (), analyses: dict | None = None,
-           check=None, text: bool = False, card: Card | None = None, replace: bool = False, plan=None):
+           check=None, text: bool = False, card: Card | None = None, replace: bool = False, plan=None,
+           task: str | None = None):
     """Register `fit(data: LabData, **hyperparameters) -> Fitted` as stage-2 method `name`.
 
     Each hyperparameter is a `Param` (type, default, range or choices, help): `compare --set NAME.KEY=VALUE` and
@@ -234,7 +238,7 @@ def method(name: str, *params: Param, summary: str, paper: int | None = None, st
         existing = METHODS.entries.get(name)
         again = existing is not None and _origin(existing.fit) == _origin(fit) != (None, None)
         METHODS.add(name, Method(name, fit, tuple(params), summary, paper, stochastic, weight_norms, tuple(figures),
-                                 dict(analyses or {}), check, text, card, plan), replace=replace or again)
+                                 dict(analyses or {}), check, text, card, plan, task), replace=replace or again)
         return fit
 
     return wrap

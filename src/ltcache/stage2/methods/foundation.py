@@ -289,7 +289,7 @@ ZERO_SHOT_CARD = Card(
 
 
 @method("zero_shot", summary="CLIP's zero-shot text head as extracted (Radford et al. ICML 2021): class-name "
-        "prompts, no training", text=True, card=ZERO_SHOT_CARD)
+        "prompts, no training", text=True, card=ZERO_SHOT_CARD, task="zeroshot_classification")
 def fit_zero_shot(data: LabData) -> Fitted:
     return Fitted(data.text, {})
 

@@ -215,7 +215,8 @@ JOINT_CARD = Card(
     reference_test="tests/test_reference.py::test_joint_is_the_stage_one_classifier")
 
 
-@method("joint", summary="the stage-1 classifier as trained (W, b)", paper=1, weight_norms=True, card=JOINT_CARD)
+@method("joint", summary="the stage-1 classifier as trained (W, b)", paper=1, weight_norms=True, card=JOINT_CARD,
+        task="linear_probe")
 def fit_joint(data: LabData) -> Fitted:
     return Fitted(data.joint, {})
 
