@@ -12,7 +12,7 @@ from ltcache.core.registry import Registry
 # The dataset builders (builder(spec) -> LongTailData). The modules that register the built-in ones are imported on
 # the registry's first use, so naming the datasets costs no numpy or torch.
 DATASETS: Registry = Registry("dataset", builtins=("ltcache.data.datasets", "ltcache.data.cifar",
-                                                   "ltcache.data.files", "ltcache.data.tars"))
+                                                   "ltcache.data.files", "ltcache.data.tars", "ltcache.data.hf"))
 
 
 def dataset_registry() -> Registry:
@@ -38,6 +38,8 @@ class DatasetSpec:
     split_dir: str | None = declared(None, "Folder with the split files (default: --root).")
     profile: str | None = declared(None, "imagefolder long tail.", choices=("exponential", "step", "none"))
     download: bool = declared(False, "cifar*-lt: let torchvision download the data (needs internet).")
+    image_column: str = declared("image", "hf: the column that holds the images (an Image feature: bytes or a path).")
+    label_column: str = declared("label", "hf: the column that holds the integer class labels.")
 
     def to_dict(self) -> dict:
         return asdict(self)

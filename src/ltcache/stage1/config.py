@@ -179,6 +179,11 @@ EXTRACT = (
     Param("root", str, None, "Dataset folder, if it moved since training (always, for a classifier-balancing "
           "checkpoint).", optional=True),
     Param("split_dir", str, None, "Split-file folder, if it moved since training.", optional=True),
+    Param("image_column", str, None, "--dataset hf: the column of the images (default image).", optional=True),
+    Param("label_column", str, None, "--dataset hf: the column of the class labels (default label).",
+          optional=True),
+    Param("val_per_class", int, None, "Without a checkpoint: balanced val images per class carved from train when "
+          "the dataset has no val split (dataset default; hf: 20).", optional=True, low=0, high=10**8),
     DTYPE,
     Param("batch_size", int, 512, "Images per forward pass.", low=1, high=2**24),
     Param("workers", int, 0, "Data-loading worker processes.", low=0, high=1024),

@@ -52,7 +52,9 @@ def extract(checkpoint: Path | None, out: Path, *, dataset: str | None = None, b
             batch_size: int = 512, workers: int = 0, device: str | None = None, shard_rows: int = SHARD_ROWS.default,
             overwrite: bool = False, train_views: int = 0, resume: bool = False, joint_head: str = "auto",
             zero_shot: bool = False, class_names: Path | None = None, templates: str = "openai",
-            features: str = "auto", test_crops: int = 0, crop_expand: int = CROP_EXPAND) -> Path:
+            features: str = "auto", test_crops: int = 0, crop_expand: int = CROP_EXPAND,
+            image_column: str | None = None, label_column: str | None = None,
+            val_per_class: int | None = None) -> Path:
     """Write penultimate features, labels and sample indices of every split, plus the joint head, to `out`.
 
     `checkpoint` None extracts `backbone` as it is (hub.py): a torchvision model or ltcache backbone, `timm:<name>`
@@ -84,7 +86,9 @@ def extract(checkpoint: Path | None, out: Path, *, dataset: str | None = None, b
     checkpoint = run_checkpoint(checkpoint)
     source = resolve_source(checkpoint, dataset=dataset, backbone=backbone, pretrained=pretrained, root=root,
                             split_dir=split_dir, joint_head=joint_head, zero_shot=zero_shot, templates=templates,
-                            train_views=train_views, features=features)
+                            train_views=train_views, features=features,
+                            columns={"image_column": image_column, "label_column": label_column,
+                                     "val_per_class": val_per_class})
     inputs = [checkpoint, source.spec.root, source.spec.split_dir]  # the cache may not hold what it is made from
     writer_args = {"dtype": dtype, "shard_rows": shard_rows, "overwrite": overwrite, "inputs": inputs,
                    "source": {"dataset": source.spec.name, "backbone": source.backbone}}
@@ -147,7 +151,7 @@ def run_checkpoint(checkpoint: Path | None) -> Path | None:
 
 def resolve_source(checkpoint: Path | None, *, dataset: str | None, backbone: str | None, pretrained: bool,
                    root: str | None, split_dir: str | None, joint_head: str, zero_shot: bool, templates: str,
-                   train_views: int, features: str = "auto") -> Source:
+                   train_views: int, features: str = "auto", columns: dict | None = None) -> Source:
     """Which of the three modes this extract is, its options checked for that mode before anything is read beyond
     the checkpoint (no dataset, no weight downloaded)."""
     if checkpoint is None:
@@ -161,7 +165,7 @@ def resolve_source(checkpoint: Path | None, *, dataset: str | None, backbone: st
                                "preprocessing; drop --train-views")
         model = describe_frozen(backbone, pretrained)
         config = {"backbone": backbone, "seed": 0, "source": model["weights"] or "random weights"}
-        return Source(None, DatasetSpec.from_dict({"name": dataset}, root=root, split_dir=split_dir),
+        return Source(None, DatasetSpec.from_dict({"name": dataset}, root=root, split_dir=split_dir, **(columns or {})),
                       {"name": dataset}, config, None, {"format": "none", "epoch": None}, model)
     if pretrained or zero_shot or joint_head != "auto" or features != "auto":
         flag = "--pretrained" if pretrained else "--zero-shot" if zero_shot else "--joint-head" \
@@ -182,7 +186,10 @@ def resolve_source(checkpoint: Path | None, *, dataset: str | None, backbone: st
                                "imagenet-lt --backbone resnext50_32x4d --root /data/imagenet)")
         check_backbone(backbone)
         config, described = {"backbone": backbone, "seed": 0, "source": OFFICIAL}, {"name": dataset}
-    spec = DatasetSpec.from_dict(described, root=root, split_dir=split_dir)
+    if (columns or {}).get("val_per_class") is not None:
+        raise LtcacheError(f"{checkpoint} records the split it was trained on; drop --val-per-class")
+    spec = DatasetSpec.from_dict(described, root=root, split_dir=split_dir,
+                                 **{k: v for k, v in (columns or {}).items() if k != "val_per_class"})
     return Source(checkpoint, spec, described, config, weights, about)
 
 
