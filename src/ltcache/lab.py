@@ -76,6 +76,7 @@ class Row:
     losses: list[float] | None = None  # a trained head's mean training loss per epoch
     tta: GroupAccuracy | None = None  # compare --tta: test accuracy with the logits averaged over the test crops
     crops: int = 0
+    test_prior: dict | None = None  # compare --test-prior: test accuracy under a shifted class prior
 
     def as_dict(self) -> dict:
         """The row as results.json stores it."""
@@ -91,6 +92,8 @@ class Row:
             row["loss_curve"] = self.losses
         if self.tta is not None:
             row["tta"] = {**self.tta.as_dict(), "crops": self.crops}
+        if self.test_prior is not None:
+            row["test_prior"] = self.test_prior
         if METHODS[self.method].task is not None:
             row["task"] = METHODS[self.method].task
         return row
@@ -242,6 +245,17 @@ class Lab:
                                   self.data.thresholds)
         return replace(accuracy, top5=top5_hits / max(1, count))
 
+    def prior_accuracy(self, head: Head, prior, name: str, mode: str = "reweight") -> dict:
+        """Test accuracy of `head` if test followed class prior `prior` (metrics.priors.accuracy_under_prior), with
+        the prior's name and mode."""
+        from ltcache.logits import argmax_rows
+        from ltcache.metrics.priors import accuracy_under_prior
+
+        predictions = argmax_rows(self.data.logits(head, self.test.features))
+        accuracy = accuracy_under_prior(predictions, self.test.labels, self.data.class_counts, prior, mode=mode,
+                                       seed=self.data.seed, thresholds=self.data.thresholds)
+        return {"prior": str(name), "mode": mode, **accuracy}
+
     def check(self, method: str, params: dict) -> None:
         """The values only this cache can judge (a target prior's length, ...), before any fit."""
         entry = METHODS[method]
@@ -254,7 +268,7 @@ class Lab:
     def compare(self, methods: list[str] | str | None = None, *, params: dict[str, dict] | None = None,
                 bootstrap: int = 1000, seeds: int = 1, ablation: bool = False, audit: bool = False,
                 log: Callable[[str], None] | None = None, loss_curves: bool = False,
-                tta: bool = False) -> Comparison:
+                tta: bool = False, test_prior: str | None = None, test_prior_mode: str = "reweight") -> Comparison:
         """Fit every method on train, choose on the selection split, score test once per method.
 
         `methods`: names, a comma list, 'all', or None for the paper's five. `params`: {method: {key: value}};
@@ -269,8 +283,15 @@ class Lab:
         each trained head's mean loss per epoch is kept (Row.losses; compare --tensorboard writes it); without,
         no loss is read back from the device. With `tta`, each row also gets its test accuracy with the logits
         averaged over the test crops (Row.tta; the lab must hold them: open_lab(tta=True)); every choice stays on the
-        one-view selection split."""
-        check_all(COMPARE, {"bootstrap": bootstrap, "seeds": seeds})
+        one-view selection split. With `test_prior` (a prior spec: forward:F, backward:F, uniform, train or a file),
+        each row also gets its test accuracy under that class prior (Row.test_prior; `test_prior_mode` reweight or
+        subsample, see metrics.priors.accuracy_under_prior), computed after the row is final."""
+        check_all(COMPARE, {"bootstrap": bootstrap, "seeds": seeds, "test_prior_mode": test_prior_mode})
+        prior = None
+        if test_prior is not None:
+            from ltcache.metrics.priors import parse_prior
+
+            prior = parse_prior(test_prior, self.data.class_counts)
         if tta and self.test_crops is None:
             raise LtcacheError("--tta needs the cache's test crops; extract with --test-crops K (2, 5 or 10)")
         names = resolve_method_list(methods)
@@ -304,6 +325,8 @@ class Lab:
                 row.audit = self.audit(name, grids[name], evaluation.accuracy)
             if tta:
                 row.tta, row.crops = self.tta_accuracy(result.head), self.crops
+            if prior is not None:
+                row.test_prior = self.prior_accuracy(result.head, prior, test_prior, test_prior_mode)
             self.data.clear_cached_logits()
             rows.append(row)
             fitted[name] = result
@@ -593,7 +616,8 @@ def compare(cache_path: Path, *, methods: list[str] | str | None = None, select:
             write_reports: bool = True, train_views: bool = True, out: Path | None = None, ablation: bool = False,
             protocol_audit: bool = False, memory_budget: str | int | None = None,
             log: Callable[[str], None] | None = None, tensorboard: bool = False,
-            precision: str = "float32", tta: bool = False) -> Comparison:
+            precision: str = "float32", tta: bool = False, test_prior: str | None = None,
+            test_prior_mode: str = "reweight") -> Comparison:
     """`ltcache compare`: open the cache, `Lab.compare`, and write heads and reports to `out` (default: into the
     cache) once every method has been scored, only if the cache was not replaced meanwhile.
 
@@ -625,7 +649,8 @@ def compare(cache_path: Path, *, methods: list[str] | str | None = None, select:
                        train_views=train_views, memory_budget=memory_budget, precision=precision, tta=tta)
         comparison = lab.compare(methods if isinstance(methods, str) else names, params=params,  # 'all' stays 'all'
                                  bootstrap=bootstrap, seeds=seeds, ablation=ablation, audit=protocol_audit,
-                                 log=log if is_main_process() else _silent, loss_curves=tensorboard, tta=tta)
+                                 log=log if is_main_process() else _silent, loss_curves=tensorboard, tta=tta,
+                                 test_prior=test_prior, test_prior_mode=test_prior_mode)
         if write_reports and is_main_process():
             lab.save(comparison, out, ablation=ablation, tensorboard=tensorboard)
         barrier()

@@ -53,6 +53,12 @@ COMPARE = (
     Param("tta", bool, False, "Also score every method with its logits averaged over the cache's test crops "
           "(extract --test-crops K): test-time ensembling, reported beside the one-view numbers; choices stay on the "
           "one-view selection split.", option="--tta"),
+    Param("test_prior", str, None, "Also score every method as if test followed this class prior (SADE's shifted "
+          "test sets): forward:F or backward:F (a long tail of imbalance F in the train order or reversed), uniform, "
+          "train, or a file of one weight per class; reported beside the balanced numbers.", optional=True),
+    Param("test_prior_mode", str, "reweight", "With --test-prior: reweight the balanced test set's per-class "
+          "accuracies (exact, every row counts), or subsample it to the prior with the seed (SADE's test sets).",
+          choices=("reweight", "subsample")),
     Param("protocol_audit", bool, False, "Beside each row, what the method would report if its choices were made "
           "on test (as some official stage-2 code does), and the optimism; read only, never used.",
           option="--protocol-audit"),

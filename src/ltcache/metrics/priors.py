@@ -88,3 +88,54 @@ def _read_prior_file(spec: str) -> np.ndarray:
         raise LtcacheError(f"target prior file {path} is unreadable ({exc}); write one number per class") from None
 
 
+
+
+TEST_PRIOR_MODES = ("reweight", "subsample")
+
+
+def subsample_to_prior(labels: np.ndarray, prior: np.ndarray, seed: int) -> np.ndarray:
+    """Rows of a test set drawn to follow `prior`, as SADE's forward / backward long-tailed test sets are built from
+    a balanced one (Zhang et al., NeurIPS 2022): class c keeps round(m pi_c / max pi) of its rows, m the smallest
+    class's rows, at least one where pi_c > 0, drawn without replacement with `seed`. Sorted row indices."""
+    labels = np.asarray(labels)
+    counts = np.bincount(labels, minlength=len(prior))
+    present = counts > 0
+    if not present.any():
+        return np.empty(0, dtype=np.int64)
+    smallest = int(counts[present].min())
+    rng = np.random.default_rng(seed)
+    keep = []
+    for label in np.flatnonzero(present & (np.asarray(prior) > 0)):
+        rows = np.flatnonzero(labels == label)
+        take = min(len(rows), max(1, round(smallest * float(prior[label]) / float(np.max(prior)))))
+        keep.append(rng.choice(rows, size=take, replace=False))
+    return np.sort(np.concatenate(keep)).astype(np.int64) if keep else np.empty(0, dtype=np.int64)
+
+
+def accuracy_under_prior(predictions, labels, class_counts, prior: np.ndarray, *, mode: str, seed: int = 0,
+                        thresholds=None) -> dict:
+    """Test accuracy if test followed `prior` (compare --test-prior). reweight: All = sum_c pi_c acc_c (exact for a
+    balanced test set), and each shot group the prior-weighted mean of its classes. subsample: every metric on a
+    seeded subset drawn to the prior (subsample_to_prior). Returns the accuracy dict with 'rows' (the test rows it
+    counts: all of them when reweighting)."""
+    from ltcache.metrics.accuracy import GROUPS, ShotThresholds, evaluate, per_class_accuracy, shot_groups, to_numpy
+
+    thresholds = thresholds or ShotThresholds()
+    predictions, labels = to_numpy(predictions), to_numpy(labels)
+    if mode == "subsample":
+        rows = subsample_to_prior(labels, prior, seed)
+        return {**evaluate(predictions[rows], labels[rows], class_counts, thresholds), "rows": int(len(rows))}
+    if mode != "reweight":
+        raise LtcacheError(f"--test-prior-mode {mode!r} is not one of {', '.join(TEST_PRIOR_MODES)}")
+    accuracy = per_class_accuracy(predictions, labels, len(class_counts))
+    result = evaluate(predictions, labels, class_counts, thresholds)
+    seen = ~np.isnan(accuracy)
+    weights = np.where(seen, prior, 0.0)
+    result["all"] = float((weights * np.nan_to_num(accuracy)).sum() / weights.sum()) if weights.sum() > 0 \
+        else float("nan")
+    groups = shot_groups(class_counts, thresholds)
+    for group in GROUPS:
+        member = weights * (groups == group)
+        result[group] = float((member * np.nan_to_num(accuracy)).sum() / member.sum()) if member.sum() > 0 \
+            else float("nan")
+    return {**result, "rows": int(len(labels))}

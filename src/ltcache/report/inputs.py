@@ -133,18 +133,20 @@ TTA_KEYS = ("many", "medium", "few", "all", "mean_per_class", "harmonic_mean", "
 
 
 def with_ensemble_rows(results: dict) -> dict:
-    """compare --tta's accuracies as rows of their own, 'METHOD (K crops)' after each method's row, so that every
-    table and figure of `ltcache report` shows them beside the one-view numbers (compare's own tables give them as
-    columns)."""
+    """compare --tta's and --test-prior's accuracies as rows of their own, 'METHOD (K crops)' and 'METHOD (test prior
+    P)' after each method's row, so that every table and figure of `ltcache report` shows them beside the balanced
+    one-view numbers (compare's own tables give them as columns)."""
     rows = []
     for row in results["rows"]:
         rows.append(row)
         tta = row.get("tta")
-        if tta:
-            rows.append({"method": f"{row['method']} ({tta['crops']} crops)", "chosen": row.get("chosen", {}),
-                         **({"task": row["task"]} if "task" in row else {}),
-                         **{key: row[key] for key in ("n_many", "n_medium", "n_few") if key in row},
-                         **{key: tta[key] for key in TTA_KEYS if key in tta}})
+        for extra, label in ((tta, f"{tta['crops']} crops" if tta else ""),
+                             (row.get("test_prior"), f"test prior {(row.get('test_prior') or {}).get('prior')}")):
+            if extra:
+                rows.append({"method": f"{row['method']} ({label})", "chosen": row.get("chosen", {}),
+                             **({"task": row["task"]} if "task" in row else {}),
+                             **{key: row[key] for key in ("n_many", "n_medium", "n_few") if key in row},
+                             **{key: extra[key] for key in TTA_KEYS if key in extra}})
     return {**results, "rows": rows}
 
 
@@ -227,6 +229,12 @@ def results_problem(results: dict) -> str | None:
                                     and all(_number(tta.get(key)) for key in TTA_KEYS)
                                     and all(key in tta for key in ("many", "medium", "few", "all"))):
             return f"{where}: 'tta' must hold the test-crop accuracies (many, medium, few, all) and 'crops' >= 1"
+        shifted = row.get("test_prior")
+        if shifted is not None and not (isinstance(shifted, dict) and isinstance(shifted.get("prior"), str)
+                                        and isinstance(shifted.get("mode"), str) and _count(shifted.get("rows"))
+                                        and all(_number(shifted.get(key)) for key in TTA_KEYS)
+                                        and all(key in shifted for key in ("many", "medium", "few", "all"))):
+            return f"{where}: 'test_prior' must hold the prior, its mode, the accuracies and the rows counted"
         priors = row.get("shifted_priors")
         if priors is not None and not (isinstance(priors, dict) and all(
                 isinstance(k, str) and _number(v, optional=False) for k, v in priors.items())):

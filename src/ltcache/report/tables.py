@@ -64,8 +64,12 @@ def markdown_table(summary: Mapping) -> str:
     header += " mean/class if chosen on test | optimism |" if audited else ""
     header += (f" Few, {ensembled[0]['crops']} crops | All, {ensembled[0]['crops']} crops | mean/class, "
                f"{ensembled[0]['crops']} crops |") if ensembled else ""
+    shifted = [row.get("test_prior") for row in rows if row.get("test_prior")]
+    header += (f" Few, test prior {shifted[0]['prior']} | All, test prior {shifted[0]['prior']} "
+               f"({shifted[0]['mode']}) |") if shifted else ""
     lines = [header + " chosen |", "|---|" + "---:|" * 10 + ("---:|" if seeded else "")
-             + ("---:|---:|" if audited else "") + ("---:|" * 3 if ensembled else "") + "---|"]
+             + ("---:|---:|" if audited else "") + ("---:|" * 3 if ensembled else "")
+             + ("---:|" * 2 if shifted else "") + "---|"]
     for row in rows:
         cells = " | ".join(_pct(row[c]) for c in (*COLUMNS, *MORE))
         ci = (row.get("ci95") or {}).get("all")
@@ -82,6 +86,9 @@ def markdown_table(summary: Mapping) -> str:
         if ensembled:
             tta = row.get("tta")
             extra += "".join(f" | {_pct(tta[key])}" if tta else " | -" for key in ("few", "all", "mean_per_class"))
+        if shifted:
+            prior = row.get("test_prior")
+            extra += "".join(f" | {_pct(prior[key])}" if prior else " | -" for key in ("few", "all"))
         lines.append(f"| {row['method']} | {cells}{extra} | {format_chosen(row['chosen'])} |")
     return "\n".join(lines)
 
@@ -145,8 +152,11 @@ def results_csv(rows: list[Mapping]) -> str:
     sizes = ["n_many", "n_medium", "n_few"]  # the classes in each shot group
     ensembled = any(row.get("tta") for row in rows)
     tta = [f"tta_{key}" for key in (*COLUMNS, "top5")] + ["tta_crops"] if ensembled else []
+    shifted = any(row.get("test_prior") for row in rows)
+    prior_columns = ["test_prior", "test_prior_mode", *(f"test_prior_{key}" for key in COLUMNS), "test_prior_rows"] \
+        if shifted else []
     writer.writerow(["method", *COLUMNS, *MORE, *calibration, *intervals, *audit, "chosen", "fit_seconds", *sizes,
-                     *tta])
+                     *tta, *prior_columns])
     for row in rows:
         ci = row.get("ci95")
         bounds = [_rounded(v) for key in INTERVAL_KEYS for v in ci[key]] if ci else [""] * len(intervals)
@@ -157,9 +167,12 @@ def results_csv(rows: list[Mapping]) -> str:
         ensemble = row.get("tta")
         tta_cells = ([*(_rounded(ensemble.get(key)) for key in (*COLUMNS, "top5")), ensemble.get("crops")]
                      if ensemble else [""] * len(tta))
+        prior = row.get("test_prior")
+        prior_cells = ([prior["prior"], prior["mode"], *(_rounded(prior.get(key)) for key in COLUMNS), prior["rows"]]
+                       if prior else [""] * len(prior_columns))
         writer.writerow([row["method"], *(_rounded(v) for v in values), *bounds, *audited,
                          format_chosen(row["chosen"]), round(row["fit_seconds"], 3), *(row.get(s) for s in sizes),
-                         *tta_cells])
+                         *tta_cells, *prior_cells])
     return buffer.getvalue()
 
 
