@@ -261,3 +261,16 @@ def test_a_text_head_over_pre_projection_features_is_the_projected_head():
     assert isinstance(fit_method("zs_ensemble", lifted).head, LinearCosineHead)
     assert isinstance(fit_method("tip_adapter", lifted, {"beta_steps": 2, "alpha_steps": 2}).head, CacheAdapterHead)
     assert isinstance(fit_method("knn", lifted).head, KnnHead)
+
+
+def test_cos_la_starts_from_the_text_head_mapped_back_through_the_projection():
+    """LIFT's init_head_text_feat on pre-projection features: normalize(text @ proj^T)."""
+    data = toy_data(seed=8, text=True)
+    projection = torch.linalg.pinv(torch.randn(data.train.features.shape[1], 9,
+                                               generator=torch.Generator().manual_seed(2)))  # [9, 6]
+    lifted = replace(data, train=Split(torch.randn(64, 9), data.train.labels), text=replace(data.text,
+                                                                                            projection=projection))
+    fitted = fit_method("cos_la", lifted, {"lr": 1e-12, "epochs": 1, "min_steps": 1})
+    expected = 25.0 * F.normalize(data.text.weight @ projection.T, dim=1)
+    assert fitted.chosen["init"] == "text"
+    assert torch.allclose(fitted.head.weight, expected, atol=1e-5)

@@ -204,24 +204,24 @@ COS_LA_CARD = Card(
              "SGD, momentum 0.9, weight decay 5e-4, 10 epochs, lr 0.01 at batch 128 (scaled linearly with the "
              "batch).",
              "init=auto starts from CLIP's text features when the cache has the text head (LIFT's init_head "
-             "text_feat), else from the normalized class means (LIFT's class_mean)."),
+             "text_feat), else from the normalized class means (LIFT's class_mean).",
+             "On a cache of pre-projection features (extract --features both, LIFT's 768-d input for ViT-B/16) "
+             "init=text maps the text features back through proj^T and normalizes them, as init_head_text_feat.",
+             "Test-time ensembling is compare --tta on a cache with extract --test-crops 5: LIFT's fivecrop of the "
+             "image resized to 224 + 24, the crops' logits averaged (trainer.test)."),
     deviations=(Deviation("Only the head is trained, on frozen cached features.",
                           "LIFT also trains AdaptFormer modules inside the image tower; stage 2 never changes the "
                           "features, so this is LIFT's classifier, not its fine-tuning."),
-                Deviation("init=text uses the text embeddings in the projected space of the cached features.",
-                          "LIFT's head sits on ViT-B/16's 768-d pre-projection features and maps the text features "
-                          "back through proj^T; a cache of projected features (extract --zero-shot) takes them as "
-                          "they are."),
+                Deviation("On a cache of projected features (extract --zero-shot alone) the head sits on the "
+                          "512-d projected embedding and init=text uses the text embeddings as they are.",
+                          "LIFT's head sits on the pre-projection features; extract --features both --zero-shot "
+                          "gives those, and then init=text is LIFT's."),
                 Deviation("The lr follows a cosine to 0 per step.",
                           "LIFT steps CosineAnnealingLR once per epoch; ltcache uses one schedule for every trained "
                           "head."),
-                Deviation("No test-time ensembling.",
-                          "LIFT's test_ensemble averages crops of each test image; a cache holds one view per "
-                          "image."),
                 *TRAINER_DEVIATIONS[2:]),
-    features="LIFT's head expects CLIP ViT-B/16's 768-d pre-projection image features; a cache from extract "
-             "--backbone open_clip:ARCH/TAG holds the projected embedding (the text head's space), which "
-             "init=text needs.",
+    features="LIFT's head reads CLIP ViT-B/16's 768-d pre-projection image features: extract --backbone "
+             "open_clip:ViT-B-16/openai --pretrained --features both --zero-shot --test-crops 5.",
     reference_test="tests/test_reference.py::test_trained_head_equals_hand_written_sgd[cos_la]")
 
 
