@@ -26,7 +26,8 @@ def workspace(tmp_path):
 
 def matrix_args(ws, out):
     return ["matrix", "--backbones", f"timm:{ws / 'tiny-dinov2.json'},open_clip:{ws / 'tiny-clip.json'}",
-            "--datasets", "digits-lt,imagenet-lt", "--root", f"imagenet-lt={ws / 'inet'}", "--features", "auto",
+            "--datasets", "digits-lt,imagenet-lt", "--root", f"imagenet-lt={ws / 'inet'}", "--features",
+            "cls_patch,both",
             "--zero-shot", "--templates", "simple", "--test-crops", "2", "--tta", "--methods",
             "joint,crt,knn,zero_shot", "--set", "crt.min_steps=20", "--bootstrap", "0", "--shard-rows", "16",
             "--out", str(out)]
@@ -76,6 +77,12 @@ def test_the_matrix_is_killed_inside_an_extract_and_resumed(workspace):
     for r in rows:
         assert 0.0 <= float(r["acc1"]) <= 1.0 and r["pretrained"] == "random"
     assert "report: " in stdout and (out / "report" / "index.html").is_file()
+    from ltcache.cache import FeatureCache
+
+    kinds = {name: FeatureCache(out / "caches" / name).manifest["backbone"]["model"]["features"]["kind"]
+             for name in state["pairs"]}
+    assert kinds == {"digits-lt--timm-tiny-dinov2": "cls_patch", "digits-lt--open_clip-tiny-clip": "both",
+                     "imagenet-lt--timm-tiny-dinov2": "cls_patch", "imagenet-lt--open_clip-tiny-clip": "both"}
     # once more: every pair is skipped, and the report is rebuilt from the same results
     again = invoke(*matrix_args(workspace, out))
     assert again.exit_code == 0, again.output
@@ -94,7 +101,7 @@ def test_bad_matrix_inputs_are_one_line_errors_and_write_nothing(workspace):
         (["--backbones", clip, "--root", "digits-lt"], "must look like DATASET=PATH"),
         (["--backbones", clip, "--root", "imagenet-lt=/x"], "not among --datasets"),
         (["--backbones", clip, "--tta"], "--tta needs --test-crops"),
-        (["--backbones", clip, "--features", "cls_patch"], "reads a timm ViT's tokens"),
+        (["--backbones", clip, "--features", "cls_patch,nonsense"], "--features 'nonsense' is not one of"),
         (["--backbones", "timm:test_resnett"], "unknown timm model"),
         (["--backbones", clip, "--set", "crt.lr"], "METHOD.PARAM=VALUE"),
     ]

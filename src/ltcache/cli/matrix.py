@@ -29,6 +29,7 @@ FORMAT = "ltcache-matrix/1"
 TEXT_HEAD = next(param.name for param in EXTRACT if param.flag == "--zero-shot")
 _EXTRACT_KEYS = ("pretrained", "features", TEXT_HEAD, "templates", "test_crops", "crop_expand", "joint_head",
                  "dtype", "batch_size", "workers", "shard_rows")
+FEATURE_CHOICES = next(param for param in EXTRACT if param.name == "features").choices
 _COMPARE_KEYS = ("methods", "select", "seed", "bootstrap", "seeds", "tta", "memory_budget", "precision")
 
 
@@ -44,11 +45,35 @@ MATRIX = (
     Param("out", Path, None, "The matrix folder: matrix.json, caches/, report/. Run the same command again to "
           "resume: finished pairs are skipped, a killed extract continues."),
     Param("root", list, [], "Where a dataset's files are, DATASET=PATH (repeatable)."),
-    *_declared(EXTRACT, _EXTRACT_KEYS),
+    *_declared(EXTRACT, tuple(key for key in _EXTRACT_KEYS if key != "features")),
+    Param("features", str, "auto", "What each backbone gives, as extract --features; a comma list names one per "
+          "library (e.g. cls_patch,both: DINOv2's protocol for the timm ViTs, pre-projection features plus the "
+          "projection for CLIP), and a backbone whose library none applies to gets auto."),
     *_declared(COMPARE, ("set_",)),
     *_declared(COMPARE, _COMPARE_KEYS),
     *_declared(EXTRACT, ("device",)),
 )
+
+
+def features_for(backbone: str, features: list[str]) -> str:
+    """The first of `features` that applies to the backbone's library (timm ViT tokens for timm:, the CLIP options for
+    open_clip:), else auto."""
+    from ltcache.stage1.hub import CLIP_FEATURES, TIMM_TOKEN_FEATURES, split_name
+
+    library = split_name(backbone)[0]
+    for kind in features:
+        if kind == "auto" or (kind in TIMM_TOKEN_FEATURES and library == "timm") or \
+                (kind in CLIP_FEATURES and library == "open_clip"):
+            return kind
+    return "auto"
+
+
+def parse_features(text: str) -> list[str]:
+    kinds = [kind.strip() for kind in (text or "auto").split(",") if kind.strip()] or ["auto"]
+    for kind in kinds:
+        if kind not in FEATURE_CHOICES:
+            raise LtcacheError(f"--features {kind!r} is not one of {', '.join(FEATURE_CHOICES)}")
+    return kinds
 
 
 def pair_name(dataset: str, backbone: str) -> str:
@@ -166,12 +191,13 @@ def run_matrix(*, backbones: str, datasets: str, out: Path, root: list[str] | No
     compare_options = {key: options[key] for key in _COMPARE_KEYS if key in options}
     if compare_options.get("tta") and not extract_options.get("test_crops"):
         raise LtcacheError("--tta needs --test-crops K: the crops are extracted with each pair")
+    kinds = parse_features(extract_options.get("features", "auto"))
     for backbone in backbone_list:  # every pair's options judged before any pair runs
         clip = split_name(backbone)[0] == "open_clip"
         check_frozen(backbone, extract_options.get("pretrained", False),
                      joint_head=extract_options.get("joint_head", "auto"),
                      **{TEXT_HEAD: bool(extract_options.get(TEXT_HEAD)) and clip},
-                     templates=extract_options.get("templates"), features=extract_options.get("features", "auto"))
+                     templates=extract_options.get("templates"), features=features_for(backbone, kinds))
     _check_folder(folder)
     shared = {"extract": {k: (str(v) if isinstance(v, Path) else v) for k, v in extract_options.items()},
               "compare": {**compare_options, "set": list(set_ or [])}}
@@ -202,7 +228,8 @@ def run_matrix(*, backbones: str, datasets: str, out: Path, root: list[str] | No
             _save(folder, state)
             clip = split_name(backbone)[0] == "open_clip"
             extract(None, cache, dataset=dataset, backbone=backbone, root=roots.get(dataset), device=device,
-                    resume=resume, **{**extract_options, TEXT_HEAD: bool(extract_options.get(TEXT_HEAD)) and clip})
+                    resume=resume, **{**extract_options, TEXT_HEAD: bool(extract_options.get(TEXT_HEAD)) and clip,
+                                      "features": features_for(backbone, kinds)})
         log(f"{label}: comparing")
         state["pairs"][name] = {"dataset": dataset, "backbone": backbone, "state": "comparing"}
         _save(folder, state)
