@@ -39,6 +39,7 @@ def run(args, cwd):
                             stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow  # 27 s: four pairs through real subprocesses; the default run keeps a matrix run end to end below
 def test_the_matrix_is_killed_inside_an_extract_and_resumed(workspace):
     out = workspace / "mx"
     first = workspace / "mx" / "caches" / "digits-lt--timm-tiny-dinov2"

@@ -325,8 +325,9 @@ class FeatureCache:
 
         def write(tmp: Path) -> None:
             with h5py.File(tmp, "w") as f:
-                for key, tensor in head.tensors().items():
-                    f.create_dataset(key, data=tensor.detach().cpu().float().numpy())
+                for key, tensor in head.tensors().items():  # float tensors as float32, integer ones (labels) as is
+                    tensor = tensor.detach().cpu()
+                    f.create_dataset(key, data=(tensor.float() if tensor.is_floating_point() else tensor).numpy())
                 f.attrs["kind"] = head.kind
                 f.attrs["options"] = json.dumps(head.options())
                 f.attrs["method"] = name
