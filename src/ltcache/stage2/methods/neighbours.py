@@ -227,15 +227,22 @@ TIP_CARD = Card(
         text=True, card=TIP_CARD)
 def fit_tip_adapter(data: LabData, *, shots: int, beta_scale: float, alpha_scale: float, beta_steps: int,
                     alpha_steps: int) -> Fitted:
+    keys, key_labels = cache_keys(data, shots)
+    return searched_adapter(data, keys, key_labels, betas=search_grid(beta_scale, beta_steps),
+                            alphas=search_grid(alpha_scale, alpha_steps), shots=shots)
+
+
+def searched_adapter(data: LabData, keys: torch.Tensor, key_labels: torch.Tensor, *, betas, alphas,
+                     **chosen) -> Fitted:
+    """The cache model over `keys` with alpha and beta searched on the selection split (search_alpha_beta), as a
+    Fitted recording them, the key count, `chosen` and the selection curve."""
     from ltcache.heads import CacheAdapterHead
 
-    keys, key_labels = cache_keys(data, shots)
     text = data.text.weight.to(keys.device)
-    alpha, beta, score, curve = search_alpha_beta(
-        data, lambda queries: queries @ text.T, keys, key_labels, search_grid(beta_scale, beta_steps),
-        search_grid(alpha_scale, alpha_steps))
+    alpha, beta, score, curve = search_alpha_beta(data, lambda queries: queries @ text.T, keys, key_labels, betas,
+                                                  alphas)
     head = CacheAdapterHead(text, keys, key_labels, alpha, beta, data.text.projection)
-    return Fitted(head, {"alpha": round(alpha, 4), "beta": round(beta, 4), "keys": len(keys), "shots": shots,
+    return Fitted(head, {"alpha": round(alpha, 4), "beta": round(beta, 4), "keys": len(keys), **chosen,
                          "selected_on": data.selected_on, "selection_mean_per_class": round(score, 4)}, curve)
 
 
@@ -264,19 +271,11 @@ TIP_F_CARD = Card(
         "then alpha and beta chosen on the selection split", text=True, stochastic=True, card=TIP_F_CARD)
 def fit_tip_adapter_f(data: LabData, *, shots: int, beta_scale: float, alpha_scale: float, beta_steps: int,
                       alpha_steps: int, epochs: int, batch_size: int, lr: float) -> Fitted:
-    from ltcache.heads import CacheAdapterHead
-
     keys, key_labels = cache_keys(data, shots)
     trained, epoch = train_cache_keys(data, keys, key_labels, epochs=epochs, batch_size=batch_size, lr=lr)
-    text = data.text.weight.to(keys.device)
-    alpha, beta, score, curve = search_alpha_beta(
-        data, lambda queries: queries @ text.T, trained, key_labels, search_grid(beta_scale, beta_steps),
-        search_grid(alpha_scale, alpha_steps))
-    head = CacheAdapterHead(text, trained, key_labels, alpha, beta, data.text.projection)
-    return Fitted(head, {"alpha": round(alpha, 4), "beta": round(beta, 4), "keys": len(keys), "shots": shots,
-                         "epochs": epochs, "epoch_kept": epoch, "batch_size": batch_size, "lr": lr,
-                         "optimizer": "adamw", "selected_on": data.selected_on,
-                         "selection_mean_per_class": round(score, 4)}, curve)
+    return searched_adapter(data, trained, key_labels, betas=search_grid(beta_scale, beta_steps),
+                            alphas=search_grid(alpha_scale, alpha_steps), shots=shots, epochs=epochs,
+                            epoch_kept=epoch, batch_size=batch_size, lr=lr, optimizer="adamw")
 
 
 def train_cache_keys(data: LabData, keys: torch.Tensor, key_labels: torch.Tensor, *, epochs: int, batch_size: int,
