@@ -93,6 +93,9 @@ def test_the_matrix_is_killed_inside_an_extract_and_resumed(workspace):
 def test_bad_matrix_inputs_are_one_line_errors_and_write_nothing(workspace):
     (workspace / "busy").mkdir()
     (workspace / "busy" / "notes.txt").write_text("mine")
+    for name, text in (("torn", '{"format": "ltcache-matrix/1", "pai'), ("alien", '{"format": "other", "pairs": {}}')):
+        (workspace / name).mkdir()
+        (workspace / name / "matrix.json").write_text(text)
     before = checksum(workspace)
     clip = f"open_clip:{workspace / 'tiny-clip.json'}"
     base = ["matrix", "--datasets", "digits-lt", "--out", workspace / "new"]
@@ -112,6 +115,9 @@ def test_bad_matrix_inputs_are_one_line_errors_and_write_nothing(workspace):
                        "holds no ltcache matrix")
     assert_clean_error(invoke("matrix", "--backbones", clip, "--datasets", "nosuch", "--out", workspace / "new2"),
                        "nosuch")
+    for name, message in (("torn", "is not readable JSON"), ("alien", "is not an ltcache matrix file")):
+        assert_clean_error(invoke("matrix", "--backbones", clip, "--datasets", "digits-lt", "--out", workspace / name),
+                           message)
     assert checksum(workspace) == before and not (workspace / "new").exists()
 
 

@@ -565,6 +565,10 @@ def expand_grids(methods: list[str], params: dict[str, dict] | None) -> dict[str
     return grids
 
 
+TTA_NEEDS_CROPS = ("--tta needs test crops, which {cache} lacks; extract with --test-crops K (2: the view and its "
+                   "mirror, 5 or 10: five / ten crops)")
+
+
 def open_lab(cache_path: Path | str, *, select: str = "val", seed: int = 0, device: str | None = None,
              thresholds: ShotThresholds = ShotThresholds(), train_views: bool = True,
              memory_budget: str | int | None = None, precision: str = "float32", tta: bool = False) -> Lab:
@@ -604,8 +608,7 @@ def open_lab(cache_path: Path | str, *, select: str = "val", seed: int = 0, devi
         crops = None
         if tta:
             if not cache.has_split("test_crops"):
-                raise LtcacheError(f"--tta needs test crops, which {cache_path} lacks; extract with --test-crops K "
-                                   "(2: the view and its mirror, 5 or 10: five / ten crops)")
+                raise LtcacheError(TTA_NEEDS_CROPS.format(cache=cache_path))
             crops = load("test_crops")
         return Lab(cache, data, cache.load_split("test").to(run_device), crops)
 
@@ -625,11 +628,21 @@ def compare(cache_path: Path, *, methods: list[str] | str | None = None, select:
     folder probed before any feature is loaded."""
     cache_path = cache_folder(cache_path)
     check_all(COMPARE, {"seed": seed, "bootstrap": bootstrap, "seeds": seeds, "select": select,
-                        "many": thresholds.many, "few": thresholds.few, "precision": precision})
+                        "many": thresholds.many, "few": thresholds.few, "precision": precision,
+                        "test_prior_mode": test_prior_mode})
     check_thresholds(thresholds.many, thresholds.few)
     names = resolve_method_list(methods)
     expand_grids(names, params)  # a bad name, value or grid fails before anything is loaded
     resolve_budget(memory_budget)
+    if tta or test_prior is not None:  # judged from the manifest, before any feature is loaded
+        from ltcache.cache.reader import read_manifest
+        from ltcache.metrics.priors import parse_prior
+
+        manifest = read_manifest(cache_path)
+        if tta and "test_crops" not in manifest["splits"]:
+            raise LtcacheError(TTA_NEEDS_CROPS.format(cache=cache_path))
+        if test_prior is not None:
+            parse_prior(test_prior, manifest["class_counts"])
     if tensorboard:
         from ltcache.core.tensorboard import require_tensorboard
 

@@ -22,14 +22,13 @@ from ltcache.core.errors import LtcacheError
 from ltcache.core.fsutil import atomic_write
 from ltcache.core.options import COMPARE
 from ltcache.core.params import Param, checked
-from ltcache.stage1.config import EXTRACT
+from ltcache.stage1.config import EXTRACT, FEATURE_KINDS
 
 MATRIX_FILE = "matrix.json"
 FORMAT = "ltcache-matrix/1"
 TEXT_HEAD = next(param.name for param in EXTRACT if param.flag == "--zero-shot")
 _EXTRACT_KEYS = ("pretrained", "features", TEXT_HEAD, "templates", "test_crops", "crop_expand", "joint_head",
                  "dtype", "batch_size", "workers", "shard_rows")
-FEATURE_CHOICES = next(param for param in EXTRACT if param.name == "features").choices
 _COMPARE_KEYS = ("methods", "select", "seed", "bootstrap", "seeds", "tta", "memory_budget", "precision")
 
 
@@ -58,21 +57,17 @@ MATRIX = (
 def features_for(backbone: str, features: list[str]) -> str:
     """The first of `features` that applies to the backbone's library (timm ViT tokens for timm:, the CLIP options for
     open_clip:), else auto."""
-    from ltcache.stage1.hub import CLIP_FEATURES, TIMM_TOKEN_FEATURES, split_name
+    from ltcache.stage1.hub import feature_applies, split_name
 
     library = split_name(backbone)[0]
-    for kind in features:
-        if kind == "auto" or (kind in TIMM_TOKEN_FEATURES and library == "timm") or \
-                (kind in CLIP_FEATURES and library == "open_clip"):
-            return kind
-    return "auto"
+    return next((kind for kind in features if feature_applies(library, kind)), "auto")
 
 
 def parse_features(text: str) -> list[str]:
     kinds = [kind.strip() for kind in (text or "auto").split(",") if kind.strip()] or ["auto"]
     for kind in kinds:
-        if kind not in FEATURE_CHOICES:
-            raise LtcacheError(f"--features {kind!r} is not one of {', '.join(FEATURE_CHOICES)}")
+        if kind not in FEATURE_KINDS:
+            raise LtcacheError(f"--features {kind!r} is not one of {', '.join(FEATURE_KINDS)}")
     return kinds
 
 
@@ -174,6 +169,7 @@ def run_matrix(*, backbones: str, datasets: str, out: Path, root: list[str] | No
     (METHOD.PARAM=VALUE). Returns {"pairs": {name: state}, "report": paths}."""
     from ltcache.core.folders import dead_staging
     from ltcache.core.options import parse_params
+    from ltcache.data.spec import dataset_registry
     from ltcache.lab import compare
     from ltcache.report.page import build_report
     from ltcache.stage1.extract import extract
@@ -181,8 +177,6 @@ def run_matrix(*, backbones: str, datasets: str, out: Path, root: list[str] | No
 
     folder = Path(out)
     backbone_list, dataset_list = _names(backbones, "backbones"), _names(datasets, "datasets")
-    from ltcache.data.spec import dataset_registry
-
     for dataset in dataset_list:
         dataset_registry().get(dataset)  # an unknown name is a one-line error listing the known ones
     roots = parse_roots(list(root or []), dataset_list)

@@ -13,7 +13,6 @@ Needs the optional extra: pip install 'ltcache[hf]'.
 
 from __future__ import annotations
 
-import io
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -121,57 +120,12 @@ def _images(table, column: str, split: str, root: Path):
     return table.column(column)
 
 
-class ArrowImageDataset:
-    """Images in an Arrow column (Image feature structs of bytes and path, raw bytes, or paths relative to `root`),
-    decoded with PIL as RGB when read."""
-
-    def __init__(self, column, rows: np.ndarray, labels: np.ndarray, transform, root: Path):
-        import torch
-
-        self.column, self.rows, self.root = column, np.asarray(rows, dtype=np.int64), root
-        self.labels = torch.as_tensor(labels, dtype=torch.int64)
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def with_transform(self, transform):
-        import copy
-
-        clone = copy.copy(self)
-        clone.transform = transform
-        return clone
-
-    def image(self, i: int):
-        from PIL import Image
-
-        value = self.column[int(self.rows[i])].as_py()
-        data, path = value, None
-        if isinstance(value, dict):
-            data, path = value.get("bytes"), value.get("path")
-        elif isinstance(value, str):
-            data, path = None, value
-        try:
-            if data is not None:
-                with Image.open(io.BytesIO(data)) as image:
-                    return image.convert("RGB")
-            if path:
-                with Image.open(self.root / path) as image:
-                    return image.convert("RGB")
-        except (OSError, ValueError, Image.DecompressionBombError) as exc:
-            raise LtcacheError(f"cannot decode image {i} of an hf split ({type(exc).__name__}); the row's image is "
-                               "damaged") from None
-        raise LtcacheError(f"image {i} of an hf split has neither bytes nor a path")
-
-    def __getitem__(self, i: int):
-        return self.transform(self.image(i)), self.labels[i], i
-
-
 @register_dataset("hf")
 def build_hf(spec: DatasetSpec) -> LongTailData:
     """A Hugging Face dataset on local disk (module docstring): its train split as given (or, with --profile
     exponential|step, subsampled to a long tail), val as found or carved from train, test as found."""
     from ltcache.data.files import PROFILES, imagenet_transforms
+    from ltcache.data.images import ArrowImageDataset
 
     if not spec.root:
         raise LtcacheError("--dataset hf needs --root: a save_to_disk folder or a folder of parquet files")

@@ -1,4 +1,5 @@
-"""The torch Datasets behind every registered dataset: in-memory arrays, image files and images in tar shards.
+"""The torch Datasets behind every registered dataset: in-memory arrays, image files, images in tar shards and in
+Arrow columns (Hugging Face datasets).
 Imported when a dataset is built, never when the registry is listed or a name is checked."""
 
 from __future__ import annotations
@@ -93,3 +94,35 @@ class TarImageDataset(SplitDataset):
             raise LtcacheError(f"cannot decode {name} in {self.shards[shard]} ({type(exc).__name__}); replace the "
                                "shard") from None
         return self.transform(rgb), self.labels[i], i
+
+
+class ArrowImageDataset(SplitDataset):
+    """Images in an Arrow column (--dataset hf: Image feature structs of bytes and path, raw bytes, or paths relative
+    to `root`), rows `rows` of it, decoded with PIL as RGB when read."""
+
+    def __init__(self, column, rows: np.ndarray, labels: np.ndarray, transform, root):
+        self.column, self.rows, self.root = column, np.asarray(rows, dtype=np.int64), root
+        self.labels = torch.as_tensor(labels, dtype=torch.int64)
+        self.transform = transform
+
+    def image(self, i: int) -> Image.Image:
+        value = self.column[int(self.rows[i])].as_py()
+        data, path = value, None
+        if isinstance(value, dict):
+            data, path = value.get("bytes"), value.get("path")
+        elif isinstance(value, str):
+            data, path = None, value
+        try:
+            if data is not None:
+                with Image.open(io.BytesIO(data)) as image:
+                    return image.convert("RGB")
+            if path:
+                with Image.open(os.path.join(self.root, path)) as image:
+                    return image.convert("RGB")
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            raise LtcacheError(f"cannot decode image {i} of an hf split ({type(exc).__name__}); the row's image is "
+                               "damaged") from None
+        raise LtcacheError(f"image {i} of an hf split has neither bytes nor a path")
+
+    def __getitem__(self, i: int):
+        return self.transform(self.image(i)), self.labels[i], i

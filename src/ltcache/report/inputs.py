@@ -129,13 +129,14 @@ def read_results_json(file: Path) -> dict:
     return results
 
 
-TTA_KEYS = ("many", "medium", "few", "all", "mean_per_class", "harmonic_mean", "geometric_mean", "top5")
+EXTRA_ROW_KEYS = ("many", "medium", "few", "all", "mean_per_class", "harmonic_mean", "geometric_mean", "top5")
 
 
 def with_ensemble_rows(results: dict) -> dict:
     """compare --tta's and --test-prior's accuracies as rows of their own, 'METHOD (K crops)' and 'METHOD (test prior
     P)' after each method's row, so that every table and figure of `ltcache report` shows them beside the balanced
-    one-view numbers (compare's own tables give them as columns)."""
+    one-view numbers (compare's own tables give them as columns). Each added row names the method it extends
+    (`of`)."""
     rows = []
     for row in results["rows"]:
         rows.append(row)
@@ -143,10 +144,11 @@ def with_ensemble_rows(results: dict) -> dict:
         for extra, label in ((tta, f"{tta['crops']} crops" if tta else ""),
                              (row.get("test_prior"), f"test prior {(row.get('test_prior') or {}).get('prior')}")):
             if extra:
-                rows.append({"method": f"{row['method']} ({label})", "chosen": row.get("chosen", {}),
+                rows.append({"method": f"{row['method']} ({label})", "of": row["method"],
+                             "chosen": row.get("chosen", {}),
                              **({"task": row["task"]} if "task" in row else {}),
                              **{key: row[key] for key in ("n_many", "n_medium", "n_few") if key in row},
-                             **{key: extra[key] for key in TTA_KEYS if key in extra}})
+                             **{key: extra[key] for key in EXTRA_ROW_KEYS if key in extra}})
     return {**results, "rows": rows}
 
 
@@ -226,13 +228,13 @@ def results_problem(results: dict) -> str | None:
         tta = row.get("tta")
         if tta is not None and not (isinstance(tta, dict) and isinstance(tta.get("crops"), int)
                                     and not isinstance(tta["crops"], bool) and tta["crops"] >= 1
-                                    and all(_number(tta.get(key)) for key in TTA_KEYS)
+                                    and all(_number(tta.get(key)) for key in EXTRA_ROW_KEYS)
                                     and all(key in tta for key in ("many", "medium", "few", "all"))):
             return f"{where}: 'tta' must hold the test-crop accuracies (many, medium, few, all) and 'crops' >= 1"
         shifted = row.get("test_prior")
         if shifted is not None and not (isinstance(shifted, dict) and isinstance(shifted.get("prior"), str)
                                         and isinstance(shifted.get("mode"), str) and _count(shifted.get("rows"))
-                                        and all(_number(shifted.get(key)) for key in TTA_KEYS)
+                                        and all(_number(shifted.get(key)) for key in EXTRA_ROW_KEYS)
                                         and all(key in shifted for key in ("many", "medium", "few", "all"))):
             return f"{where}: 'test_prior' must hold the prior, its mode, the accuracies and the rows counted"
         priors = row.get("shifted_priors")

@@ -306,7 +306,7 @@ def clip_benchmark_csv(results: list[Result]) -> str:
         frozen = isinstance((result.manifest.get("backbone") or {}).get("model"), dict)
         for row in result.rows:
             method = row["method"]
-            base = method.split(" (")[0]
+            base = row.get("of", method)  # a crop or shifted-prior row (inputs.with_ensemble_rows) is its method's
             task = row.get("task") if isinstance(row.get("task"), str) else None
             if task is None or (task == "linear_probe" and not frozen):  # a trained classifier is not a probe
                 task = f"ltcache/{base}"

@@ -24,6 +24,20 @@ from ltcache.core.params import Param, declared, params_of
 from ltcache.core.runtime import PAPER_BATCH, PAPER_LR, scaled_lr
 from ltcache.data.spec import DatasetSpec, dataset_registry  # noqa: F401  (DatasetSpec: re-exported)
 
+# extract --features: what a library backbone gives (stage1/hub.py builds each), the one list of the kinds and what
+# each is: the library's own feature (auto), a ViT's tokens as DINOv2's linear protocol builds them
+# (dinov2/eval/linear.py, create_linear_input), or a CLIP image tower's output before / after its projection.
+FEATURE_KINDS = {
+    "auto": "the library's own: timm's pre-logits feature, CLIP's projected embedding",
+    "cls": "timm ViT: the class token after the final norm",
+    "cls_patch": "timm ViT: the class token and the mean of the patch tokens (DINOv2's linear protocol, 1 block)",
+    "cls4_patch": "timm ViT: the class tokens of the last 4 blocks and the mean patch token of the last (DINOv2's "
+                  "linear protocol, n_last_blocks 4)",
+    "projected": "CLIP: the image embedding after the projection (the text head's space; auto)",
+    "pre_projection": "CLIP ViT: the image tower's output before the projection (LIFT's and CLIP's linear probes)",
+    "both": "CLIP ViT: the pre-projection features stored with the projection, so the zero-shot head still applies",
+}
+
 # Backbones sized for each dataset's images; anything else defaults to ResNet-50.
 DEFAULT_BACKBONE = {"digits-lt": "smallresnet8", "fashion-mnist-lt": "smallresnet14", "cifar10-lt": "resnet32",
                     "cifar100-lt": "resnet32", "imagenet-lt": "resnext50_32x4d", "places-lt": "resnet152"}
@@ -175,7 +189,7 @@ EXTRACT = (
           "patch token) or cls4_patch (class tokens of the last 4 blocks + mean patch token); for CLIP projected, "
           "pre_projection (the tower before its projection, LIFT's features) or both (pre-projection features plus "
           "the projection, so --zero-shot still applies).",
-          choices=("auto", "cls", "cls_patch", "cls4_patch", "projected", "pre_projection", "both")),
+          choices=tuple(FEATURE_KINDS)),
     Param("root", str, None, "Dataset folder, if it moved since training (always, for a classifier-balancing "
           "checkpoint).", optional=True),
     Param("split_dir", str, None, "Split-file folder, if it moved since training.", optional=True),

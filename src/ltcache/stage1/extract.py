@@ -64,7 +64,7 @@ def extract(checkpoint: Path | None, out: Path, *, dataset: str | None = None, b
     the model's own classifier when its classes are the dataset's (`auto`) or when asked (`own`), else an
     instance-balanced linear probe fitted on the cached train features. `zero_shot` (CLIP) also stores a text head
     built from the class names (`class_names` file, else the dataset's) and prompt `templates` (openai, simple or a
-    file). `features` chooses what a library backbone gives (hub.FEATURES: DINOv2's class + patch tokens of a timm
+    file). `features` chooses what a library backbone gives (FEATURE_KINDS: DINOv2's class + patch tokens of a timm
     ViT, CLIP's features before its projection, or those with the projection kept for the text head). The manifest
     records the library, the model, the weights, the preprocessing, the features and the heads' sources.
 

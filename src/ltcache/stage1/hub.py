@@ -23,6 +23,7 @@ from torch import nn
 
 from ltcache.core.errors import LtcacheError, unknown_name
 from ltcache.core.fsutil import read_class_names, read_lines
+from ltcache.stage1.config import FEATURE_KINDS
 from ltcache.stage1.preprocessing import Preprocessing, ToRGB  # noqa: F401  (re-exported)
 
 LIBRARIES = {"timm": ("timm", "timm"), "open_clip": ("open_clip", "open_clip")}  # prefix -> (module, extra)
@@ -73,20 +74,9 @@ def loading_weights(backbone: str, pretrained: bool):
 # ---------------------------------------------------------------------------------------------------------- timm
 
 
-# What extract --features takes: the library's own feature (auto), a ViT's tokens as DINOv2's linear protocol builds
-# them (dinov2/eval/linear.py, create_linear_input), or a CLIP image tower's output before / after its projection.
-FEATURES = {
-    "auto": "the library's own: timm's pre-logits feature, CLIP's projected embedding",
-    "cls": "timm ViT: the class token after the final norm",
-    "cls_patch": "timm ViT: the class token and the mean of the patch tokens (DINOv2's linear protocol, 1 block)",
-    "cls4_patch": "timm ViT: the class tokens of the last 4 blocks and the mean patch token of the last (DINOv2's "
-                  "linear protocol, n_last_blocks 4)",
-    "projected": "CLIP: the image embedding after the projection (the text head's space; auto)",
-    "pre_projection": "CLIP ViT: the image tower's output before the projection (LIFT's and CLIP's linear probes)",
-    "both": "CLIP ViT: the pre-projection features stored with the projection, so the zero-shot head still applies",
-}
 TIMM_TOKEN_FEATURES = {"cls": (1, False), "cls_patch": (1, True), "cls4_patch": (4, True)}  # (blocks, patch mean)
 CLIP_FEATURES = ("projected", "pre_projection", "both")
+FEATURES = FEATURE_KINDS  # every kind, with what it is (stage1/config.py owns the list)
 
 
 class TimmFeatures(nn.Module):
@@ -123,16 +113,21 @@ class TimmTokenFeatures(nn.Module):
         return torch.cat(parts, dim=-1)
 
 
+def feature_applies(library: str | None, features: str) -> bool:
+    """Whether a backbone of `library` (split_name's prefix) can give feature kind `features`."""
+    return features == "auto" or (features in TIMM_TOKEN_FEATURES and library == "timm") or \
+        (features in CLIP_FEATURES and library == "open_clip")
+
+
 def check_features(library: str | None, name: str, features: str) -> None:
     """--features against the backbone's library, before anything is built."""
-    if features == "auto":
+    if feature_applies(library, features):
         return
-    if features in TIMM_TOKEN_FEATURES and library != "timm":
+    if features in TIMM_TOKEN_FEATURES:
         raise LtcacheError(f"--features {features} reads a timm ViT's tokens; use --backbone timm:<vit name>, or "
                            "--features auto")
-    if features in CLIP_FEATURES and library != "open_clip":
-        raise LtcacheError(f"--features {features} is for CLIP image towers; use --backbone open_clip:ARCH/TAG, or "
-                           "--features auto")
+    raise LtcacheError(f"--features {features} is for CLIP image towers; use --backbone open_clip:ARCH/TAG, or "
+                       "--features auto")
 
 
 def timm_token_features(model: nn.Module, name: str, features: str) -> tuple[nn.Module, int]:

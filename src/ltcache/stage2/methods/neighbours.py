@@ -134,16 +134,12 @@ def cache_keys(data: LabData, shots: int) -> tuple[torch.Tensor, torch.Tensor]:
             total += text_space(data, views[view * count : (view + 1) * count])
         keys = F.normalize(total, dim=1)  # build_cache_model: the views' mean, normalized
     labels = data.train.labels
-    if shots > 0:
-        generator = torch.Generator().manual_seed(data.seed)
-        order = torch.randperm(count, generator=generator).to(labels.device)
-        rank = torch.zeros(count, dtype=torch.int64, device=labels.device)
-        seen: dict[int, int] = {}
-        for position in order.tolist():  # the first `shots` of each class in a seeded order
-            label = int(labels[position])
-            rank[position] = seen.get(label, 0)
-            seen[label] = rank[position].item() + 1
-        keep = (rank < shots).nonzero()[:, 0]
+    if shots > 0:  # the first `shots` rows of each class in a seeded order
+        order = torch.randperm(count, generator=torch.Generator().manual_seed(data.seed)).to(labels.device)
+        by_class = order[torch.sort(labels[order], stable=True).indices]  # class by class, seeded order inside
+        sorted_labels = labels[by_class]
+        first = torch.searchsorted(sorted_labels, sorted_labels)  # where each row's class starts
+        keep = by_class[torch.arange(count, device=labels.device) - first < shots].sort().values
         keys, labels = keys[keep], labels[keep]
     return keys.contiguous(), labels.contiguous()
 
